@@ -1,0 +1,56 @@
+//! `keystone`: the Keystone Agent Sandbox command line.
+//!
+//! The binary is thin: it parses arguments, hands them to a command module
+//! and turns errors into the exit codes SPEC.md lists.
+
+mod exit_code;
+mod terminal;
+mod vm_run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "keystone",
+    version,
+    about = "Run AI coding agents in micro-VMs"
+)]
+struct Cli {
+    /// Log verbosity for the VMM and daemons (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn", env = "KEYSTONE_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Low-level VM commands (boot a kernel directly with the Keystone VMM).
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Boot a kernel with the serial console on this terminal.
+    Run(vm_run::RunArgs),
+    /// Lay out a minimal busybox root directory for `vm run --root-dir`.
+    MakeRoot(vm_run::MakeRootArgs),
+}
+
+fn main() {
+    let process_start_ns = vmm::devices::legacy::boot_timer::monotonic_ns();
+    let cli = Cli::parse();
+    terminal::init_logging(cli.log_level.parse().unwrap_or(log::LevelFilter::Warn));
+    let result = match cli.command {
+        Command::Vm(VmCommand::Run(args)) => vm_run::run(args, process_start_ns),
+        Command::Vm(VmCommand::MakeRoot(args)) => vm_run::make_root(args),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("keystone: error: {err:#}");
+            std::process::exit(exit_code::for_error(&err));
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! Guest images for Keystone: the recipes (kernel config fragment and
+//! patches, root file system scripts) live in this crate's folder; this
+//! library finds or builds their cached outputs.
+//!
+//! - [`kernel::ensure_kernel`] runs `kernel/build.sh`, which builds the
+//!   guest kernel once per recipe hash under
+//!   `${XDG_CACHE_HOME:-~/.cache}/keystone/kernel/<hash>/`.
+//! - [`busybox::BusyboxRoot`] lays out a minimal root directory (busybox
+//!   and an `/init`) that the VMM serves over virtio-fs.
+
+pub mod busybox;
+pub mod kernel;
+
+use std::path::PathBuf;
+
+/// The folder holding this crate's recipes (kernel/, rootfs/).
+pub fn recipe_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/keystone`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("keystone")
+}

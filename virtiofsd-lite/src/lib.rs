@@ -1,0 +1,177 @@
+//! virtiofsd-lite: FUSE over vhost-user, serving one host directory to a
+//! virtio-fs guest, confined to that directory.
+//!
+//! Layers (crosvm/virtiofsd shape): [`fuse`] wire structs, the
+//! [`FileSystem`] trait, the generic [`Server`] that decodes and dispatches,
+//! [`PassthroughFs`] that serves a host directory, and the vhost-user-fs
+//! backend ([`vhost_user::FsBackend`]). Two front doors:
+//! - [`serve_listener`]: listen on a Unix socket path and serve one
+//!   frontend connection until it disconnects (the binary);
+//! - [`spawn_on_stream`]: serve an already connected stream (one end of a
+//!   socket pair held by the in-process VMM) on background threads. The
+//!   pinned `VhostUserDaemon` cannot take a stream, so this relays it through
+//!   a private listener (see `bridge.rs`).
+
+mod bridge;
+pub mod config;
+pub mod descriptor;
+mod error;
+pub mod filesystem;
+pub mod fuse;
+pub mod passthrough;
+pub mod server;
+mod stats;
+pub mod vhost_user;
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use config::{CacheMode, FsConfig};
+pub use error::Error;
+pub use filesystem::FileSystem;
+pub use passthrough::PassthroughFs;
+pub use server::Server;
+pub use stats::{FsStats, MAX_PATHS_READ};
+
+/// Request queues offered besides the high-priority queue.
+pub const REQUEST_QUEUES: usize = 1;
+
+type Daemon = VhostUserDaemon<Arc<vhost_user::FsBackend<PassthroughFs>>>;
+
+fn new_daemon(config: &FsConfig) -> Result<(Daemon, Arc<FsStats>), Error> {
+    let fs = PassthroughFs::new(config)?;
+    let server = Arc::new(Server::new(fs));
+    let stats = server.stats();
+    let backend = Arc::new(vhost_user::FsBackend::new(server, REQUEST_QUEUES));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let daemon = VhostUserDaemon::new("virtiofsd-lite".to_string(), backend, mem)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    log::info!(
+        "serving {} (tag {:?}, cache {:?})",
+        config.shared_dir.display(),
+        config.tag,
+        config.cache
+    );
+    Ok((daemon, stats))
+}
+
+/// Whether a daemon error only says that the frontend went away.
+fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
+    matches!(
+        e,
+        vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_)
+        )
+    )
+}
+
+fn stop_workers(daemon: &Daemon) {
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+}
+
+/// Listens on `socket_path` (replacing a stale socket file), serves one
+/// vhost-user frontend connection until it disconnects, then returns.
+pub fn serve_listener(socket_path: &Path, config: FsConfig) -> Result<(), Error> {
+    let (mut daemon, _stats) = new_daemon(&config)?;
+    let mut listener = Listener::new(socket_path, true).map_err(|e| Error::Listen {
+        path: socket_path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    daemon
+        .start(&mut listener)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    let result = daemon.wait();
+    stop_workers(&daemon);
+    match result {
+        Err(e) if !is_disconnect(&e) => Err(Error::Daemon(e.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// A daemon serving a connected stream on background threads.
+pub struct FsDaemonHandle {
+    stats: Arc<FsStats>,
+    stream: UnixStream,
+    thread: Option<JoinHandle<Result<(), Error>>>,
+}
+
+impl FsDaemonHandle {
+    /// The request counters of this daemon.
+    pub fn stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
+    }
+
+    /// Waits until the frontend disconnects and the daemon has stopped.
+    pub fn join(mut self) -> Result<(), Error> {
+        self.join_inner()
+    }
+
+    /// Disconnects the frontend and waits for the daemon to stop.
+    pub fn stop(mut self) -> Result<(), Error> {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.join_inner()
+    }
+
+    fn join_inner(&mut self) -> Result<(), Error> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| Error::Panicked)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for FsDaemonHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Serves the vhost-user protocol on `stream`, an already connected socket
+/// whose peer is the frontend (the VMM), on background threads.
+///
+/// `VhostUserDaemon` cannot be given a connected stream, so the stream is
+/// relayed (bytes and passed descriptors) to a connection the daemon
+/// accepts from a private listener; see the `bridge` module.
+pub fn spawn_on_stream(stream: UnixStream, config: FsConfig) -> Result<FsDaemonHandle, Error> {
+    let (mut daemon, stats) = new_daemon(&config)?;
+    let (listener, inner) = bridge::private_listener().map_err(Error::Bridge)?;
+    let mut listener = Listener::from(listener);
+    daemon
+        .start(&mut listener)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    drop(listener);
+    let control = stream.try_clone().map_err(Error::Bridge)?;
+    let relays = bridge::relay(stream, inner).map_err(Error::Bridge)?;
+    let thread = std::thread::Builder::new()
+        .name("virtiofsd-lite".into())
+        .spawn(move || {
+            let result = daemon.wait();
+            stop_workers(&daemon);
+            daemon.request_shutdown();
+            for r in relays {
+                let _ = r.join();
+            }
+            match result {
+                Err(e) if !is_disconnect(&e) => Err(Error::Daemon(e.to_string())),
+                _ => Ok(()),
+            }
+        })
+        .map_err(Error::Spawn)?;
+    Ok(FsDaemonHandle {
+        stats,
+        stream: control,
+        thread: Some(thread),
+    })
+}

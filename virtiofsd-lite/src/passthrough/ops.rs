@@ -1,0 +1,573 @@
+//! The [`FileSystem`] operations of [`PassthroughFs`]: each one resolves
+//! node ids to confined descriptors and issues one or two `*at` calls.
+//!
+//! The daemon acts as root (no credential switching yet); what it refuses
+//! on the guest's behalf is block/char device nodes, setuid/setgid bits
+//! (unless allowed), non-`user.*` extended attributes and re-opening
+//! symlinks.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{check_name, sys, PassthroughFs};
+use crate::config::CacheMode;
+use crate::descriptor::{Reader, Writer};
+use crate::filesystem::{
+    Context, DirEntry, Entry, FileSystem, Handle, InitOptions, Inode, SetattrRequest, StatVfs,
+    XattrReply,
+};
+use crate::fuse::{fattr, fopen, init_flags};
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// The open flags we pass on from the guest (plus the access mode).
+const PASSED_OPEN_FLAGS: i32 = libc::O_APPEND
+    | libc::O_TRUNC
+    | libc::O_DIRECT
+    | libc::O_DSYNC
+    | libc::O_SYNC
+    | libc::O_NONBLOCK
+    | libc::O_NOATIME
+    | libc::O_LARGEFILE
+    | libc::O_ACCMODE;
+
+impl PassthroughFs {
+    fn open_flags(&self, guest_flags: u32) -> i32 {
+        let mut flags = guest_flags as i32 & PASSED_OPEN_FLAGS;
+        if self.writeback.load(Ordering::Relaxed) {
+            // With writeback caching the guest may read pages of files it
+            // opened write-only, and handles appends itself.
+            if flags & libc::O_ACCMODE == libc::O_WRONLY {
+                flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            flags &= !libc::O_APPEND;
+        }
+        flags
+    }
+
+    fn fopen_flags(&self, dir: bool) -> u32 {
+        match (self.cache, dir) {
+            (CacheMode::Never, false) => fopen::DIRECT_IO,
+            (CacheMode::Always, false) => fopen::KEEP_CACHE,
+            (CacheMode::Always, true) => fopen::CACHE_DIR,
+            _ => 0,
+        }
+    }
+
+    fn stat_of(&self, inode: Inode) -> io::Result<(libc::stat64, Duration)> {
+        let data = self.inode(inode)?;
+        Ok((sys::stat_fd(data.raw_fd())?, self.timeout()))
+    }
+
+    fn new_entry_at(
+        &self,
+        parent: Inode,
+        name: &CStr,
+        make: impl FnOnce(i32) -> i32,
+    ) -> io::Result<Entry> {
+        check_name(name)?;
+        sys::clear_thread_umask();
+        let p = self.inode(parent)?;
+        sys::cvt(make(p.raw_fd()))?;
+        self.do_lookup(&p, name)
+    }
+}
+
+impl FileSystem for PassthroughFs {
+    fn init(&self, opts: InitOptions) -> io::Result<InitOptions> {
+        let mut flags = opts.flags;
+        if !self.writeback_offered {
+            flags &= !init_flags::WRITEBACK_CACHE;
+        }
+        self.writeback
+            .store(flags & init_flags::WRITEBACK_CACHE != 0, Ordering::Relaxed);
+        Ok(InitOptions { flags })
+    }
+
+    fn destroy(&self) {
+        self.handles.clear();
+        self.inodes.clear();
+    }
+
+    fn inode_path(&self, inode: Inode) -> Option<std::path::PathBuf> {
+        self.relative_path(&*self.inodes.get(inode)?)
+    }
+
+    fn lookup(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
+        let p = self.inode(parent)?;
+        self.do_lookup(&p, name)
+    }
+
+    fn forget(&self, _ctx: Context, inode: Inode, count: u64) {
+        self.inodes.forget(inode, count);
+    }
+
+    fn getattr(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        _h: Option<Handle>,
+    ) -> io::Result<(libc::stat64, Duration)> {
+        self.stat_of(inode)
+    }
+
+    fn setattr(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        req: SetattrRequest,
+    ) -> io::Result<(libc::stat64, Duration)> {
+        let data = self.inode(inode)?;
+        let handle = match req.handle {
+            Some(h) => Some(self.handles.get(h, inode)?),
+            None => None,
+        };
+        let proc_fd = self.proc_self_fd.as_raw_fd();
+        let name = sys::fd_name(&data.fd);
+        if req.valid & fattr::MODE != 0 {
+            let mode = self.sanitize_mode(req.mode);
+            let ret = match &handle {
+                // SAFETY: fchmod on an open descriptor.
+                Some(h) => unsafe { libc::fchmod(h.raw_fd(), mode) },
+                None if data.is_symlink() => return Err(err(libc::EOPNOTSUPP)),
+                // SAFETY: NUL-terminated name relative to /proc/self/fd.
+                None => unsafe { libc::fchmodat(proc_fd, name.as_ptr(), mode, 0) },
+            };
+            sys::cvt(ret)?;
+        }
+        if req.valid & (fattr::UID | fattr::GID) != 0 {
+            let uid = if req.valid & fattr::UID != 0 {
+                req.uid
+            } else {
+                u32::MAX
+            };
+            let gid = if req.valid & fattr::GID != 0 {
+                req.gid
+            } else {
+                u32::MAX
+            };
+            let flags = libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW;
+            // SAFETY: fchownat on our O_PATH descriptor with the empty path.
+            sys::cvt(unsafe {
+                libc::fchownat(data.raw_fd(), sys::EMPTY.as_ptr(), uid, gid, flags)
+            })?;
+        }
+        if req.valid & fattr::SIZE != 0 {
+            let size = i64::try_from(req.size).map_err(|_| err(libc::EFBIG))?;
+            let opened;
+            let fd = match &handle {
+                Some(h) => h.raw_fd(),
+                None => {
+                    opened = self.reopen(&data, libc::O_WRONLY)?;
+                    opened.as_raw_fd()
+                }
+            };
+            // SAFETY: ftruncate on an open descriptor.
+            sys::cvt(unsafe { libc::ftruncate64(fd, size) })?;
+        }
+        if req.valid & (fattr::ATIME | fattr::MTIME | fattr::ATIME_NOW | fattr::MTIME_NOW) != 0 {
+            let times = [req.atime, req.mtime];
+            let (dirfd, path, flags) = if data.is_symlink() {
+                (data.raw_fd(), sys::EMPTY, libc::AT_EMPTY_PATH)
+            } else {
+                (proc_fd, name.as_c_str(), 0)
+            };
+            // SAFETY: `times` is two valid timespecs; the path is NUL-terminated.
+            let ret = unsafe { libc::utimensat(dirfd, path.as_ptr(), times.as_ptr(), flags) };
+            sys::cvt(ret)?;
+        }
+        self.stat_of(inode)
+    }
+
+    fn readlink(&self, _ctx: Context, inode: Inode) -> io::Result<Vec<u8>> {
+        let data = self.inode(inode)?;
+        if !data.is_symlink() {
+            return Err(err(libc::EINVAL));
+        }
+        sys::readlink_fd(data.raw_fd())
+    }
+
+    fn symlink(
+        &self,
+        _ctx: Context,
+        target: &CStr,
+        parent: Inode,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        // SAFETY: both strings are NUL-terminated; `dirfd` is our O_PATH dir.
+        self.new_entry_at(parent, name, |dirfd| unsafe {
+            libc::symlinkat(target.as_ptr(), dirfd, name.as_ptr())
+        })
+    }
+
+    fn mknod(
+        &self,
+        _ctx: Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        let kind = mode & libc::S_IFMT;
+        if kind == libc::S_IFBLK || kind == libc::S_IFCHR {
+            return Err(err(libc::EPERM));
+        }
+        let mode = kind | self.sanitize_mode(mode);
+        // SAFETY: NUL-terminated name; `dirfd` is our O_PATH dir.
+        self.new_entry_at(parent, name, |dirfd| unsafe {
+            libc::mknodat(dirfd, name.as_ptr(), mode, u64::from(rdev))
+        })
+    }
+
+    fn mkdir(
+        &self,
+        _ctx: Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        let mode = mode & 0o7777 & !(if self.allow_setuid { 0 } else { libc::S_ISUID });
+        // SAFETY: NUL-terminated name; `dirfd` is our O_PATH dir.
+        self.new_entry_at(parent, name, |dirfd| unsafe {
+            libc::mkdirat(dirfd, name.as_ptr(), mode)
+        })
+    }
+
+    fn unlink(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        check_name(name)?;
+        let p = self.inode(parent)?;
+        // SAFETY: NUL-terminated name relative to our O_PATH dir.
+        sys::cvt(unsafe { libc::unlinkat(p.raw_fd(), name.as_ptr(), 0) })
+    }
+
+    fn rmdir(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        check_name(name)?;
+        let p = self.inode(parent)?;
+        // SAFETY: NUL-terminated name relative to our O_PATH dir.
+        sys::cvt(unsafe { libc::unlinkat(p.raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
+    }
+
+    fn rename(
+        &self,
+        _ctx: Context,
+        olddir: Inode,
+        oldname: &CStr,
+        newdir: Inode,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return Err(err(libc::EINVAL));
+        }
+        check_name(oldname)?;
+        check_name(newname)?;
+        let (o, n) = (self.inode(olddir)?, self.inode(newdir)?);
+        sys::renameat2(o.raw_fd(), oldname, n.raw_fd(), newname, flags)
+    }
+
+    fn link(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        newparent: Inode,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        let data = self.inode(inode)?;
+        let empty = sys::EMPTY.as_ptr();
+        // SAFETY: linkat of our confined O_PATH descriptor with the empty path.
+        self.new_entry_at(newparent, newname, |dirfd| unsafe {
+            libc::linkat(
+                data.raw_fd(),
+                empty,
+                dirfd,
+                newname.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        })
+    }
+
+    fn open(&self, _ctx: Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, u32)> {
+        let data = self.inode(inode)?;
+        if data.is_dir() {
+            return Err(err(libc::EISDIR));
+        }
+        let fd = self.reopen(&data, self.open_flags(flags))?;
+        Ok((
+            Some(self.handles.insert(inode, fd)),
+            self.fopen_flags(false),
+        ))
+    }
+
+    fn create(
+        &self,
+        _ctx: Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        flags: u32,
+        _umask: u32,
+    ) -> io::Result<(Entry, Option<Handle>, u32)> {
+        check_name(name)?;
+        sys::clear_thread_umask();
+        let p = self.inode(parent)?;
+        // O_NOFOLLOW: never create or open through a symlink at `name`.
+        let oflags = self.open_flags(flags)
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | (flags as i32 & libc::O_EXCL);
+        let fd = sys::openat(p.raw_fd(), name, oflags, self.sanitize_mode(mode))?;
+        let entry = self.lookup_fd(&fd)?;
+        let h = self.handles.insert(entry.inode, fd);
+        Ok((entry, Some(h), self.fopen_flags(false)))
+    }
+
+    fn read(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        w: &mut Writer<'_>,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let h = self.handles.get(handle, inode)?;
+        let mut done = 0usize;
+        while done < size as usize {
+            let n = w.write_from_file_at(h.raw_fd(), size as usize - done, offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    fn write(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        r: &mut Reader<'_>,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let h = self.handles.get(handle, inode)?;
+        let mut done = 0usize;
+        while done < size as usize {
+            let n = r.read_to_file_at(h.raw_fd(), size as usize - done, offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    fn statfs(&self, _ctx: Context, inode: Inode) -> io::Result<StatVfs> {
+        sys::statvfs_fd(self.inode(inode)?.raw_fd())
+    }
+
+    fn release(&self, _ctx: Context, inode: Inode, handle: Handle) -> io::Result<()> {
+        self.handles.remove(handle, inode)
+    }
+
+    fn flush(&self, _ctx: Context, inode: Inode, handle: Handle) -> io::Result<()> {
+        // Closing a duplicate gives the host file system its close-time
+        // semantics (NFS flushes, POSIX lock release) without closing ours.
+        let h = self.handles.get(handle, inode)?;
+        let dup: OwnedFd = h.fd().try_clone()?;
+        drop(dup);
+        Ok(())
+    }
+
+    fn fsync(&self, _ctx: Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        let h = self.handles.get(handle, inode)?;
+        // SAFETY: fsync/fdatasync on an open descriptor.
+        sys::cvt(unsafe {
+            if datasync {
+                libc::fdatasync(h.raw_fd())
+            } else {
+                libc::fsync(h.raw_fd())
+            }
+        })
+    }
+
+    fn opendir(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        _flags: u32,
+    ) -> io::Result<(Option<Handle>, u32)> {
+        let data = self.inode(inode)?;
+        if !data.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        let fd = sys::openat(data.raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        Ok((Some(self.handles.insert(inode, fd)), self.fopen_flags(true)))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> io::Result<bool>,
+    ) -> io::Result<()> {
+        let h = self.handles.get(handle, inode)?;
+        let _pos = h.lock_dir();
+        let fd = h.raw_fd();
+        // SAFETY: lseek on an open directory descriptor.
+        if unsafe { libc::lseek64(fd, offset as i64, libc::SEEK_SET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+            let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let mut pos = 0usize;
+            let end = n as usize;
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            while pos + 19 <= end {
+                let rec = &buf[pos..end];
+                let ino = u64::from_ne_bytes(rec[0..8].try_into().map_err(|_| err(libc::EIO))?);
+                let off = u64::from_ne_bytes(rec[8..16].try_into().map_err(|_| err(libc::EIO))?);
+                let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+                let typ = rec[18];
+                if reclen < 19 || reclen > rec.len() {
+                    return Err(err(libc::EIO));
+                }
+                let name_field = &rec[19..reclen];
+                let name_len = name_field
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(name_field.len());
+                let entry = DirEntry {
+                    ino,
+                    offset: off,
+                    typ: u32::from(typ),
+                    name: &name_field[..name_len],
+                };
+                if !add(entry)? {
+                    return Ok(());
+                }
+                pos += reclen;
+            }
+        }
+    }
+
+    fn releasedir(&self, _ctx: Context, inode: Inode, handle: Handle) -> io::Result<()> {
+        self.handles.remove(handle, inode)
+    }
+
+    fn fsyncdir(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        datasync: bool,
+        handle: Handle,
+    ) -> io::Result<()> {
+        self.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn access(&self, _ctx: Context, inode: Inode, mask: u32) -> io::Result<()> {
+        let data = self.inode(inode)?;
+        if data.is_symlink() {
+            return Ok(());
+        }
+        let name = sys::fd_name(&data.fd);
+        // SAFETY: NUL-terminated name relative to /proc/self/fd.
+        sys::cvt(unsafe {
+            libc::faccessat(self.proc_self_fd.as_raw_fd(), name.as_ptr(), mask as i32, 0)
+        })
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        let h = self.handles.get(handle, inode)?;
+        let (off, len) = (i64::try_from(offset), i64::try_from(length));
+        let (Ok(off), Ok(len)) = (off, len) else {
+            return Err(err(libc::EINVAL));
+        };
+        // SAFETY: fallocate on an open descriptor.
+        sys::cvt(unsafe { libc::fallocate64(h.raw_fd(), mode as i32, off, len) })
+    }
+
+    fn lseek(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        let h = self.handles.get(handle, inode)?;
+        let whence = whence as i32;
+        if ![
+            libc::SEEK_SET,
+            libc::SEEK_END,
+            libc::SEEK_DATA,
+            libc::SEEK_HOLE,
+        ]
+        .contains(&whence)
+        {
+            return Err(err(libc::EINVAL));
+        }
+        // SAFETY: lseek on an open descriptor; reads use pread, so the
+        // position change is harmless.
+        let ret = unsafe { libc::lseek64(h.raw_fd(), offset as i64, whence) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ret as u64)
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.set_xattr(inode, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<XattrReply> {
+        self.get_xattr(inode, name, size)
+    }
+
+    fn listxattr(&self, _ctx: Context, inode: Inode, size: u32) -> io::Result<XattrReply> {
+        self.list_xattr(inode, size)
+    }
+
+    fn removexattr(&self, _ctx: Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        self.remove_xattr(inode, name)
+    }
+}

@@ -1,0 +1,165 @@
+//! Thin, checked wrappers around the `*at` system calls the passthrough
+//! file system uses. Each turns a `-1` return into `io::Error` and owns the
+//! returned descriptors; none of them follows a path on its own.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `c""`, the empty path used with `AT_EMPTY_PATH`.
+pub const EMPTY: &CStr = c"";
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Takes ownership of a descriptor returned by a successful call.
+fn own(ret: libc::c_long) -> io::Result<OwnedFd> {
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us and nothing else
+    // owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// `struct open_how` of `openat2(2)` (libc's is non-exhaustive).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// `openat2(dirfd, name, flags, resolve)`.
+pub fn openat2(dirfd: RawFd, name: &CStr, flags: i32, resolve: u64) -> io::Result<OwnedFd> {
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve,
+    };
+    // SAFETY: `name` is NUL-terminated and `how` is a valid `open_how` whose
+    // size we pass; the call only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            name.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    own(ret)
+}
+
+/// `openat(dirfd, name, flags | O_CLOEXEC, mode)`.
+pub fn openat(dirfd: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is NUL-terminated; openat does not retain it.
+    let ret = unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_CLOEXEC, mode) };
+    own(ret.into())
+}
+
+/// `fstatat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: the inode behind `fd`.
+pub fn stat_fd(fd: RawFd) -> io::Result<libc::stat64> {
+    let mut st = MaybeUninit::<libc::stat64>::zeroed();
+    // SAFETY: `st` is valid for writes of one stat64 and the path is "".
+    check(unsafe {
+        libc::fstatat64(
+            fd,
+            EMPTY.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat64 succeeded, so it initialised `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `fstatvfs64(fd)`.
+pub fn statvfs_fd(fd: RawFd) -> io::Result<libc::statvfs64> {
+    let mut st = MaybeUninit::<libc::statvfs64>::zeroed();
+    // SAFETY: `st` is valid for writes of one statvfs64.
+    check(unsafe { libc::fstatvfs64(fd, st.as_mut_ptr()) })?;
+    // SAFETY: the call succeeded, so it initialised `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Runs a libc call that returns `-1` on error.
+pub fn cvt(ret: libc::c_int) -> io::Result<()> {
+    check(ret).map(|_| ())
+}
+
+/// `readlinkat(fd, "")`: the target of the symlink `fd` refers to.
+pub fn readlink_fd(fd: RawFd) -> io::Result<Vec<u8>> {
+    readlinkat(fd, EMPTY)
+}
+
+/// `readlinkat(dirfd, name)`.
+pub fn readlinkat(dirfd: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe { libc::readlinkat(dirfd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// `renameat2(olddir, old, newdir, new, flags)`.
+pub fn renameat2(
+    olddir: RawFd,
+    old: &CStr,
+    newdir: RawFd,
+    new: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated and only read.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            olddir,
+            old.as_ptr(),
+            newdir,
+            new.as_ptr(),
+            flags,
+        )
+    };
+    cvt(ret as libc::c_int)
+}
+
+/// Clears the umask of the calling thread only (after `unshare(CLONE_FS)`),
+/// once per thread, so created files get exactly the mode the guest asked
+/// for (the guest kernel has already applied the guest's umask).
+pub fn clear_thread_umask() {
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    DONE.with(|done| {
+        if done.get() {
+            return;
+        }
+        done.set(true);
+        // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
+        if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+            log::warn!(
+                "unshare(CLONE_FS) failed ({}); new files get the process umask",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: umask cannot fail and now affects only this thread.
+        unsafe { libc::umask(0) };
+    });
+}
+
+/// `fd` as a decimal name inside `/proc/self/fd`.
+pub fn fd_name(fd: &impl AsRawFd) -> std::ffi::CString {
+    // A decimal number never contains NUL.
+    std::ffi::CString::new(fd.as_raw_fd().to_string()).unwrap_or_default()
+}

@@ -1,0 +1,119 @@
+//! Extended attributes of [`PassthroughFs`] nodes: only the `user.*`
+//! namespace is passed through (GETXATTR of other names answers ENODATA,
+//! SET/REMOVE answer ENOTSUP, LISTXATTR filters), and never on symlinks.
+//! The calls go through `/proc/self/fd/N` of the node's confined `O_PATH`
+//! descriptor, since the `f*xattr` calls do not accept `O_PATH`.
+
+use std::ffi::{CStr, CString};
+use std::io;
+
+use super::{sys, PassthroughFs};
+use crate::filesystem::{Inode, XattrReply};
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn is_user_xattr(name: &CStr) -> bool {
+    name.to_bytes().starts_with(b"user.")
+}
+
+impl PassthroughFs {
+    /// `/proc/self/fd/N` of a node, for the path-based calls (xattrs).
+    fn proc_path(&self, inode: Inode) -> io::Result<(CString, bool)> {
+        let data = self.inode(inode)?;
+        let path = CString::new(format!("/proc/self/fd/{}", data.raw_fd()))
+            .map_err(|_| err(libc::EINVAL))?;
+        Ok((path, data.is_symlink()))
+    }
+
+    pub(super) fn set_xattr(
+        &self,
+        inode: Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        if !is_user_xattr(name) {
+            return Err(err(libc::ENOTSUP));
+        }
+        let (path, symlink) = self.proc_path(inode)?;
+        if symlink {
+            return Err(err(libc::EPERM));
+        }
+        // SAFETY: NUL-terminated path and name; `value` is valid for its length.
+        sys::cvt(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags as i32,
+            )
+        })
+    }
+
+    pub(super) fn get_xattr(&self, inode: Inode, name: &CStr, size: u32) -> io::Result<XattrReply> {
+        let (path, symlink) = self.proc_path(inode)?;
+        if !is_user_xattr(name) || symlink {
+            return Err(err(libc::ENODATA));
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes (a null-sized query when 0).
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(XattrReply::Count(n as u32));
+        }
+        buf.truncate(n as usize);
+        Ok(XattrReply::Value(buf))
+    }
+
+    pub(super) fn list_xattr(&self, inode: Inode, size: u32) -> io::Result<XattrReply> {
+        let (path, symlink) = self.proc_path(inode)?;
+        let mut names = Vec::new();
+        if !symlink {
+            // SAFETY: a null-sized query returns the needed length.
+            let need = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+            if need < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut buf = vec![0u8; need as usize];
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+            let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            buf.truncate(n as usize);
+            for name in buf.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+                names.extend_from_slice(name);
+                names.push(0);
+            }
+        }
+        if size == 0 {
+            return Ok(XattrReply::Count(names.len() as u32));
+        }
+        Ok(XattrReply::Value(names))
+    }
+
+    pub(super) fn remove_xattr(&self, inode: Inode, name: &CStr) -> io::Result<()> {
+        if !is_user_xattr(name) {
+            return Err(err(libc::ENOTSUP));
+        }
+        let (path, symlink) = self.proc_path(inode)?;
+        if symlink {
+            return Err(err(libc::EPERM));
+        }
+        // SAFETY: NUL-terminated path and name.
+        sys::cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })
+    }
+}

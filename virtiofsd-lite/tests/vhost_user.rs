@@ -1,0 +1,343 @@
+//! The whole vhost-user path in one process: `spawn_on_stream` on one end
+//! of a socket pair, vhost's `Frontend` on the other, a memfd as guest
+//! memory and a small guest-side split virtqueue that places FUSE requests
+//! in descriptor chains (INIT, LOOKUP, OPEN, READ) and reads the replies.
+
+use std::fs::File;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtiofsd_lite::fuse::{self, opcode};
+use virtiofsd_lite::{spawn_on_stream, FsConfig};
+use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const MEM_BASE: u64 = 0x10_0000;
+const MEM_SIZE: usize = 0x40_0000;
+const QSIZE: u16 = 64;
+const DESC: u64 = MEM_BASE;
+const AVAIL: u64 = MEM_BASE + 0x1000;
+const USED: u64 = MEM_BASE + 0x2000;
+const BUFS: u64 = MEM_BASE + 0x10000;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// A driver-side split virtqueue in test memory.
+struct GuestQueue {
+    mem: GuestMemoryMmap,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+    next_buf: u64,
+}
+
+impl GuestQueue {
+    fn alloc(&mut self, len: usize) -> GuestAddress {
+        let a = self.next_buf;
+        self.next_buf += (len as u64 + 63) & !63;
+        assert!(self.next_buf < MEM_BASE + MEM_SIZE as u64);
+        GuestAddress(a)
+    }
+
+    /// Queues a chain: `readable` buffers, then writable ones of `writable` sizes.
+    /// Returns the writable buffers' addresses.
+    fn add_chain(&mut self, readable: &[&[u8]], writable: &[usize]) -> Vec<(GuestAddress, usize)> {
+        let head = self.next_desc;
+        let total = readable.len() + writable.len();
+        let mut out = Vec::new();
+        for i in 0..total {
+            let idx = (self.next_desc % QSIZE) as u64;
+            self.next_desc = self.next_desc.wrapping_add(1);
+            let (addr, len, mut flags) = if i < readable.len() {
+                let a = self.alloc(readable[i].len());
+                self.mem.write_slice(readable[i], a).unwrap();
+                (a, readable[i].len(), 0)
+            } else {
+                let len = writable[i - readable.len()];
+                let a = self.alloc(len);
+                out.push((a, len));
+                (a, len, F_WRITE)
+            };
+            if i + 1 < total {
+                flags |= F_NEXT;
+            }
+            let d = GuestAddress(DESC + idx * 16);
+            self.mem.write_obj(addr.0, d).unwrap();
+            self.mem
+                .write_obj(len as u32, GuestAddress(d.0 + 8))
+                .unwrap();
+            self.mem.write_obj(flags, GuestAddress(d.0 + 12)).unwrap();
+            self.mem
+                .write_obj(self.next_desc % QSIZE, GuestAddress(d.0 + 14))
+                .unwrap();
+        }
+        let slot = (self.avail_idx % QSIZE) as u64;
+        self.mem
+            .write_obj(head % QSIZE, GuestAddress(AVAIL + 4 + slot * 2))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        // used_event: ask to be notified for the next used entry.
+        self.mem
+            .write_obj(self.used_seen, GuestAddress(AVAIL + 4 + 2 * QSIZE as u64))
+            .unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        out
+    }
+
+    /// Waits for the call eventfd and the next used entry; returns its length.
+    fn wait_used(&mut self, call: &EventFd) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            if idx != self.used_seen {
+                // The device signals after updating the ring.
+                while call.read().is_err() {
+                    assert!(Instant::now() < deadline, "no call notification");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let slot = (self.used_seen % QSIZE) as u64;
+                let len: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(USED + 4 + slot * 8 + 4))
+                    .unwrap();
+                self.used_seen = self.used_seen.wrapping_add(1);
+                return len;
+            }
+            assert!(Instant::now() < deadline, "request not answered");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn read_reply(&self, bufs: &[(GuestAddress, usize)], len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &(a, l) in bufs {
+            let mut b = vec![0u8; l];
+            self.mem.read_slice(&mut b, a).unwrap();
+            out.extend_from_slice(&b);
+        }
+        out.truncate(len as usize);
+        out
+    }
+}
+
+fn fuse_request(op: u32, unique: u64, nodeid: u64, args: &[&[u8]]) -> Vec<u8> {
+    let body = args.concat();
+    let h = fuse::InHeader {
+        len: (size_of::<fuse::InHeader>() + body.len()) as u32,
+        opcode: op,
+        unique,
+        nodeid,
+        ..Default::default()
+    };
+    [h.as_slice(), &body].concat()
+}
+
+/// Negotiates, sets up guest memory and request queue 1, and runs INIT,
+/// LOOKUP "init", OPEN, READ and an unknown opcode through the queue.
+fn exercise(fe: &mut Frontend, content: &[u8]) {
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+    assert_ne!(features & (1 << 29), 0, "EVENT_IDX");
+    let proto = fe.get_protocol_features().unwrap();
+    assert!(proto.contains(VhostUserProtocolFeatures::MQ));
+    fe.set_owner().unwrap();
+    fe.set_features(features).unwrap();
+    fe.set_protocol_features(proto).unwrap();
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd was just created and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(MEM_BASE),
+        MEM_SIZE,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    let host = mem.get_host_address(GuestAddress(MEM_BASE)).unwrap() as u64;
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: MEM_BASE,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: host,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    fe.set_mem_table(&[region]).unwrap();
+
+    let q = 1; // the first request queue
+    fe.set_vring_num(q, QSIZE).unwrap();
+    fe.set_vring_addr(
+        q,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host + (DESC - MEM_BASE),
+            used_ring_addr: host + (USED - MEM_BASE),
+            avail_ring_addr: host + (AVAIL - MEM_BASE),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(q, 0).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_call(q, &call).unwrap();
+    fe.set_vring_kick(q, &kick).unwrap();
+    fe.set_vring_enable(q, true).unwrap();
+
+    let mut gq = GuestQueue {
+        mem,
+        next_desc: 0,
+        avail_idx: 0,
+        used_seen: 0,
+        next_buf: BUFS,
+    };
+    let roundtrip =
+        |gq: &mut GuestQueue, req: Vec<u8>, writable: &[usize]| -> (fuse::OutHeader, Vec<u8>) {
+            let bufs = gq.add_chain(&[&req[..40], &req[40..]], writable);
+            kick.write(1).unwrap();
+            let len = gq.wait_used(&call);
+            let reply = gq.read_reply(&bufs, len);
+            let h: fuse::OutHeader = fuse::read_struct(&reply).unwrap();
+            assert_eq!(h.len, len);
+            (h, reply[16..].to_vec())
+        };
+
+    let init = fuse::InitIn {
+        major: 7,
+        minor: 41,
+        max_readahead: 1 << 17,
+        flags: u32::MAX,
+    };
+    let (h, body) = roundtrip(
+        &mut gq,
+        fuse_request(opcode::INIT, 1, 0, &[init.as_slice(), &[0u8; 48]]),
+        &[256],
+    );
+    assert_eq!((h.error, h.unique), (0, 1));
+    let out: fuse::InitOut = fuse::read_struct(&body).unwrap();
+    assert_eq!(out.major, 7);
+    assert!(out.minor >= 31);
+
+    let (h, body) = roundtrip(
+        &mut gq,
+        fuse_request(opcode::LOOKUP, 2, 1, &[b"init\0"]),
+        &[16, 128],
+    );
+    assert_eq!(h.error, 0);
+    let entry: fuse::EntryOut = fuse::read_struct(&body).unwrap();
+    assert_eq!(entry.attr.size, content.len() as u64);
+
+    let open = fuse::OpenIn {
+        flags: libc::O_RDONLY as u32,
+        open_flags: 0,
+    };
+    let (h, body) = roundtrip(
+        &mut gq,
+        fuse_request(opcode::OPEN, 3, entry.nodeid, &[open.as_slice()]),
+        &[64],
+    );
+    assert_eq!(h.error, 0);
+    let fh = fuse::read_struct::<fuse::OpenOut>(&body).unwrap().fh;
+
+    // The reply is scattered over three writable descriptors.
+    let read = fuse::ReadIn {
+        fh,
+        offset: 0,
+        size: 16384,
+        ..Default::default()
+    };
+    let (h, body) = roundtrip(
+        &mut gq,
+        fuse_request(opcode::READ, 4, entry.nodeid, &[read.as_slice()]),
+        &[16, 100, 16384],
+    );
+    assert_eq!(h.error, 0);
+    assert_eq!(body, content);
+
+    // Unknown opcode over the queue: ENOSYS.
+    let (h, _) = roundtrip(&mut gq, fuse_request(999, 5, 1, &[]), &[64]);
+    assert_eq!(h.error, -libc::ENOSYS);
+}
+
+#[test]
+fn fuse_over_vhost_user_socketpair() {
+    let dir = std::env::temp_dir().join(format!("vfsd-lite-vu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.join("init"), &content).unwrap();
+
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let handle = spawn_on_stream(theirs, FsConfig::new(&dir, "root")).unwrap();
+    let stats = handle.stats();
+
+    let mut fe = Frontend::from_stream(ours, 2);
+    exercise(&mut fe, &content);
+
+    assert_eq!(stats.count(opcode::READ), 1);
+    assert_eq!(stats.count(opcode::INIT), 1);
+    assert_eq!(stats.paths_read(), vec![std::path::PathBuf::from("init")]);
+
+    // The frontend hanging up ends the daemon cleanly.
+    drop(fe);
+    handle.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stop_ends_an_idle_daemon() {
+    let dir = std::env::temp_dir().join(format!("vfsd-lite-vu-stop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_ours, theirs) = UnixStream::pair().unwrap();
+    let handle = spawn_on_stream(theirs, FsConfig::new(&dir, "t")).unwrap();
+    handle.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_shared_dir_is_a_clear_error() {
+    let (_ours, theirs) = UnixStream::pair().unwrap();
+    let err = spawn_on_stream(theirs, FsConfig::new("/nonexistent/vfsd-lite", "t"))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("/nonexistent/vfsd-lite"), "{err}");
+}
+
+#[test]
+fn serve_listener_serves_one_connection() {
+    let dir = std::env::temp_dir().join(format!("vfsd-lite-vu-listen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("share")).unwrap();
+    let content = b"listener path".to_vec();
+    std::fs::write(dir.join("share/init"), &content).unwrap();
+    let sock = dir.join("vfsd.sock");
+    let (share, sock2) = (dir.join("share"), sock.clone());
+    let server = std::thread::spawn(move || {
+        virtiofsd_lite::serve_listener(&sock2, FsConfig::new(share, "root"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fe = loop {
+        match Frontend::connect(&sock, 2) {
+            Ok(fe) => break fe,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("cannot connect: {e}"),
+        }
+    };
+    exercise(&mut fe, &content);
+    drop(fe);
+    server.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

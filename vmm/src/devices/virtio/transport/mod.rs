@@ -1,0 +1,3 @@
+//! Virtio transports.
+
+pub mod mmio;

@@ -1,0 +1,8 @@
+//! The KVM-facing state of a VM: the host's KVM, guest memory, the VM and
+//! its vCPUs, and how vCPU exits are dispatched.
+
+pub mod exit;
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
