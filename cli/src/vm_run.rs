@@ -231,7 +231,7 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
             ),
         ));
     }
-    let mut cmdline = format!("console=ttyS0 {}", args.cmdline);
+    let mut cmdline = format!("console=ttyS0 earlyprintk=ttyS0 {}", args.cmdline);
     let mut builder = VmBuilder::new(&args.kernel)
         .vcpus(args.vcpus)
         .memory_mib(args.memory)

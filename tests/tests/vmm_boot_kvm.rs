@@ -48,7 +48,7 @@ fn boots_to_userspace_on_a_virtiofs_root() {
     .expect("start virtiofsd-lite");
 
     let vm = VmBuilder::new(&kernel.vmlinux)
-        .cmdline("console=ttyS0 root=root rootfstype=virtiofs rw init=/init")
+        .cmdline("console=ttyS0 earlyprintk=ttyS0 root=root rootfstype=virtiofs rw init=/init")
         .vcpus(2)
         .memory_mib(128)
         .vhost_user_fs(vmm_end, "root")
