@@ -1,6 +1,8 @@
 //! Shared helpers for Keystone's integration tests: what the host can run,
 //! loud skips, scratch directories.
 
+pub mod qemu;
+
 use std::path::{Path, PathBuf};
 
 /// Prints the skip line the test harness and CI count, and returns.
@@ -8,7 +10,6 @@ use std::path::{Path, PathBuf};
 macro_rules! skip {
     ($($arg:tt)*) => {{
         println!("SKIP: {}", format!($($arg)*));
-        eprintln!("SKIP: {}", format!($($arg)*));
         return;
     }};
 }

@@ -25,6 +25,14 @@ pub enum Error {
     /// A thread could not be spawned.
     #[error("cannot spawn the virtiofsd-lite thread: {0}")]
     Spawn(io::Error),
+    /// A step of `--sandbox namespace` failed.
+    #[error(
+        "cannot set up the namespace sandbox ({step}): {source}; run as root or use --sandbox none"
+    )]
+    Sandbox {
+        step: &'static str,
+        source: io::Error,
+    },
     /// The daemon thread panicked.
     #[error("the virtiofsd-lite thread panicked; this is a bug, please report it with the log")]
     Panicked,

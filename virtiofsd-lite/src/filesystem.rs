@@ -337,6 +337,24 @@ pub trait FileSystem: Send + Sync {
     fn removexattr(&self, ctx: Context, inode: Inode, name: &CStr) -> io::Result<()> {
         Err(enosys())
     }
+    /// COPY_FILE_RANGE: copies up to `req.len` bytes between two open
+    /// handles; returns how many were copied.
+    fn copy_file_range(&self, ctx: Context, req: CopyRange) -> io::Result<usize> {
+        Err(enosys())
+    }
+}
+
+/// The arguments of COPY_FILE_RANGE, decoded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CopyRange {
+    pub inode_in: Inode,
+    pub handle_in: Handle,
+    pub offset_in: u64,
+    pub inode_out: Inode,
+    pub handle_out: Handle,
+    pub offset_out: u64,
+    pub len: u64,
+    pub flags: u64,
 }
 
 /// The answer to GETXATTR/LISTXATTR.

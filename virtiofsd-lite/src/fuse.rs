@@ -84,6 +84,7 @@ pub mod init_flags {
     pub const EXPORT_SUPPORT: u32 = 1 << 4;
     pub const BIG_WRITES: u32 = 1 << 5;
     pub const DONT_MASK: u32 = 1 << 6;
+    pub const FLOCK_LOCKS: u32 = 1 << 10;
     pub const AUTO_INVAL_DATA: u32 = 1 << 12;
     pub const DO_READDIRPLUS: u32 = 1 << 13;
     pub const READDIRPLUS_AUTO: u32 = 1 << 14;

@@ -19,6 +19,7 @@ mod error;
 pub mod filesystem;
 pub mod fuse;
 pub mod passthrough;
+pub mod sandbox;
 pub mod server;
 mod stats;
 pub mod vhost_user;
@@ -45,7 +46,10 @@ pub const REQUEST_QUEUES: usize = 1;
 type Daemon = VhostUserDaemon<Arc<vhost_user::FsBackend<PassthroughFs>>>;
 
 fn new_daemon(config: &FsConfig) -> Result<(Daemon, Arc<FsStats>), Error> {
-    let fs = PassthroughFs::new(config)?;
+    new_daemon_with(PassthroughFs::new(config)?, config)
+}
+
+fn new_daemon_with(fs: PassthroughFs, config: &FsConfig) -> Result<(Daemon, Arc<FsStats>), Error> {
     let server = Arc::new(Server::new(fs));
     let stats = server.stats();
     let backend = Arc::new(vhost_user::FsBackend::new(server, REQUEST_QUEUES));
@@ -82,11 +86,33 @@ fn stop_workers(daemon: &Daemon) {
 /// Listens on `socket_path` (replacing a stale socket file), serves one
 /// vhost-user frontend connection until it disconnects, then returns.
 pub fn serve_listener(socket_path: &Path, config: FsConfig) -> Result<(), Error> {
-    let (mut daemon, _stats) = new_daemon(&config)?;
-    let mut listener = Listener::new(socket_path, true).map_err(|e| Error::Listen {
+    let (daemon, _stats) = new_daemon(&config)?;
+    let listener = listen(socket_path)?;
+    serve_daemon(daemon, listener)
+}
+
+/// Binds the vhost-user socket at `socket_path` (replacing a stale file).
+fn listen(socket_path: &Path) -> Result<Listener, Error> {
+    Listener::new(socket_path, true).map_err(|e| Error::Listen {
         path: socket_path.to_path_buf(),
         reason: e.to_string(),
-    })?;
+    })
+}
+
+/// [`serve_listener`] inside the namespace sandbox (the binary's
+/// `--sandbox namespace`): the caller has run
+/// [`sandbox::enter_namespaces`] and is PID 1 of the new namespaces. The
+/// socket, the shared directory and `/proc/self/fd` are opened first, then
+/// the mount namespace is pivoted into the shared directory.
+pub fn serve_listener_sandboxed(socket_path: &Path, config: FsConfig) -> Result<(), Error> {
+    let listener = listen(socket_path)?;
+    let fs = PassthroughFs::new(&config)?;
+    sandbox::pivot_into(&config.shared_dir)?;
+    let (daemon, _stats) = new_daemon_with(fs, &config)?;
+    serve_daemon(daemon, listener)
+}
+
+fn serve_daemon(mut daemon: Daemon, mut listener: Listener) -> Result<(), Error> {
     daemon
         .start(&mut listener)
         .map_err(|e| Error::Daemon(e.to_string()))?;

@@ -4,8 +4,19 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use virtiofsd_lite::sandbox::{self, Role};
 use virtiofsd_lite::{CacheMode, FsConfig};
+
+/// How the daemon process is isolated from the rest of the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Sandbox {
+    /// No extra isolation: confinement comes from how every path is resolved.
+    None,
+    /// Run as PID 1 of new mount and PID namespaces whose root is the
+    /// shared directory (pivot_root, as virtiofsd does); needs root.
+    Namespace,
+}
 
 /// A small vhost-user-fs daemon serving one directory, confined to it.
 #[derive(Parser, Debug)]
@@ -32,6 +43,10 @@ struct Args {
     /// Worker threads hint.
     #[arg(long, default_value_t = 0)]
     thread_pool_size: usize,
+    /// Process isolation: "none", or "namespace" (new mount and PID
+    /// namespaces with the shared directory as the root; needs root).
+    #[arg(long, value_enum, default_value_t = Sandbox::None)]
+    sandbox: Sandbox,
 }
 
 fn main() {
@@ -44,7 +59,16 @@ fn main() {
         allow_setuid: a.allow_setuid,
         thread_pool_size: a.thread_pool_size,
     };
-    if let Err(e) = virtiofsd_lite::serve_listener(&a.socket_path, config) {
+    let result = match a.sandbox {
+        Sandbox::None => virtiofsd_lite::serve_listener(&a.socket_path, config),
+        // Still single-threaded here, as enter_namespaces requires.
+        Sandbox::Namespace => match sandbox::enter_namespaces() {
+            Ok(Role::Parent(code)) => std::process::exit(code),
+            Ok(Role::Daemon) => virtiofsd_lite::serve_listener_sandboxed(&a.socket_path, config),
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = result {
         eprintln!("virtiofsd-lite: {e}");
         std::process::exit(1);
     }

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use vm_memory::ByteValued;
 
 use crate::descriptor::{Reader, Writer};
-use crate::filesystem::{attr_to_wire, Context, DirEntry, FileSystem, InitOptions, XattrReply};
+use crate::filesystem::{
+    attr_to_wire, Context, CopyRange, DirEntry, FileSystem, InitOptions, XattrReply,
+};
 use crate::fuse::{self, init_flags, opcode, InHeader, OutHeader};
 use crate::stats::FsStats;
 
@@ -27,6 +29,8 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub const MAX_PAGES: u16 = 256;
 /// The largest request body (names, xattr values) copied into host memory.
 const MAX_BODY: usize = 64 * 1024 + 4096;
+/// The most bytes one COPY_FILE_RANGE copies (its reply count is 32-bit).
+const MAX_COPY: u32 = 1 << 30;
 
 type Res<T> = Result<T, i32>;
 
@@ -338,6 +342,29 @@ impl<F: FileSystem> Server<F> {
                     .map_err(errno)?;
                 reply(w, u, &[])
             }
+            opcode::COPY_FILE_RANGE => {
+                let c: fuse::CopyFileRangeIn = obj(r)?;
+                let req = CopyRange {
+                    inode_in: ino,
+                    handle_in: c.fh_in,
+                    offset_in: c.off_in,
+                    inode_out: c.nodeid_out,
+                    handle_out: c.fh_out,
+                    offset_out: c.off_out,
+                    // The reply carries a 32-bit count.
+                    len: c.len.min(u64::from(MAX_COPY)),
+                    flags: c.flags,
+                };
+                let n = fs.copy_file_range(ctx, req).map_err(errno)?;
+                let out = fuse::WriteOut {
+                    size: u32::try_from(n).unwrap_or(MAX_COPY),
+                    padding: 0,
+                };
+                reply(w, u, &[out.as_slice()])
+            }
+            // No lock support: ENOSYS makes the guest kernel keep POSIX and
+            // flock locks local (INIT never offers POSIX_LOCKS/FLOCK_LOCKS).
+            opcode::GETLK | opcode::SETLK | opcode::SETLKW => Err(libc::ENOSYS),
             _ => Err(libc::ENOSYS),
         }
     }

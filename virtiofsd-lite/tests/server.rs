@@ -579,3 +579,95 @@ fn confinement() {
     );
     assert_ne!(r.error, 0);
 }
+
+#[test]
+fn copy_file_range_copies_between_handles() {
+    let mut t = T::new("copyrange");
+    std::fs::write(t.dir().join("src"), b"0123456789abcdef").unwrap();
+    std::fs::write(t.dir().join("dst"), b"xxxxxxxx").unwrap();
+    let src = t.lookup(1, "src").unwrap().nodeid;
+    let dst = t.lookup(1, "dst").unwrap().nodeid;
+    let fh_in = t.open(src, libc::O_RDONLY).unwrap();
+    let fh_out = t.open(dst, libc::O_RDWR).unwrap();
+    let c = fuse::CopyFileRangeIn {
+        fh_in,
+        off_in: 4,
+        nodeid_out: dst,
+        fh_out,
+        off_out: 2,
+        len: 6,
+        flags: 0,
+    };
+    let r = t.call(opcode::COPY_FILE_RANGE, src, &[c.as_slice()]);
+    assert_eq!(r.error, 0);
+    let out: fuse::WriteOut = fuse::read_struct(&r.body).unwrap();
+    assert_eq!(out.size, 6);
+    assert_eq!(std::fs::read(t.dir().join("dst")).unwrap(), b"xx456789");
+    // Past the end of the source: nothing to copy.
+    let c = fuse::CopyFileRangeIn { off_in: 100, ..c };
+    let r = t.call(opcode::COPY_FILE_RANGE, src, &[c.as_slice()]);
+    assert_eq!(r.error, 0);
+    assert_eq!(
+        fuse::read_struct::<fuse::WriteOut>(&r.body).unwrap().size,
+        0
+    );
+    // A handle that is not the destination node's: EBADF.
+    let c = fuse::CopyFileRangeIn {
+        fh_out: fh_in,
+        off_in: 0,
+        ..c
+    };
+    let r = t.call(opcode::COPY_FILE_RANGE, src, &[c.as_slice()]);
+    assert_eq!(r.error, -libc::EBADF);
+    // Unknown flags are refused by the host.
+    let c = fuse::CopyFileRangeIn {
+        fh_out,
+        flags: 1,
+        ..c
+    };
+    assert_eq!(
+        t.call(opcode::COPY_FILE_RANGE, src, &[c.as_slice()]).error,
+        -libc::EINVAL
+    );
+    // A truncated argument: EINVAL, not a panic.
+    let r = t.call(opcode::COPY_FILE_RANGE, src, &[&c.as_slice()[..20]]);
+    assert_eq!(r.error, -libc::EINVAL);
+}
+
+#[test]
+fn locks_get_enosys_and_are_not_offered() {
+    let mut t = T::new("locks");
+    // T::new sent INIT with every flag set: no lock support is advertised.
+    let init = fuse::InitIn {
+        major: 7,
+        minor: 41,
+        max_readahead: 1 << 20,
+        flags: u32::MAX,
+    };
+    let r = t.call(opcode::INIT, 0, &[init.as_slice()]);
+    let out: fuse::InitOut = fuse::read_struct(&r.body).unwrap();
+    assert_eq!(out.flags & fuse::init_flags::POSIX_LOCKS, 0);
+    assert_eq!(out.flags & fuse::init_flags::FLOCK_LOCKS, 0);
+
+    std::fs::write(t.dir().join("f"), b"data").unwrap();
+    let ino = t.lookup(1, "f").unwrap().nodeid;
+    let fh = t.open(ino, libc::O_RDWR).unwrap();
+    // fuse_lk_in: fh, owner, fuse_file_lock {start, end, type, pid}, lk_flags, padding.
+    let mut lk = Vec::new();
+    lk.extend_from_slice(&fh.to_ne_bytes());
+    lk.extend_from_slice(&7u64.to_ne_bytes());
+    lk.extend_from_slice(&0u64.to_ne_bytes());
+    lk.extend_from_slice(&u64::MAX.to_ne_bytes());
+    lk.extend_from_slice(&(libc::F_WRLCK as u32).to_ne_bytes());
+    lk.extend_from_slice(&1u32.to_ne_bytes());
+    lk.extend_from_slice(&0u32.to_ne_bytes());
+    lk.extend_from_slice(&0u32.to_ne_bytes());
+    for op in [opcode::GETLK, opcode::SETLK, opcode::SETLKW] {
+        let r = t.call(op, ino, &[&lk]);
+        assert_eq!(r.error, -libc::ENOSYS, "opcode {op}");
+        assert!(r.body.is_empty());
+    }
+    // The daemon keeps serving.
+    assert_eq!(t.lookup(1, "f").unwrap().nodeid, ino);
+    assert_eq!(t.read(ino, fh, 0, 16), b"data");
+}

@@ -341,3 +341,63 @@ fn serve_listener_serves_one_connection() {
     server.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn binary_documents_and_starts_the_namespace_sandbox() {
+    let bin = env!("CARGO_BIN_EXE_virtiofsd-lite");
+    let help = std::process::Command::new(bin)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--sandbox"), "{help}");
+    assert!(help.contains("namespace"), "{help}");
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP namespace sandbox start: needs root");
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("vfsd-lite-sandbox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(base.join("shared")).unwrap();
+    let sock = base.join("fs.sock");
+    let mut child = std::process::Command::new(bin)
+        .args(["--sandbox", "namespace", "--socket-path"])
+        .arg(&sock)
+        .arg("--shared-dir")
+        .arg(base.join("shared"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            if err.contains("cannot set up the namespace sandbox") {
+                eprintln!("SKIP namespace sandbox start: {err}");
+                let _ = std::fs::remove_dir_all(&base);
+                return;
+            }
+            panic!("daemon exited early ({status}): {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(sock.exists(), "no socket after 10 s");
+    // The socket is outside the pivoted root and answers a connection.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+    let conn = std::os::unix::net::UnixStream::connect(&sock);
+    assert!(conn.is_ok(), "{conn:?}");
+    drop(conn);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&base);
+}

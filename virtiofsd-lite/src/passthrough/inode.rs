@@ -1,28 +1,53 @@
-//! `InodeStore`: the node ids handed to the guest and the confined `O_PATH`
-//! descriptors behind them.
+//! `InodeStore`: the node ids handed to the guest and the confined host
+//! inodes behind them.
 //!
 //! Host inodes are keyed by `(st_dev, st_ino)` so that looking up the same
 //! file twice (or through a hard link) yields the same node id. Every
 //! LOOKUP-like reply adds one to the node's lookup count; FORGET subtracts
-//! exactly what the guest says, and the descriptor is closed at zero. The
-//! root node (id 1) is never dropped. Node ids are never reused.
+//! exactly what the guest says, and the node is dropped at zero. The root
+//! node (id 1) is never dropped. Node ids are never reused.
+//!
+//! Descriptor budget: a node keeps its `O_PATH` descriptor only while fewer
+//! than [`InodeStore::fd_budget`] nodes do; beyond that it keeps a kernel
+//! file handle instead and each request re-opens it with
+//! `open_by_handle_at(O_PATH)` for as long as the request runs, so a tree of
+//! any size never exhausts `RLIMIT_NOFILE`. Handles are only made by the
+//! daemon from descriptors that are already confined, never taken from the
+//! guest. Where handles do not work (no `CAP_DAC_READ_SEARCH`, a file system
+//! without export support, another mount below the shared directory) the
+//! node keeps its descriptor past the budget and a warning is logged once.
 
 use std::collections::HashMap;
+use std::io;
+use std::ops::Deref;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::sys::{self, FileHandle};
 use crate::fuse::ROOT_ID;
 
 /// `(st_dev, st_ino)` of a host inode.
 pub type InodeKey = (u64, u64);
 
+/// The budget when `RLIMIT_NOFILE` is large.
+const MAX_FD_BUDGET: usize = 65536;
+/// The smallest budget we pick on our own.
+const MIN_FD_BUDGET: usize = 64;
+
+/// How a node reaches its host inode.
+enum HostRef {
+    /// An `O_PATH | O_NOFOLLOW` descriptor, opened beneath the shared directory.
+    Fd(OwnedFd),
+    /// A file handle on the shared directory's mount (re-opened per request).
+    Handle(FileHandle),
+}
+
 /// One inode the guest knows about.
 pub struct InodeData {
     /// Our node id.
     pub inode: u64,
-    /// `O_PATH | O_NOFOLLOW` descriptor, opened beneath the shared directory.
-    pub fd: OwnedFd,
+    host: HostRef,
     /// The host identity.
     pub key: InodeKey,
     /// `st_mode & S_IFMT` at lookup time (the type never changes).
@@ -31,11 +56,6 @@ pub struct InodeData {
 }
 
 impl InodeData {
-    /// The raw `O_PATH` descriptor.
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// Whether this inode is a symbolic link.
     pub fn is_symlink(&self) -> bool {
         self.file_type == libc::S_IFLNK
@@ -45,30 +65,91 @@ impl InodeData {
     pub fn is_dir(&self) -> bool {
         self.file_type == libc::S_IFDIR
     }
+
+    /// Whether this node holds an open descriptor (else a file handle).
+    pub fn holds_fd(&self) -> bool {
+        matches!(self.host, HostRef::Fd(_))
+    }
+}
+
+/// A node in use by one request: its data and an `O_PATH` descriptor that
+/// stays open while this value lives.
+pub struct Node {
+    data: Arc<InodeData>,
+    /// The descriptor re-opened from a file handle, if the node has no fd.
+    reopened: Option<OwnedFd>,
+}
+
+impl Node {
+    /// The `O_PATH` descriptor of the node.
+    pub fn raw_fd(&self) -> RawFd {
+        match (&self.reopened, &self.data.host) {
+            (Some(fd), _) | (None, HostRef::Fd(fd)) => fd.as_raw_fd(),
+            // `Node::new` always re-opens handle-backed nodes.
+            (None, HostRef::Handle(_)) => -1,
+        }
+    }
+}
+
+impl AsRawFd for Node {
+    fn as_raw_fd(&self) -> RawFd {
+        self.raw_fd()
+    }
+}
+
+impl Deref for Node {
+    type Target = InodeData;
+    fn deref(&self) -> &InodeData {
+        &self.data
+    }
 }
 
 #[derive(Default)]
 struct Maps {
     by_id: HashMap<u64, Arc<InodeData>>,
     by_key: HashMap<InodeKey, u64>,
+    /// Nodes holding a descriptor, root included.
+    open_fds: usize,
+}
+
+/// The shared directory's mount, for `open_by_handle_at`.
+struct Mount {
+    /// A plain (not `O_PATH`) descriptor of the shared directory.
+    fd: OwnedFd,
+    id: i32,
 }
 
 /// The node table of one passthrough file system.
 pub struct InodeStore {
     maps: RwLock<Maps>,
     next: AtomicU64,
+    budget: AtomicUsize,
+    /// `None` when file handles cannot be used here.
+    mount: Option<Mount>,
+    warned: AtomicBool,
 }
 
 impl InodeStore {
     /// A store holding only the root, `fd` being the shared directory.
     pub fn new(root_fd: OwnedFd, st: &libc::stat64) -> Self {
+        let mount = match probe_handles(&root_fd) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::info!("file handles unavailable ({e}); every node keeps a descriptor");
+                None
+            }
+        };
+        let limit = usize::try_from(sys::nofile_limit()).unwrap_or(usize::MAX);
         let store = InodeStore {
             maps: RwLock::new(Maps::default()),
             next: AtomicU64::new(ROOT_ID + 1),
+            budget: AtomicUsize::new((limit / 2).clamp(MIN_FD_BUDGET, MAX_FD_BUDGET)),
+            mount,
+            warned: AtomicBool::new(false),
         };
         let root = Arc::new(InodeData {
             inode: ROOT_ID,
-            fd: root_fd,
+            host: HostRef::Fd(root_fd),
             key: (st.st_dev, st.st_ino),
             file_type: st.st_mode & libc::S_IFMT,
             refcount: AtomicU64::new(1),
@@ -77,8 +158,30 @@ impl InodeStore {
             let mut m = store.write();
             m.by_key.insert(root.key, ROOT_ID);
             m.by_id.insert(ROOT_ID, root);
+            m.open_fds = 1;
         }
         store
+    }
+
+    /// The most node descriptors kept open (half the soft `RLIMIT_NOFILE`,
+    /// at most 65536, by default).
+    pub fn fd_budget(&self) -> usize {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// Changes the descriptor budget for nodes looked up from now on.
+    pub fn set_fd_budget(&self, budget: usize) {
+        self.budget.store(budget.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether nodes beyond the budget can be kept as file handles.
+    pub fn handles_supported(&self) -> bool {
+        self.mount.is_some()
+    }
+
+    /// How many nodes hold an open descriptor, root included.
+    pub fn open_fds(&self) -> usize {
+        self.read().open_fds
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Maps> {
@@ -94,6 +197,24 @@ impl InodeStore {
         self.read().by_id.get(&inode).cloned()
     }
 
+    /// The node `inode` with a usable descriptor (`EBADF` if not held,
+    /// `ESTALE` if its host inode is gone).
+    pub fn node(&self, inode: u64) -> io::Result<Node> {
+        let data = self
+            .get(inode)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        let reopened = match (&data.host, &self.mount) {
+            (HostRef::Fd(_), _) => None,
+            (HostRef::Handle(h), Some(m)) => Some(sys::open_by_handle(
+                m.fd.as_raw_fd(),
+                h,
+                libc::O_PATH | libc::O_NOFOLLOW,
+            )?),
+            (HostRef::Handle(_), None) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+        };
+        Ok(Node { data, reopened })
+    }
+
     /// Records one more lookup of the host inode described by `st`, opened
     /// as `fd`; returns the (possibly pre-existing) node.
     pub fn add_lookup(&self, fd: OwnedFd, st: &libc::stat64) -> Arc<InodeData> {
@@ -103,10 +224,18 @@ impl InodeStore {
             existing.refcount.fetch_add(1, Ordering::Relaxed);
             return existing.clone();
         }
+        let host = if m.open_fds < self.fd_budget() {
+            HostRef::Fd(fd)
+        } else {
+            self.handle_for(fd)
+        };
+        if let HostRef::Fd(_) = host {
+            m.open_fds += 1;
+        }
         let inode = self.next.fetch_add(1, Ordering::Relaxed);
         let data = Arc::new(InodeData {
             inode,
-            fd,
+            host,
             key,
             file_type: st.st_mode & libc::S_IFMT,
             refcount: AtomicU64::new(1),
@@ -114,6 +243,24 @@ impl InodeStore {
         m.by_key.insert(key, inode);
         m.by_id.insert(inode, data.clone());
         data
+    }
+
+    /// A file handle for `fd` (closing it), or `fd` itself when the
+    /// handle cannot be made or would not re-open on our mount.
+    fn handle_for(&self, fd: OwnedFd) -> HostRef {
+        let why = match (&self.mount, sys::name_to_handle(fd.as_raw_fd())) {
+            (Some(m), Ok((h, id))) if id == m.id => return HostRef::Handle(h),
+            (None, _) => "file handles are unavailable".to_string(),
+            (Some(_), Ok(_)) => "a node lies on another mount".to_string(),
+            (Some(_), Err(e)) => format!("name_to_handle_at failed: {e}"),
+        };
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "over the descriptor budget of {} and {why}: keeping descriptors open",
+                self.fd_budget()
+            );
+        }
+        HostRef::Fd(fd)
     }
 
     /// Adds one lookup to a node already held (LOOKUP of "." or of the root).
@@ -135,6 +282,9 @@ impl InodeStore {
         data.refcount.store(left, Ordering::Relaxed);
         if left == 0 {
             let key = data.key;
+            if data.holds_fd() {
+                m.open_fds -= 1;
+            }
             m.by_id.remove(&inode);
             if m.by_key.get(&key) == Some(&inode) {
                 m.by_key.remove(&key);
@@ -148,6 +298,7 @@ impl InodeStore {
         m.by_id.retain(|&id, _| id == ROOT_ID);
         let root_key = m.by_id.get(&ROOT_ID).map(|r| r.key);
         m.by_key.retain(|k, _| Some(*k) == root_key);
+        m.open_fds = 1;
     }
 
     /// How many nodes are held, root included.
@@ -165,4 +316,18 @@ impl InodeStore {
         self.get(inode)
             .map_or(0, |d| d.refcount.load(Ordering::Relaxed))
     }
+}
+
+/// Checks that file handles of the shared directory's mount can be made and
+/// re-opened here; returns that mount.
+fn probe_handles(root_fd: &OwnedFd) -> io::Result<Mount> {
+    let fd = sys::openat(
+        root_fd.as_raw_fd(),
+        c".",
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    )?;
+    let (handle, id) = sys::name_to_handle(root_fd.as_raw_fd())?;
+    sys::open_by_handle(fd.as_raw_fd(), &handle, libc::O_PATH)?;
+    Ok(Mount { fd, id })
 }

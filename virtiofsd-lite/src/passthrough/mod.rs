@@ -24,11 +24,10 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use handle::HandleStore;
-pub use inode::{InodeData, InodeStore};
+pub use inode::{InodeData, InodeStore, Node};
 
 use crate::config::{CacheMode, FsConfig};
 use crate::error::Error;
@@ -92,27 +91,28 @@ impl PassthroughFs {
         self.cache.timeout()
     }
 
-    fn inode(&self, inode: u64) -> io::Result<Arc<InodeData>> {
-        self.inodes.get(inode).ok_or_else(ebadf)
+    /// The node `inode` with an `O_PATH` descriptor open while it lives.
+    fn inode(&self, inode: u64) -> io::Result<Node> {
+        self.inodes.node(inode)
     }
 
     /// Re-opens a node for I/O through `/proc/self/fd/N`. Symlinks are
-    /// refused (`ELOOP`): re-opening them would follow their target.
-    fn reopen(&self, data: &InodeData, flags: i32) -> io::Result<OwnedFd> {
+    /// refused (`ELOOP`): re-opening them would follow their target. So are
+    /// FIFOs, sockets and device nodes (`ENXIO`): opening a FIFO would block
+    /// the worker, and the guest kernel serves special files itself.
+    fn reopen(&self, data: &Node, flags: i32) -> io::Result<OwnedFd> {
         if data.is_symlink() {
             return Err(io::Error::from_raw_os_error(libc::ELOOP));
         }
+        if data.file_type != libc::S_IFREG && !data.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::ENXIO));
+        }
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
-        sys::openat(
-            self.proc_self_fd.as_raw_fd(),
-            &sys::fd_name(&data.fd),
-            flags,
-            0,
-        )
+        sys::openat(self.proc_self_fd.as_raw_fd(), &sys::fd_name(data), flags, 0)
     }
 
     /// Looks `name` up beneath `parent` and takes one lookup reference.
-    fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<Entry> {
+    fn do_lookup(&self, parent: &Node, name: &CStr) -> io::Result<Entry> {
         let bytes = name.to_bytes();
         if bytes == b"." || (bytes == b".." && parent.inode == ROOT_ID) {
             // "." is the parent itself; ".." of the root stays at the root.
@@ -167,9 +167,8 @@ impl PassthroughFs {
     }
 
     /// The node's path relative to the shared directory.
-    fn relative_path(&self, data: &InodeData) -> Option<PathBuf> {
-        let target =
-            sys::readlinkat(self.proc_self_fd.as_raw_fd(), &sys::fd_name(&data.fd)).ok()?;
+    fn relative_path(&self, data: &Node) -> Option<PathBuf> {
+        let target = sys::readlinkat(self.proc_self_fd.as_raw_fd(), &sys::fd_name(data)).ok()?;
         use std::os::unix::ffi::OsStrExt;
         let abs = PathBuf::from(std::ffi::OsStr::from_bytes(&target));
         abs.strip_prefix(&self.root_path)
@@ -189,8 +188,4 @@ fn check_name(name: &CStr) -> io::Result<()> {
         }));
     }
     Ok(())
-}
-
-fn ebadf() -> io::Error {
-    io::Error::from_raw_os_error(libc::EBADF)
 }

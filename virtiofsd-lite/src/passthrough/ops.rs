@@ -16,8 +16,8 @@ use super::{check_name, sys, PassthroughFs};
 use crate::config::CacheMode;
 use crate::descriptor::{Reader, Writer};
 use crate::filesystem::{
-    Context, DirEntry, Entry, FileSystem, Handle, InitOptions, Inode, SetattrRequest, StatVfs,
-    XattrReply,
+    Context, CopyRange, DirEntry, Entry, FileSystem, Handle, InitOptions, Inode, SetattrRequest,
+    StatVfs, XattrReply,
 };
 use crate::fuse::{fattr, fopen, init_flags};
 
@@ -95,7 +95,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn inode_path(&self, inode: Inode) -> Option<std::path::PathBuf> {
-        self.relative_path(&*self.inodes.get(inode)?)
+        self.relative_path(&self.inodes.node(inode).ok()?)
     }
 
     fn lookup(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
@@ -128,7 +128,7 @@ impl FileSystem for PassthroughFs {
             None => None,
         };
         let proc_fd = self.proc_self_fd.as_raw_fd();
-        let name = sys::fd_name(&data.fd);
+        let name = sys::fd_name(&data);
         if req.valid & fattr::MODE != 0 {
             let mode = self.sanitize_mode(req.mode);
             let ret = match &handle {
@@ -322,7 +322,23 @@ impl FileSystem for PassthroughFs {
             | libc::O_CREAT
             | libc::O_NOFOLLOW
             | (flags as i32 & libc::O_EXCL);
-        let fd = sys::openat(p.raw_fd(), name, oflags, self.sanitize_mode(mode))?;
+        // O_NONBLOCK: an existing FIFO at `name` must not block the worker;
+        // only regular files are served (as in OPEN).
+        let fd = sys::openat(
+            p.raw_fd(),
+            name,
+            oflags | libc::O_NONBLOCK,
+            self.sanitize_mode(mode),
+        )?;
+        if sys::stat_fd(fd.as_raw_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(err(libc::ENXIO));
+        }
+        if oflags & libc::O_NONBLOCK == 0 {
+            // SAFETY: F_SETFL on a descriptor we own.
+            sys::cvt(unsafe {
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, oflags & !libc::O_NONBLOCK)
+            })?;
+        }
         let entry = self.lookup_fd(&fd)?;
         let h = self.handles.insert(entry.inode, fd);
         Ok((entry, Some(h), self.fopen_flags(false)))
@@ -488,7 +504,7 @@ impl FileSystem for PassthroughFs {
         if data.is_symlink() {
             return Ok(());
         }
-        let name = sys::fd_name(&data.fd);
+        let name = sys::fd_name(&data);
         // SAFETY: NUL-terminated name relative to /proc/self/fd.
         sys::cvt(unsafe {
             libc::faccessat(self.proc_self_fd.as_raw_fd(), name.as_ptr(), mask as i32, 0)
@@ -569,5 +585,30 @@ impl FileSystem for PassthroughFs {
 
     fn removexattr(&self, _ctx: Context, inode: Inode, name: &CStr) -> io::Result<()> {
         self.remove_xattr(inode, name)
+    }
+
+    fn copy_file_range(&self, _ctx: Context, req: CopyRange) -> io::Result<usize> {
+        let src = self.handles.get(req.handle_in, req.inode_in)?;
+        let dst = self.handles.get(req.handle_out, req.inode_out)?;
+        let mut off_in = i64::try_from(req.offset_in).map_err(|_| err(libc::EINVAL))?;
+        let mut off_out = i64::try_from(req.offset_out).map_err(|_| err(libc::EINVAL))?;
+        let flags = u32::try_from(req.flags).map_err(|_| err(libc::EINVAL))?;
+        let len = usize::try_from(req.len).map_err(|_| err(libc::EINVAL))?;
+        // SAFETY: both descriptors are open; the offsets are valid for
+        // reads and writes of one i64 each, which the kernel updates.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.raw_fd(),
+                &mut off_in,
+                dst.raw_fd(),
+                &mut off_out,
+                len,
+                flags,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }

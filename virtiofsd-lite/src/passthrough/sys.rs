@@ -163,3 +163,86 @@ pub fn fd_name(fd: &impl AsRawFd) -> std::ffi::CString {
     // A decimal number never contains NUL.
     std::ffi::CString::new(fd.as_raw_fd().to_string()).unwrap_or_default()
 }
+
+/// The most bytes of a kernel file handle we keep (`MAX_HANDLE_SZ`).
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct RawFileHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// A kernel file handle (`name_to_handle_at(2)`): names an inode of one
+/// mount without holding a descriptor.
+#[derive(Clone, Debug)]
+pub struct FileHandle {
+    handle_type: i32,
+    bytes: Box<[u8]>,
+}
+
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the handle of the inode
+/// behind `fd` and the id of its mount.
+pub fn name_to_handle(fd: RawFd) -> io::Result<(FileHandle, i32)> {
+    let mut raw = RawFileHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `raw` has room for `handle_bytes` bytes of handle, `mount_id`
+    // for one int; the path is "".
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd,
+            EMPTY.as_ptr(),
+            &mut raw as *mut RawFileHandle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    check(ret as libc::c_int)?;
+    let len = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((
+        FileHandle {
+            handle_type: raw.handle_type,
+            bytes: raw.f_handle[..len].into(),
+        },
+        mount_id,
+    ))
+}
+
+/// `open_by_handle_at(mount_fd, handle, flags | O_CLOEXEC)`. Needs
+/// `CAP_DAC_READ_SEARCH`; `mount_fd` must not be an `O_PATH` descriptor.
+pub fn open_by_handle(mount_fd: RawFd, handle: &FileHandle, flags: i32) -> io::Result<OwnedFd> {
+    let mut raw = RawFileHandle {
+        handle_bytes: handle.bytes.len() as u32,
+        handle_type: handle.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    raw.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+    // SAFETY: `raw` is a valid `file_handle` of `handle_bytes` bytes, only read.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd,
+            &raw as *const RawFileHandle,
+            flags | libc::O_CLOEXEC,
+        )
+    };
+    own(ret)
+}
+
+/// The soft `RLIMIT_NOFILE` of this process (1024 when it cannot be read).
+pub fn nofile_limit() -> u64 {
+    let mut lim = MaybeUninit::<libc::rlimit>::zeroed();
+    // SAFETY: `lim` is valid for writes of one rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } != 0 {
+        return 1024;
+    }
+    // SAFETY: getrlimit succeeded, so it initialised `lim`.
+    unsafe { lim.assume_init() }.rlim_cur
+}

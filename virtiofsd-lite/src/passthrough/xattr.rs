@@ -7,7 +7,7 @@
 use std::ffi::{CStr, CString};
 use std::io;
 
-use super::{sys, PassthroughFs};
+use super::{sys, Node, PassthroughFs};
 use crate::filesystem::{Inode, XattrReply};
 
 fn err(code: i32) -> io::Error {
@@ -20,11 +20,13 @@ fn is_user_xattr(name: &CStr) -> bool {
 
 impl PassthroughFs {
     /// `/proc/self/fd/N` of a node, for the path-based calls (xattrs).
-    fn proc_path(&self, inode: Inode) -> io::Result<(CString, bool)> {
+    /// The node is returned too: its descriptor must stay open while the
+    /// path is used.
+    fn proc_path(&self, inode: Inode) -> io::Result<(Node, CString)> {
         let data = self.inode(inode)?;
         let path = CString::new(format!("/proc/self/fd/{}", data.raw_fd()))
             .map_err(|_| err(libc::EINVAL))?;
-        Ok((path, data.is_symlink()))
+        Ok((data, path))
     }
 
     pub(super) fn set_xattr(
@@ -37,7 +39,8 @@ impl PassthroughFs {
         if !is_user_xattr(name) {
             return Err(err(libc::ENOTSUP));
         }
-        let (path, symlink) = self.proc_path(inode)?;
+        let (node, path) = self.proc_path(inode)?;
+        let symlink = node.is_symlink();
         if symlink {
             return Err(err(libc::EPERM));
         }
@@ -54,7 +57,8 @@ impl PassthroughFs {
     }
 
     pub(super) fn get_xattr(&self, inode: Inode, name: &CStr, size: u32) -> io::Result<XattrReply> {
-        let (path, symlink) = self.proc_path(inode)?;
+        let (node, path) = self.proc_path(inode)?;
+        let symlink = node.is_symlink();
         if !is_user_xattr(name) || symlink {
             return Err(err(libc::ENODATA));
         }
@@ -79,7 +83,8 @@ impl PassthroughFs {
     }
 
     pub(super) fn list_xattr(&self, inode: Inode, size: u32) -> io::Result<XattrReply> {
-        let (path, symlink) = self.proc_path(inode)?;
+        let (node, path) = self.proc_path(inode)?;
+        let symlink = node.is_symlink();
         let mut names = Vec::new();
         if !symlink {
             // SAFETY: a null-sized query returns the needed length.
@@ -109,7 +114,8 @@ impl PassthroughFs {
         if !is_user_xattr(name) {
             return Err(err(libc::ENOTSUP));
         }
-        let (path, symlink) = self.proc_path(inode)?;
+        let (node, path) = self.proc_path(inode)?;
+        let symlink = node.is_symlink();
         if symlink {
             return Err(err(libc::EPERM));
         }
