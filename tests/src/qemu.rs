@@ -1,0 +1,341 @@
+//! A QEMU software-emulation (TCG) guest launcher for tests.
+//!
+//! On this project's machines KVM is trap-and-emulate and slow (see
+//! `shared/KVM-HERE.md`), so the bulk of guest user-space tests boot our
+//! guest kernel under `qemu-system-x86_64 -M microvm -accel tcg` instead.
+//! Guest memory is a shared memfd, so vhost-user backends (virtiofsd-lite,
+//! our vsock backend) serve the guest through Unix sockets. The machine has
+//! ACPI off, so QEMU appends the `virtio_mmio.device=` entries for its
+//! devices to the kernel command line itself (with ACPI on, this kernel
+//! hangs early under TCG and finds no devices).
+//!
+//! ```no_run
+//! # use keystone_tests::qemu::QemuGuest;
+//! # use std::time::Duration;
+//! let mut guest = QemuGuest::builder("/path/to/vmlinux")
+//!     .vhost_user_fs("/tmp/root.sock", "root")
+//!     .virtiofs_root("root")
+//!     .append("init=/init")
+//!     .start()
+//!     .unwrap();
+//! guest.wait_for("SUITE-DONE", Duration::from_secs(180)).unwrap();
+//! guest.wait_exit(Duration::from_secs(30)).unwrap();
+//! println!("{}", guest.console());
+//! ```
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The QEMU binary the launcher runs.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Why QEMU cannot be used here, if it cannot (for `skip!`).
+pub fn qemu_missing() -> Option<String> {
+    match Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => None,
+        Ok(s) => Some(format!("{QEMU} --version failed ({s})")),
+        Err(e) => Some(format!(
+            "{QEMU} not runnable ({e}); apt-get install qemu-system-x86"
+        )),
+    }
+}
+
+/// The kernel command line every TCG boot gets: serial console, a fixed
+/// loops-per-jiffy and a trusted TSC (calibration under TCG is slow and can
+/// hang), and reboot/panic that end QEMU (`-no-reboot`).
+pub const BASE_CMDLINE: &str = "console=ttyS0 lpj=5000000 tsc=reliable reboot=k panic=-1 nokaslr";
+
+/// Builder for a [`QemuGuest`]. Every setter is optional except the kernel.
+#[derive(Clone, Debug)]
+pub struct QemuBuilder {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    memory_mib: u32,
+    vcpus: u32,
+    cpu: String,
+    cmdline: Vec<String>,
+    fs: Vec<(PathBuf, String)>,
+    extra: Vec<String>,
+}
+
+impl QemuBuilder {
+    /// Guest memory in MiB (default 256).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Number of vCPUs (default 1; TCG runs them on one thread each).
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// The `-cpu` model (default `qemu64`, which TCG handles fast).
+    pub fn cpu(mut self, model: &str) -> Self {
+        self.cpu = model.to_string();
+        self
+    }
+
+    /// Appends words to the kernel command line (after [`BASE_CMDLINE`]).
+    pub fn append(mut self, args: &str) -> Self {
+        self.cmdline.push(args.to_string());
+        self
+    }
+
+    /// Boots with this initramfs (`-initrd`, uncompressed is fastest).
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// Adds a `vhost-user-fs-device` whose backend listens on `socket`
+    /// (QEMU connects as the frontend; the backend must be listening before
+    /// [`start`](Self::start)). The guest sees it under `tag`.
+    pub fn vhost_user_fs(mut self, socket: impl Into<PathBuf>, tag: &str) -> Self {
+        self.fs.push((socket.into(), tag.to_string()));
+        self
+    }
+
+    /// Mounts the virtio-fs device tagged `tag` as the read-write root.
+    /// Add `init=...` with [`append`](Self::append) if `/init` is not wanted.
+    pub fn virtiofs_root(self, tag: &str) -> Self {
+        self.append(&format!("root={tag} rootfstype=virtiofs rw"))
+    }
+
+    /// Raw extra QEMU arguments (e.g. a `vhost-user-vsock-device`).
+    pub fn qemu_args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The full kernel command line this builder passes with `-append`.
+    pub fn cmdline(&self) -> String {
+        std::iter::once(BASE_CMDLINE.to_string())
+            .chain(self.cmdline.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The QEMU argument list (without the binary).
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "-M".into(),
+            "microvm,x-option-roms=off,rtc=off,pit=on,pic=on,acpi=off,memory-backend=mem".into(),
+            "-accel".into(),
+            "tcg".into(),
+            "-cpu".into(),
+            self.cpu.clone(),
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", self.memory_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                self.memory_mib
+            ),
+            "-kernel".into(),
+            self.kernel.display().to_string(),
+            "-append".into(),
+            self.cmdline(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-serial".into(),
+            "stdio".into(),
+        ];
+        if let Some(initrd) = &self.initrd {
+            a.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
+        for (i, (socket, tag)) in self.fs.iter().enumerate() {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id=fs{i},path={}", socket.display()),
+                "-device".into(),
+                format!("vhost-user-fs-device,chardev=fs{i},tag={tag}"),
+            ]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+
+    /// Starts QEMU, capturing its console (stdout and stderr together).
+    pub fn start(self) -> std::io::Result<QemuGuest> {
+        let args = self.args();
+        let mut child = Command::new(QEMU)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ];
+        for mut pipe in pipes.into_iter().flatten() {
+            let sink = console.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            }));
+        }
+        Ok(QemuGuest {
+            child,
+            console,
+            readers,
+            started: Instant::now(),
+            status: None,
+            args,
+        })
+    }
+}
+
+/// A running QEMU guest; killed on drop.
+pub struct QemuGuest {
+    child: Child,
+    console: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+    started: Instant,
+    status: Option<ExitStatus>,
+    args: Vec<String>,
+}
+
+impl QemuGuest {
+    /// A builder booting `kernel` (an uncompressed vmlinux; PVH entry).
+    pub fn builder(kernel: impl AsRef<Path>) -> QemuBuilder {
+        QemuBuilder {
+            kernel: kernel.as_ref().to_path_buf(),
+            initrd: None,
+            memory_mib: 256,
+            vcpus: 1,
+            cpu: "qemu64".into(),
+            cmdline: Vec::new(),
+            fs: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Everything the console printed so far (lossy UTF-8, `\r` removed).
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().unwrap()).replace('\r', "")
+    }
+
+    /// The last `lines` lines of the console, for failure messages.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let c = self.console();
+        let all: Vec<&str> = c.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Time since QEMU was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The QEMU arguments used (for logs).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Waits until the console contains `pattern`; on timeout or QEMU exit
+    /// the error carries the console tail.
+    pub fn wait_for(&mut self, pattern: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(pattern) {
+                return Ok(());
+            }
+            if let Some(st) = self.try_status() {
+                // Let the readers drain what QEMU wrote last.
+                self.join_readers();
+                if self.console().contains(pattern) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "QEMU exited ({st}) before {pattern:?}; console tail:\n{}",
+                    self.console_tail(60)
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{pattern:?} not seen within {timeout:?}; console tail:\n{}",
+                    self.console_tail(60)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for QEMU to exit (a guest `reboot -f` ends it: `-no-reboot`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_status() {
+                self.join_readers();
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "QEMU still running after {timeout:?}; console tail:\n{}",
+                    self.console_tail(60)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills QEMU now (idempotent).
+    pub fn kill(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+        self.join_readers();
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    fn join_readers(&mut self) {
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for QemuGuest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
