@@ -295,23 +295,10 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
             .spawn(move || forward_stdin(vm, raw))
             .context("cannot start the console input thread")?;
     }
-    let reason = match args.timeout {
-        Some(secs) => match vm.wait_timeout(Duration::from_secs(secs)) {
-            Some(r) => r,
-            None => {
-                vm.stop();
-                drop(raw);
-                return Err(CodedError::error(
-                    exit_code::OPERATION_FAILED,
-                    format!("the VM did not stop within {secs} s; stopped it"),
-                ));
-            }
-        },
-        None => loop {
-            if let Some(r) = vm.wait_timeout(Duration::from_secs(3600)) {
-                break r;
-            }
-        },
+    let wait_for = Duration::from_secs(args.timeout.unwrap_or(u64::MAX / 4));
+    let (reason, timed_out) = match vm.wait_timeout(wait_for) {
+        Some(r) => (r, false),
+        None => (vmm::VmExitReason::Stopped, true),
     };
     let memory = vmm_memory();
     vm.stop();
@@ -339,7 +326,15 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
         std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if reason.is_clean() {
+    if timed_out {
+        Err(CodedError::error(
+            exit_code::OPERATION_FAILED,
+            format!(
+                "the VM did not stop within {} s; stopped it",
+                args.timeout.unwrap_or(0)
+            ),
+        ))
+    } else if reason.is_clean() {
         Ok(exit_code::OK)
     } else {
         Err(CodedError::error(

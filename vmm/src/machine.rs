@@ -113,6 +113,25 @@ pub struct VmHandle {
     _mem: GuestMemoryMmap,
 }
 
+/// Logs how long each start-up step took (at debug level).
+struct StepTimer {
+    last: std::cell::Cell<Instant>,
+}
+
+impl StepTimer {
+    fn new() -> Self {
+        Self {
+            last: std::cell::Cell::new(Instant::now()),
+        }
+    }
+
+    fn done(&self, what: &str) {
+        let now = Instant::now();
+        log::debug!("start-up: {what} took {:?}", now - self.last.get());
+        self.last.set(now);
+    }
+}
+
 fn resolve_nested(host: &HostKvm, mode: NestedMode) -> Result<NestedStatus, StartError> {
     match (mode, host.nested) {
         (NestedMode::Off, _) => Ok(NestedStatus {
@@ -191,13 +210,20 @@ fn make_device(index: usize, spec: DeviceSpec) -> Result<Box<dyn VirtioDevice>, 
     })
 }
 
-/// Boots a VM as described by `config`.
-pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
-    let timeline = Arc::new(BootTimeline::new());
-    timeline.record(BootEvent::VmmStart);
-    if let Some(ns) = config.process_start_ns {
-        timeline.record_at(BootEvent::ProcessStart, ns);
-    }
+/// The KVM VM with its devices and vCPUs, before the guest is loaded.
+struct Platform {
+    vm: Vm,
+    exit: Arc<ExitSignal>,
+    console: Arc<ConsoleLog>,
+    serial: Arc<Mutex<Serial>>,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    device_args: Vec<String>,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+}
+
+fn validate(config: &VmConfig) -> Result<(), StartError> {
     if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
         return Err(StartError::Config(format!(
             "vcpus must be 1 to {}, not {}",
@@ -215,18 +241,22 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
     if config.devices.len() > max_devices {
         return Err(StartError::TooManyDevices(max_devices));
     }
+    Ok(())
+}
 
-    let host = HostKvm::open()?;
-    let template = config
-        .cpu_template
-        .unwrap_or_else(|| host.recommended_template());
-    let nested = resolve_nested(&host, config.nested)?;
-    if let Some(w) = &nested.warning {
-        log::info!("{w}");
-    }
-
-    let mem = create_memfd_memory(&layout::ram_ranges(config.memory_mib << 20))?;
-    let vm = Vm::new(&host, &mem)?;
+/// Creates the VM, the legacy and virtio devices and the vCPUs (all but
+/// the boot vCPU's registers, which need the kernel's entry point).
+fn build_platform(
+    host: &HostKvm,
+    mem: &GuestMemoryMmap,
+    config: &mut VmConfig,
+    timeline: &Arc<BootTimeline>,
+    template: CpuTemplate,
+    nested: bool,
+    step: &StepTimer,
+) -> Result<Platform, StartError> {
+    let vm = Vm::new(host, mem)?;
+    step.done("VM, irqchip, PIT");
     let exit = Arc::new(ExitSignal::new().map_err(StartError::EventFd)?);
 
     // Legacy devices on the port I/O bus.
@@ -295,49 +325,114 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
         ));
         transports.push(transport);
     }
+    step.done("devices");
 
-    // Kernel, initrd, command line, boot_params, MP table.
-    let kernel = boot::load_kernel(&mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(&mem, path, kernel.end)?),
-        None => None,
-    };
-    let cmdline = build_cmdline(&config, &host, &device_args);
-    boot::write_cmdline(&mem, &cmdline)?;
-    boot::write_boot_params(&mem, &kernel, cmdline.len(), initrd)?;
-    mptable::write_mptable(&mem, config.vcpus)?;
-
-    // vCPUs.
     let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
         let fd = vm
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|source| StartError::Vcpu { id, source })?;
-        let cpuid = vcpu_cpuid(
-            &host.supported_cpuid,
-            template,
-            nested.enabled.is_some(),
-            id,
-            config.vcpus,
-        );
+        let cpuid = vcpu_cpuid(&host.supported_cpuid, template, nested, id, config.vcpus);
         fd.set_cpuid2(&cpuid)
             .map_err(|source| StartError::Cpuid { id, source })?;
         regs::configure_common(&fd)?;
         regs::configure_lapic(&fd)?;
-        if id == 0 {
-            regs::configure_boot_vcpu(&fd, &mem, kernel.entry)?;
-        }
         vcpu_fds.push(fd);
     }
+    step.done("vCPUs");
+    Ok(Platform {
+        vm,
+        exit,
+        console,
+        serial,
+        io_bus,
+        mmio_bus,
+        transports,
+        device_args,
+        vcpu_fds,
+    })
+}
+
+/// Boots a VM as described by `config`.
+///
+/// The kernel and initrd are copied into guest memory on a helper thread
+/// while this thread creates the VM, its devices and vCPUs.
+pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
+    let timeline = Arc::new(BootTimeline::new());
+    timeline.record(BootEvent::VmmStart);
+    if let Some(ns) = config.process_start_ns {
+        timeline.record_at(BootEvent::ProcessStart, ns);
+    }
+    validate(&config)?;
+
+    let step = StepTimer::new();
+    let host = HostKvm::open()?;
+    step.done("open /dev/kvm");
+    let template = config
+        .cpu_template
+        .unwrap_or_else(|| host.recommended_template());
+    let nested = resolve_nested(&host, config.nested)?;
+    if let Some(w) = &nested.warning {
+        log::info!("{w}");
+    }
+
+    let mem = create_memfd_memory(&layout::ram_ranges(config.memory_mib << 20))?;
+    step.done("guest memory");
+
+    let kernel_path = config.kernel.clone();
+    let initrd_path = config.initrd.clone();
+    let (platform, loaded) = std::thread::scope(|scope| {
+        let loader = scope.spawn(|| -> Result<_, StartError> {
+            let started = Instant::now();
+            let kernel = boot::load_kernel(&mem, &kernel_path)?;
+            let initrd = match &initrd_path {
+                Some(path) => Some(boot::load_initrd(&mem, path, kernel.end)?),
+                None => None,
+            };
+            log::debug!(
+                "start-up: kernel and initrd load took {:?} (in parallel)",
+                started.elapsed()
+            );
+            Ok((kernel, initrd))
+        });
+        let platform = build_platform(
+            &host,
+            &mem,
+            &mut config,
+            &timeline,
+            template,
+            nested.enabled.is_some(),
+            &step,
+        );
+        let loaded = loader.join().unwrap_or_else(|_| {
+            Err(StartError::Config(
+                "the kernel loader thread panicked".into(),
+            ))
+        });
+        (platform, loaded)
+    });
+    let platform = platform?;
+    let (kernel, initrd) = loaded?;
+    step.done("waiting for the kernel load");
+
+    let cmdline = build_cmdline(&config, &host, &platform.device_args);
+    boot::write_cmdline(&mem, &cmdline)?;
+    boot::write_boot_params(&mem, &kernel, cmdline.len(), initrd)?;
+    mptable::write_mptable(&mem, config.vcpus)?;
+    if let Some(bsp) = platform.vcpu_fds.first() {
+        regs::configure_boot_vcpu(bsp, &mem, kernel.entry)?;
+    }
+    step.done("cmdline, boot params, MP table, boot vCPU");
 
     install_kick_handler()
         .map_err(|e| StartError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
     let control = Arc::new(RunControl::default());
-    let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(mmio_bus);
+    let io_bus = Arc::new(platform.io_bus);
+    let mmio_bus = Arc::new(platform.mmio_bus);
+    let exit = platform.exit;
     let mut threads = Vec::new();
-    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+    for (id, fd) in platform.vcpu_fds.into_iter().enumerate() {
         let finished = Arc::new(AtomicBool::new(false));
         let ctx = VcpuContext {
             io_bus: io_bus.clone(),
@@ -367,11 +462,11 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
         exit,
         control,
         timeline,
-        console,
-        serial,
+        console: platform.console,
+        serial: platform.serial,
         threads: Mutex::new(threads),
-        _transports: transports,
-        _vm: vm,
+        _transports: platform.transports,
+        _vm: platform.vm,
         _mem: mem,
     })
 }

@@ -12,6 +12,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::kernel_image::KernelImage;
 use super::layout::*;
 
 const E820_RAM: u32 = 1;
@@ -112,6 +113,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
     let format = detect_kernel_format(&mut file).ok_or_else(|| BootError::UnknownKernelFormat {
         path: display.clone(),
     })?;
+    let mut file = KernelImage::new(file, mem);
     let himem = Some(GuestAddress(HIMEM_START));
     let result = match format {
         KernelFormat::Elf => Elf::load(mem, None, &mut file, himem),

@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;
+pub mod kernel_image;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
