@@ -13,6 +13,7 @@
 
 pub mod transport;
 pub mod vhost_user;
+pub mod vsock;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -24,6 +24,7 @@
 pub mod fs;
 #[cfg(test)]
 mod tests;
+pub mod vsock;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
