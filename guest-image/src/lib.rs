@@ -7,9 +7,13 @@
 //!   `${XDG_CACHE_HOME:-~/.cache}/keystone/kernel/<hash>/`.
 //! - [`busybox::BusyboxRoot`] lays out a minimal root directory (busybox
 //!   and an `/init`) that the VMM serves over virtio-fs.
+//! - [`initramfs::write_agent_initramfs`] packs the static guest agent as
+//!   `/init` of an uncompressed newc initramfs.
 
 pub mod busybox;
+pub mod initramfs;
 pub mod kernel;
+pub mod rootfs;
 
 use std::path::PathBuf;
 

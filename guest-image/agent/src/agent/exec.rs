@@ -1,0 +1,426 @@
+//! Running one process for an `Exec` or `RawStream` connection.
+//!
+//! Threads per session: one reads host frames (stdin, resize, signal),
+//! one feeds the child's stdin through a bounded channel (so a child that
+//! does not read never stalls resize or signals), one per output stream
+//! (stdout and stderr, or the terminal master), and the connection thread
+//! waits for the child. All frames to the host go through one locked sink;
+//! after `Exit` nothing else is written.
+//!
+//! The child gets its own process group (its own session with a
+//! terminal), so `Signal` and a host disconnect reach the whole job.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::users::{self, User};
+use super::AgentConfig;
+use crate::protocol::{
+    read_frame, write_frame, write_raw, ExecRequest, ExitStatus, Frame, FrameKind, ProtocolError,
+    Response, TtySize, STREAM_CHUNK,
+};
+use crate::transport::DuplexStream;
+
+/// The `PATH` a process starts with.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// After the child exits, output still open (held by a background
+/// process) is abandoned once it has been idle this long.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+
+/// Frames to the host, shared by the session's threads.
+struct Sink {
+    writer: Box<dyn DuplexStream>,
+    closed: bool,
+}
+
+type SharedSink = Arc<Mutex<Sink>>;
+
+fn lock(sink: &SharedSink) -> std::sync::MutexGuard<'_, Sink> {
+    sink.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Output-thread bookkeeping used to decide when output is finished.
+#[derive(Default)]
+struct OutputActivity {
+    /// Bumped after each chunk is forwarded.
+    progress: AtomicU64,
+    /// Threads currently writing a frame to the host.
+    busy: AtomicUsize,
+}
+
+enum Input {
+    Data(Vec<u8>),
+    Eof,
+}
+
+/// Runs `req` and streams it over the connection until it exits.
+pub fn run_session(
+    mut reader: BufReader<Box<dyn DuplexStream>>,
+    mut writer: Box<dyn DuplexStream>,
+    req: ExecRequest,
+    config: &AgentConfig,
+) -> Result<(), ProtocolError> {
+    let spawned = match spawn(&req, config) {
+        Ok(s) => s,
+        Err(msg) => {
+            log::info!("exec {:?} refused: {msg}", req.argv);
+            return write_raw(&mut writer, FrameKind::Error, msg.as_bytes());
+        }
+    };
+    let Spawned {
+        mut child,
+        stdin,
+        outputs,
+        master,
+    } = spawned;
+    let pid = child.id() as i32;
+    write_frame(
+        &mut writer,
+        &Frame::json(FrameKind::Response, &Response::Started { pid }),
+    )?;
+
+    let sink: SharedSink = Arc::new(Mutex::new(Sink {
+        writer,
+        closed: false,
+    }));
+    let activity = Arc::new(OutputActivity::default());
+    let (done_tx, done_rx) = sync_channel::<()>(outputs.len());
+    let n_outputs = outputs.len();
+    for (kind, source) in outputs {
+        let sink = Arc::clone(&sink);
+        let activity = Arc::clone(&activity);
+        let done_tx = done_tx.clone();
+        std::thread::spawn(move || {
+            forward_output(source, kind, &sink, &activity);
+            let _ = done_tx.send(());
+        });
+    }
+    drop(done_tx);
+
+    let (in_tx, in_rx) = sync_channel::<Input>(8);
+    let is_tty = master.is_some();
+    std::thread::spawn(move || feed_stdin(stdin, in_rx, is_tty));
+
+    let exited = Arc::new(AtomicBool::new(false));
+    {
+        let exited = Arc::clone(&exited);
+        let master_fd = master.as_ref().map(|m| m.as_raw_fd());
+        // Keep the master open for the resize ioctl as long as the reader runs.
+        let master = master;
+        std::thread::spawn(move || {
+            read_host_frames(&mut reader, &in_tx, master_fd, pid, &exited);
+            drop(master);
+        });
+    }
+
+    let status = child.wait();
+    exited.store(true, Ordering::SeqCst);
+    wait_for_outputs(&done_rx, n_outputs, &activity);
+    let status = match status {
+        Ok(s) => ExitStatus {
+            code: s.code(),
+            signal: s.signal(),
+        },
+        Err(e) => {
+            log::warn!("waiting for pid {pid}: {e}");
+            ExitStatus {
+                code: None,
+                signal: None,
+            }
+        }
+    };
+    let mut sink = lock(&sink);
+    sink.closed = true;
+    write_frame(&mut sink.writer, &Frame::json(FrameKind::Exit, &status))?;
+    let _ = sink.writer.shutdown_write();
+    Ok(())
+}
+
+struct Spawned {
+    child: std::process::Child,
+    stdin: Box<dyn Write + Send>,
+    outputs: Vec<(FrameKind, Box<dyn Read + Send>)>,
+    master: Option<OwnedFd>,
+}
+
+/// Starts the process; an error is a message for the host.
+fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
+    let Some(program) = req.argv.first() else {
+        return Err("exec needs a program: argv is empty".into());
+    };
+    let user = users::resolve(&config.passwd_path, &config.group_path, req.user.as_ref())
+        .map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(program);
+    cmd.args(&req.argv[1..]);
+    cmd.env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name)
+        .env("SHELL", &user.shell);
+    if req.tty.is_some() {
+        cmd.env("TERM", "xterm-256color");
+    }
+    for (k, v) in &req.env {
+        cmd.env(k, v);
+    }
+    let cwd = match &req.cwd {
+        Some(c) => c.clone(),
+        None if std::path::Path::new(&user.home).is_dir() => user.home.clone(),
+        None => "/".to_string(),
+    };
+    cmd.current_dir(&cwd);
+
+    let result = match req.tty {
+        Some(size) => spawn_tty(cmd, size, user),
+        None => spawn_pipes(cmd, user),
+    };
+    result.map_err(|e| format!("cannot run {program:?} in {cwd:?}: {e}"))
+}
+
+/// Switches to `user` in the child (between fork and exec).
+fn set_credentials(cmd: &mut Command, user: User, new_session: bool) {
+    // SAFETY: the closure only makes async-signal-safe syscalls (setsid,
+    // ioctl, setgroups, setgid, setuid) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if new_session {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::geteuid() == 0 {
+                if libc::setgroups(user.groups.len(), user.groups.as_ptr()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setgid(user.gid) < 0 || libc::setuid(user.uid) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+fn spawn_pipes(mut cmd: Command, user: User) -> io::Result<Spawned> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    set_credentials(&mut cmd, user, false);
+    let mut child = cmd.spawn()?;
+    let missing = || io::Error::other("child pipe missing");
+    let stdin = child.stdin.take().ok_or_else(missing)?;
+    let stdout = child.stdout.take().ok_or_else(missing)?;
+    let stderr = child.stderr.take().ok_or_else(missing)?;
+    Ok(Spawned {
+        child,
+        stdin: Box::new(stdin),
+        outputs: vec![
+            (FrameKind::Stdout, Box::new(stdout)),
+            (FrameKind::Stderr, Box::new(stderr)),
+        ],
+        master: None,
+    })
+}
+
+fn spawn_tty(mut cmd: Command, size: TtySize, user: User) -> io::Result<Spawned> {
+    let (master, slave) = open_pty(size)?;
+    cmd.stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave));
+    set_credentials(&mut cmd, user, true);
+    let child = cmd.spawn()?;
+    // The command (and with it our copies of the slave) is dropped here,
+    // so the master sees EIO once the job closes the terminal.
+    drop(cmd);
+    let reader = File::from(master.try_clone()?);
+    let writer = File::from(master.try_clone()?);
+    Ok(Spawned {
+        child,
+        stdin: Box::new(writer),
+        outputs: vec![(FrameKind::Stdout, Box::new(PtyReader(reader)))],
+        master: Some(master),
+    })
+}
+
+/// Opens a pseudo-terminal pair of the given size.
+fn open_pty(size: TtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave) = (-1, -1);
+    let ws = winsize(size);
+    // SAFETY: openpty writes two fds into the given ints; name and termios
+    // may be null, and ws points to a valid winsize.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded; both fds are fresh and ours.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&master, &slave] {
+        // SAFETY: fcntl on fds we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((master, slave))
+}
+
+fn winsize(size: TtySize) -> libc::winsize {
+    libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// Sets a terminal's size (the foreground job gets SIGWINCH).
+fn resize(master: i32, size: TtySize) {
+    let ws = winsize(size);
+    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+    if unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) } < 0 {
+        log::warn!("resize failed: {}", io::Error::last_os_error());
+    }
+}
+
+/// A terminal master: EIO (all slaves closed) reads as end of file.
+struct PtyReader(File);
+
+impl Read for PtyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.read(buf) {
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(0),
+            other => other,
+        }
+    }
+}
+
+fn forward_output(
+    mut source: Box<dyn Read + Send>,
+    kind: FrameKind,
+    sink: &SharedSink,
+    activity: &OutputActivity,
+) {
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    loop {
+        let n = match source.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::warn!("reading child output: {e}");
+                return;
+            }
+        };
+        activity.busy.fetch_add(1, Ordering::SeqCst);
+        let sent = {
+            let mut sink = lock(sink);
+            !sink.closed && write_raw(&mut sink.writer, kind, &buf[..n]).is_ok()
+        };
+        activity.progress.fetch_add(1, Ordering::SeqCst);
+        activity.busy.fetch_sub(1, Ordering::SeqCst);
+        if !sent {
+            return;
+        }
+    }
+}
+
+/// Waits until every output stream ended, or went idle for
+/// [`OUTPUT_GRACE`] after the child exited (a background job holds it).
+fn wait_for_outputs(done: &Receiver<()>, count: usize, activity: &OutputActivity) {
+    let mut remaining = count;
+    let mut last_progress = activity.progress.load(Ordering::SeqCst);
+    let mut idle_since = Instant::now();
+    while remaining > 0 {
+        match done.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => remaining -= 1,
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                let progress = activity.progress.load(Ordering::SeqCst);
+                if progress != last_progress || activity.busy.load(Ordering::SeqCst) > 0 {
+                    last_progress = progress;
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() >= OUTPUT_GRACE {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn feed_stdin(mut stdin: Box<dyn Write + Send>, input: Receiver<Input>, is_tty: bool) {
+    let mut broken = false;
+    for item in input {
+        match item {
+            Input::Data(bytes) if !broken => {
+                broken = stdin.write_all(&bytes).is_err();
+            }
+            Input::Data(_) => {}
+            Input::Eof if is_tty => {
+                // ^D: end of input for a terminal in canonical mode.
+                let _ = stdin.write_all(&[4]);
+            }
+            Input::Eof => return,
+        }
+    }
+}
+
+fn read_host_frames(
+    reader: &mut BufReader<Box<dyn DuplexStream>>,
+    input: &std::sync::mpsc::SyncSender<Input>,
+    master: Option<i32>,
+    pid: i32,
+    exited: &AtomicBool,
+) {
+    loop {
+        let frame = match read_frame(reader) {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(_) => {
+                if !exited.load(Ordering::SeqCst) {
+                    log::info!("host went away; killing process group {pid}");
+                    // SAFETY: kill(2) on the child's own process group.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+                return;
+            }
+        };
+        match frame.kind {
+            FrameKind::Stdin => {
+                let _ = input.send(Input::Data(frame.payload));
+            }
+            FrameKind::StdinEof => {
+                let _ = input.send(Input::Eof);
+            }
+            FrameKind::Resize => match (frame.parse_resize(), master) {
+                (Ok(size), Some(fd)) => resize(fd, size),
+                (Err(e), _) => log::warn!("{e}"),
+                (Ok(_), None) => {}
+            },
+            FrameKind::Signal => match frame.parse_signal() {
+                Ok(signo) if !exited.load(Ordering::SeqCst) => {
+                    // SAFETY: kill(2) on the child's own process group.
+                    unsafe { libc::kill(-pid, signo) };
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("{e}"),
+            },
+            other => log::warn!("ignoring unexpected {other:?} frame during exec"),
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The PID 1 duties of the agent in the guest's initramfs.
+//!
+//! Boot: mount /proc, /sys, /dev (devtmpfs), /dev/pts, /tmp and /run; when
+//! the kernel command line names `keystone.root=<tag>`, mount that
+//! virtio-fs read-only at /run/lower, the writable layer
+//! (`keystone.state=<tag>` at /run/state, or a tmpfs when absent or when
+//! the overlay refuses it) and the overlay at /run/newroot, the workspace
+//! (`keystone.workspace=<tag>`) at /run/newroot/workspace, move /proc,
+//! /sys and /dev over and switch into the new root (pivot_root, or the
+//! `MS_MOVE` + chroot dance when the old root is the initramfs, which
+//! cannot be pivoted). Then the hostname (`keystone.hostname=`) and `lo`.
+//!
+//! Run: PID 1 forks the server (so the server's own children are waited
+//! for by the server) and itself only reaps orphans and waits for
+//! SIGTERM/SIGINT (power off) or SIGUSR1 (reboot request from the server's
+//! `Shutdown`). A server that dies is restarted.
+//!
+//! Shutdown: sync, SIGTERM then SIGKILL to everything, unmount the
+//! workspace, remount / read-only, sync, `reboot(RB_AUTOBOOT)`. The VMM
+//! runs the kernel with `reboot=k` and stops on reboot, so "power off" and
+//! "reboot" look the same from here; the host decides whether to boot
+//! again.
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The I/O port of the VMM's boot timer.
+pub const BOOT_TIMER_PORT: u64 = 0x440;
+/// The value meaning "the agent is listening".
+pub const BOOT_TIMER_AGENT_READY: u8 = 2;
+
+/// The value of `key=` on a kernel command line.
+pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|arg| arg.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .next_back()
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// mount(2) with string arguments.
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let (src, tgt) = (cstr(source)?, cstr(target)?);
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    // SAFETY: all pointers are valid NUL-terminated strings or null.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("mount {source} on {target}: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+fn mount_fs(fstype: &str, target: &str, flags: libc::c_ulong, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    if let Err(e) = mount(fstype, target, Some(fstype), flags, data) {
+        log::warn!("{e}");
+    }
+}
+
+/// Mounts the basic pseudo file systems.
+pub fn early_mounts() {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount_fs("proc", "/proc", nosuid, None);
+    mount_fs("sysfs", "/sys", nosuid, None);
+    mount_fs("devtmpfs", "/dev", libc::MS_NOSUID, Some("mode=0755"));
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/run",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    );
+}
+
+/// Builds and enters the real root when `keystone.root=` is given.
+pub fn switch_root(cmdline: &str) -> io::Result<()> {
+    let Some(root_tag) = cmdline_value(cmdline, "keystone.root") else {
+        log::info!("no keystone.root=: staying in the initramfs");
+        return Ok(());
+    };
+    for d in ["/run/lower", "/run/state", "/run/newroot"] {
+        std::fs::create_dir_all(d)?;
+    }
+    mount(
+        root_tag,
+        "/run/lower",
+        Some("virtiofs"),
+        libc::MS_RDONLY,
+        None,
+    )?;
+    let mut upper_ready = false;
+    if let Some(state_tag) = cmdline_value(cmdline, "keystone.state") {
+        match mount(state_tag, "/run/state", Some("virtiofs"), 0, None) {
+            Ok(()) => upper_ready = overlay_on("/run/state").is_ok(),
+            Err(e) => log::warn!("{e}"),
+        }
+        if !upper_ready {
+            log::warn!("overlay on the state share failed: falling back to a tmpfs upper layer (changes to / will not persist)");
+        }
+    }
+    if !upper_ready {
+        std::fs::create_dir_all("/run/tmpstate")?;
+        mount(
+            "tmpfs",
+            "/run/tmpstate",
+            Some("tmpfs"),
+            0,
+            Some("mode=0755"),
+        )?;
+        if let Err(e) = overlay_on("/run/tmpstate") {
+            log::warn!("overlay with a tmpfs upper failed ({e}): using the read-only root as is");
+            mount("/run/lower", "/run/newroot", None, libc::MS_BIND, None)?;
+        }
+    }
+    if let Some(ws_tag) = cmdline_value(cmdline, "keystone.workspace") {
+        let _ = std::fs::create_dir_all("/run/newroot/workspace");
+        mount(ws_tag, "/run/newroot/workspace", Some("virtiofs"), 0, None)?;
+    }
+    for d in ["/proc", "/sys", "/dev"] {
+        let target = format!("/run/newroot{d}");
+        let _ = std::fs::create_dir_all(&target);
+        mount(d, &target, None, libc::MS_MOVE, None)?;
+    }
+    enter_new_root("/run/newroot")?;
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/run",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    );
+    Ok(())
+}
+
+fn overlay_on(state: &str) -> io::Result<()> {
+    let (upper, work) = (format!("{state}/upper"), format!("{state}/work"));
+    std::fs::create_dir_all(&upper)?;
+    std::fs::create_dir_all(&work)?;
+    let opts = format!("lowerdir=/run/lower,upperdir={upper},workdir={work},userxattr");
+    mount("overlay", "/run/newroot", Some("overlay"), 0, Some(&opts)).or_else(|_| {
+        // Older kernels or file systems without user xattrs.
+        let opts = format!("lowerdir=/run/lower,upperdir={upper},workdir={work}");
+        mount("overlay", "/run/newroot", Some("overlay"), 0, Some(&opts))
+    })
+}
+
+fn enter_new_root(new_root: &str) -> io::Result<()> {
+    std::env::set_current_dir(new_root)?;
+    let dot = cstr(".")?;
+    // SAFETY: pivot_root(".", ".") stacks the old root under the new one;
+    // both arguments are valid C strings.
+    let pivoted = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } == 0;
+    if pivoted {
+        // SAFETY: detaching the old root now stacked on "/".
+        unsafe { libc::umount2(c"/".as_ptr(), libc::MNT_DETACH) };
+    } else {
+        // The initramfs (rootfs) cannot be pivoted: move the new root over
+        // it instead (what switch_root does).
+        mount(".", "/", None, libc::MS_MOVE, None)?;
+    }
+    // SAFETY: chroot(".") with a valid C string.
+    if unsafe { libc::chroot(dot.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
+}
+
+/// Sets the hostname.
+pub fn set_hostname(name: &str) {
+    // SAFETY: the pointer and length describe a valid buffer.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } < 0 {
+        log::warn!("sethostname {name}: {}", io::Error::last_os_error());
+    }
+}
+
+/// Brings the loopback interface up.
+pub fn loopback_up() {
+    // SAFETY: a plain datagram socket used only for interface ioctls.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own;
+    // ifru_flags is the union member these ioctls use.
+    unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req);
+        }
+        libc::close(fd);
+    }
+}
+
+/// Tells the VMM's boot timer that the agent listens.
+pub fn signal_agent_ready() {
+    use std::os::unix::fs::FileExt;
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/port")
+        .and_then(|f| f.write_at(&[BOOT_TIMER_AGENT_READY], BOOT_TIMER_PORT));
+    if let Err(e) = res {
+        log::warn!("cannot signal the boot timer through /dev/port: {e}");
+    }
+}
+
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigemptyset initializes the set we own.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+    }
+    set
+}
+
+const INIT_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGCHLD,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGUSR1,
+    libc::SIGPWR,
+];
+
+/// PID 1's main loop: forks `server` and supervises it; never returns.
+pub fn supervise(server: fn() -> io::Result<()>) -> ! {
+    let set = signal_set(&INIT_SIGNALS);
+    // SAFETY: blocks signals in this (still single-threaded) process.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let mut server_pid = fork_server(server, &set);
+    loop {
+        // SAFETY: waits on a valid set; the siginfo pointer may be null.
+        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        match sig {
+            libc::SIGCHLD => {
+                let reaped = reap_all();
+                if reaped.contains(&server_pid) {
+                    log::error!("agent server exited; restarting it");
+                    std::thread::sleep(Duration::from_secs(1));
+                    server_pid = fork_server(server, &set);
+                }
+            }
+            libc::SIGUSR1 => shutdown(true),
+            libc::SIGTERM | libc::SIGINT | libc::SIGPWR => shutdown(false),
+            _ => {}
+        }
+    }
+}
+
+fn fork_server(server: fn() -> io::Result<()>, set: &libc::sigset_t) -> libc::pid_t {
+    // SAFETY: PID 1 is single-threaded here, so the child may run Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: unblocks the signals blocked by the parent.
+        unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, set, std::ptr::null_mut()) };
+        let code = match server() {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("agent server failed: {e}");
+                1
+            }
+        };
+        // SAFETY: leave the forked child without running PID 1's state.
+        unsafe { libc::_exit(code) };
+    }
+    if pid < 0 {
+        log::error!("fork: {}", io::Error::last_os_error());
+    }
+    pid
+}
+
+/// Reaps every exited child; returns their pids.
+fn reap_all() -> Vec<libc::pid_t> {
+    let mut pids = Vec::new();
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return pids;
+        }
+        pids.push(pid);
+    }
+}
+
+/// Stops everything and reboots (the VMM stops on reboot); never returns.
+pub fn shutdown(reboot: bool) -> ! {
+    log::info!(
+        "shutting down ({})",
+        if reboot { "reboot" } else { "power off" }
+    );
+    // SAFETY: sync, kill and waitpid have no memory preconditions.
+    unsafe {
+        libc::sync();
+        libc::kill(-1, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        reap_all();
+        // SAFETY: probe whether any child remains.
+        if unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } < 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    reap_all();
+    for target in ["/workspace", "/tmp", "/run"] {
+        if Path::new(target).exists() {
+            if let Ok(t) = cstr(target) {
+                // SAFETY: valid C string.
+                unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+    if let Err(e) = mount("none", "/", None, libc::MS_REMOUNT | libc::MS_RDONLY, None) {
+        log::warn!("{e}");
+    }
+    // SAFETY: final sync and reboot; reboot only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    log::error!("reboot failed: {}", io::Error::last_os_error());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_values() {
+        let c = "console=ttyS0 reboot=k keystone.root=root keystone.state=st keystone.hostname=box-1 quiet\n";
+        assert_eq!(cmdline_value(c, "keystone.root"), Some("root"));
+        assert_eq!(cmdline_value(c, "keystone.state"), Some("st"));
+        assert_eq!(cmdline_value(c, "keystone.hostname"), Some("box-1"));
+        assert_eq!(cmdline_value(c, "keystone.workspace"), None);
+        assert_eq!(cmdline_value("a=1 a=2", "a"), Some("2"));
+    }
+}

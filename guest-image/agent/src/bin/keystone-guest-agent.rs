@@ -1,0 +1,134 @@
+//! The guest agent binary: `/init` of the guest's initramfs.
+//!
+//! As PID 1 it does the init duties ([`keystone_guest_agent::agent::init`])
+//! and serves on vsock port 1024; otherwise it only serves, which is how
+//! tests and debugging use it:
+//!
+//! ```text
+//! keystone-guest-agent [--listen vsock[:PORT] | --listen unix:PATH] [--workspace DIR]
+//! keystone-guest-agent --version
+//! ```
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use keystone_guest_agent::agent::{self, init, logger, AgentConfig};
+use keystone_guest_agent::protocol::{AGENT_VERSION, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use keystone_guest_agent::transport::AgentListener;
+
+#[derive(Debug, Clone)]
+enum Listen {
+    Vsock(u32),
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+struct Options {
+    listen: Listen,
+    workspace: Option<PathBuf>,
+}
+
+static OPTIONS: OnceLock<Options> = OnceLock::new();
+
+fn parse_args() -> Result<Options, String> {
+    let mut opts = Options {
+        listen: Listen::Vsock(AGENT_VSOCK_PORT),
+        workspace: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--version" => {
+                println!("keystone-guest-agent {AGENT_VERSION} (protocol {PROTOCOL_VERSION})");
+                std::process::exit(0);
+            }
+            "--listen" => {
+                let v = args.next().ok_or("--listen needs a value")?;
+                opts.listen = if let Some(path) = v.strip_prefix("unix:") {
+                    Listen::Unix(PathBuf::from(path))
+                } else if v == "vsock" {
+                    Listen::Vsock(AGENT_VSOCK_PORT)
+                } else if let Some(port) = v.strip_prefix("vsock:") {
+                    Listen::Vsock(
+                        port.parse()
+                            .map_err(|_| format!("bad vsock port {port:?}"))?,
+                    )
+                } else {
+                    return Err(format!(
+                        "--listen takes vsock[:PORT] or unix:PATH, not {v:?}"
+                    ));
+                };
+            }
+            "--workspace" => {
+                opts.workspace = Some(PathBuf::from(
+                    args.next().ok_or("--workspace needs a value")?,
+                ));
+            }
+            // The kernel may pass unknown arguments to init; ignore them as PID 1.
+            _ if std::process::id() == 1 => {}
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(opts)
+}
+
+/// Binds, tells the boot timer (as PID 1) and serves forever.
+fn serve() -> std::io::Result<()> {
+    let opts = OPTIONS.get().cloned().ok_or(std::io::ErrorKind::NotFound)?;
+    let listener = match &opts.listen {
+        Listen::Vsock(port) => AgentListener::vsock(*port)?,
+        Listen::Unix(path) => AgentListener::unix(path)?,
+    };
+    let pid1 = std::os::unix::process::parent_id() == 1 && is_init_child();
+    let mut config = AgentConfig::default();
+    if let Some(ws) = opts.workspace {
+        config.workspace_root = ws;
+    }
+    if pid1 {
+        init::signal_agent_ready();
+        config.shutdown = Some(std::sync::Arc::new(|reboot| {
+            let sig = if reboot { libc::SIGUSR1 } else { libc::SIGTERM };
+            // SAFETY: kill(2) asking PID 1 to shut down.
+            unsafe { libc::kill(1, sig) };
+        }));
+    }
+    log::info!("listening on {:?}", opts.listen);
+    agent::serve(listener, config)
+}
+
+static IS_INIT_CHILD: OnceLock<bool> = OnceLock::new();
+
+fn is_init_child() -> bool {
+    IS_INIT_CHILD.get().copied().unwrap_or(false)
+}
+
+fn main() {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("keystone-guest-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    let _ = OPTIONS.set(opts);
+    if std::process::id() == 1 {
+        logger::init(true, log::LevelFilter::Info);
+        log::info!("keystone-guest-agent {AGENT_VERSION} starting as PID 1");
+        init::early_mounts();
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if let Err(e) = init::switch_root(&cmdline) {
+            log::error!("switching to the real root failed, staying in the initramfs: {e}");
+        }
+        if let Some(name) = init::cmdline_value(&cmdline, "keystone.hostname") {
+            init::set_hostname(name);
+        }
+        init::loopback_up();
+        let _ = IS_INIT_CHILD.set(true);
+        init::supervise(serve);
+    }
+    logger::init(false, log::LevelFilter::Info);
+    if let Err(e) = serve() {
+        eprintln!("keystone-guest-agent: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,502 @@
+//! The host-side client of the guest agent.
+//!
+//! [`AgentClient`] opens a fresh byte stream per operation through a
+//! [`Connector`] (in production [`hybrid_vsock_connector`], the
+//! Firecracker-style `CONNECT <port>\n` handshake on the VMM's vsock Unix
+//! socket; in tests [`unix_connector`]), says hello, sends one request and
+//! runs the conversation described in [`crate::protocol`].
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::protocol::{
+    expect_frame, write_frame, write_raw, ExecRequest, ExitStatus, Frame, FrameKind, Hello,
+    ListeningPort, ProtocolError, PushFileRequest, RawStreamRequest, Request, Response, TtySize,
+    STREAM_CHUNK,
+};
+use crate::transport::DuplexStream;
+
+/// Opens a new byte stream to the agent.
+pub type Connector = Box<dyn Fn() -> io::Result<Box<dyn DuplexStream>> + Send + Sync>;
+
+/// Errors seen by the host side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the guest agent: {0}")]
+    Connect(io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("guest agent refused the request: {0}")]
+    Agent(String),
+    #[error("guest agent answered {0:?}, which does not fit the request")]
+    UnexpectedResponse(Response),
+    #[error("local I/O while streaming to or from the guest: {0}")]
+    LocalIo(io::Error),
+}
+
+/// The outcome of [`AgentClient::exec_output`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A client of one guest agent.
+pub struct AgentClient {
+    connector: Connector,
+}
+
+impl AgentClient {
+    /// A client that opens each connection with `connector`.
+    pub fn new(connector: Connector) -> Self {
+        Self { connector }
+    }
+
+    /// Connects, exchanges hellos and sends `request`.
+    fn start(&self, request: &Request) -> Result<Connection, ClientError> {
+        let stream = (self.connector)().map_err(ClientError::Connect)?;
+        let writer = stream.try_clone_box().map_err(ClientError::Connect)?;
+        let mut conn = Connection {
+            reader: BufReader::with_capacity(256 << 10, stream),
+            writer,
+        };
+        write_frame(
+            &mut conn.writer,
+            &Frame::json(FrameKind::Hello, &Hello::current()),
+        )?;
+        let hello = expect_frame(&mut conn.reader)?;
+        match hello.kind {
+            FrameKind::Hello => hello.parse_json::<Hello>()?.check_guest()?,
+            FrameKind::Error => return Err(ClientError::Agent(hello.text())),
+            other => return Err(ProtocolError::Unexpected(other).into()),
+        }
+        write_frame(&mut conn.writer, &Frame::json(FrameKind::Request, request))?;
+        Ok(conn)
+    }
+
+    /// Sends a request that gets exactly one response.
+    fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let mut conn = self.start(request)?;
+        conn.response()
+    }
+
+    /// Checks that the agent answers; returns its version.
+    pub fn ping(&self) -> Result<String, ClientError> {
+        match self.call(&Request::Ping)? {
+            Response::Pong { agent_version } => Ok(agent_version),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+
+    /// The TCP ports listening in the guest.
+    pub fn listening_ports(&self) -> Result<Vec<ListeningPort>, ClientError> {
+        match self.call(&Request::ListeningPorts)? {
+            Response::ListeningPorts { ports } => Ok(ports),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+
+    /// Writes a file under the guest's `/workspace` (see [`PushFileRequest`]).
+    pub fn push_file(&self, path: &str, mode: u32, bytes: &[u8]) -> Result<(), ClientError> {
+        let req = Request::PushFile(PushFileRequest {
+            path: path.to_string(),
+            mode,
+            bytes: bytes.to_vec(),
+        });
+        match self.call(&req)? {
+            Response::Done => Ok(()),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+
+    /// Asks the guest to shut down (or reboot); the agent answers before
+    /// it starts tearing down.
+    pub fn shutdown(&self, reboot: bool) -> Result<(), ClientError> {
+        match self.call(&Request::Shutdown { reboot })? {
+            Response::Done => Ok(()),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+
+    /// Starts a process; the caller drives the returned session.
+    pub fn start_exec(&self, request: ExecRequest) -> Result<ExecSession, ClientError> {
+        let mut conn = self.start(&Request::Exec(request))?;
+        let pid = conn.started()?;
+        Ok(ExecSession {
+            pid,
+            reader: conn.reader,
+            control: ExecControl {
+                writer: Arc::new(Mutex::new(conn.writer)),
+            },
+        })
+    }
+
+    /// Runs a process, copying `stdin` to it (from a helper thread, which
+    /// is left behind if `stdin` still blocks when the process exits; hence
+    /// `'static`) and its output to `stdout` and `stderr`, and returns how
+    /// it ended.
+    pub fn exec(
+        &self,
+        request: ExecRequest,
+        stdin: impl Read + Send + 'static,
+        mut stdout: impl Write,
+        mut stderr: impl Write,
+    ) -> Result<ExitStatus, ClientError> {
+        let session = self.start_exec(request)?;
+        let control = session.control();
+        std::thread::spawn(move || control.pump_stdin(stdin));
+        session.wait(&mut stdout, &mut stderr)
+    }
+
+    /// Runs `argv` with empty stdin and collects its output.
+    pub fn exec_output<S: AsRef<str>>(&self, argv: &[S]) -> Result<ExecOutput, ClientError> {
+        self.exec_request_output(ExecRequest::new(argv))
+    }
+
+    /// Runs a full request with empty stdin and collects its output.
+    pub fn exec_request_output(&self, request: ExecRequest) -> Result<ExecOutput, ClientError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let status = self.exec(request, io::empty(), &mut stdout, &mut stderr)?;
+        Ok(ExecOutput {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Starts a process whose stdin/stdout become a byte pipe
+    /// (`git upload-pack`, `rsync --server`).
+    pub fn raw_stream(&self, request: RawStreamRequest) -> Result<RawStream, ClientError> {
+        let mut conn = self.start(&Request::RawStream(request))?;
+        conn.started()?;
+        Ok(RawStream {
+            reader: RawStreamReader {
+                reader: conn.reader,
+                buf: Vec::new(),
+                pos: 0,
+                stderr: Vec::new(),
+                status: None,
+            },
+            writer: RawStreamWriter {
+                writer: conn.writer,
+            },
+        })
+    }
+}
+
+struct Connection {
+    reader: BufReader<Box<dyn DuplexStream>>,
+    writer: Box<dyn DuplexStream>,
+}
+
+impl Connection {
+    fn response(&mut self) -> Result<Response, ClientError> {
+        let frame = expect_frame(&mut self.reader)?;
+        match frame.kind {
+            FrameKind::Response => Ok(frame.parse_json()?),
+            FrameKind::Error => Err(ClientError::Agent(frame.text())),
+            other => Err(ProtocolError::Unexpected(other).into()),
+        }
+    }
+
+    fn started(&mut self) -> Result<i32, ClientError> {
+        match self.response()? {
+            Response::Started { pid } => Ok(pid),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+}
+
+/// A running process started by [`AgentClient::start_exec`].
+pub struct ExecSession {
+    pid: i32,
+    reader: BufReader<Box<dyn DuplexStream>>,
+    control: ExecControl,
+}
+
+/// Sends input and control frames to a running process; cheap to clone.
+#[derive(Clone)]
+pub struct ExecControl {
+    writer: Arc<Mutex<Box<dyn DuplexStream>>>,
+}
+
+impl ExecControl {
+    fn send(&self, kind: FrameKind, payload: &[u8]) -> Result<(), ProtocolError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_raw(&mut **w, kind, payload)
+    }
+
+    /// Sends bytes to the process's stdin.
+    pub fn send_stdin(&self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        for chunk in bytes.chunks(STREAM_CHUNK) {
+            self.send(FrameKind::Stdin, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin (on a terminal: sends ^D).
+    pub fn close_stdin(&self) -> Result<(), ProtocolError> {
+        self.send(FrameKind::StdinEof, &[])
+    }
+
+    /// Resizes the process's terminal.
+    pub fn resize(&self, size: TtySize) -> Result<(), ProtocolError> {
+        let f = Frame::resize(size);
+        self.send(f.kind, &f.payload)
+    }
+
+    /// Sends a signal to the process group.
+    pub fn signal(&self, signo: i32) -> Result<(), ProtocolError> {
+        self.send(FrameKind::Signal, &signo.to_le_bytes())
+    }
+
+    /// Copies `stdin` to the process until end of file, then closes it.
+    pub fn pump_stdin(&self, mut stdin: impl Read) -> Result<(), ClientError> {
+        let mut buf = vec![0u8; STREAM_CHUNK];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ClientError::LocalIo(e)),
+            };
+            self.send(FrameKind::Stdin, &buf[..n])?;
+        }
+        Ok(self.close_stdin()?)
+    }
+}
+
+impl ExecSession {
+    /// The process id in the guest.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A handle for stdin, resize and signals.
+    pub fn control(&self) -> ExecControl {
+        self.control.clone()
+    }
+
+    /// Copies the process's output until it exits; returns its status.
+    pub fn wait(
+        mut self,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<ExitStatus, ClientError> {
+        loop {
+            let frame = expect_frame(&mut self.reader)?;
+            match frame.kind {
+                FrameKind::Stdout => {
+                    stdout
+                        .write_all(&frame.payload)
+                        .map_err(ClientError::LocalIo)?;
+                    stdout.flush().map_err(ClientError::LocalIo)?;
+                }
+                FrameKind::Stderr => {
+                    stderr
+                        .write_all(&frame.payload)
+                        .map_err(ClientError::LocalIo)?;
+                    stderr.flush().map_err(ClientError::LocalIo)?;
+                }
+                FrameKind::Exit => return Ok(frame.parse_json()?),
+                FrameKind::Error => return Err(ClientError::Agent(frame.text())),
+                other => return Err(ProtocolError::Unexpected(other).into()),
+            }
+        }
+    }
+}
+
+/// How a raw stream's process ended, with what it wrote to stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawExit {
+    pub status: ExitStatus,
+    pub stderr: Vec<u8>,
+}
+
+/// The most stderr a [`RawStream`] keeps.
+const RAW_STDERR_LIMIT: usize = 1 << 20;
+
+/// A byte pipe to a guest process: reading gives its stdout, writing feeds
+/// its stdin. Split it to read and write from two threads.
+pub struct RawStream {
+    reader: RawStreamReader,
+    writer: RawStreamWriter,
+}
+
+/// The reading half of a [`RawStream`].
+pub struct RawStreamReader {
+    reader: BufReader<Box<dyn DuplexStream>>,
+    buf: Vec<u8>,
+    pos: usize,
+    stderr: Vec<u8>,
+    status: Option<ExitStatus>,
+}
+
+/// The writing half of a [`RawStream`].
+pub struct RawStreamWriter {
+    writer: Box<dyn DuplexStream>,
+}
+
+impl RawStream {
+    /// Splits into halves for two threads.
+    pub fn into_split(self) -> (RawStreamReader, RawStreamWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// Closes the process's stdin.
+    pub fn close_stdin(&mut self) -> io::Result<()> {
+        self.writer.close_stdin()
+    }
+
+    /// Drains the rest of stdout and returns the exit status.
+    pub fn wait(self) -> Result<RawExit, ClientError> {
+        self.reader.wait()
+    }
+}
+
+impl Read for RawStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for RawStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+impl RawStreamReader {
+    /// Reads the next frame into the buffer; false once the process exited.
+    fn fill(&mut self) -> Result<bool, ClientError> {
+        loop {
+            if self.status.is_some() {
+                return Ok(false);
+            }
+            let frame = expect_frame(&mut self.reader)?;
+            match frame.kind {
+                FrameKind::Stdout => {
+                    self.buf = frame.payload;
+                    self.pos = 0;
+                    return Ok(true);
+                }
+                FrameKind::Stderr => {
+                    let room = RAW_STDERR_LIMIT.saturating_sub(self.stderr.len());
+                    let n = room.min(frame.payload.len());
+                    self.stderr.extend_from_slice(&frame.payload[..n]);
+                }
+                FrameKind::Exit => self.status = Some(frame.parse_json()?),
+                FrameKind::Error => return Err(ClientError::Agent(frame.text())),
+                other => return Err(ProtocolError::Unexpected(other).into()),
+            }
+        }
+    }
+
+    /// The exit status, once reading reached the end.
+    pub fn status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
+    /// Drains the rest of stdout and returns the exit status.
+    pub fn wait(mut self) -> Result<RawExit, ClientError> {
+        while self.fill()? {}
+        Ok(RawExit {
+            status: self.status.unwrap_or(ExitStatus {
+                code: None,
+                signal: None,
+            }),
+            stderr: self.stderr,
+        })
+    }
+}
+
+impl Read for RawStreamReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) => return Ok(0),
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl RawStreamWriter {
+    /// Closes the process's stdin.
+    pub fn close_stdin(&mut self) -> io::Result<()> {
+        write_raw(&mut self.writer, FrameKind::StdinEof, &[]).map_err(io::Error::other)
+    }
+}
+
+impl Write for RawStreamWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(STREAM_CHUNK);
+        write_raw(&mut self.writer, FrameKind::Stdin, &buf[..n]).map_err(io::Error::other)?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connector for an agent listening on a plain Unix socket (tests, or
+/// an agent run on the host with `--listen unix:PATH`).
+pub fn unix_connector(path: impl Into<PathBuf>) -> Connector {
+    let path = path.into();
+    Box::new(move || Ok(Box::new(UnixStream::connect(&path)?) as Box<dyn DuplexStream>))
+}
+
+/// A connector for the VMM's hybrid vsock socket: each connection opens
+/// `uds_path` and performs the `CONNECT <port>\n` / `OK <n>\n` handshake.
+pub fn hybrid_vsock_connector(uds_path: impl Into<PathBuf>, port: u32) -> Connector {
+    let path = uds_path.into();
+    Box::new(move || Ok(Box::new(hybrid_vsock_connect(&path, port)?) as Box<dyn DuplexStream>))
+}
+
+/// Opens `uds_path` and performs the hybrid vsock handshake for `port`.
+pub fn hybrid_vsock_connect(uds_path: &Path, port: u32) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds_path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "connecting to the VM's vsock socket {}: {e} (is the sandbox running?)",
+                uds_path.display()
+            ),
+        )
+    })?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Read the answer line byte by byte: anything after the newline is
+    // already the guest's data and must stay in the socket.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 128 {
+        match stream.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    let answer = String::from_utf8_lossy(&line).into_owned();
+    if !answer.starts_with("OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "vsock handshake on {} for port {port}: expected `OK <n>`, got {answer:?}: \
+                 the guest agent is not listening (yet?) on that port",
+                uds_path.display()
+            ),
+        ));
+    }
+    Ok(stream)
+}

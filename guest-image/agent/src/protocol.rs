@@ -1,0 +1,566 @@
+//! The Keystone guest-agent wire protocol, version 1.
+//!
+//! The host reaches the agent over virtio-vsock (guest port
+//! [`AGENT_VSOCK_PORT`]); tests use a Unix socket. Either way the transport
+//! is a reliable byte stream and everything on it is framed:
+//!
+//! ```text
+//! +----------------+---------+---------------------+
+//! | len: u32 (LE)  | kind:u8 | payload (len bytes) |
+//! +----------------+---------+---------------------+
+//! ```
+//!
+//! `len` counts the payload only and is at most [`MAX_PAYLOAD`]; a larger
+//! length or an unknown `kind` is a protocol error (the peer closes the
+//! connection, it never panics). Control payloads are JSON (serde); stream
+//! payloads are raw bytes.
+//!
+//! | kind | name       | direction    | payload                         |
+//! |------|------------|--------------|---------------------------------|
+//! | 0x01 | Hello      | both         | JSON [`Hello`]                  |
+//! | 0x02 | Request    | host → guest | JSON [`Request`]                |
+//! | 0x03 | Response   | guest → host | JSON [`Response`]               |
+//! | 0x04 | Error      | guest → host | UTF-8 message                   |
+//! | 0x10 | Stdin      | host → guest | raw bytes                       |
+//! | 0x11 | StdinEof   | host → guest | empty                           |
+//! | 0x12 | Resize     | host → guest | rows u16 LE, cols u16 LE        |
+//! | 0x13 | Signal     | host → guest | signal number i32 LE            |
+//! | 0x20 | Stdout     | guest → host | raw bytes                       |
+//! | 0x21 | Stderr     | guest → host | raw bytes                       |
+//! | 0x22 | Exit       | guest → host | JSON [`ExitStatus`]             |
+//!
+//! # Conversation
+//!
+//! One operation per connection: the host opens a fresh stream for each.
+//!
+//! 1. The host sends `Hello`; the guest answers with its own `Hello`. Each
+//!    side compares [`Hello::protocol`] with [`PROTOCOL_VERSION`]; on a
+//!    mismatch the guest also sends an `Error` frame and closes, and both
+//!    sides report [`ProtocolError::VersionMismatch`] ("guest agent speaks
+//!    protocol N, this keystone speaks M: rebuild the guest image or update
+//!    keystone"). Minor versions are additive and need not match.
+//! 2. The host sends one `Request`.
+//!    - `Ping`, `ListeningPorts`, `PushFile`, `Shutdown`: the guest answers
+//!      one `Response` (or `Error`) and closes.
+//!    - `Exec` and `RawStream`: the guest answers `Response::Started` (or
+//!      `Error` when the process could not be started), then the stream
+//!      phase: the host sends `Stdin`/`StdinEof`/`Resize`/`Signal`, the
+//!      guest sends `Stdout`/`Stderr` and finally one `Exit`, then closes.
+//!      `RawStream` is `Exec` without a terminal: the host-side handle
+//!      ([`crate::client::RawStream`]) exposes the child's stdin/stdout as a
+//!      plain byte pipe, but on the wire the bytes stay in `Stdin`/`Stdout`
+//!      frames, so raw data and control frames never mix ambiguously.
+//!      If the host closes the connection before `Exit`, the guest kills
+//!      the process group.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol major version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol minor version (additive changes only).
+pub const PROTOCOL_MINOR: u32 = 0;
+/// The guest vsock port the agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The largest payload a frame may carry (16 MiB).
+pub const MAX_PAYLOAD: usize = 16 << 20;
+/// The chunk size used for stream data frames.
+pub const STREAM_CHUNK: usize = 64 << 10;
+/// The agent's own version (the crate version).
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Errors of the framing layer and the conversation.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("agent connection I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("agent connection closed by the peer")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit: the peer is broken or not a keystone agent")]
+    FrameTooLarge(usize),
+    #[error(
+        "unknown frame kind {0:#04x}: the peer speaks a newer protocol or is not a keystone agent"
+    )]
+    UnknownKind(u8),
+    #[error("malformed {kind:?} payload: {detail}")]
+    BadPayload { kind: FrameKind, detail: String },
+    #[error("unexpected {0:?} frame at this point of the conversation")]
+    Unexpected(FrameKind),
+    #[error("guest agent speaks protocol {guest}, this keystone speaks {host}: rebuild the guest image or update keystone")]
+    VersionMismatch { guest: u32, host: u32 },
+}
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    Hello = 0x01,
+    Request = 0x02,
+    Response = 0x03,
+    Error = 0x04,
+    Stdin = 0x10,
+    StdinEof = 0x11,
+    Resize = 0x12,
+    Signal = 0x13,
+    Stdout = 0x20,
+    Stderr = 0x21,
+    Exit = 0x22,
+}
+
+impl FrameKind {
+    /// Decodes a kind byte.
+    pub fn from_u8(b: u8) -> Result<Self, ProtocolError> {
+        Ok(match b {
+            0x01 => Self::Hello,
+            0x02 => Self::Request,
+            0x03 => Self::Response,
+            0x04 => Self::Error,
+            0x10 => Self::Stdin,
+            0x11 => Self::StdinEof,
+            0x12 => Self::Resize,
+            0x13 => Self::Signal,
+            0x20 => Self::Stdout,
+            0x21 => Self::Stderr,
+            0x22 => Self::Exit,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        })
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(kind: FrameKind, payload: Vec<u8>) -> Self {
+        Self { kind, payload }
+    }
+
+    /// A frame with a JSON payload.
+    pub fn json<T: Serialize>(kind: FrameKind, value: &T) -> Self {
+        // Serializing our own plain data types cannot fail.
+        let payload = serde_json::to_vec(value).unwrap_or_default();
+        Self { kind, payload }
+    }
+
+    /// Decodes the JSON payload.
+    pub fn parse_json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtocolError> {
+        serde_json::from_slice(&self.payload).map_err(|e| ProtocolError::BadPayload {
+            kind: self.kind,
+            detail: e.to_string(),
+        })
+    }
+
+    /// A `Resize` frame.
+    pub fn resize(size: TtySize) -> Self {
+        let mut p = Vec::with_capacity(4);
+        p.extend_from_slice(&size.rows.to_le_bytes());
+        p.extend_from_slice(&size.cols.to_le_bytes());
+        Self::new(FrameKind::Resize, p)
+    }
+
+    /// Decodes a `Resize` payload.
+    pub fn parse_resize(&self) -> Result<TtySize, ProtocolError> {
+        match self.payload[..] {
+            [r0, r1, c0, c1] => Ok(TtySize {
+                rows: u16::from_le_bytes([r0, r1]),
+                cols: u16::from_le_bytes([c0, c1]),
+            }),
+            _ => Err(self.bad("resize payload must be 4 bytes")),
+        }
+    }
+
+    /// A `Signal` frame.
+    pub fn signal(signo: i32) -> Self {
+        Self::new(FrameKind::Signal, signo.to_le_bytes().to_vec())
+    }
+
+    /// Decodes a `Signal` payload.
+    pub fn parse_signal(&self) -> Result<i32, ProtocolError> {
+        match self.payload[..] {
+            [a, b, c, d] => Ok(i32::from_le_bytes([a, b, c, d])),
+            _ => Err(self.bad("signal payload must be 4 bytes")),
+        }
+    }
+
+    /// The payload of an `Error` frame as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+
+    fn bad(&self, detail: &str) -> ProtocolError {
+        ProtocolError::BadPayload {
+            kind: self.kind,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// Writes one frame with a single `write_all` (header and payload together,
+/// so concurrent writers holding a lock never interleave partial frames).
+pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> Result<(), ProtocolError> {
+    write_raw(w, frame.kind, &frame.payload)
+}
+
+/// Like [`write_frame`] without building a [`Frame`] first.
+pub fn write_raw<W: Write + ?Sized>(
+    w: &mut W,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ProtocolError::FrameTooLarge(payload.len()));
+    }
+    let mut buf = Vec::with_capacity(5 + payload.len());
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.push(kind as u8);
+    buf.extend_from_slice(payload);
+    w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, ProtocolError> {
+    let mut header = [0u8; 5];
+    let mut got = 0;
+    while got < header.len() {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtocolError::Closed),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    let kind = FrameKind::from_u8(header[4])?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
+        _ => ProtocolError::Io(e),
+    })?;
+    Ok(Some(Frame { kind, payload }))
+}
+
+/// Reads one frame, treating end of stream as [`ProtocolError::Closed`].
+pub fn expect_frame<R: Read + ?Sized>(r: &mut R) -> Result<Frame, ProtocolError> {
+    read_frame(r)?.ok_or(ProtocolError::Closed)
+}
+
+/// The first frame each side sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Major protocol version; must match.
+    pub protocol: u32,
+    /// Minor protocol version; additive.
+    #[serde(default)]
+    pub minor: u32,
+    /// The sender's software version (informational).
+    pub agent_version: String,
+}
+
+impl Hello {
+    /// This build's hello.
+    pub fn current() -> Self {
+        Self {
+            protocol: PROTOCOL_VERSION,
+            minor: PROTOCOL_MINOR,
+            agent_version: AGENT_VERSION.to_string(),
+        }
+    }
+
+    /// Checks a guest hello against this build (host's point of view).
+    pub fn check_guest(&self) -> Result<(), ProtocolError> {
+        if self.protocol != PROTOCOL_VERSION {
+            return Err(ProtocolError::VersionMismatch {
+                guest: self.protocol,
+                host: PROTOCOL_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a host hello against this build (guest's point of view).
+    pub fn check_host(&self) -> Result<(), ProtocolError> {
+        if self.protocol != PROTOCOL_VERSION {
+            return Err(ProtocolError::VersionMismatch {
+                guest: PROTOCOL_VERSION,
+                host: self.protocol,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Who runs a process: a user name from the guest's `/etc/passwd` or a
+/// numeric uid. JSON: a string or a number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum UserSpec {
+    Uid(u32),
+    Name(String),
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Run a process in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment, on top of a clean base (`PATH`, `HOME`, `USER`,
+    /// `LOGNAME`, `SHELL`, `TERM` for terminals).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory; the user's home when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// The user; the agent's own (root) when absent.
+    #[serde(default)]
+    pub user: Option<UserSpec>,
+    /// Allocate a pseudo-terminal of this size (stdout and stderr then
+    /// both arrive as `Stdout`).
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+impl ExecRequest {
+    /// A request running `argv` as the agent's user with no terminal.
+    pub fn new<S: AsRef<str>>(argv: &[S]) -> Self {
+        Self {
+            argv: argv.iter().map(|s| s.as_ref().to_string()).collect(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A raw byte pipe to a child (`git upload-pack`, `rsync --server`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawStreamRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub user: Option<UserSpec>,
+}
+
+/// Write a file under the guest's `/workspace`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushFileRequest {
+    /// Relative to `/workspace`, or absolute under `/workspace`; `..`
+    /// components are refused.
+    pub path: String,
+    /// Permission bits, e.g. `0o600`.
+    pub mode: u32,
+    /// The contents (JSON array of bytes; fine for `.env`-sized files).
+    pub bytes: Vec<u8>,
+}
+
+/// What the host asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    Exec(ExecRequest),
+    RawStream(RawStreamRequest),
+    ListeningPorts,
+    PushFile(PushFileRequest),
+    Shutdown { reboot: bool },
+}
+
+/// A TCP socket in LISTEN state in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ListeningPort {
+    pub port: u16,
+    pub address: std::net::IpAddr,
+}
+
+/// The guest's answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Pong {
+        agent_version: String,
+    },
+    /// The process started; stream frames follow.
+    Started {
+        pid: i32,
+    },
+    ListeningPorts {
+        ports: Vec<ListeningPort>,
+    },
+    Done,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// The shell's view: the code, or 128 + signal.
+    pub fn code_or_signal(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(frame: Frame) -> Frame {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &frame).unwrap();
+        assert_eq!(buf.len(), 5 + frame.payload.len());
+        let mut r = &buf[..];
+        let back = read_frame(&mut r).unwrap().unwrap();
+        assert!(read_frame(&mut r).unwrap().is_none());
+        back
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for f in [
+            Frame::new(FrameKind::Stdin, b"hello".to_vec()),
+            Frame::new(FrameKind::StdinEof, vec![]),
+            Frame::resize(TtySize { rows: 24, cols: 80 }),
+            Frame::signal(15),
+            Frame::json(FrameKind::Hello, &Hello::current()),
+        ] {
+            assert_eq!(round_trip(f.clone()), f);
+        }
+        let r = round_trip(Frame::resize(TtySize { rows: 3, cols: 500 }));
+        assert_eq!(r.parse_resize().unwrap(), TtySize { rows: 3, cols: 500 });
+        assert_eq!(round_trip(Frame::signal(-9)).parse_signal().unwrap(), -9);
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = vec![
+            Request::Ping,
+            Request::Exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: vec![("A".into(), "b".into())],
+                cwd: Some("/workspace".into()),
+                user: Some(UserSpec::Name("dev".into())),
+                tty: Some(TtySize { rows: 10, cols: 20 }),
+            }),
+            Request::Exec(ExecRequest {
+                user: Some(UserSpec::Uid(1000)),
+                ..ExecRequest::new(&["id"])
+            }),
+            Request::RawStream(RawStreamRequest {
+                argv: vec!["git-upload-pack".into(), ".".into()],
+                ..Default::default()
+            }),
+            Request::ListeningPorts,
+            Request::PushFile(PushFileRequest {
+                path: ".env".into(),
+                mode: 0o600,
+                bytes: vec![0, 1, 255],
+            }),
+            Request::Shutdown { reboot: true },
+        ];
+        for req in reqs {
+            let f = round_trip(Frame::json(FrameKind::Request, &req));
+            assert_eq!(f.parse_json::<Request>().unwrap(), req);
+        }
+        let resp = Response::ListeningPorts {
+            ports: vec![ListeningPort {
+                port: 8080,
+                address: "::1".parse().unwrap(),
+            }],
+        };
+        let f = round_trip(Frame::json(FrameKind::Response, &resp));
+        assert_eq!(f.parse_json::<Response>().unwrap(), resp);
+    }
+
+    #[test]
+    fn version_mismatch_message() {
+        let guest = Hello {
+            protocol: 2,
+            minor: 0,
+            agent_version: "9.9.9".into(),
+        };
+        let msg = guest.check_guest().unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "guest agent speaks protocol 2, this keystone speaks 1: rebuild the guest image or update keystone"
+        );
+        let host = Hello {
+            protocol: 3,
+            ..Hello::current()
+        };
+        let msg = host.check_host().unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "guest agent speaks protocol 1, this keystone speaks 3: rebuild the guest image or update keystone"
+        );
+        assert!(Hello::current().check_guest().is_ok());
+        // A hello without the minor field (older peer) still parses.
+        let f = Frame::new(
+            FrameKind::Hello,
+            br#"{"protocol":1,"agent_version":"0.0.1"}"#.to_vec(),
+        );
+        assert_eq!(f.parse_json::<Hello>().unwrap().minor, 0);
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        let huge = [0xff, 0xff, 0xff, 0x7f, 0x10];
+        assert!(matches!(
+            read_frame(&mut &huge[..]),
+            Err(ProtocolError::FrameTooLarge(_))
+        ));
+        let unknown = [0, 0, 0, 0, 0x99];
+        assert!(matches!(
+            read_frame(&mut &unknown[..]),
+            Err(ProtocolError::UnknownKind(0x99))
+        ));
+        let short = [5, 0, 0, 0, 0x10, b'a'];
+        assert!(matches!(
+            read_frame(&mut &short[..]),
+            Err(ProtocolError::Closed)
+        ));
+        let truncated_header = [5, 0];
+        assert!(matches!(
+            read_frame(&mut &truncated_header[..]),
+            Err(ProtocolError::Closed)
+        ));
+        let bad_json = Frame::new(FrameKind::Request, b"{nope".to_vec());
+        assert!(bad_json.parse_json::<Request>().is_err());
+        assert!(Frame::new(FrameKind::Resize, vec![1])
+            .parse_resize()
+            .is_err());
+        assert!(Frame::new(FrameKind::Signal, vec![])
+            .parse_signal()
+            .is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! Byte-stream transports shared by the agent and the client: the
+//! [`DuplexStream`] trait (a `Read + Write` stream that can be cloned for a
+//! second thread and half-closed), the AF_VSOCK stream and listener the
+//! agent uses in production, and [`AgentListener`], which also listens on a
+//! Unix socket for tests.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+/// A bidirectional byte stream to or from the agent.
+pub trait DuplexStream: Read + Write + Send + 'static {
+    /// A second handle on the same stream (one thread reads, another writes).
+    fn try_clone_box(&self) -> io::Result<Box<dyn DuplexStream>>;
+    /// Closes the writing half; the peer reads end of stream.
+    fn shutdown_write(&self) -> io::Result<()>;
+    /// Closes both halves (unblocks other handles' reads).
+    fn shutdown_both(&self) -> io::Result<()>;
+}
+
+impl DuplexStream for UnixStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn DuplexStream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn shutdown_both(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Both)
+    }
+}
+
+impl DuplexStream for TcpStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn DuplexStream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn shutdown_both(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Both)
+    }
+}
+
+/// A connected AF_VSOCK stream socket.
+#[derive(Debug)]
+pub struct VsockStream(OwnedFd);
+
+impl Read for VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reads into a valid buffer of the given length on a fd we own.
+        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+impl Write for VsockStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: writes from a valid buffer of the given length on a fd we own.
+        let n = unsafe { libc::write(self.0.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl VsockStream {
+    fn shutdown(&self, how: libc::c_int) -> io::Result<()> {
+        // SAFETY: shutdown(2) on a socket fd we own.
+        if unsafe { libc::shutdown(self.0.as_raw_fd(), how) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl DuplexStream for VsockStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn DuplexStream>> {
+        Ok(Box::new(VsockStream(self.0.try_clone()?)))
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(libc::SHUT_WR)
+    }
+    fn shutdown_both(&self) -> io::Result<()> {
+        self.shutdown(libc::SHUT_RDWR)
+    }
+}
+
+/// A listening AF_VSOCK socket (guest side, any CID).
+#[derive(Debug)]
+pub struct VsockListener(OwnedFd);
+
+impl VsockListener {
+    /// Binds `VMADDR_CID_ANY:port` and listens.
+    pub fn bind(port: u32) -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        // SAFETY: addr is a valid sockaddr_vm and its size is passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: listen(2) on a bound socket we own.
+        if unsafe { libc::listen(fd.as_raw_fd(), 64) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<VsockStream> {
+        loop {
+            // SAFETY: accept4 with null address pointers is allowed.
+            let fd = unsafe {
+                libc::accept4(
+                    self.0.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: accept4 returned a fresh fd we now own.
+                return Ok(VsockStream(unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// Where the agent listens: vsock in the guest, a Unix socket in tests.
+#[derive(Debug)]
+pub enum AgentListener {
+    Vsock(VsockListener),
+    Unix(UnixListener),
+}
+
+impl AgentListener {
+    /// Listens on the guest vsock port.
+    pub fn vsock(port: u32) -> io::Result<Self> {
+        VsockListener::bind(port).map(Self::Vsock)
+    }
+
+    /// Listens on a Unix socket path (an existing socket file is replaced).
+    pub fn unix(path: &Path) -> io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        UnixListener::bind(path).map(Self::Unix)
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<Box<dyn DuplexStream>> {
+        match self {
+            Self::Vsock(l) => Ok(Box::new(l.accept()?)),
+            Self::Unix(l) => Ok(Box::new(l.accept()?.0)),
+        }
+    }
+}

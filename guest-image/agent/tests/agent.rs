@@ -1,0 +1,482 @@
+//! The agent served on a Unix socket in a thread, driven by the client:
+//! the whole protocol without a VM.
+
+use std::io::{BufRead, BufReader, Cursor, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use keystone_guest_agent::agent::{self, AgentConfig};
+use keystone_guest_agent::client::{
+    hybrid_vsock_connector, unix_connector, AgentClient, ClientError,
+};
+use keystone_guest_agent::protocol::{
+    expect_frame, write_frame, ExecRequest, Frame, FrameKind, Hello, RawStreamRequest, TtySize,
+};
+use keystone_guest_agent::transport::AgentListener;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+struct Harness {
+    client: AgentClient,
+    dir: PathBuf,
+    workspace: PathBuf,
+    socket: PathBuf,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ks-agent-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn config(workspace: PathBuf) -> AgentConfig {
+    AgentConfig {
+        workspace_root: workspace,
+        ..AgentConfig::default()
+    }
+}
+
+fn start_agent() -> Harness {
+    let dir = scratch_dir();
+    let workspace = dir.join("workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let socket = dir.join("agent.sock");
+    let listener = AgentListener::unix(&socket).unwrap();
+    let cfg = config(workspace.clone());
+    std::thread::spawn(move || agent::serve(listener, cfg));
+    Harness {
+        client: AgentClient::new(unix_connector(&socket)),
+        dir,
+        workspace,
+        socket,
+    }
+}
+
+#[test]
+fn ping_and_uname() {
+    let h = start_agent();
+    assert_eq!(h.client.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+    let out = h.client.exec_output(&["uname", "-r"]).unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+}
+
+#[test]
+fn exit_code_stderr_env_and_cwd() {
+    let h = start_agent();
+    let out = h.client.exec_output(&["sh", "-c", "exit 7"]).unwrap();
+    assert_eq!(out.status.code, Some(7));
+    assert_eq!(out.status.code_or_signal(), 7);
+
+    let out = h
+        .client
+        .exec_output(&["sh", "-c", "echo out; echo err >&2"])
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+
+    let req = ExecRequest {
+        env: vec![("KEYSTONE_TEST".into(), "hello there".into())],
+        cwd: Some(h.workspace.to_string_lossy().into_owned()),
+        ..ExecRequest::new(&["sh", "-c", "echo \"$KEYSTONE_TEST\"; pwd; echo $HOME"])
+    };
+    let out = h.client.exec_request_output(req).unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "hello there");
+    assert_eq!(lines[1], h.workspace.to_string_lossy());
+    assert!(!lines[2].is_empty(), "HOME is set");
+}
+
+#[test]
+fn missing_program_is_a_clear_error() {
+    let h = start_agent();
+    let err = h
+        .client
+        .exec_output(&["/definitely/not/a/program"])
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Agent(_)), "{err}");
+    assert!(err.to_string().contains("cannot run"), "{err}");
+}
+
+#[test]
+fn fifty_mib_through_cat() {
+    let h = start_agent();
+    let mut data = vec![0u8; 50 << 20];
+    let mut x: u32 = 0x1234_5678;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let expected = fnv(&data);
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(data.len());
+    let mut err = Vec::new();
+    let status = h
+        .client
+        .exec(
+            ExecRequest::new(&["cat"]),
+            Cursor::new(data),
+            &mut out,
+            &mut err,
+        )
+        .unwrap();
+    let took = start.elapsed();
+    assert!(status.success());
+    assert_eq!(out.len(), 50 << 20);
+    assert_eq!(fnv(&out), expected);
+    assert!(err.is_empty());
+    assert!(took < Duration::from_secs(60), "50 MiB took {took:?}");
+    eprintln!("50 MiB through cat: {took:?}");
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn signal_reaches_the_process() {
+    let h = start_agent();
+    let session = h
+        .client
+        .start_exec(ExecRequest::new(&["sleep", "100"]))
+        .unwrap();
+    session.control().signal(libc::SIGTERM).unwrap();
+    let status = session.wait(&mut Vec::new(), &mut Vec::new()).unwrap();
+    assert_eq!(status.signal, Some(libc::SIGTERM));
+    assert_eq!(status.code_or_signal(), 128 + libc::SIGTERM);
+}
+
+#[test]
+fn background_job_does_not_hold_exit() {
+    let h = start_agent();
+    let start = Instant::now();
+    let out = h
+        .client
+        .exec_output(&["sh", "-c", "sleep 30 & echo started"])
+        .unwrap();
+    assert_eq!(out.stdout, b"started\n");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn pty_exec_and_resize() {
+    let h = start_agent();
+    let tty = |argv: &[&str], size| ExecRequest {
+        tty: Some(size),
+        ..ExecRequest::new(argv)
+    };
+    let out = h
+        .client
+        .exec_request_output(tty(&["tty"], TtySize { rows: 24, cols: 80 }))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("/dev/pts/"), "{text:?}");
+
+    let out = h
+        .client
+        .exec_request_output(tty(
+            &["stty", "size"],
+            TtySize {
+                rows: 33,
+                cols: 101,
+            },
+        ))
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "33 101");
+
+    let session = h
+        .client
+        .start_exec(tty(
+            &["sh", "-c", "read x; stty size"],
+            TtySize { rows: 10, cols: 20 },
+        ))
+        .unwrap();
+    let control = session.control();
+    control
+        .resize(TtySize {
+            rows: 50,
+            cols: 120,
+        })
+        .unwrap();
+    control.send_stdin(b"go\n").unwrap();
+    let mut out = Vec::new();
+    let status = session.wait(&mut out, &mut Vec::new()).unwrap();
+    assert!(status.success());
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("50 120"), "{text:?}");
+}
+
+#[test]
+fn raw_stream_round_trip_and_git() {
+    let h = start_agent();
+    let raw = |argv: &[&str]| {
+        h.client
+            .raw_stream(RawStreamRequest {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+            .unwrap()
+    };
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut reader, mut writer) = raw(&["cat"]).into_split();
+    let to_send = payload.clone();
+    let feeder = std::thread::spawn(move || {
+        writer.write_all(&to_send).unwrap();
+        writer.close_stdin().unwrap();
+    });
+    let mut echoed = Vec::new();
+    reader.read_to_end(&mut echoed).unwrap();
+    feeder.join().unwrap();
+    assert_eq!(echoed, payload);
+    assert!(reader.wait().unwrap().status.success());
+
+    let mut raw = raw(&["git", "--version"]);
+    let mut version = String::new();
+    raw.read_to_string(&mut version).unwrap();
+    assert!(version.starts_with("git version"), "{version:?}");
+    assert_eq!(raw.wait().unwrap().status.code, Some(0));
+}
+
+#[test]
+fn listening_ports_sees_our_listener() {
+    let h = start_agent();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let ports = h.client.listening_ports().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.port == port && p.address.is_loopback()),
+        "{port} not in {ports:?}"
+    );
+}
+
+#[test]
+fn push_file_is_confined_to_the_workspace() {
+    let h = start_agent();
+    h.client.push_file(".env", 0o600, b"TOKEN=abc\n").unwrap();
+    let written = h.workspace.join(".env");
+    assert_eq!(std::fs::read(&written).unwrap(), b"TOKEN=abc\n");
+    assert_eq!(
+        std::fs::metadata(&written).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    h.client
+        .push_file("/workspace/app/config/.env", 0o644, b"A=1")
+        .unwrap();
+    assert_eq!(
+        std::fs::read(h.workspace.join("app/config/.env")).unwrap(),
+        b"A=1"
+    );
+    for bad in ["../x", "/etc/passwd", "a/../../x"] {
+        let err = h.client.push_file(bad, 0o644, b"nope").unwrap_err();
+        assert!(err.to_string().contains("refusing"), "{bad}: {err}");
+    }
+    assert!(!h.dir.join("x").exists());
+    // A symlink pointing out of the workspace is not followed.
+    std::os::unix::fs::symlink(&h.dir, h.workspace.join("out")).unwrap();
+    assert!(h.client.push_file("out/escaped", 0o644, b"no").is_err());
+    assert!(!h.dir.join("escaped").exists());
+}
+
+#[test]
+fn shutdown_is_refused_when_not_pid1() {
+    let h = start_agent();
+    let err = h.client.shutdown(false).unwrap_err();
+    assert!(err.to_string().contains("PID 1"), "{err}");
+}
+
+#[test]
+fn version_mismatch_is_reported_by_the_agent() {
+    let h = start_agent();
+    let mut s = UnixStream::connect(&h.socket).unwrap();
+    let hello = Hello {
+        protocol: 99,
+        ..Hello::current()
+    };
+    write_frame(&mut s, &Frame::json(FrameKind::Hello, &hello)).unwrap();
+    let theirs = expect_frame(&mut s).unwrap();
+    assert_eq!(theirs.kind, FrameKind::Hello);
+    let err = expect_frame(&mut s).unwrap();
+    assert_eq!(err.kind, FrameKind::Error);
+    assert_eq!(
+        err.text(),
+        "guest agent speaks protocol 1, this keystone speaks 99: rebuild the guest image or update keystone"
+    );
+}
+
+/// A fake VMM vsock socket: answers the CONNECT line with `answer`, then
+/// (when it is OK) serves the agent protocol on the same stream.
+fn fake_hybrid_vsock(answer: &'static str) -> (PathBuf, PathBuf) {
+    let dir = scratch_dir();
+    let path = dir.join("vsock.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let workspace = dir.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            reader.read_line(&mut line).unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            let mut s = stream;
+            s.write_all(answer.as_bytes()).unwrap();
+            if answer.starts_with("OK") {
+                let cfg = config(workspace.clone());
+                let _ = agent::handle_connection(Box::new(s), &cfg);
+            }
+        }
+    });
+    (dir, path)
+}
+
+#[test]
+fn hybrid_vsock_handshake() {
+    let (dir, path) = fake_hybrid_vsock("OK 1073741824\n");
+    let client = AgentClient::new(hybrid_vsock_connector(&path, 1024));
+    assert!(client.ping().is_ok());
+    std::fs::remove_dir_all(dir).unwrap();
+
+    let (dir, path) = fake_hybrid_vsock("ERROR no listener\n");
+    let client = AgentClient::new(hybrid_vsock_connector(&path, 1024));
+    let err = client.ping().unwrap_err().to_string();
+    assert!(err.contains("expected `OK <n>`"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Not a test on its own: when `KS_SHIM_SOCKET` is set, this process is
+/// the `ext::` transport helper of [`git_fetch_through_raw_stream`]: it
+/// runs `git upload-pack` in the "guest" over a RawStream and pipes its
+/// own fd 0 / fd 3 to it (fd 1 is libtest's noise, sent to stderr).
+#[test]
+fn shim_entry() {
+    use std::os::fd::FromRawFd;
+    let (Ok(socket), Ok(repo)) = (
+        std::env::var("KS_SHIM_SOCKET"),
+        std::env::var("KS_SHIM_REPO"),
+    ) else {
+        return;
+    };
+    let client = AgentClient::new(unix_connector(socket));
+    let env = std::env::var("GIT_PROTOCOL")
+        .map(|p| vec![("GIT_PROTOCOL".to_string(), p)])
+        .unwrap_or_default();
+    let raw = client
+        .raw_stream(RawStreamRequest {
+            argv: vec!["git".into(), "upload-pack".into(), repo],
+            env,
+            ..Default::default()
+        })
+        .unwrap();
+    let (mut reader, mut writer) = raw.into_split();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut writer);
+        let _ = writer.close_stdin();
+    });
+    // SAFETY: fd 3 is the helper's real stdout, set up by the wrapper script.
+    let mut out = unsafe { std::fs::File::from_raw_fd(3) };
+    std::io::copy(&mut reader, &mut out).unwrap();
+    let exit = reader.wait().unwrap();
+    assert!(
+        exit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exit.stderr)
+    );
+}
+
+#[test]
+fn git_fetch_through_raw_stream() {
+    let h = start_agent();
+    let git = |dir: &PathBuf, args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", &h.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let origin = h.dir.join("origin");
+    std::fs::create_dir_all(&origin).unwrap();
+    git(&origin, &["init", "-q", "-b", "main"]);
+    std::fs::write(origin.join("README"), "hello from the guest\n").unwrap();
+    git(&origin, &["add", "README"]);
+    git(
+        &origin,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@e",
+            "commit",
+            "-q",
+            "-m",
+            "first",
+        ],
+    );
+    let head = git(&origin, &["rev-parse", "HEAD"]);
+
+    let shim = h.dir.join("shim.sh");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\nexec 3>&1 1>&2\nexec {} --exact shim_entry --nocapture --test-threads=1\n",
+            std::env::current_exe().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let host = h.dir.join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    git(&host, &["init", "-q"]);
+    let out = std::process::Command::new("git")
+        .current_dir(&host)
+        .args([
+            "-c",
+            "protocol.allow=always",
+            "-c",
+            "protocol.version=2",
+            "fetch",
+            "-q",
+        ])
+        .arg(format!("ext::sh {}", shim.display()))
+        .arg("main:refs/remotes/sandbox/main")
+        .env("KS_SHIM_SOCKET", &h.socket)
+        .env("KS_SHIM_REPO", &origin)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", &h.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fetch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        git(&host, &["rev-parse", "refs/remotes/sandbox/main"]),
+        head
+    );
+}
