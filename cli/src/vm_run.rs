@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// Do not add the options this host's KVM needs to the command line.
     #[arg(long)]
     no_host_cmdline: bool,
+    /// Add virtio-vsock (guest CID 3); host programs reach guest port P by
+    /// connecting to this Unix socket and writing `CONNECT P\n`.
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
     /// Write the boot timeline and VMM resource use as JSON to this file.
     #[arg(long)]
     timings_json: Option<PathBuf>,
@@ -261,6 +265,14 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
         if !args.cmdline.contains("root=") {
             cmdline.push_str(" root=root rootfstype=virtiofs rw init=/init");
         }
+    }
+    let mut _vsock = None;
+    if let Some(uds) = &args.vsock_uds {
+        let (b, handle) = builder
+            .vsock(3, uds)
+            .with_context(|| format!("cannot start the vsock backend on {}", uds.display()))?;
+        builder = b;
+        _vsock = Some(handle);
     }
     let mut config = builder.cmdline(cmdline).into_config();
     config.host_cmdline_extras = !args.no_host_cmdline;

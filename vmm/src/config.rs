@@ -41,7 +41,10 @@ pub enum DeviceSpec {
         num_request_queues: u32,
         queue_size: u16,
     },
-    /// Any other vhost-user device (vsock, for one).
+    /// virtio-vsock (the backend is ours, see
+    /// [`crate::devices::virtio::vsock::spawn_backend`], or vhost-device-vsock).
+    VhostUserVsock { stream: UnixStream, guest_cid: u64 },
+    /// Any other vhost-user device.
     VhostUser {
         stream: UnixStream,
         device_type: u32,
@@ -177,6 +180,29 @@ impl VmBuilder {
             num_request_queues: 1,
             queue_size: 1024,
         })
+    }
+
+    /// Adds virtio-vsock with a backend in this process; host programs
+    /// reach guest port P by connecting to `uds_path` and writing
+    /// `CONNECT P\n`. The backend stops when the returned handle drops.
+    pub fn vsock(
+        self,
+        guest_cid: u64,
+        uds_path: impl Into<PathBuf>,
+    ) -> Result<
+        (Self, crate::devices::virtio::vsock::VsockBackendHandle),
+        crate::devices::virtio::vsock::VsockError,
+    > {
+        let (stream, handle) = crate::devices::virtio::vsock::spawn_backend(
+            crate::devices::virtio::vsock::VsockConfig {
+                guest_cid,
+                uds_path: uds_path.into(),
+            },
+        )?;
+        Ok((
+            self.device(DeviceSpec::VhostUserVsock { stream, guest_cid }),
+            handle,
+        ))
     }
 
     /// The configuration built so far.

@@ -189,6 +189,9 @@ fn make_device(index: usize, spec: DeviceSpec) -> Result<Box<dyn VirtioDevice>, 
         } => Box::new(
             VhostUserDevice::fs(stream, &tag, num_request_queues, queue_size).map_err(err)?,
         ),
+        DeviceSpec::VhostUserVsock { stream, guest_cid } => {
+            Box::new(VhostUserDevice::vsock(stream, guest_cid).map_err(err)?)
+        }
         DeviceSpec::VhostUser {
             stream,
             device_type,
