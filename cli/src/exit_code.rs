@@ -3,8 +3,10 @@
 
 pub const OK: i32 = 0;
 pub const NOT_FOUND: i32 = 1;
+pub const INVALID_STATE: i32 = 2;
 pub const OPERATION_FAILED: i32 = 3;
 pub const REQUIREMENTS: i32 = 4;
+pub const CANCELLED: i32 = 5;
 
 /// A failure that carries its own exit code.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,8 @@
 //! The binary is thin: it parses arguments, hands them to a command module
 //! and turns errors into the exit codes SPEC.md lists.
 
+mod agent;
+mod embedded;
 mod exit_code;
 mod terminal;
 mod vm_run;
@@ -28,6 +30,9 @@ enum Command {
     /// Low-level VM commands (boot a kernel directly with the Keystone VMM).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Sandboxes for AI coding agents (start, attach, sync, ...).
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
 }
 
 #[derive(Subcommand)]
@@ -40,11 +45,24 @@ enum VmCommand {
 
 fn main() {
     let process_start_ns = vmm::devices::legacy::boot_timer::monotonic_ns();
-    let cli = Cli::parse();
+    // Usage errors exit 1, not clap's 2: SPEC.md reserves 2 for "invalid state".
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit_code::NOT_FOUND
+            } else {
+                exit_code::OK
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     terminal::init_logging(cli.log_level.parse().unwrap_or(log::LevelFilter::Warn));
     let result = match cli.command {
         Command::Vm(VmCommand::Run(args)) => vm_run::run(args, process_start_ns),
         Command::Vm(VmCommand::MakeRoot(args)) => vm_run::make_root(args),
+        Command::Agent(command) => agent::run(command),
     };
     match result {
         Ok(code) => std::process::exit(code),

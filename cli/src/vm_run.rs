@@ -30,6 +30,11 @@ pub struct RunArgs {
     /// Host directory to serve as the guest's root file system over virtio-fs.
     #[arg(long)]
     root_dir: Option<PathBuf>,
+    /// Boot the embedded guest agent as PID 1 (from an initramfs); with
+    /// --root-dir it mounts that directory read-only under a tmpfs overlay.
+    /// Use with --vsock-uds to reach it.
+    #[arg(long, conflicts_with = "initrd")]
+    agent: bool,
     /// Kernel command line (console, root and host-specific options are added).
     #[arg(long, default_value = "")]
     cmdline: String,
@@ -247,6 +252,12 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
     if let Some(initrd) = &args.initrd {
         builder = builder.initrd(initrd);
     }
+    if args.agent {
+        let dir = guest_image::cache_dir().join("agent");
+        let initrd = crate::embedded::agent_initramfs(&dir)
+            .with_context(|| format!("cannot write the agent initramfs under {}", dir.display()))?;
+        builder = builder.initrd(initrd);
+    }
     let mut fs_daemon = None;
     if let Some(root) = &args.root_dir {
         if !root.is_dir() {
@@ -262,7 +273,9 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
                 .context("cannot start virtiofsd-lite for --root-dir")?,
         );
         builder = builder.vhost_user_fs(vmm_end, "root");
-        if !args.cmdline.contains("root=") {
+        if args.agent {
+            cmdline.push_str(" keystone.root=root");
+        } else if !args.cmdline.contains("root=") {
             cmdline.push_str(" root=root rootfstype=virtiofs rw init=/init");
         }
     }

@@ -51,10 +51,10 @@ pub fn qemu_missing() -> Option<String> {
 
 /// The kernel command line every TCG boot gets: serial console, a fixed
 /// loops-per-jiffy and a trusted TSC (calibration under TCG is slow and can
-/// hang), and reboot/panic that end QEMU (`-no-reboot`).
-/// `reboot=t`: microvm has no i8042, and the kernel's keyboard-controller
-/// reset attempts cost ~25 s under TCG before it falls back to a triple
-/// fault, which ends QEMU at once with `-no-reboot`.
+/// hang), and reboot/panic that end QEMU (`-no-reboot`). `reboot=t`:
+/// microvm has no i8042, and the kernel's keyboard-controller reset
+/// attempts cost ~25 s under TCG before it falls back to a triple fault,
+/// which ends QEMU at once with `-no-reboot`.
 pub const BASE_CMDLINE: &str = "console=ttyS0 lpj=5000000 tsc=reliable reboot=t panic=-1 nokaslr";
 
 /// Builder for a [`QemuGuest`]. Every setter is optional except the kernel.

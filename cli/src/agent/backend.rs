@@ -1,0 +1,417 @@
+//! The `Backend` trait: what runs a sandbox. The command layer (argument
+//! checks, config, registry, state, locks, output) is backend-neutral and
+//! calls these methods only once a command's preconditions hold.
+//!
+//! Contract for implementations:
+//! - `start` boots the sandbox and returns once the agent is ready, with the
+//!   pid of a supervisor process that stays alive while the sandbox runs.
+//!   That process must run as `keystone agent __supervise <NAME> ...`
+//!   ([`SUPERVISOR_SUBCOMMAND`]): the liveness check reads its
+//!   `/proc/<pid>/cmdline`. The command layer records `starting` before the
+//!   call and `running` (or `error`) after it.
+//! - The command layer holds the sandbox lock during `start`, `stop` and
+//!   `destroy`, and calls `attach`, `exec`, `ssh`, `sync`, `worktree` and
+//!   `open_vscode` only for a sandbox whose supervisor is alive.
+//! - Errors are [`BackendError`]s; each maps to a SPEC.md exit code.
+//!   Never report success for work that was not done.
+//!
+//! Until the micro-VM backend is wired in, nothing reads most option fields;
+//! they are the interface it implements, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use super::config::{BackendKind, Settings};
+use super::registry::SandboxPaths;
+#[allow(unused_imports)]
+use super::state::SUPERVISOR_SUBCOMMAND;
+use super::state::{NestedStatus, SandboxState};
+use super::{CANCELLED, INVALID_STATE};
+use crate::exit_code;
+
+/// Everything a backend knows about one sandbox.
+#[derive(Clone, Debug)]
+pub struct SandboxSpec {
+    pub name: String,
+    /// Absolute path of the project's git top-level directory on the host.
+    pub project: PathBuf,
+    /// The sandbox's folder, `config.json`, `state.json`, `logs/`, `disk/`.
+    pub paths: SandboxPaths,
+    /// The resolved settings (memory, vCPUs, nesting, network, engine, ...).
+    pub settings: Settings,
+}
+
+/// Which coding agent to make ready in the sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentKind {
+    Claude,
+    Codex,
+    Gemini,
+}
+
+/// `start` options beyond the settings.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// The disk and state were just discarded (`--fresh`, or `persist =
+    /// false`): build the workspace clone from scratch.
+    pub fresh: bool,
+    /// The agent to prepare, if one was named.
+    pub agent: Option<AgentKind>,
+}
+
+/// What a successful start reports.
+#[derive(Clone, Debug)]
+pub struct StartOutcome {
+    /// The supervisor process (see the module contract).
+    pub supervisor_pid: i32,
+    /// The engine actually used (`vmm` or `qemu`).
+    pub engine: String,
+    pub nested: NestedStatus,
+    /// Why nesting is unavailable, when it is.
+    pub nested_detail: Option<String>,
+}
+
+/// `stop` options.
+#[derive(Clone, Debug, Default)]
+pub struct StopOptions {
+    /// Do not wait for a clean guest shutdown.
+    pub force: bool,
+}
+
+/// `attach` options.
+#[derive(Clone, Debug, Default)]
+pub struct AttachOptions {
+    pub worktree: Option<String>,
+    /// Serve the session to a browser instead of this terminal.
+    pub web: bool,
+}
+
+/// `exec` options.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOptions {
+    pub worktree: Option<String>,
+    pub user: Option<String>,
+    /// The command and its arguments (at least one word).
+    pub command: Vec<String>,
+}
+
+/// `sync` options.
+#[derive(Clone, Debug, Default)]
+pub struct SyncOptions {
+    pub artifacts: bool,
+    pub dry_run: bool,
+    pub branch: Option<String>,
+}
+
+/// What a sync did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncReport {
+    /// One line per updated ref, e.g. `main: 1a2b3c..4d5e6f`.
+    pub refs: Vec<String>,
+    /// Artifact paths copied.
+    pub artifacts: Vec<String>,
+}
+
+/// A `worktree` subcommand.
+#[derive(Clone, Debug)]
+pub enum WorktreeOp {
+    Add { branch: String, create: bool },
+    List,
+    Remove { branch: String, force: bool },
+}
+
+/// One worktree in the sandbox.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorktreeInfo {
+    pub branch: String,
+    /// Path inside the guest, `/workspace/.worktrees/<branch>`.
+    pub path: String,
+}
+
+/// Live details a running sandbox reports (for `status`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BackendStatus {
+    pub state: Option<SandboxState>,
+    /// Guest addresses of dev servers: `port -> url`.
+    pub forwarded_ports: Vec<(u16, String)>,
+    pub worktrees: Vec<WorktreeInfo>,
+    pub nested: Option<NestedStatus>,
+}
+
+/// Backend failures, each with its SPEC.md exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend exists in config but not in code (exit 4).
+    #[error("the {backend} backend is not implemented yet; set [backend] type = \"microvm\"")]
+    NotImplemented { backend: &'static str },
+    /// This build has no working implementation of the backend (exit 3).
+    #[error("the micro-VM backend is not wired in this build (cannot {operation})")]
+    NotWired { operation: &'static str },
+    /// Host requirements are missing, e.g. no `/dev/kvm` (exit 4).
+    #[error("{0}")]
+    Requirements(String),
+    /// The sandbox is in the wrong state for this (exit 2).
+    #[error("{0}")]
+    InvalidState(String),
+    /// Something named does not exist, e.g. a worktree (exit 1).
+    #[error("{0}")]
+    NotFound(String),
+    /// A merge conflict during sync (exit 3).
+    #[error("{0}")]
+    Conflict(String),
+    /// The user said no (exit 5).
+    #[error("{0}")]
+    Cancelled(String),
+    /// Any other failure (exit 3).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl BackendError {
+    /// The SPEC.md exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::NotImplemented { .. } | Self::Requirements(_) => exit_code::REQUIREMENTS,
+            Self::InvalidState(_) => INVALID_STATE,
+            Self::NotFound(_) => exit_code::NOT_FOUND,
+            Self::Cancelled(_) => CANCELLED,
+            Self::NotWired { .. } | Self::Conflict(_) | Self::Failed(_) => {
+                exit_code::OPERATION_FAILED
+            }
+        }
+    }
+
+    /// As an `anyhow` error carrying the exit code.
+    pub fn coded(self) -> anyhow::Error {
+        crate::exit_code::CodedError::error(self.exit_code(), self.to_string())
+    }
+}
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// What runs sandboxes. See the module documentation for the contract.
+pub trait Backend {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Fails if this backend cannot be used at all on this host or build.
+    /// Every command calls it first, before touching any sandbox.
+    fn check_available(&self) -> BackendResult<()>;
+
+    /// Boots the sandbox and makes the agent ready; `progress` receives
+    /// one-line human updates ("booting kernel", ...).
+    fn start(
+        &self,
+        sandbox: &SandboxSpec,
+        opts: &StartOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> BackendResult<StartOutcome>;
+
+    /// Shuts the sandbox down; the supervisor exits.
+    fn stop(&self, sandbox: &SandboxSpec, opts: &StopOptions) -> BackendResult<()>;
+
+    /// Interactive session on this terminal (or the web); returns the exit
+    /// code to leave with.
+    fn attach(&self, sandbox: &SandboxSpec, opts: &AttachOptions) -> BackendResult<i32>;
+
+    /// Runs a command in the guest; returns its exit code.
+    fn exec(&self, sandbox: &SandboxSpec, opts: &ExecOptions) -> BackendResult<i32>;
+
+    /// Interactive login shell over vsock; returns the shell's exit code.
+    fn ssh(&self, sandbox: &SandboxSpec) -> BackendResult<i32>;
+
+    /// Fetches the sandbox's commits (and artifacts) into the host repo.
+    fn sync(&self, sandbox: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport>;
+
+    /// Adds, lists or removes a worktree; returns the worktrees after it.
+    fn worktree(&self, sandbox: &SandboxSpec, op: &WorktreeOp) -> BackendResult<Vec<WorktreeInfo>>;
+
+    /// Live details of a running sandbox.
+    fn status(&self, sandbox: &SandboxSpec) -> BackendResult<BackendStatus>;
+
+    /// The command that opens VS Code attached to the sandbox.
+    fn open_vscode(&self, sandbox: &SandboxSpec) -> BackendResult<String>;
+
+    /// Releases anything the backend holds for a sandbox outside its folder
+    /// (the command layer removes the folder and registry entry). Called
+    /// with no supervisor alive.
+    fn destroy(&self, sandbox: &SandboxSpec) -> BackendResult<()>;
+
+    /// Body of the hidden `__supervise` subcommand: runs the sandbox's VM
+    /// and services until it stops; returns the process exit code.
+    fn supervise(&self, sandbox: &SandboxSpec) -> BackendResult<i32>;
+}
+
+/// The backend for a kind.
+pub fn for_kind(kind: BackendKind) -> Box<dyn Backend> {
+    match kind {
+        BackendKind::MicroVm => Box::new(MicroVmBackend),
+        BackendKind::Kubernetes => Box::new(KubernetesBackend),
+    }
+}
+
+/// Kubernetes: accepted by config, not implemented (SPEC user story 7).
+pub struct KubernetesBackend;
+
+impl KubernetesBackend {
+    fn no<T>(&self) -> BackendResult<T> {
+        Err(BackendError::NotImplemented {
+            backend: "kubernetes",
+        })
+    }
+}
+
+impl Backend for KubernetesBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kubernetes
+    }
+    fn check_available(&self) -> BackendResult<()> {
+        self.no()
+    }
+    fn start(
+        &self,
+        _: &SandboxSpec,
+        _: &StartOptions,
+        _: &mut dyn FnMut(&str),
+    ) -> BackendResult<StartOutcome> {
+        self.no()
+    }
+    fn stop(&self, _: &SandboxSpec, _: &StopOptions) -> BackendResult<()> {
+        self.no()
+    }
+    fn attach(&self, _: &SandboxSpec, _: &AttachOptions) -> BackendResult<i32> {
+        self.no()
+    }
+    fn exec(&self, _: &SandboxSpec, _: &ExecOptions) -> BackendResult<i32> {
+        self.no()
+    }
+    fn ssh(&self, _: &SandboxSpec) -> BackendResult<i32> {
+        self.no()
+    }
+    fn sync(&self, _: &SandboxSpec, _: &SyncOptions) -> BackendResult<SyncReport> {
+        self.no()
+    }
+    fn worktree(&self, _: &SandboxSpec, _: &WorktreeOp) -> BackendResult<Vec<WorktreeInfo>> {
+        self.no()
+    }
+    fn status(&self, _: &SandboxSpec) -> BackendResult<BackendStatus> {
+        self.no()
+    }
+    fn open_vscode(&self, _: &SandboxSpec) -> BackendResult<String> {
+        self.no()
+    }
+    fn destroy(&self, _: &SandboxSpec) -> BackendResult<()> {
+        self.no()
+    }
+    fn supervise(&self, _: &SandboxSpec) -> BackendResult<i32> {
+        self.no()
+    }
+}
+
+/// The micro-VM backend. Placeholder: the VMM, virtiofsd-lite, vsock and
+/// guest agent plumbing is wired in by the supervisor work; until then every
+/// operation that needs a guest fails with exit 3 instead of pretending.
+pub struct MicroVmBackend;
+
+impl MicroVmBackend {
+    fn not_wired<T>(operation: &'static str) -> BackendResult<T> {
+        Err(BackendError::NotWired { operation })
+    }
+}
+
+impl Backend for MicroVmBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::MicroVm
+    }
+    /// Usable for the commands that need no guest (list, status, destroy);
+    /// `/dev/kvm` and engine checks belong in `start`.
+    fn check_available(&self) -> BackendResult<()> {
+        Ok(())
+    }
+    fn start(
+        &self,
+        _: &SandboxSpec,
+        _: &StartOptions,
+        _: &mut dyn FnMut(&str),
+    ) -> BackendResult<StartOutcome> {
+        Self::not_wired("start a sandbox")
+    }
+    fn stop(&self, _: &SandboxSpec, _: &StopOptions) -> BackendResult<()> {
+        Self::not_wired("stop a sandbox")
+    }
+    fn attach(&self, _: &SandboxSpec, _: &AttachOptions) -> BackendResult<i32> {
+        Self::not_wired("attach")
+    }
+    fn exec(&self, _: &SandboxSpec, _: &ExecOptions) -> BackendResult<i32> {
+        Self::not_wired("exec")
+    }
+    fn ssh(&self, _: &SandboxSpec) -> BackendResult<i32> {
+        Self::not_wired("open a shell")
+    }
+    fn sync(&self, _: &SandboxSpec, _: &SyncOptions) -> BackendResult<SyncReport> {
+        Self::not_wired("sync")
+    }
+    fn worktree(&self, _: &SandboxSpec, _: &WorktreeOp) -> BackendResult<Vec<WorktreeInfo>> {
+        Self::not_wired("manage worktrees")
+    }
+    fn status(&self, _: &SandboxSpec) -> BackendResult<BackendStatus> {
+        Self::not_wired("query a running sandbox")
+    }
+    fn open_vscode(&self, _: &SandboxSpec) -> BackendResult<String> {
+        Self::not_wired("attach VS Code")
+    }
+    /// A micro-VM sandbox holds nothing outside its folder once its
+    /// supervisor is gone, so there is genuinely nothing to release.
+    fn destroy(&self, _: &SandboxSpec) -> BackendResult<()> {
+        Ok(())
+    }
+    fn supervise(&self, _: &SandboxSpec) -> BackendResult<i32> {
+        Self::not_wired("run a supervisor")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_spec() {
+        let k8s = for_kind(BackendKind::Kubernetes);
+        let err = k8s.check_available().unwrap_err();
+        assert_eq!(err.exit_code(), 4);
+        assert_eq!(
+            err.to_string(),
+            "the kubernetes backend is not implemented yet; set [backend] type = \"microvm\""
+        );
+        let vm = for_kind(BackendKind::MicroVm);
+        vm.check_available().unwrap();
+        let err = vm.ssh_for_test().unwrap_err();
+        assert_eq!(err.exit_code(), 3);
+        assert!(err
+            .to_string()
+            .starts_with("the micro-VM backend is not wired in this build"));
+        assert_eq!(BackendError::InvalidState("x".into()).exit_code(), 2);
+        assert_eq!(BackendError::Cancelled("x".into()).exit_code(), 5);
+        assert_eq!(BackendError::NotFound("x".into()).exit_code(), 1);
+        assert_eq!(
+            crate::exit_code::for_error(&BackendError::Conflict("x".into()).coded()),
+            3
+        );
+    }
+
+    trait SshForTest {
+        fn ssh_for_test(&self) -> BackendResult<i32>;
+    }
+    impl SshForTest for Box<dyn Backend> {
+        fn ssh_for_test(&self) -> BackendResult<i32> {
+            let spec = SandboxSpec {
+                name: "t".into(),
+                project: "/p".into(),
+                paths: super::super::registry::SandboxStore::at("/nonexistent").paths("t"),
+                settings: Settings::default(),
+            };
+            self.ssh(&spec)
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! `list` and `status`: read-only views of sandboxes. Both apply the
+//! liveness check, so a VM that died shows as `error`.
+//!
+//! JSON (`--json`) is a stable interface. `list --json` prints an array of
+//! sandbox objects (`[]` when there are none); `status --json` prints one
+//! object, or an array with `--all`. A sandbox object has these fields
+//! (absent values are `null`, never missing):
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `name` | string | sandbox name |
+//! | `project` | string | absolute path of the host git repository |
+//! | `state` | string | created, starting, running, stopping, stopped, error |
+//! | `created_at` | string | RFC 3339 UTC |
+//! | `started_at` | string? | last successful start |
+//! | `updated_at` | string? | last state change |
+//! | `last_sync` | string? | last sync to the host |
+//! | `supervisor_pid` | number? | supervisor process while one runs |
+//! | `backend` | string | microvm or kubernetes |
+//! | `engine` | string? | engine of the last start (vmm, qemu) |
+//! | `nested` | string? | enabled, disabled, unavailable |
+//! | `nested_detail` | string? | why nesting is unavailable |
+//! | `memory_mib`, `vcpus` | number | resources |
+//! | `network`, `sync_mode` | string | settings of the last start |
+//! | `last_error` | string? | why the state is error |
+//! | `dir` | string | the sandbox's folder (config, state, logs, disk) |
+//!
+//! `status --json` adds `live`: what the running backend reports (ports,
+//! worktrees), or `null` when it is not running or cannot be asked.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::backend::{BackendStatus, SandboxSpec};
+use super::registry::RegistryEntry;
+use super::state::{ProcProbe, StateRecord};
+use super::{store_err, Context, ListArgs, StatusArgs};
+use crate::exit_code;
+
+/// One sandbox as `list --json` and `status --json` print it.
+#[derive(Debug, Serialize)]
+pub struct SandboxView {
+    pub name: String,
+    pub project: String,
+    pub state: String,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub last_sync: Option<String>,
+    pub supervisor_pid: Option<i32>,
+    pub backend: String,
+    pub engine: Option<String>,
+    pub nested: Option<super::state::NestedStatus>,
+    pub nested_detail: Option<String>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub network: String,
+    pub sync_mode: String,
+    pub last_error: Option<String>,
+    pub dir: String,
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    #[serde(flatten)]
+    sandbox: SandboxView,
+    live: Option<BackendStatus>,
+}
+
+fn view(
+    ctx: &Context,
+    name: &str,
+    entry: &RegistryEntry,
+) -> Result<(SandboxView, SandboxSpec, StateRecord)> {
+    let spec = ctx.spec(name, entry)?;
+    let record = StateRecord::load_checked(&spec.paths, name, &ProcProbe).map_err(store_err)?;
+    let s = &spec.settings;
+    let view = SandboxView {
+        name: name.to_string(),
+        project: entry.project.display().to_string(),
+        state: record.state.to_string(),
+        created_at: entry.created_at.clone(),
+        started_at: record.started_at.clone(),
+        updated_at: record.updated_at.clone(),
+        last_sync: record.last_sync.clone(),
+        supervisor_pid: record.supervisor_pid.filter(|_| record.is_active()),
+        backend: s.backend.to_string(),
+        engine: record.engine.clone(),
+        nested: record.nested,
+        nested_detail: record.nested_detail.clone(),
+        memory_mib: s.memory_mib,
+        vcpus: s.vcpus,
+        network: s.network.to_string(),
+        sync_mode: s.sync_mode.to_string(),
+        last_error: record.last_error.clone(),
+        dir: spec.paths.dir.display().to_string(),
+    };
+    Ok((view, spec, record))
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `keystone agent list`.
+pub fn list(ctx: &Context, args: ListArgs) -> Result<i32> {
+    let registry = ctx.store.registry().map_err(store_err)?;
+    let mut views = Vec::new();
+    for (name, entry) in &registry.sandboxes {
+        let (v, _, record) = view(ctx, name, entry)?;
+        if args.state.is_none_or(|want| want == record.state) {
+            views.push(v);
+        }
+    }
+    if args.json {
+        print_json(&views)?;
+        return Ok(exit_code::OK);
+    }
+    if views.is_empty() {
+        match args.state {
+            Some(state) => println!("No {state} sandboxes"),
+            None => println!("No sandboxes (start one with `keystone agent start`)"),
+        }
+        return Ok(exit_code::OK);
+    }
+    let width = views.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
+    println!(
+        "{:<width$}  {:<8}  {:<20}  PROJECT",
+        "NAME", "STATE", "CREATED"
+    );
+    for v in &views {
+        println!(
+            "{:<width$}  {:<8}  {:<20}  {}",
+            v.name, v.state, v.created_at, v.project
+        );
+    }
+    Ok(exit_code::OK)
+}
+
+/// `keystone agent status`.
+pub fn status(ctx: &Context, args: StatusArgs) -> Result<i32> {
+    let targets: Vec<(String, RegistryEntry)> = if args.all {
+        ctx.store
+            .registry()
+            .map_err(store_err)?
+            .sandboxes
+            .into_iter()
+            .collect()
+    } else {
+        vec![ctx.resolve(args.name.as_deref())?]
+    };
+    let mut out = Vec::new();
+    for (name, entry) in &targets {
+        let (sandbox, spec, record) = view(ctx, name, entry)?;
+        let live = if record.is_active() {
+            match ctx.backend.status(&spec) {
+                Ok(live) => Some(live),
+                Err(e) => {
+                    eprintln!("keystone: note: cannot ask sandbox {name} for live status: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        out.push(StatusView { sandbox, live });
+    }
+    if args.json {
+        if args.all {
+            print_json(&out)?;
+        } else if let Some(one) = out.first() {
+            print_json(one)?;
+        }
+        return Ok(exit_code::OK);
+    }
+    if out.is_empty() {
+        println!("No sandboxes (start one with `keystone agent start`)");
+    }
+    for (i, s) in out.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_status(s);
+    }
+    Ok(exit_code::OK)
+}
+
+fn print_status(s: &StatusView) {
+    let v = &s.sandbox;
+    let or_never = |o: &Option<String>| o.clone().unwrap_or_else(|| "never".into());
+    println!("Sandbox:    {}", v.name);
+    println!("Project:    {}", v.project);
+    match v.supervisor_pid {
+        Some(pid) => println!("State:      {} (supervisor pid {pid})", v.state),
+        None => println!("State:      {}", v.state),
+    }
+    if let Some(err) = &v.last_error {
+        println!("Error:      {err}");
+    }
+    match &v.engine {
+        Some(engine) => println!("Backend:    {} (engine {engine})", v.backend),
+        None => println!("Backend:    {}", v.backend),
+    }
+    println!(
+        "Resources:  {} MiB, {} vCPUs, network {}, sync {}",
+        v.memory_mib, v.vcpus, v.network, v.sync_mode
+    );
+    let nested = match (v.nested, &v.nested_detail) {
+        (Some(n), Some(d)) => format!("{} ({d})", n.as_str()),
+        (Some(n), None) => n.as_str().to_string(),
+        (None, _) => "unknown (not started yet)".into(),
+    };
+    println!("Nested:     {nested}");
+    println!("Created:    {}", v.created_at);
+    println!("Started:    {}", or_never(&v.started_at));
+    println!("Last sync:  {}", or_never(&v.last_sync));
+    println!("Folder:     {}", v.dir);
+    if let Some(live) = &s.live {
+        for (port, url) in &live.forwarded_ports {
+            println!("Port {port}:  {url}");
+        }
+        for wt in &live.worktrees {
+            println!("Worktree:   {} at {}", wt.branch, wt.path);
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! `start`, `stop` and `destroy`: the commands that change a sandbox's
+//! lifecycle state. Each holds the sandbox lock for its whole run.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::Result;
+
+use super::backend::{
+    AttachOptions, BackendError, SandboxSpec, StartOptions, StopOptions, SyncOptions,
+};
+use super::config::{self, FlagOverrides};
+use super::registry::{write_json, RegistryEntry, SandboxPaths};
+use super::state::{ProcProbe, SandboxLock, SandboxState, StateRecord};
+use super::{fsutil, naming, project_top, store_err, Context, DestroyArgs, StartArgs, StopArgs};
+use super::{CANCELLED, INVALID_STATE};
+use crate::exit_code::{self, CodedError};
+
+fn lock(paths: &SandboxPaths, name: &str) -> Result<SandboxLock> {
+    SandboxLock::try_acquire(paths)
+        .map_err(store_err)?
+        .ok_or_else(|| {
+            CodedError::error(
+                INVALID_STATE,
+                format!("another keystone command is changing sandbox {name}; try again when it is done"),
+            )
+        })
+}
+
+/// `keystone agent start`.
+pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
+    // Settings first: a bad flag or config fails before anything changes.
+    let flags = FlagOverrides {
+        memory_mib: args.memory,
+        vcpus: args.vcpus,
+        nested_virt: match (args.nested, args.no_nested) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        network: args.network,
+        sync_mode: args.sync_mode,
+    };
+    let settings =
+        config::load(&flags).map_err(|e| CodedError::error(exit_code::NOT_FOUND, e.to_string()))?;
+
+    let dir = match &args.project_path {
+        Some(p) => p.clone(),
+        None => std::env::current_dir()?,
+    };
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| CodedError::error(exit_code::NOT_FOUND, format!("{}: {e}", dir.display())))?;
+    let project = project_top(&dir).map_err(|e| {
+        let code = exit_code::for_error(&e);
+        CodedError::error(
+            code,
+            format!("{e}; `keystone agent start` needs a git project"),
+        )
+    })?;
+
+    let name = match &args.name {
+        Some(name) => {
+            naming::validate(name).map_err(|e| CodedError::error(exit_code::NOT_FOUND, e))?;
+            name.clone()
+        }
+        None => ctx
+            .store
+            .registry()
+            .map_err(store_err)?
+            .find_by_project(&project)
+            .map(str::to_string)
+            .unwrap_or_else(|| naming::derive(&project)),
+    };
+
+    let paths = ctx.store.paths(&name);
+    std::fs::create_dir_all(&paths.dir).map_err(|e| {
+        CodedError::error(
+            exit_code::OPERATION_FAILED,
+            format!("{}: {e}", paths.dir.display()),
+        )
+    })?;
+    let _lock = lock(&paths, &name)?;
+
+    // Register (or check the registration) under the lock.
+    let created_at = fsutil::now_rfc3339();
+    let clash = ctx
+        .store
+        .update_registry(|r| match r.sandboxes.get(&name) {
+            Some(entry) if entry.project != project => Some(entry.project.clone()),
+            Some(_) => None,
+            None => {
+                r.sandboxes.insert(
+                    name.clone(),
+                    RegistryEntry {
+                        project: project.clone(),
+                        created_at: created_at.clone(),
+                    },
+                );
+                None
+            }
+        })
+        .map_err(store_err)?;
+    if let Some(other) = clash {
+        return Err(CodedError::error(
+            INVALID_STATE,
+            format!(
+                "sandbox name {name} is already used by {}; pick another --name",
+                other.display()
+            ),
+        ));
+    }
+
+    let mut record = StateRecord::load_checked(&paths, &name, &ProcProbe).map_err(store_err)?;
+    if record.is_active() {
+        return Err(CodedError::error(
+            INVALID_STATE,
+            format!(
+                "sandbox {name} is already {} (attach with `keystone agent attach {name}`)",
+                record.state
+            ),
+        ));
+    }
+    if record.state == SandboxState::Error {
+        println!(
+            "Recovering sandbox {name} from error: {}",
+            record.last_error.as_deref().unwrap_or("unknown cause")
+        );
+    }
+
+    let changes = naming::uncommitted_changes(&project);
+    if !changes.is_empty() {
+        eprintln!(
+            "keystone: warning: {} has {} uncommitted change(s); the sandbox gets committed work only (commit first to include them)",
+            project.display(),
+            changes.len()
+        );
+    }
+
+    let fresh = args.fresh || !settings.persist;
+    if fresh {
+        discard_state(&paths)?;
+        record = StateRecord::default();
+        if args.fresh {
+            println!("Discarded the state of sandbox {name} (--fresh)");
+        }
+    }
+    let paths = ctx.store.create_dirs(&name).map_err(store_err)?;
+    write_json(&paths.config, &settings).map_err(store_err)?;
+
+    let spec = SandboxSpec {
+        name: name.clone(),
+        project: project.clone(),
+        paths: paths.clone(),
+        settings,
+    };
+    record.state = SandboxState::Starting;
+    record.supervisor_pid = None;
+    record.last_error = None;
+    record.save(&paths).map_err(store_err)?;
+
+    println!("Starting sandbox {name} for {}", project.display());
+    let opts = StartOptions {
+        fresh,
+        agent: args.agent,
+    };
+    let mut progress = |line: &str| println!("  {line}");
+    match ctx.backend.start(&spec, &opts, &mut progress) {
+        Ok(outcome) => {
+            record.state = SandboxState::Running;
+            record.supervisor_pid = Some(outcome.supervisor_pid);
+            record.started_at = Some(fsutil::now_rfc3339());
+            record.engine = Some(outcome.engine.clone());
+            record.nested = Some(outcome.nested);
+            record.nested_detail = outcome.nested_detail.clone();
+            record.save(&paths).map_err(store_err)?;
+            if let Some(detail) = &outcome.nested_detail {
+                eprintln!(
+                    "keystone: note: nested virtualization is {}: {detail}",
+                    outcome.nested.as_str()
+                );
+            }
+            println!("Sandbox {name} is running (engine {})", outcome.engine);
+        }
+        Err(err) => {
+            record.state = SandboxState::Error;
+            record.supervisor_pid = None;
+            record.last_error = Some(err.to_string());
+            record.save(&paths).map_err(store_err)?;
+            return Err(err.coded());
+        }
+    }
+    drop(_lock);
+
+    if args.no_attach || !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        println!("Attach with: keystone agent attach {name}");
+        return Ok(exit_code::OK);
+    }
+    ctx.backend
+        .attach(&spec, &AttachOptions::default())
+        .map_err(BackendError::coded)
+}
+
+/// Removes the disk, `state.json` and `config.json` (not the lock we hold,
+/// nor the logs).
+fn discard_state(paths: &SandboxPaths) -> Result<()> {
+    let gone = |r: std::io::Result<()>, path: &std::path::Path| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CodedError::error(
+            exit_code::OPERATION_FAILED,
+            format!("{}: {e}", path.display()),
+        )),
+        _ => Ok(()),
+    };
+    gone(std::fs::remove_dir_all(&paths.disk), &paths.disk)?;
+    gone(std::fs::remove_file(&paths.state), &paths.state)?;
+    gone(std::fs::remove_file(&paths.config), &paths.config)
+}
+
+/// `keystone agent stop`.
+pub fn stop(ctx: &Context, args: StopArgs) -> Result<i32> {
+    let (name, entry) = ctx.resolve(args.name.as_deref())?;
+    let spec = ctx.spec(&name, &entry)?;
+    let _lock = lock(&spec.paths, &name)?;
+    let mut record =
+        StateRecord::load_checked(&spec.paths, &name, &ProcProbe).map_err(store_err)?;
+    match record.state {
+        SandboxState::Starting | SandboxState::Running | SandboxState::Stopping => {}
+        SandboxState::Error => {
+            // The VM is already gone: record that it is stopped.
+            record.state = SandboxState::Stopped;
+            record.supervisor_pid = None;
+            record.save(&spec.paths).map_err(store_err)?;
+            println!("Sandbox {name} was not running (its VM had died); marked stopped");
+            return Ok(exit_code::OK);
+        }
+        other => {
+            return Err(CodedError::error(
+                INVALID_STATE,
+                format!("sandbox {name} is not running (it is {other})"),
+            ))
+        }
+    }
+    if args.sync {
+        let report = ctx
+            .backend
+            .sync(&spec, &SyncOptions::default())
+            .map_err(BackendError::coded)?;
+        record.last_sync = Some(fsutil::now_rfc3339());
+        for line in &report.refs {
+            println!("  synced {line}");
+        }
+    }
+    record.state = SandboxState::Stopping;
+    record.save(&spec.paths).map_err(store_err)?;
+    if let Err(err) = ctx.backend.stop(&spec, &StopOptions { force: args.force }) {
+        // Leave the truth to the liveness check: the supervisor may still
+        // be up (running) or gone (error).
+        record.state = SandboxState::Running;
+        record.save(&spec.paths).map_err(store_err)?;
+        return Err(err.coded());
+    }
+    record.state = SandboxState::Stopped;
+    record.supervisor_pid = None;
+    record.save(&spec.paths).map_err(store_err)?;
+    println!("Sandbox {name} stopped");
+    Ok(exit_code::OK)
+}
+
+/// Asks `question [y/N]` on the terminal.
+fn confirm(question: &str) -> bool {
+    print!("{question} [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    if std::io::stdin().lock().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+/// `keystone agent destroy`. Without `--force` it asks on a terminal; with
+/// no terminal to ask on it refuses (exit 5) rather than delete a disk
+/// unasked.
+pub fn destroy(ctx: &Context, args: DestroyArgs) -> Result<i32> {
+    let (name, entry) = ctx.resolve(Some(&args.name))?;
+    let spec = ctx.spec(&name, &entry)?;
+    let _lock = lock(&spec.paths, &name)?;
+    let record = StateRecord::load_checked(&spec.paths, &name, &ProcProbe).map_err(store_err)?;
+
+    if record.is_active() && !args.force {
+        return Err(CodedError::error(
+            INVALID_STATE,
+            format!(
+                "sandbox {name} is {}; stop it first (`keystone agent stop {name}`) or pass --force",
+                record.state
+            ),
+        ));
+    }
+    if !args.force {
+        if !std::io::stdin().is_terminal() {
+            return Err(CodedError::error(
+                CANCELLED,
+                format!("not destroying sandbox {name} without confirmation: pass --force"),
+            ));
+        }
+        let what = if args.keep_disk {
+            "keeping its disk"
+        } else {
+            "including its disk"
+        };
+        if !confirm(&format!(
+            "Destroy sandbox {name} of {} ({what})?",
+            entry.project.display()
+        )) {
+            return Err(CodedError::error(
+                CANCELLED,
+                "cancelled; nothing was destroyed",
+            ));
+        }
+    }
+    if record.is_active() {
+        println!("Stopping sandbox {name}");
+        ctx.backend
+            .stop(&spec, &StopOptions { force: true })
+            .map_err(BackendError::coded)?;
+    }
+    ctx.backend.destroy(&spec).map_err(BackendError::coded)?;
+    ctx.store
+        .update_registry(|r| r.sandboxes.remove(&name))
+        .map_err(store_err)?;
+    ctx.store
+        .remove_dirs(&name, args.keep_disk)
+        .map_err(store_err)?;
+    if args.keep_disk {
+        println!(
+            "Destroyed sandbox {name}; kept its disk at {}",
+            spec.paths.disk.display()
+        );
+    } else {
+        println!("Destroyed sandbox {name}");
+    }
+    Ok(exit_code::OK)
+}

@@ -1,0 +1,353 @@
+//! `keystone agent ...`: sandboxes for AI coding agents.
+//!
+//! Layout:
+//! - `mod.rs` (this file): the clap definitions and dispatch, name
+//!   resolution shared by the commands;
+//! - `config.rs`: `agent.toml`, environment and flag precedence;
+//! - `naming.rs`: sandbox names, git project detection;
+//! - `registry.rs`: the on-disk store (`sandboxes.json`, per-sandbox folders);
+//! - `state.rs`: `state.json`, the sandbox lock, the liveness check;
+//! - `backend.rs`: the `Backend` trait, the micro-VM and Kubernetes backends;
+//! - `lifecycle.rs`: start, stop, destroy;
+//! - `inspect.rs`: list, status (human and `--json` output);
+//! - `session.rs`: attach, exec, ssh, sync, worktree, open-vscode;
+//! - `fsutil.rs`: atomic writes, flock, timestamps.
+
+mod backend;
+mod config;
+mod fsutil;
+mod inspect;
+mod lifecycle;
+mod naming;
+mod registry;
+mod session;
+mod state;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::exit_code::{self, CodedError};
+use backend::{AgentKind, Backend, SandboxSpec};
+use config::{Network, Settings, SyncMode};
+use naming::GitLookup;
+use registry::{RegistryEntry, SandboxStore};
+use state::SandboxState;
+
+pub use crate::exit_code::CANCELLED;
+pub use crate::exit_code::INVALID_STATE;
+
+const NAME_HELP: &str =
+    "Sandbox name [default: the sandbox of the git repository in the current directory]";
+
+/// `keystone agent <subcommand>`.
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Start (or resume) the sandbox of a git project and make an agent ready.
+    Start(StartArgs),
+    /// Stop a running sandbox; its disk is kept for the next start.
+    Stop(StopArgs),
+    /// Open the persistent terminal session inside the sandbox.
+    Attach(AttachArgs),
+    /// Run a command in the sandbox; its exit code is passed through.
+    Exec(ExecArgs),
+    /// Open an interactive login shell in the sandbox (over vsock, no sshd).
+    Ssh(NameArg),
+    /// Fetch the sandbox's commits (and optionally artifacts) into the host repository.
+    Sync(SyncArgs),
+    /// Manage git worktrees inside the sandbox (/workspace/.worktrees/<branch>).
+    #[command(subcommand)]
+    Worktree(WorktreeCommand),
+    /// Show a sandbox's state, resources and nested-virtualization status.
+    Status(StatusArgs),
+    /// List sandboxes.
+    List(ListArgs),
+    /// Delete a sandbox: its registry entry, state, logs and (unless --keep-disk) its disk.
+    Destroy(DestroyArgs),
+    /// Print or run the command that attaches VS Code to the sandbox.
+    OpenVscode(NameArg),
+    /// Internal: the per-sandbox supervisor process started by `start`.
+    #[command(name = "__supervise", hide = true)]
+    Supervise(SuperviseArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NameArg {
+    #[arg(help = NAME_HELP)]
+    pub name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// The git project to run [default: the current directory].
+    pub project_path: Option<PathBuf>,
+    /// Sandbox name [default: derived from the repository's directory name
+    /// and a hash of its path, e.g. my-app-1a2b3c].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Guest memory in MiB [default: 8192, or [defaults] memory].
+    #[arg(long, value_name = "MB")]
+    pub memory: Option<u32>,
+    /// Number of vCPUs [default: 4, or [defaults] vcpus].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Give the guest VMX/SVM and /dev/kvm (default where the host allows it).
+    #[arg(long, overrides_with = "no_nested")]
+    pub nested: bool,
+    /// Do not expose nested virtualization to the guest.
+    #[arg(long, overrides_with = "nested")]
+    pub no_nested: bool,
+    /// Discard the sandbox's persistent state and disk before starting.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Guest networking [default: nat].
+    #[arg(long, value_enum)]
+    pub network: Option<Network>,
+    /// When commits move to the host [default: manual].
+    #[arg(long, value_enum)]
+    pub sync_mode: Option<SyncMode>,
+    /// Do not attach to the terminal session once the sandbox is ready.
+    #[arg(long)]
+    pub no_attach: bool,
+    /// The coding agent to make ready.
+    #[arg(long, value_enum)]
+    pub agent: Option<AgentKind>,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    #[arg(help = NAME_HELP)]
+    pub name: Option<String>,
+    /// Stop at once, without waiting for a clean guest shutdown.
+    #[arg(long)]
+    pub force: bool,
+    /// Sync the sandbox's commits to the host before stopping.
+    #[arg(long)]
+    pub sync: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    #[arg(help = NAME_HELP)]
+    pub name: Option<String>,
+    /// Attach to the session of this worktree's branch.
+    #[arg(long, value_name = "BRANCH")]
+    pub worktree: Option<String>,
+    /// Serve the session to a browser instead of this terminal.
+    #[arg(long)]
+    pub web: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[arg(help = NAME_HELP)]
+    pub name: Option<String>,
+    /// Run in this worktree (/workspace/.worktrees/<BRANCH>).
+    #[arg(long, value_name = "B")]
+    pub worktree: Option<String>,
+    /// Run as this guest user.
+    #[arg(long, value_name = "U")]
+    pub user: Option<String>,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    #[arg(help = NAME_HELP)]
+    pub name: Option<String>,
+    /// Also copy non-git files (rsync semantics).
+    #[arg(long)]
+    pub artifacts: bool,
+    /// Show what would move without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Sync only this branch.
+    #[arg(long, value_name = "B")]
+    pub branch: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorktreeCommand {
+    /// Add a worktree for BRANCH at /workspace/.worktrees/<BRANCH>, with its own session.
+    Add {
+        branch: String,
+        /// Create the branch if it does not exist.
+        #[arg(long)]
+        create: bool,
+        #[arg(long, help = NAME_HELP)]
+        name: Option<String>,
+    },
+    /// List the sandbox's worktrees.
+    List {
+        #[arg(long, help = NAME_HELP)]
+        name: Option<String>,
+    },
+    /// Remove the worktree of BRANCH.
+    Remove {
+        branch: String,
+        /// Remove it even with uncommitted changes.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, help = NAME_HELP)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(help = NAME_HELP, conflicts_with = "all")]
+    pub name: Option<String>,
+    /// Print JSON (fields are documented in inspect.rs).
+    #[arg(long)]
+    pub json: bool,
+    /// Every sandbox.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Print a JSON array (fields are documented in inspect.rs).
+    #[arg(long)]
+    pub json: bool,
+    /// Only sandboxes in this state.
+    #[arg(long, value_enum, value_name = "STATE")]
+    pub state: Option<SandboxState>,
+}
+
+#[derive(Args, Debug)]
+pub struct DestroyArgs {
+    /// The sandbox to destroy.
+    pub name: String,
+    /// Do not ask; stop the sandbox first if it is running.
+    #[arg(long)]
+    pub force: bool,
+    /// Keep the sandbox's disk (disk/ in its folder).
+    #[arg(long)]
+    pub keep_disk: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SuperviseArgs {
+    pub name: String,
+}
+
+/// Runs an agent subcommand; returns the process exit code.
+pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
+    let ctx = Context::from_env()?;
+    match command {
+        AgentCommand::Start(args) => lifecycle::start(&ctx, args),
+        AgentCommand::Stop(args) => lifecycle::stop(&ctx, args),
+        AgentCommand::Destroy(args) => lifecycle::destroy(&ctx, args),
+        AgentCommand::List(args) => inspect::list(&ctx, args),
+        AgentCommand::Status(args) => inspect::status(&ctx, args),
+        AgentCommand::Attach(args) => session::attach(&ctx, args),
+        AgentCommand::Exec(args) => session::exec(&ctx, args),
+        AgentCommand::Ssh(args) => session::ssh(&ctx, args),
+        AgentCommand::Sync(args) => session::sync(&ctx, args),
+        AgentCommand::Worktree(cmd) => session::worktree(&ctx, cmd),
+        AgentCommand::OpenVscode(args) => session::open_vscode(&ctx, args),
+        AgentCommand::Supervise(args) => session::supervise(&ctx, args),
+    }
+}
+
+/// What every command starts from: the store, the settings from the file
+/// and environment, and the backend they select (already checked usable).
+pub struct Context {
+    pub store: SandboxStore,
+    pub settings: Settings,
+    pub backend: Box<dyn Backend>,
+}
+
+impl Context {
+    fn from_env() -> anyhow::Result<Self> {
+        Self::with_flags(&config::FlagOverrides::default())
+    }
+
+    fn with_flags(flags: &config::FlagOverrides) -> anyhow::Result<Self> {
+        let settings = config::load(flags)
+            .map_err(|e| CodedError::error(exit_code::NOT_FOUND, e.to_string()))?;
+        let backend = backend::for_kind(settings.backend);
+        backend
+            .check_available()
+            .map_err(backend::BackendError::coded)?;
+        let store = SandboxStore::from_env().map_err(store_err)?;
+        Ok(Self {
+            store,
+            settings,
+            backend,
+        })
+    }
+
+    /// The sandbox `name`, or the one of the git repository around the
+    /// current directory. Exit 1 if there is none.
+    pub fn resolve(&self, name: Option<&str>) -> anyhow::Result<(String, RegistryEntry)> {
+        let registry = self.store.registry().map_err(store_err)?;
+        let name = match name {
+            Some(name) => name.to_string(),
+            None => {
+                let cwd = std::env::current_dir().map_err(|e| {
+                    CodedError::error(exit_code::NOT_FOUND, format!("current directory: {e}"))
+                })?;
+                let top = project_top(&cwd)?;
+                match registry.find_by_project(&top) {
+                    Some(name) => name.to_string(),
+                    None => {
+                        return Err(CodedError::error(
+                            exit_code::NOT_FOUND,
+                            format!(
+                                "no sandbox for {}; start one with `keystone agent start`",
+                                top.display()
+                            ),
+                        ))
+                    }
+                }
+            }
+        };
+        match registry.sandboxes.get(&name) {
+            Some(entry) => Ok((name, entry.clone())),
+            None => Err(CodedError::error(
+                exit_code::NOT_FOUND,
+                format!("no sandbox named {name:?} (see `keystone agent list`)"),
+            )),
+        }
+    }
+
+    /// The spec of a registered sandbox: its recorded settings, or the
+    /// current ones if it never recorded any.
+    pub fn spec(&self, name: &str, entry: &RegistryEntry) -> anyhow::Result<SandboxSpec> {
+        let paths = self.store.paths(name);
+        let settings = registry::read_json::<Settings>(&paths.config)
+            .map_err(store_err)?
+            .unwrap_or_else(|| self.settings.clone());
+        Ok(SandboxSpec {
+            name: name.to_string(),
+            project: entry.project.clone(),
+            paths,
+            settings,
+        })
+    }
+}
+
+/// The git top-level directory around `dir`: exit 1 if there is none, 4 if
+/// git is missing.
+pub fn project_top(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    match naming::git_toplevel(dir) {
+        GitLookup::Repo(top) => Ok(top),
+        GitLookup::NotARepo => Err(CodedError::error(
+            exit_code::NOT_FOUND,
+            format!("{} is not inside a git repository", dir.display()),
+        )),
+        GitLookup::NoGit(e) => Err(CodedError::error(
+            exit_code::REQUIREMENTS,
+            format!("cannot run git ({e}); install git"),
+        )),
+    }
+}
+
+/// Store failures are operation failures (exit 3).
+pub fn store_err(e: registry::StoreError) -> anyhow::Error {
+    CodedError::error(exit_code::OPERATION_FAILED, e.to_string())
+}

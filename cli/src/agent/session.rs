@@ -1,0 +1,151 @@
+//! Commands that talk to a running sandbox: `attach`, `exec`, `ssh`,
+//! `sync`, `worktree`, `open-vscode`, and the hidden `__supervise`. The
+//! command layer checks that the sandbox exists (exit 1) and that its
+//! supervisor is alive (exit 2) before handing over to the backend.
+
+use anyhow::Result;
+
+use super::backend::{
+    AttachOptions, BackendError, ExecOptions, SandboxSpec, SyncOptions, WorktreeOp,
+};
+use super::registry::write_json;
+use super::state::{ProcProbe, StateRecord};
+use super::{fsutil, store_err, AttachArgs, Context, ExecArgs, NameArg, SuperviseArgs, SyncArgs};
+use super::{WorktreeCommand, INVALID_STATE};
+use crate::exit_code::{self, CodedError};
+
+/// The sandbox named (or of this repository), which must be running.
+fn running(ctx: &Context, name: Option<&str>) -> Result<(SandboxSpec, StateRecord)> {
+    let (name, entry) = ctx.resolve(name)?;
+    let spec = ctx.spec(&name, &entry)?;
+    let record = StateRecord::load_checked(&spec.paths, &name, &ProcProbe).map_err(store_err)?;
+    if !record.is_active() {
+        let state = match &record.last_error {
+            Some(err) => format!("{}: {err}", record.state),
+            None => record.state.to_string(),
+        };
+        return Err(CodedError::error(
+            INVALID_STATE,
+            format!(
+                "sandbox {name} is not running ({state}); start it with `keystone agent start`"
+            ),
+        ));
+    }
+    Ok((spec, record))
+}
+
+/// `keystone agent attach`.
+pub fn attach(ctx: &Context, args: AttachArgs) -> Result<i32> {
+    let (spec, _) = running(ctx, args.name.as_deref())?;
+    let opts = AttachOptions {
+        worktree: args.worktree,
+        web: args.web,
+    };
+    ctx.backend
+        .attach(&spec, &opts)
+        .map_err(BackendError::coded)
+}
+
+/// `keystone agent exec`: the command's exit code becomes ours.
+pub fn exec(ctx: &Context, args: ExecArgs) -> Result<i32> {
+    let (spec, _) = running(ctx, args.name.as_deref())?;
+    let opts = ExecOptions {
+        worktree: args.worktree,
+        user: args.user,
+        command: args.command,
+    };
+    ctx.backend.exec(&spec, &opts).map_err(BackendError::coded)
+}
+
+/// `keystone agent ssh`.
+pub fn ssh(ctx: &Context, args: NameArg) -> Result<i32> {
+    let (spec, _) = running(ctx, args.name.as_deref())?;
+    ctx.backend.ssh(&spec).map_err(BackendError::coded)
+}
+
+/// `keystone agent sync`.
+pub fn sync(ctx: &Context, args: SyncArgs) -> Result<i32> {
+    let (spec, _) = running(ctx, args.name.as_deref())?;
+    let opts = SyncOptions {
+        artifacts: args.artifacts,
+        dry_run: args.dry_run,
+        branch: args.branch,
+    };
+    let report = ctx
+        .backend
+        .sync(&spec, &opts)
+        .map_err(BackendError::coded)?;
+    let verb = if opts.dry_run { "would sync" } else { "synced" };
+    for line in &report.refs {
+        println!("{verb} {line}");
+    }
+    for path in &report.artifacts {
+        println!("{verb} artifact {path}");
+    }
+    if report.refs.is_empty() && report.artifacts.is_empty() {
+        println!("Nothing to sync");
+    }
+    if !opts.dry_run {
+        // Record the sync; the lifecycle lock is not needed for one field,
+        // but re-read the state so a concurrent change is not undone.
+        let mut record = StateRecord::load(&spec.paths).map_err(store_err)?;
+        record.last_sync = Some(fsutil::now_rfc3339());
+        record.save(&spec.paths).map_err(store_err)?;
+    }
+    Ok(exit_code::OK)
+}
+
+/// `keystone agent worktree ...`.
+pub fn worktree(ctx: &Context, cmd: WorktreeCommand) -> Result<i32> {
+    let (name, op) = match cmd {
+        WorktreeCommand::Add {
+            branch,
+            create,
+            name,
+        } => (name, WorktreeOp::Add { branch, create }),
+        WorktreeCommand::List { name } => (name, WorktreeOp::List),
+        WorktreeCommand::Remove {
+            branch,
+            force,
+            name,
+        } => (name, WorktreeOp::Remove { branch, force }),
+    };
+    let (spec, _) = running(ctx, name.as_deref())?;
+    let worktrees = ctx
+        .backend
+        .worktree(&spec, &op)
+        .map_err(BackendError::coded)?;
+    match op {
+        WorktreeOp::Add { branch, .. } => println!("Added worktree {branch}"),
+        WorktreeOp::Remove { branch, .. } => println!("Removed worktree {branch}"),
+        WorktreeOp::List => {
+            if worktrees.is_empty() {
+                println!("No worktrees");
+            }
+            for wt in &worktrees {
+                println!("{}  {}", wt.branch, wt.path);
+            }
+        }
+    }
+    Ok(exit_code::OK)
+}
+
+/// `keystone agent open-vscode`: prints the attach command.
+pub fn open_vscode(ctx: &Context, args: NameArg) -> Result<i32> {
+    let (spec, _) = running(ctx, args.name.as_deref())?;
+    let command = ctx
+        .backend
+        .open_vscode(&spec)
+        .map_err(BackendError::coded)?;
+    println!("{command}");
+    Ok(exit_code::OK)
+}
+
+/// `keystone agent __supervise NAME`: the supervisor process body.
+pub fn supervise(ctx: &Context, args: SuperviseArgs) -> Result<i32> {
+    let (name, entry) = ctx.resolve(Some(&args.name))?;
+    let spec = ctx.spec(&name, &entry)?;
+    // Keep config.json as the record of what this supervisor runs.
+    write_json(&spec.paths.config, &spec.settings).map_err(store_err)?;
+    ctx.backend.supervise(&spec).map_err(BackendError::coded)
+}
