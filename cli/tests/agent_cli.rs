@@ -426,6 +426,6 @@ fn every_subcommand_has_help() {
     ] {
         assert!(start.contains(flag), "start --help lacks {flag}");
     }
-    // exec needs a command after `--`.
-    assert_eq!(s.run(&["exec", "x"]).status.code(), Some(2));
+    // exec needs a command after `--`: a usage error, exit 1 (2 is "invalid state").
+    assert_eq!(s.run(&["exec", "x"]).status.code(), Some(1));
 }
