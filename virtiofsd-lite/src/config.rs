@@ -58,6 +58,9 @@ pub struct FsConfig {
     /// Accepted for virtiofsd compatibility but not used yet: requests are
     /// served on one worker thread per queue, without a separate pool.
     pub thread_pool_size: usize,
+    /// Serve the directory read-only: every modifying request (and opening
+    /// a file for writing) is answered `EROFS`, as virtiofsd's `--readonly`.
+    pub readonly: bool,
 }
 
 impl FsConfig {
@@ -70,6 +73,7 @@ impl FsConfig {
             writeback: false,
             allow_setuid: false,
             thread_pool_size: 0,
+            readonly: false,
         }
     }
 }

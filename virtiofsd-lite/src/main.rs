@@ -43,6 +43,10 @@ struct Args {
     /// Worker threads hint.
     #[arg(long, default_value_t = 0)]
     thread_pool_size: usize,
+    /// Refuse every change to the shared directory (EROFS), as virtiofsd's
+    /// `--readonly`.
+    #[arg(long)]
+    readonly: bool,
     /// Process isolation: "none", or "namespace" (new mount and PID
     /// namespaces with the shared directory as the root; needs root).
     #[arg(long, value_enum, default_value_t = Sandbox::None)]
@@ -58,6 +62,7 @@ fn main() {
         writeback: a.writeback,
         allow_setuid: a.allow_setuid,
         thread_pool_size: a.thread_pool_size,
+        readonly: a.readonly,
     };
     let result = match a.sandbox {
         Sandbox::None => virtiofsd_lite::serve_listener(&a.socket_path, config),

@@ -9,10 +9,17 @@
 //! `/proc/self/fd/N`, which is safe because the descriptor already names a
 //! confined inode and symlinks are never re-opened that way.
 //!
+//! A directory node the host moves out of the shared directory keeps its
+//! descriptor, and `RESOLVE_BENEATH` is relative to that descriptor, so
+//! requests relative to directory nodes first check that the node is still
+//! beneath the root (`confine.rs`).
+//!
 //! Files: `inode.rs` (node table), `handle.rs` (open files), `sys.rs`
 //! (syscall wrappers), `ops.rs` (the [`FileSystem`](crate::FileSystem) impl),
-//! `xattr.rs` (`user.*` extended attributes).
+//! `xattr.rs` (`user.*` extended attributes), `confine.rs` (the
+//! still-beneath-the-root check and the read-only policy).
 
+mod confine;
 mod handle;
 mod inode;
 mod ops;
@@ -47,6 +54,9 @@ pub struct PassthroughFs {
     writeback_offered: bool,
     writeback: AtomicBool,
     allow_setuid: bool,
+    readonly: bool,
+    /// `(st_dev, st_ino)` of the shared directory.
+    root_key: inode::InodeKey,
 }
 
 impl PassthroughFs {
@@ -71,6 +81,7 @@ impl PassthroughFs {
         )
         .map_err(Error::ProcFd)?;
         Ok(PassthroughFs {
+            root_key: (st.st_dev, st.st_ino),
             inodes: InodeStore::new(root_fd, &st),
             handles: HandleStore::default(),
             proc_self_fd,
@@ -79,6 +90,7 @@ impl PassthroughFs {
             writeback_offered: cfg.writeback,
             writeback: AtomicBool::new(false),
             allow_setuid: cfg.allow_setuid,
+            readonly: cfg.readonly,
         })
     }
 
@@ -127,6 +139,9 @@ impl PassthroughFs {
             libc::O_PATH | libc::O_NOFOLLOW,
             libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
         )?;
+        // Checked after the open: a parent moved out before it fails here,
+        // one moved out later no longer leads anywhere new (see confine.rs).
+        self.check_beneath_root(parent)?;
         let st = sys::stat_fd(fd.as_raw_fd())?;
         let data = self.inodes.add_lookup(fd, &st);
         Ok(self.entry(data.inode, st))

@@ -2,9 +2,10 @@
 //! node ids to confined descriptors and issues one or two `*at` calls.
 //!
 //! The daemon acts as root (no credential switching yet); what it refuses
-//! on the guest's behalf is block/char device nodes, setuid/setgid bits
-//! (unless allowed), non-`user.*` extended attributes and re-opening
-//! symlinks.
+//! on the guest's behalf is block/char device nodes (but the overlayfs
+//! whiteout, char 0:0), setuid/setgid bits (unless allowed), non-`user.*`
+//! extended attributes and re-opening symlinks; and, when read-only, every
+//! change (`EROFS`).
 
 use std::ffi::CStr;
 use std::io;
@@ -12,6 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::confine::is_whiteout;
 use super::{check_name, sys, PassthroughFs};
 use crate::config::CacheMode;
 use crate::descriptor::{Reader, Writer};
@@ -71,8 +73,10 @@ impl PassthroughFs {
         make: impl FnOnce(i32) -> i32,
     ) -> io::Result<Entry> {
         check_name(name)?;
+        self.check_writable()?;
         sys::clear_thread_umask();
         let p = self.inode(parent)?;
+        self.check_beneath_root(&p)?;
         sys::cvt(make(p.raw_fd()))?;
         self.do_lookup(&p, name)
     }
@@ -81,7 +85,7 @@ impl PassthroughFs {
 impl FileSystem for PassthroughFs {
     fn init(&self, opts: InitOptions) -> io::Result<InitOptions> {
         let mut flags = opts.flags;
-        if !self.writeback_offered {
+        if !self.writeback_offered || self.readonly {
             flags &= !init_flags::WRITEBACK_CACHE;
         }
         self.writeback
@@ -122,6 +126,7 @@ impl FileSystem for PassthroughFs {
         inode: Inode,
         req: SetattrRequest,
     ) -> io::Result<(libc::stat64, Duration)> {
+        self.check_writable()?;
         let data = self.inode(inode)?;
         let handle = match req.handle {
             Some(h) => Some(self.handles.get(h, inode)?),
@@ -215,7 +220,8 @@ impl FileSystem for PassthroughFs {
         _umask: u32,
     ) -> io::Result<Entry> {
         let kind = mode & libc::S_IFMT;
-        if kind == libc::S_IFBLK || kind == libc::S_IFCHR {
+        // The overlayfs whiteout (char 0:0) names no device: allowed.
+        if (kind == libc::S_IFBLK || kind == libc::S_IFCHR) && !is_whiteout(mode, rdev) {
             return Err(err(libc::EPERM));
         }
         let mode = kind | self.sanitize_mode(mode);
@@ -242,14 +248,18 @@ impl FileSystem for PassthroughFs {
 
     fn unlink(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
         check_name(name)?;
+        self.check_writable()?;
         let p = self.inode(parent)?;
+        self.check_beneath_root(&p)?;
         // SAFETY: NUL-terminated name relative to our O_PATH dir.
         sys::cvt(unsafe { libc::unlinkat(p.raw_fd(), name.as_ptr(), 0) })
     }
 
     fn rmdir(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
         check_name(name)?;
+        self.check_writable()?;
         let p = self.inode(parent)?;
+        self.check_beneath_root(&p)?;
         // SAFETY: NUL-terminated name relative to our O_PATH dir.
         sys::cvt(unsafe { libc::unlinkat(p.raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
     }
@@ -268,7 +278,10 @@ impl FileSystem for PassthroughFs {
         }
         check_name(oldname)?;
         check_name(newname)?;
+        self.check_writable()?;
         let (o, n) = (self.inode(olddir)?, self.inode(newdir)?);
+        self.check_beneath_root(&o)?;
+        self.check_beneath_root(&n)?;
         sys::renameat2(o.raw_fd(), oldname, n.raw_fd(), newname, flags)
     }
 
@@ -298,6 +311,7 @@ impl FileSystem for PassthroughFs {
         if data.is_dir() {
             return Err(err(libc::EISDIR));
         }
+        self.check_open_flags(flags)?;
         let fd = self.reopen(&data, self.open_flags(flags))?;
         Ok((
             Some(self.handles.insert(inode, fd)),
@@ -315,8 +329,10 @@ impl FileSystem for PassthroughFs {
         _umask: u32,
     ) -> io::Result<(Entry, Option<Handle>, u32)> {
         check_name(name)?;
+        self.check_writable()?;
         sys::clear_thread_umask();
         let p = self.inode(parent)?;
+        self.check_beneath_root(&p)?;
         // O_NOFOLLOW: never create or open through a symlink at `name`.
         let oflags = self.open_flags(flags)
             | libc::O_CREAT
@@ -374,6 +390,7 @@ impl FileSystem for PassthroughFs {
         size: u32,
         offset: u64,
     ) -> io::Result<usize> {
+        self.check_writable()?;
         let h = self.handles.get(handle, inode)?;
         let mut done = 0usize;
         while done < size as usize {
@@ -425,6 +442,7 @@ impl FileSystem for PassthroughFs {
         if !data.is_dir() {
             return Err(err(libc::ENOTDIR));
         }
+        self.check_beneath_root(&data)?;
         let fd = sys::openat(data.raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         Ok((Some(self.handles.insert(inode, fd)), self.fopen_flags(true)))
     }
@@ -437,6 +455,7 @@ impl FileSystem for PassthroughFs {
         offset: u64,
         add: &mut dyn FnMut(DirEntry<'_>) -> io::Result<bool>,
     ) -> io::Result<()> {
+        self.check_beneath_root(&self.inode(inode)?)?;
         let h = self.handles.get(handle, inode)?;
         let _pos = h.lock_dir();
         let fd = h.raw_fd();
@@ -500,6 +519,9 @@ impl FileSystem for PassthroughFs {
     }
 
     fn access(&self, _ctx: Context, inode: Inode, mask: u32) -> io::Result<()> {
+        if mask as i32 & libc::W_OK != 0 {
+            self.check_writable()?;
+        }
         let data = self.inode(inode)?;
         if data.is_symlink() {
             return Ok(());
@@ -520,6 +542,7 @@ impl FileSystem for PassthroughFs {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
+        self.check_writable()?;
         let h = self.handles.get(handle, inode)?;
         let (off, len) = (i64::try_from(offset), i64::try_from(length));
         let (Ok(off), Ok(len)) = (off, len) else {
@@ -566,6 +589,7 @@ impl FileSystem for PassthroughFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        self.check_writable()?;
         self.set_xattr(inode, name, value, flags)
     }
 
@@ -584,10 +608,12 @@ impl FileSystem for PassthroughFs {
     }
 
     fn removexattr(&self, _ctx: Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
         self.remove_xattr(inode, name)
     }
 
     fn copy_file_range(&self, _ctx: Context, req: CopyRange) -> io::Result<usize> {
+        self.check_writable()?;
         let src = self.handles.get(req.handle_in, req.inode_in)?;
         let dst = self.handles.get(req.handle_out, req.inode_out)?;
         let mut off_in = i64::try_from(req.offset_in).map_err(|_| err(libc::EINVAL))?;
