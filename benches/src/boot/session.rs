@@ -1,0 +1,202 @@
+//! One measured boot: spawn a VMM with its serial console on a pipe, time
+//! the milestones from the spawn, sample its memory at the marker line,
+//! and wait for it to exit (300 s limit; killed if it does not exit soon
+//! after the marker, e.g. when its reboot path hangs).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vmm::devices::legacy::boot_timer::monotonic_ns;
+
+use super::child::GroupChild;
+use super::console::{Console, ConsoleState};
+use super::procmem::ProcMemory;
+
+/// What to boot.
+pub struct BootSpec<'a> {
+    pub name: &'a str,
+    pub program: &'a Path,
+    pub args: Vec<OsString>,
+    /// Marker line that means "guest user space is up".
+    pub marker: &'a str,
+    /// Extra processes (e.g. the virtio-fs daemon) whose memory is sampled too.
+    pub extra_pids: Vec<u32>,
+    pub stderr_log: PathBuf,
+    pub limit: Duration,
+    /// How long to wait for an exit after the marker.
+    pub exit_grace: Duration,
+    /// Text on the VMM's stderr that means it is stuck for good (QEMU
+    /// pauses instead of exiting on a KVM emulation failure): kill at once.
+    pub fatal_stderr: &'a [&'a str],
+}
+
+/// How the VMM ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExitInfo {
+    /// The guest reached the marker and the VMM exited by itself with status 0.
+    pub clean: bool,
+    /// Human-readable: exit status, or why the harness killed it.
+    pub status: String,
+    pub killed_by_harness: bool,
+    /// Spawn to exit (or to kill), ms.
+    pub wall_ms: f64,
+}
+
+/// Milestones of one boot, in ms from the spawn (harness clock).
+#[derive(Debug, Clone, Serialize)]
+pub struct BootOutcome {
+    pub spawn_ns: u64,
+    pub kernel_start_ms: Option<f64>,
+    pub init_exec_ms: Option<f64>,
+    pub userspace_ms: Option<f64>,
+    /// The VMM process's memory at the marker.
+    pub memory: Option<ProcMemory>,
+    /// Memory of the extra processes at the marker.
+    pub extra_memory: Vec<Option<ProcMemory>>,
+    pub exit: ExitInfo,
+    /// The final command line as the guest kernel printed it.
+    pub kernel_cmdline: Option<String>,
+    pub serial_bytes: u64,
+    pub error: Option<String>,
+}
+
+fn ms_since(from: u64, at: Option<u64>) -> Option<f64> {
+    at.map(|t| (t as f64 - from as f64) / 1e6)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+fn fatal_text(path: &Path, patterns: &[&str]) -> Option<String> {
+    if patterns.is_empty() {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    patterns
+        .iter()
+        .find(|p| text.contains(**p))
+        .map(|p| p.to_string())
+}
+
+/// Boots once; errors only if the VMM cannot be started at all.
+pub fn boot(spec: BootSpec<'_>) -> anyhow::Result<BootOutcome> {
+    let stderr = std::fs::File::create(&spec.stderr_log)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", spec.stderr_log.display()))?;
+    let mut cmd = Command::new(spec.program);
+    cmd.args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    let mut child = GroupChild::spawn(spec.name, &mut cmd)?;
+    let spawn_ns = child.spawn_ns;
+    let started = Instant::now();
+    let stdout = child
+        .take_stdout()
+        .ok_or_else(|| anyhow::anyhow!("{}: no stdout pipe", spec.name))?;
+    let mut watch = vec![child.pid()];
+    watch.extend(&spec.extra_pids);
+    let console = Console::start(stdout, spec.marker, watch)?;
+
+    let mut marker_seen_at: Option<Instant> = None;
+    let mut polls: u64 = 0;
+    let (status, killed) = loop {
+        if let Some(s) = child.try_wait()? {
+            break (s.to_string(), false);
+        }
+        polls += 1;
+        if polls % 25 == 0 {
+            if let Some(text) = fatal_text(&spec.stderr_log, spec.fatal_stderr) {
+                child.kill();
+                break (
+                    format!("killed: the VMM reported '{text}' and stopped running the guest"),
+                    true,
+                );
+            }
+        }
+        if started.elapsed() >= spec.limit {
+            let st = console.snapshot();
+            child.kill();
+            break (
+                format!(
+                    "killed: no exit within {} s (marker {})",
+                    spec.limit.as_secs(),
+                    if st.marker_ns.is_some() {
+                        "seen"
+                    } else {
+                        "not seen"
+                    }
+                ),
+                true,
+            );
+        }
+        if marker_seen_at.is_none() && console.snapshot().marker_ns.is_some() {
+            marker_seen_at = Some(Instant::now());
+        }
+        if let Some(at) = marker_seen_at {
+            if at.elapsed() >= spec.exit_grace {
+                child.kill();
+                break (
+                    format!(
+                        "killed: marker seen but no exit within {} s after it",
+                        spec.exit_grace.as_secs()
+                    ),
+                    true,
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let end_ns = monotonic_ns();
+    // Make sure nothing in the group holds the pipe open, then drain it.
+    child.kill();
+    let st: ConsoleState = console.finish();
+    let mut mem = st.marker_memory.iter().copied();
+    let memory = mem.next().flatten();
+    let extra_memory: Vec<_> = mem.collect();
+    let exited_ok = !killed && status == "exit status: 0";
+    let reached = st.marker_ns.is_some();
+    let error = if reached && exited_ok {
+        None
+    } else {
+        let what = if !reached {
+            "the guest never printed the user-space marker"
+        } else {
+            "the VMM did not exit cleanly after the marker"
+        };
+        Some(format!(
+            "{what}; {status}; VMM stderr: {}; last console lines: {}",
+            tail(&spec.stderr_log, 6),
+            st.tail
+                .iter()
+                .rev()
+                .take(4)
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ))
+    };
+    Ok(BootOutcome {
+        spawn_ns,
+        kernel_start_ms: ms_since(spawn_ns, st.first_byte_ns),
+        init_exec_ms: ms_since(spawn_ns, st.init_exec_ns),
+        userspace_ms: ms_since(spawn_ns, st.marker_ns),
+        memory,
+        extra_memory,
+        exit: ExitInfo {
+            clean: reached && exited_ok,
+            status,
+            killed_by_harness: killed,
+            wall_ms: (end_ns as f64 - spawn_ns as f64) / 1e6,
+        },
+        kernel_cmdline: st.kernel_cmdline,
+        serial_bytes: st.bytes,
+        error,
+    })
+}
