@@ -8,12 +8,15 @@ cd "$(dirname "$0")/.."
 echo "== guest kernel (cached by recipe hash)"
 kernel_dir=$(guest-image/kernel/build.sh)
 echo "kernel: $kernel_dir"
+echo "== guest root file system (cached by recipe hash)"
+rootfs_dir=$(guest-image/rootfs/build.sh)
+echo "rootfs: $rootfs_dir"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== cargo test"
-KEYSTONE_KERNEL_DIR="$kernel_dir" cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.log
+KEYSTONE_KERNEL_DIR="$kernel_dir" KEYSTONE_ROOTFS_DIR="$rootfs_dir" cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.log
 echo "== skipped tests (counted as skipped, not passed)"
 grep -h "^SKIP:" target/test-output.log | sort | uniq -c || echo "none"
 # cargo's harness has no skip state: a test that printed SKIP returned
