@@ -67,8 +67,25 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            eprintln!("keystone: error: {err:#}");
+            eprintln!("keystone: error: {}", error_chain(&err));
             std::process::exit(exit_code::for_error(&err));
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message
+/// before it already contains (library errors often embed their source).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

@@ -15,8 +15,8 @@
 //! - Errors are [`BackendError`]s; each maps to a SPEC.md exit code.
 //!   Never report success for work that was not done.
 //!
-//! Until the micro-VM backend is wired in, nothing reads most option fields;
-//! they are the interface it implements, hence the `dead_code` allowance.
+//! Some option fields and variants are interface the micro-VM backend does
+//! not use yet (e.g. `StartOptions::agent`), hence the `dead_code` allowance.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -109,6 +109,8 @@ pub struct SyncOptions {
 pub struct SyncReport {
     /// One line per updated ref, e.g. `main: 1a2b3c..4d5e6f`.
     pub refs: Vec<String>,
+    /// Lines printed as they are under the refs (the commits).
+    pub details: Vec<String>,
     /// Artifact paths copied.
     pub artifacts: Vec<String>,
 }
@@ -246,7 +248,7 @@ pub trait Backend {
 /// The backend for a kind.
 pub fn for_kind(kind: BackendKind) -> Box<dyn Backend> {
     match kind {
-        BackendKind::MicroVm => Box::new(MicroVmBackend),
+        BackendKind::MicroVm => Box::new(super::microvm::MicroVmBackend),
         BackendKind::Kubernetes => Box::new(KubernetesBackend),
     }
 }
@@ -309,68 +311,6 @@ impl Backend for KubernetesBackend {
     }
 }
 
-/// The micro-VM backend. Placeholder: the VMM, virtiofsd-lite, vsock and
-/// guest agent plumbing is wired in by the supervisor work; until then every
-/// operation that needs a guest fails with exit 3 instead of pretending.
-pub struct MicroVmBackend;
-
-impl MicroVmBackend {
-    fn not_wired<T>(operation: &'static str) -> BackendResult<T> {
-        Err(BackendError::NotWired { operation })
-    }
-}
-
-impl Backend for MicroVmBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::MicroVm
-    }
-    /// Usable for the commands that need no guest (list, status, destroy);
-    /// `/dev/kvm` and engine checks belong in `start`.
-    fn check_available(&self) -> BackendResult<()> {
-        Ok(())
-    }
-    fn start(
-        &self,
-        _: &SandboxSpec,
-        _: &StartOptions,
-        _: &mut dyn FnMut(&str),
-    ) -> BackendResult<StartOutcome> {
-        Self::not_wired("start a sandbox")
-    }
-    fn stop(&self, _: &SandboxSpec, _: &StopOptions) -> BackendResult<()> {
-        Self::not_wired("stop a sandbox")
-    }
-    fn attach(&self, _: &SandboxSpec, _: &AttachOptions) -> BackendResult<i32> {
-        Self::not_wired("attach")
-    }
-    fn exec(&self, _: &SandboxSpec, _: &ExecOptions) -> BackendResult<i32> {
-        Self::not_wired("exec")
-    }
-    fn ssh(&self, _: &SandboxSpec) -> BackendResult<i32> {
-        Self::not_wired("open a shell")
-    }
-    fn sync(&self, _: &SandboxSpec, _: &SyncOptions) -> BackendResult<SyncReport> {
-        Self::not_wired("sync")
-    }
-    fn worktree(&self, _: &SandboxSpec, _: &WorktreeOp) -> BackendResult<Vec<WorktreeInfo>> {
-        Self::not_wired("manage worktrees")
-    }
-    fn status(&self, _: &SandboxSpec) -> BackendResult<BackendStatus> {
-        Self::not_wired("query a running sandbox")
-    }
-    fn open_vscode(&self, _: &SandboxSpec) -> BackendResult<String> {
-        Self::not_wired("attach VS Code")
-    }
-    /// A micro-VM sandbox holds nothing outside its folder once its
-    /// supervisor is gone, so there is genuinely nothing to release.
-    fn destroy(&self, _: &SandboxSpec) -> BackendResult<()> {
-        Ok(())
-    }
-    fn supervise(&self, _: &SandboxSpec) -> BackendResult<i32> {
-        Self::not_wired("run a supervisor")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,11 +326,13 @@ mod tests {
         );
         let vm = for_kind(BackendKind::MicroVm);
         vm.check_available().unwrap();
+        // No guest behind the sandbox's socket: a clean failure, exit 3.
         let err = vm.ssh_for_test().unwrap_err();
         assert_eq!(err.exit_code(), 3);
-        assert!(err
-            .to_string()
-            .starts_with("the micro-VM backend is not wired in this build"));
+        assert!(
+            err.to_string().contains("cannot reach the guest agent"),
+            "{err}"
+        );
         assert_eq!(BackendError::InvalidState("x".into()).exit_code(), 2);
         assert_eq!(BackendError::Cancelled("x".into()).exit_code(), 5);
         assert_eq!(BackendError::NotFound("x".into()).exit_code(), 1);

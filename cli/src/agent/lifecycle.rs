@@ -240,13 +240,19 @@ pub fn stop(ctx: &Context, args: StopArgs) -> Result<i32> {
         }
     }
     if args.sync {
-        let report = ctx
-            .backend
-            .sync(&spec, &SyncOptions::default())
-            .map_err(BackendError::coded)?;
-        record.last_sync = Some(fsutil::now_rfc3339());
-        for line in &report.refs {
-            println!("  synced {line}");
+        match ctx.backend.sync(&spec, &SyncOptions::default()) {
+            Ok(report) => {
+                record.last_sync = Some(fsutil::now_rfc3339());
+                for line in &report.refs {
+                    println!("  synced {line}");
+                }
+                for line in &report.details {
+                    println!("  {line}");
+                }
+            }
+            // "Nothing to sync" must not keep the sandbox running.
+            Err(BackendError::InvalidState(msg)) => println!("  {msg}"),
+            Err(err) => return Err(err.coded()),
         }
     }
     record.state = SandboxState::Stopping;

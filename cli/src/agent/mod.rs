@@ -7,7 +7,9 @@
 //! - `naming.rs`: sandbox names, git project detection;
 //! - `registry.rs`: the on-disk store (`sandboxes.json`, per-sandbox folders);
 //! - `state.rs`: `state.json`, the sandbox lock, the liveness check;
-//! - `backend.rs`: the `Backend` trait, the micro-VM and Kubernetes backends;
+//! - `backend.rs`: the `Backend` trait and the Kubernetes placeholder;
+//! - `microvm/`: the micro-VM backend (supervisor, engines, guest agent
+//!   sessions, sync);
 //! - `lifecycle.rs`: start, stop, destroy;
 //! - `inspect.rs`: list, status (human and `--json` output);
 //! - `session.rs`: attach, exec, ssh, sync, worktree, open-vscode;
@@ -18,6 +20,7 @@ mod config;
 mod fsutil;
 mod inspect;
 mod lifecycle;
+mod microvm;
 mod naming;
 mod registry;
 mod session;
@@ -48,6 +51,11 @@ pub enum AgentCommand {
     /// Stop a running sandbox; its disk is kept for the next start.
     Stop(StopArgs),
     /// Open the persistent terminal session inside the sandbox.
+    ///
+    /// The session is a tmux session named `<sandbox>-<branch>` (Zellij is
+    /// not in the guest image yet): detach with Ctrl-b d, and `attach`
+    /// again re-attaches to it. Without tmux in the guest it is a plain
+    /// login shell.
     Attach(AttachArgs),
     /// Run a command in the sandbox; its exit code is passed through.
     Exec(ExecArgs),
@@ -69,6 +77,10 @@ pub enum AgentCommand {
     /// Internal: the per-sandbox supervisor process started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
+    /// Internal: git's `ext::` transport command for `sync` (pipes
+    /// `git upload-pack /workspace` in the guest).
+    #[command(name = "__git-upload-pack", hide = true)]
+    GitUploadPack(SuperviseArgs),
 }
 
 #[derive(Args, Debug)]
@@ -250,6 +262,7 @@ pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
         AgentCommand::Worktree(cmd) => session::worktree(&ctx, cmd),
         AgentCommand::OpenVscode(args) => session::open_vscode(&ctx, args),
         AgentCommand::Supervise(args) => session::supervise(&ctx, args),
+        AgentCommand::GitUploadPack(args) => session::git_upload_pack(&ctx, args),
     }
 }
 

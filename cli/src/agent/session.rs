@@ -79,6 +79,9 @@ pub fn sync(ctx: &Context, args: SyncArgs) -> Result<i32> {
     for line in &report.refs {
         println!("{verb} {line}");
     }
+    for line in &report.details {
+        println!("{line}");
+    }
     for path in &report.artifacts {
         println!("{verb} artifact {path}");
     }
@@ -148,4 +151,11 @@ pub fn supervise(ctx: &Context, args: SuperviseArgs) -> Result<i32> {
     // Keep config.json as the record of what this supervisor runs.
     write_json(&spec.paths.config, &spec.settings).map_err(store_err)?;
     ctx.backend.supervise(&spec).map_err(BackendError::coded)
+}
+
+/// `keystone agent __git-upload-pack NAME`: git's `ext::` command for
+/// sync; the sandbox must be running.
+pub fn git_upload_pack(ctx: &Context, args: SuperviseArgs) -> Result<i32> {
+    let (spec, _) = running(ctx, Some(&args.name))?;
+    super::microvm::git_upload_pack(&spec).map_err(BackendError::coded)
 }

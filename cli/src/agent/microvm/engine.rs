@@ -1,0 +1,447 @@
+//! Which engine runs the guest, and the pure parts of launching it: the
+//! sandbox folder layout, kernel command lines and QEMU's arguments.
+
+use std::path::{Path, PathBuf};
+
+use vmm::KvmKind;
+
+use super::super::config::Engine;
+use super::super::registry::SandboxPaths;
+use super::super::state::NestedStatus;
+
+/// QEMU's system emulator (engine `qemu`).
+pub const QEMU: &str = "qemu-system-x86_64";
+/// The guest agent's vsock port.
+pub const AGENT_PORT: u32 = 1024;
+/// The guest's vsock CID.
+pub const GUEST_CID: u64 = 3;
+/// The guest user commands run as by default (uid/gid 1000 in the rootfs).
+pub const GUEST_USER: &str = "agent";
+pub const GUEST_UID: u32 = 1000;
+/// Where the sandbox's clone appears in the guest.
+pub const GUEST_WORKSPACE: &str = "/workspace";
+
+/// The two engines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Our VMM on KVM, in the supervisor process.
+    Vmm,
+    /// `qemu-system-x86_64 -accel tcg`, with our vhost-user daemons.
+    Qemu,
+}
+
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vmm => "vmm",
+            Self::Qemu => "qemu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "vmm" => Some(Self::Vmm),
+            "qemu" => Some(Self::Qemu),
+            _ => None,
+        }
+    }
+}
+
+/// What the host offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostFacts {
+    /// `/dev/kvm` can be opened read-write, and which kind it is.
+    pub kvm: Option<KvmKind>,
+    /// `qemu-system-x86_64` runs.
+    pub qemu: bool,
+}
+
+impl HostFacts {
+    pub fn detect() -> Self {
+        let kvm_ok = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        let qemu = std::process::Command::new(QEMU)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        Self {
+            kvm: kvm_ok.then(|| vmm::vstate::kvm::detect_kind(Path::new("/sys/module"))),
+            qemu,
+        }
+    }
+}
+
+/// The engine picked and why (for the banner).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineChoice {
+    pub engine: EngineKind,
+    pub reason: String,
+}
+
+const QEMU_MISSING: &str =
+    "qemu-system-x86_64 is not installed (Debian/Ubuntu: apt-get install qemu-system-x86)";
+const KVM_MISSING: &str = "/dev/kvm is missing or not accessible (load kvm_intel/kvm_amd, or add yourself to the kvm group)";
+
+/// Picks the engine for `requested` on `host`; `Err` is a requirements
+/// message (exit 4).
+pub fn choose(requested: Engine, host: &HostFacts) -> Result<EngineChoice, String> {
+    let pick = |engine, reason: &str| {
+        Ok(EngineChoice {
+            engine,
+            reason: reason.to_string(),
+        })
+    };
+    match requested {
+        Engine::Vmm => match host.kvm {
+            Some(_) => pick(EngineKind::Vmm, "engine = \"vmm\" in the configuration"),
+            None => Err(format!(
+                "engine vmm needs KVM: {KVM_MISSING}; or set [backend.microvm] engine = \"qemu\" \
+                 in ~/.config/keystone/agent.toml to use QEMU's software emulation"
+            )),
+        },
+        Engine::Qemu => {
+            if host.qemu {
+                pick(EngineKind::Qemu, "engine = \"qemu\" in the configuration")
+            } else {
+                Err(format!("engine qemu needs QEMU: {QEMU_MISSING}"))
+            }
+        }
+        Engine::Auto => match (host.kvm, host.qemu) {
+            (Some(KvmKind::Hardware), _) => pick(EngineKind::Vmm, "hardware KVM"),
+            (Some(KvmKind::Pvm), true) => pick(
+                EngineKind::Qemu,
+                "this host's KVM is paravirtual (kvm_pvm): our VMM would emulate the guest \
+                 kernel ~30x slower than QEMU's TCG runs it",
+            ),
+            (Some(KvmKind::Pvm), false) => pick(
+                EngineKind::Vmm,
+                "paravirtual KVM (kvm_pvm) and no qemu-system-x86_64: our VMM, slow here",
+            ),
+            (None, true) => pick(
+                EngineKind::Qemu,
+                "no usable /dev/kvm: QEMU's software emulation",
+            ),
+            (None, false) => Err(format!(
+                "no engine can run here: {KVM_MISSING}, and {QEMU_MISSING} for the fallback \
+                 engine = \"qemu\""
+            )),
+        },
+    }
+}
+
+/// Whether the guest gets nested virtualization, and why not.
+pub fn nested_status(
+    wanted: bool,
+    engine: EngineKind,
+    host: &HostFacts,
+) -> (NestedStatus, Option<String>) {
+    if !wanted {
+        return (NestedStatus::Disabled, None);
+    }
+    let unavailable = |why: &str| (NestedStatus::Unavailable, Some(why.to_string()));
+    match (engine, host.kvm) {
+        (EngineKind::Qemu, _) => unavailable("QEMU's software emulation (TCG) offers no VMX/SVM"),
+        (EngineKind::Vmm, Some(KvmKind::Pvm)) => {
+            unavailable("this host's KVM is paravirtual (kvm_pvm) and cannot nest")
+        }
+        (EngineKind::Vmm, _) => {
+            let on = ["kvm_intel", "kvm_amd"].iter().any(|m| {
+                std::fs::read_to_string(format!("/sys/module/{m}/parameters/nested"))
+                    .is_ok_and(|v| matches!(v.trim(), "Y" | "1"))
+            });
+            if on {
+                (NestedStatus::Enabled, None)
+            } else {
+                unavailable("the host's kvm module has nested=0")
+            }
+        }
+    }
+}
+
+/// The files of one sandbox the backend uses (under its folder).
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// The sandbox-private clone, shared as `/workspace`.
+    pub workspace: PathBuf,
+    /// The `state` share: `upper/` and `work/` of the root overlay.
+    pub state: PathBuf,
+    /// The hybrid vsock socket (`CONNECT <port>\n`).
+    pub vsock: PathBuf,
+    /// vhost-user sockets (engine qemu) and pid files.
+    pub run: PathBuf,
+    pub supervisor_log: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl Layout {
+    pub fn new(paths: &SandboxPaths) -> Self {
+        Self {
+            workspace: paths.disk.join("workspace"),
+            state: paths.disk.join("state"),
+            vsock: paths.dir.join("vsock.sock"),
+            run: paths.dir.join("run"),
+            supervisor_log: paths.logs.join("supervisor.log"),
+            console_log: paths.logs.join("console.log"),
+        }
+    }
+
+    /// The vhost-user socket of a share (engine qemu).
+    pub fn fs_socket(&self, tag: &str) -> PathBuf {
+        if tag == "workspace" {
+            // Its daemon acts as the guest user: a folder that user owns.
+            self.workspace_run().join(format!("fs-{tag}.sock"))
+        } else {
+            self.run.join(format!("fs-{tag}.sock"))
+        }
+    }
+
+    /// The folder of the workspace daemon's socket.
+    pub fn workspace_run(&self) -> PathBuf {
+        self.run.join("ws")
+    }
+
+    /// The vhost-user socket of the vsock device (engine qemu).
+    pub fn vsock_vhost_socket(&self) -> PathBuf {
+        self.run.join("vsock-vhost.sock")
+    }
+
+    /// The QEMU process id, while one runs.
+    pub fn qemu_pid(&self) -> PathBuf {
+        self.run.join("qemu.pid")
+    }
+
+    /// Every Unix socket path, to check against the 107-byte limit.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = SHARES.iter().map(|(t, _)| self.fs_socket(t)).collect();
+        v.push(self.vsock_vhost_socket());
+        v.push(self.vsock.clone());
+        v
+    }
+}
+
+/// The three virtio-fs shares: tag and whether it is read-only.
+pub const SHARES: [(&str, bool); 3] = [("root", true), ("state", false), ("workspace", false)];
+
+/// The longest Unix socket path (sun_path holds 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Under QEMU TCG: a fixed loops-per-jiffy and trusted TSC (calibration is
+/// slow and can hang), triple-fault reboot (microvm has no i8042), and
+/// `panic=-1` so a dead guest ends QEMU (`-no-reboot`).
+pub const QEMU_BASE_CMDLINE: &str =
+    "console=ttyS0 lpj=5000000 tsc=reliable reboot=t panic=-1 nokaslr";
+
+/// The guest kernel command line for `engine`. Our VMM adds its own host
+/// options (`reboot=k`, the kvm_pvm workarounds) to it.
+pub fn guest_cmdline(engine: EngineKind, hostname: &str) -> String {
+    let base = match engine {
+        EngineKind::Qemu => QEMU_BASE_CMDLINE,
+        EngineKind::Vmm => "console=ttyS0",
+    };
+    format!(
+        "{base} quiet keystone.root=root keystone.state=state keystone.workspace=workspace \
+         keystone.hostname={hostname}"
+    )
+}
+
+/// Everything QEMU needs to boot a sandbox.
+#[derive(Clone, Debug)]
+pub struct QemuPlan {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub cmdline: String,
+    /// (vhost-user socket, tag) per virtio-fs share.
+    pub shares: Vec<(PathBuf, String)>,
+    pub vsock_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+/// QEMU's argument list (without the program) for `plan`.
+pub fn qemu_args(plan: &QemuPlan) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,pit=on,pic=on,acpi=off,memory-backend=mem",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "qemu64",
+        "-smp",
+        &plan.vcpus.to_string(),
+        "-m",
+        &format!("{}M", plan.memory_mib),
+        "-object",
+        &format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            plan.memory_mib
+        ),
+        "-kernel",
+        &plan.kernel.display().to_string(),
+        "-initrd",
+        &plan.initrd.display().to_string(),
+        "-append",
+        &plan.cmdline,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-chardev",
+        &format!(
+            "file,id=console,path={},append=on",
+            plan.console_log.display()
+        ),
+        "-serial",
+        "chardev:console",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (i, (socket, tag)) in plan.shares.iter().enumerate() {
+        a.push("-chardev".into());
+        a.push(format!("socket,id=fs{i},path={}", socket.display()));
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-device,chardev=fs{i},tag={tag}"));
+    }
+    a.push("-chardev".into());
+    a.push(format!(
+        "socket,id=vsock,path={}",
+        plan.vsock_socket.display()
+    ));
+    a.push("-device".into());
+    a.push("vhost-user-vsock-device,chardev=vsock".into());
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_qemu_on_kvm_pvm_and_vmm_on_hardware() {
+        let pvm = HostFacts {
+            kvm: Some(KvmKind::Pvm),
+            qemu: true,
+        };
+        let c = choose(Engine::Auto, &pvm).unwrap();
+        assert_eq!(c.engine, EngineKind::Qemu);
+        assert!(c.reason.contains("kvm_pvm"), "{}", c.reason);
+        let hw = HostFacts {
+            kvm: Some(KvmKind::Hardware),
+            qemu: true,
+        };
+        assert_eq!(choose(Engine::Auto, &hw).unwrap().engine, EngineKind::Vmm);
+        assert_eq!(choose(Engine::Qemu, &hw).unwrap().engine, EngineKind::Qemu);
+        let nothing = HostFacts {
+            kvm: None,
+            qemu: false,
+        };
+        let err = choose(Engine::Auto, &nothing).unwrap_err();
+        assert!(
+            err.contains("/dev/kvm") && err.contains("engine = \"qemu\""),
+            "{err}"
+        );
+        let err = choose(Engine::Vmm, &nothing).unwrap_err();
+        assert!(
+            err.contains("/dev/kvm") && err.contains("engine = \"qemu\""),
+            "{err}"
+        );
+        assert!(choose(Engine::Qemu, &nothing)
+            .unwrap_err()
+            .contains("qemu-system-x86"));
+        let no_kvm = HostFacts {
+            kvm: None,
+            qemu: true,
+        };
+        assert_eq!(
+            choose(Engine::Auto, &no_kvm).unwrap().engine,
+            EngineKind::Qemu
+        );
+    }
+
+    #[test]
+    fn nested_follows_engine_and_host() {
+        let pvm = HostFacts {
+            kvm: Some(KvmKind::Pvm),
+            qemu: true,
+        };
+        assert_eq!(
+            nested_status(false, EngineKind::Vmm, &pvm).0,
+            NestedStatus::Disabled
+        );
+        let (s, why) = nested_status(true, EngineKind::Qemu, &pvm);
+        assert_eq!(s, NestedStatus::Unavailable);
+        assert!(why.unwrap().contains("TCG"));
+        assert_eq!(
+            nested_status(true, EngineKind::Vmm, &pvm).0,
+            NestedStatus::Unavailable
+        );
+    }
+
+    #[test]
+    fn cmdlines_name_the_shares_and_hostname() {
+        let q = guest_cmdline(EngineKind::Qemu, "app-1");
+        for want in [
+            "reboot=t",
+            "lpj=5000000",
+            "keystone.root=root",
+            "keystone.state=state",
+            "keystone.workspace=workspace",
+            "keystone.hostname=app-1",
+        ] {
+            assert!(q.contains(want), "{q} lacks {want}");
+        }
+        let v = guest_cmdline(EngineKind::Vmm, "app-1");
+        assert!(!v.contains("reboot=t") && v.contains("keystone.root=root"));
+    }
+
+    #[test]
+    fn qemu_args_have_shared_memory_devices_and_console() {
+        let plan = QemuPlan {
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd".into(),
+            memory_mib: 1024,
+            vcpus: 2,
+            cmdline: "console=ttyS0".into(),
+            shares: vec![("/r/fs-root.sock".into(), "root".into())],
+            vsock_socket: "/r/vsock-vhost.sock".into(),
+            console_log: "/l/console.log".into(),
+        };
+        let a = qemu_args(&plan).join(" ");
+        for want in [
+            "-accel tcg",
+            "-smp 2",
+            "-m 1024M",
+            "memory-backend-memfd,id=mem,size=1024M,share=on",
+            "acpi=off",
+            "-kernel /k/vmlinux",
+            "-initrd /k/initrd",
+            "-no-reboot",
+            "file,id=console,path=/l/console.log,append=on",
+            "socket,id=fs0,path=/r/fs-root.sock",
+            "vhost-user-fs-device,chardev=fs0,tag=root",
+            "socket,id=vsock,path=/r/vsock-vhost.sock",
+            "vhost-user-vsock-device,chardev=vsock",
+        ] {
+            assert!(a.contains(want), "{a} lacks {want}");
+        }
+    }
+
+    #[test]
+    fn layout_keeps_state_apart_from_the_workspace() {
+        let paths = super::super::super::registry::SandboxStore::at("/s").paths("n");
+        let l = Layout::new(&paths);
+        assert!(l.workspace.ends_with("disk/workspace"));
+        assert!(l.state.ends_with("disk/state"));
+        assert!(!l.state.starts_with(&l.workspace));
+        assert_eq!(l.sockets().len(), 5);
+    }
+}

@@ -1,0 +1,219 @@
+//! Talking to the guest agent: connections over the hybrid vsock socket,
+//! and interactive terminal sessions (attach, ssh).
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keystone_guest_agent::client::{AgentClient, ClientError};
+use keystone_guest_agent::protocol::{ExecRequest, ExitStatus, TtySize, UserSpec};
+use keystone_guest_agent::transport::DuplexStream;
+
+use super::super::backend::BackendError;
+use super::engine::{AGENT_PORT, GUEST_USER};
+use crate::terminal::RawMode;
+
+/// Opens `uds` and performs the `CONNECT <port>\n` / `OK <n>\n` handshake,
+/// giving up after `handshake` if nobody answers. With `keep_timeout`, the
+/// read timeout stays on the stream (for short requests such as a ping).
+pub fn connect(
+    uds: &Path,
+    port: u32,
+    handshake: Duration,
+    keep_timeout: bool,
+) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)?;
+    stream.set_read_timeout(Some(handshake))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 128 {
+        match stream.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "the guest agent is not listening on vsock port {port} (answer {:?})",
+                String::from_utf8_lossy(&line)
+            ),
+        ));
+    }
+    if !keep_timeout {
+        stream.set_read_timeout(None)?;
+    }
+    Ok(stream)
+}
+
+fn connector(uds: PathBuf, handshake: Duration, keep_timeout: bool) -> AgentClient {
+    AgentClient::new(Box::new(move || {
+        let s = connect(&uds, AGENT_PORT, handshake, keep_timeout)?;
+        Ok(Box::new(s) as Box<dyn DuplexStream>)
+    }))
+}
+
+/// A client for long-running operations (exec, sync).
+pub fn client(uds: &Path) -> AgentClient {
+    connector(uds.to_path_buf(), Duration::from_secs(30), false)
+}
+
+/// A client whose every read times out after `timeout` (ping, status).
+pub fn quick_client(uds: &Path, timeout: Duration) -> AgentClient {
+    connector(uds.to_path_buf(), timeout, true)
+}
+
+/// A client error as a backend error (exit 3), with a hint.
+pub fn agent_err(what: &str, e: ClientError) -> BackendError {
+    BackendError::Failed(format!("{what}: {e}"))
+}
+
+/// The terminal size of stdout (or stdin), if either is a terminal.
+pub fn terminal_size() -> Option<TtySize> {
+    for fd in [1, 0] {
+        // SAFETY: an all-zero winsize is valid to be filled in.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes a winsize into the valid pointer.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            return Some(TtySize {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            });
+        }
+    }
+    None
+}
+
+/// A request running `argv` as the default guest user in `cwd`.
+pub fn request(argv: Vec<String>, cwd: &str, user: Option<&str>) -> ExecRequest {
+    ExecRequest {
+        argv,
+        cwd: Some(cwd.to_string()),
+        user: Some(UserSpec::Name(user.unwrap_or(GUEST_USER).to_string())),
+        ..ExecRequest::default()
+    }
+}
+
+/// Runs `req` on a pseudo-terminal wired to this terminal (raw mode,
+/// resizes followed by polling the window size every 100 ms); returns the
+/// process's exit status.
+pub fn interactive(client: &AgentClient, mut req: ExecRequest) -> Result<ExitStatus, ClientError> {
+    req.tty = Some(terminal_size().unwrap_or(TtySize { rows: 24, cols: 80 }));
+    if let Ok(term) = std::env::var("TERM") {
+        req.env.push(("TERM".into(), term));
+    }
+    let session = client.start_exec(req)?;
+    let raw = RawMode::enter();
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let control = session.control();
+        std::thread::spawn(move || {
+            let mut stdin = io::stdin();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = control.close_stdin();
+                        return;
+                    }
+                    Ok(n) => {
+                        if control.send_stdin(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    {
+        let control = session.control();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut last = terminal_size();
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = terminal_size();
+                if now != last {
+                    if let Some(size) = now {
+                        if control.resize(size).is_err() {
+                            return;
+                        }
+                    }
+                    last = now;
+                }
+            }
+        });
+    }
+    let mut stdout = io::stdout();
+    let mut stderr = io::stderr();
+    let status = session.wait(&mut stdout, &mut stderr);
+    done.store(true, Ordering::Relaxed);
+    drop(raw);
+    status
+}
+
+/// A tmux session name from `sandbox` and `branch` (tmux forbids `.` and
+/// `:`; keep it to a safe set).
+pub fn session_name(sandbox: &str, branch: &str) -> String {
+    let mut s = format!("{sandbox}-{branch}");
+    s = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s
+}
+
+/// The shell command attach runs: tmux's `new-session -A` (create or
+/// re-attach) when tmux is in the image, else a login shell.
+pub fn attach_script(session: &str) -> String {
+    format!(
+        "if command -v tmux >/dev/null 2>&1; then exec tmux new-session -A -s '{session}'; \
+         else echo 'keystone: tmux is not in the guest image: plain login shell (no re-attach)'; \
+         exec bash -l; fi"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_are_tmux_safe() {
+        assert_eq!(session_name("app-1", "main"), "app-1-main");
+        assert_eq!(session_name("app-1", "feat/x.y"), "app-1-feat-x-y");
+        assert!(attach_script("app-1-main").contains("new-session -A -s 'app-1-main'"));
+    }
+
+    #[test]
+    fn connect_reports_a_missing_socket() {
+        let err = connect(
+            Path::new("/nonexistent/vsock.sock"),
+            1024,
+            Duration::from_millis(100),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn requests_default_to_the_agent_user() {
+        let r = request(vec!["true".into()], "/workspace", None);
+        assert_eq!(r.user, Some(UserSpec::Name("agent".into())));
+        assert_eq!(r.cwd.as_deref(), Some("/workspace"));
+    }
+}

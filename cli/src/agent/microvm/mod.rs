@@ -1,0 +1,676 @@
+//! The micro-VM backend: one supervisor process per sandbox runs the guest
+//! (our VMM on KVM, or QEMU's software emulation), virtiofsd-lite serves
+//! three shares (the read-only root, the persistent `state` layer and the
+//! sandbox-private clone at `/workspace`), and every command talks to the
+//! guest agent over the hybrid vsock socket.
+//!
+//! - `engine.rs`: engine choice, layout, kernel command lines, QEMU args;
+//! - `supervisor.rs`: the `__supervise` process;
+//! - `guest.rs`: agent connections and interactive terminals;
+//! - `sync.rs`: `sync` and the `__git-upload-pack` bridge.
+
+mod engine;
+mod guest;
+mod supervisor;
+mod sync;
+mod vsock_qemu;
+
+use std::io::IsTerminal;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
+
+use super::backend::{
+    AttachOptions, Backend, BackendError, BackendResult, BackendStatus, ExecOptions, SandboxSpec,
+    StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, WorktreeInfo, WorktreeOp,
+};
+use super::config::BackendKind;
+use super::state::{ProcProbe, ProcessProbe, StateRecord, SUPERVISOR_SUBCOMMAND};
+use engine::{EngineKind, HostFacts, Layout, GUEST_UID, GUEST_WORKSPACE, MAX_SOCKET_PATH};
+
+/// How long `start` waits for the guest agent.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long `stop` waits for the supervisor before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The micro-VM backend.
+pub struct MicroVmBackend;
+
+fn io_failed(what: &str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Failed(format!("{what}: {e}"))
+}
+
+/// The last `n` lines of a log file, for error messages.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The guest directory of a worktree (or the workspace).
+fn guest_dir(worktree: Option<&str>) -> BackendResult<String> {
+    match worktree {
+        None => Ok(GUEST_WORKSPACE.to_string()),
+        Some(b) => {
+            check_branch(b)?;
+            Ok(format!("{GUEST_WORKSPACE}/.worktrees/{b}"))
+        }
+    }
+}
+
+fn check_branch(b: &str) -> BackendResult<()> {
+    let bad = b.is_empty()
+        || b.starts_with('-')
+        || b.starts_with('/')
+        || b.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        || b.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\'\"".contains(c));
+    if bad {
+        return Err(BackendError::NotFound(format!("invalid branch name {b:?}")));
+    }
+    Ok(())
+}
+
+/// Parses `git worktree list --porcelain`, keeping the worktrees under
+/// `/workspace/.worktrees/`.
+fn parse_worktrees(porcelain: &str) -> Vec<WorktreeInfo> {
+    let prefix = format!("{GUEST_WORKSPACE}/.worktrees/");
+    let mut out = Vec::new();
+    for block in porcelain.split("\n\n") {
+        let mut path = None;
+        let mut branch = None;
+        for line in block.lines() {
+            if let Some(p) = line.strip_prefix("worktree ") {
+                path = Some(p.to_string());
+            } else if let Some(b) = line.strip_prefix("branch ") {
+                branch = Some(b.trim_start_matches("refs/heads/").to_string());
+            }
+        }
+        if let Some(path) = path.filter(|p| p.starts_with(&prefix)) {
+            let branch = branch.unwrap_or_else(|| path[prefix.len()..].to_string());
+            out.push(WorktreeInfo { branch, path });
+        }
+    }
+    out
+}
+
+impl MicroVmBackend {
+    fn layout(spec: &SandboxSpec) -> Layout {
+        Layout::new(&spec.paths)
+    }
+
+    /// Makes the sandbox-private clone (first start, or after `--fresh`).
+    fn ensure_clone(
+        spec: &SandboxSpec,
+        layout: &Layout,
+        progress: &mut dyn FnMut(&str),
+    ) -> BackendResult<()> {
+        if layout.workspace.join(".git").exists() {
+            return Ok(());
+        }
+        if layout.workspace.exists() {
+            std::fs::remove_dir_all(&layout.workspace)
+                .map_err(|e| io_failed(&layout.workspace.display().to_string(), e))?;
+        }
+        progress(&format!(
+            "cloning {} into the sandbox (a private clone; the host checkout is never shared)",
+            spec.project.display()
+        ));
+        let out = Command::new("git")
+            .args(["clone", "--quiet", "--no-hardlinks"])
+            .arg(&spec.project)
+            .arg(&layout.workspace)
+            .output()
+            .map_err(|e| io_failed("cannot run git clone", e))?;
+        if !out.status.success() {
+            return Err(BackendError::Failed(format!(
+                "git clone of {} failed: {}",
+                spec.project.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let exclude = layout.workspace.join(".git/info/exclude");
+        let mut text = std::fs::read_to_string(&exclude).unwrap_or_default();
+        text.push_str("\n# keystone: worktrees of the sandbox\n/.worktrees/\n");
+        let _ = std::fs::create_dir_all(layout.workspace.join(".git/info"));
+        std::fs::write(&exclude, text).map_err(|e| io_failed("writing info/exclude", e))?;
+        // virtiofsd-lite passes host ownership through: the guest user
+        // (uid 1000) must own its workspace. Only root can arrange that.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let owner = format!("{GUEST_UID}:{GUEST_UID}");
+            let ok = Command::new("chown")
+                .args(["-R", &owner])
+                .arg(&layout.workspace)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err(BackendError::Failed(format!(
+                    "cannot give {} to the guest user ({owner})",
+                    layout.workspace.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the guest's clock from the host's: the micro-VM has no RTC
+    /// (QEMU's microvm runs with rtc=off), and commits made in the guest
+    /// must not be dated 1970.
+    fn set_guest_clock(layout: &Layout) -> Result<(), String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?;
+        let mut req = ExecRequest::new(&["date", "-u", "-s", &format!("@{}", now.as_secs())]);
+        req.user = Some(UserSpec::Uid(0));
+        let out = guest::client(&layout.vsock)
+            .exec_request_output(req)
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Copies the project's `.env*` files into `/workspace`.
+    fn push_env_files(
+        spec: &SandboxSpec,
+        layout: &Layout,
+        progress: &mut dyn FnMut(&str),
+    ) -> BackendResult<()> {
+        let Ok(entries) = std::fs::read_dir(&spec.project) else {
+            return Ok(());
+        };
+        let client = guest::client(&layout.vsock);
+        let mut pushed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if !name.starts_with(".env") || !is_file {
+                continue;
+            }
+            let bytes = std::fs::read(entry.path())
+                .map_err(|e| io_failed(&entry.path().display().to_string(), e))?;
+            client
+                .push_file(&name, 0o600, &bytes)
+                .map_err(|e| guest::agent_err(&format!("pushing {name}"), e))?;
+            pushed.push(name);
+        }
+        if pushed.is_empty() {
+            return Ok(());
+        }
+        let mut argv = vec!["chown".to_string(), "agent:agent".to_string()];
+        argv.extend(pushed.iter().map(|n| format!("{GUEST_WORKSPACE}/{n}")));
+        let mut req = ExecRequest::new(&argv);
+        req.user = Some(UserSpec::Uid(0));
+        let _ = client.exec_request_output(req);
+        progress(&format!("copied {} into /workspace", pushed.join(", ")));
+        Ok(())
+    }
+
+    fn spawn_supervisor(
+        spec: &SandboxSpec,
+        layout: &Layout,
+        engine: EngineKind,
+        kernel: &Path,
+        rootfs: &Path,
+        initrd: &Path,
+    ) -> BackendResult<std::process::Child> {
+        let exe =
+            std::env::current_exe().map_err(|e| io_failed("cannot find the keystone binary", e))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&layout.supervisor_log)
+            .map_err(|e| io_failed(&layout.supervisor_log.display().to_string(), e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| io_failed("supervisor log", e))?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["agent", SUPERVISOR_SUBCOMMAND, &spec.name])
+            .env(supervisor::ENV_ENGINE, engine.as_str())
+            .env(supervisor::ENV_KERNEL, kernel)
+            .env(supervisor::ENV_ROOTFS, rootfs)
+            .env(supervisor::ENV_INITRD, initrd)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: setsid is async-signal-safe; the supervisor leaves this
+        // terminal's session so it outlives `start`.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .map_err(|e| io_failed("cannot start the supervisor", e))
+    }
+
+    /// Waits until the agent answers a ping.
+    fn wait_ready(
+        spec: &SandboxSpec,
+        layout: &Layout,
+        child: &mut std::process::Child,
+        progress: &mut dyn FnMut(&str),
+    ) -> BackendResult<()> {
+        let t0 = Instant::now();
+        let mut next_note = Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BackendError::Failed(format!(
+                    "the sandbox supervisor exited during boot ({status}).\nsupervisor log ({}):\n{}\nconsole ({}):\n{}",
+                    layout.supervisor_log.display(),
+                    tail(&layout.supervisor_log, 15),
+                    layout.console_log.display(),
+                    tail(&layout.console_log, 15)
+                )));
+            }
+            if layout.vsock.exists() {
+                let client = guest::quick_client(&layout.vsock, Duration::from_secs(3));
+                if client.ping().is_ok() {
+                    progress(&format!(
+                        "guest agent ready after {:.1} s",
+                        t0.elapsed().as_secs_f64()
+                    ));
+                    return Ok(());
+                }
+            }
+            if t0.elapsed() > BOOT_TIMEOUT {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                let _ = child.wait();
+                return Err(BackendError::Failed(format!(
+                    "the guest agent did not answer within {} s; stopped the VM. console ({}):\n{}",
+                    BOOT_TIMEOUT.as_secs(),
+                    layout.console_log.display(),
+                    tail(&layout.console_log, 20)
+                )));
+            }
+            if t0.elapsed() > next_note {
+                progress(&format!(
+                    "waiting for the guest agent of {} ({} s)",
+                    spec.name,
+                    t0.elapsed().as_secs()
+                ));
+                next_note += Duration::from_secs(10);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn run_exec(spec: &SandboxSpec, req: ExecRequest) -> BackendResult<i32> {
+        let client = guest::client(&Self::layout(spec).vsock);
+        let status = client
+            .exec(req, std::io::stdin(), std::io::stdout(), std::io::stderr())
+            .map_err(|e| guest::agent_err("exec in the sandbox", e))?;
+        Ok(status.code_or_signal())
+    }
+
+    /// Runs a git command in the guest's workspace as the agent user;
+    /// returns stdout or the error text.
+    fn guest_git(spec: &SandboxSpec, args: &[&str]) -> BackendResult<Result<String, String>> {
+        let mut argv = vec!["git".to_string(), "-C".into(), GUEST_WORKSPACE.into()];
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let client = guest::client(&Self::layout(spec).vsock);
+        let out = client
+            .exec_request_output(guest::request(argv, GUEST_WORKSPACE, None))
+            .map_err(|e| guest::agent_err("git in the sandbox", e))?;
+        Ok(if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        })
+    }
+}
+
+impl Backend for MicroVmBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::MicroVm
+    }
+
+    /// Usable for the commands that need no guest (list, status, destroy);
+    /// KVM, QEMU and image checks belong in `start`.
+    fn check_available(&self) -> BackendResult<()> {
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        spec: &SandboxSpec,
+        _opts: &StartOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> BackendResult<StartOutcome> {
+        let t0 = Instant::now();
+        let host = HostFacts::detect();
+        let choice =
+            engine::choose(spec.settings.engine, &host).map_err(BackendError::Requirements)?;
+        let layout = Self::layout(spec);
+        if let Some(long) = layout
+            .sockets()
+            .into_iter()
+            .find(|p| p.as_os_str().len() > MAX_SOCKET_PATH)
+        {
+            return Err(BackendError::Requirements(format!(
+                "the socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter XDG_STATE_HOME",
+                long.display()
+            )));
+        }
+        progress("guest kernel: checking the cache (the first build takes ~7 min)...");
+        let kernel = guest_image::kernel::ensure_kernel()
+            .map_err(|e| BackendError::Requirements(format!("guest kernel: {e}")))?;
+        if !kernel.vmlinux.is_file() {
+            return Err(BackendError::Requirements(format!(
+                "guest kernel {} not found (build it with {})",
+                kernel.vmlinux.display(),
+                guest_image::kernel::build_script().display()
+            )));
+        }
+        progress("guest root file system: checking the cache (the first build takes ~2 min)...");
+        let rootfs = guest_image::rootfs::ensure_rootfs()
+            .map_err(|e| BackendError::Requirements(format!("guest root file system: {e}")))?;
+        let agent_dir = guest_image::cache_dir().join("agent");
+        let initrd = crate::embedded::agent_initramfs(&agent_dir)
+            .map_err(|e| io_failed("cannot write the agent initramfs", e))?;
+
+        for dir in [
+            layout.state.join("upper"),
+            layout.state.join("work"),
+            spec.paths.logs.clone(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| io_failed(&dir.display().to_string(), e))?;
+        }
+        Self::ensure_clone(spec, &layout, progress)?;
+        let _ = std::fs::remove_file(&layout.vsock);
+
+        progress(&format!(
+            "booting the guest (engine {}, {} MiB, {} vCPU(s))",
+            choice.engine.as_str(),
+            spec.settings.memory_mib,
+            spec.settings.vcpus
+        ));
+        let mut child = Self::spawn_supervisor(
+            spec,
+            &layout,
+            choice.engine,
+            &kernel.vmlinux,
+            &rootfs.dir,
+            &initrd,
+        )?;
+        // Record the supervisor at once, so `status` and `stop` see a live
+        // `starting` sandbox rather than one with no supervisor.
+        if let Ok(mut record) = StateRecord::load(&spec.paths) {
+            record.supervisor_pid = Some(child.id() as i32);
+            let _ = record.save(&spec.paths);
+        }
+        Self::wait_ready(spec, &layout, &mut child, progress)?;
+        if let Err(e) = Self::set_guest_clock(&layout) {
+            progress(&format!("warning: cannot set the guest clock: {e}"));
+        }
+        if let Err(e) = Self::push_env_files(spec, &layout, progress) {
+            progress(&format!("warning: {e}"));
+        }
+        let (nested, nested_detail) =
+            engine::nested_status(spec.settings.nested_virt, choice.engine, &host);
+        progress(&format!(
+            "ready in {:.1} s: {} MiB, {} vCPU(s), nested virtualization {}",
+            t0.elapsed().as_secs_f64(),
+            spec.settings.memory_mib,
+            spec.settings.vcpus,
+            nested.as_str()
+        ));
+        progress(&format!(
+            "engine {}: {}",
+            choice.engine.as_str(),
+            choice.reason
+        ));
+        progress(&format!(
+            "sync mode {}: `keystone agent sync {}` fetches the sandbox's commits",
+            spec.settings.sync_mode, spec.name
+        ));
+        progress(&format!(
+            "workspace: /workspace in the guest ({} on the host); logs in {}",
+            layout.workspace.display(),
+            spec.paths.logs.display()
+        ));
+        Ok(StartOutcome {
+            supervisor_pid: child.id() as i32,
+            engine: choice.engine.as_str().to_string(),
+            nested,
+            nested_detail,
+        })
+    }
+
+    fn stop(&self, spec: &SandboxSpec, opts: &StopOptions) -> BackendResult<()> {
+        let record = StateRecord::load(&spec.paths).map_err(|e| io_failed("state", e))?;
+        let Some(pid) = record.supervisor_pid else {
+            return Ok(());
+        };
+        let alive = || ProcProbe.is_supervisor(pid, &spec.name);
+        if !alive() {
+            return Ok(());
+        }
+        let wait = |limit: Duration| {
+            let t = Instant::now();
+            while alive() && t.elapsed() < limit {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            !alive()
+        };
+        if opts.force {
+            // The guest gets no clean shutdown; QEMU dies with its parent.
+            // SAFETY: pid is our sandbox's supervisor (checked above).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        } else {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            if !wait(STOP_TIMEOUT) {
+                eprintln!(
+                    "keystone: the supervisor did not stop within {} s: killing it",
+                    STOP_TIMEOUT.as_secs()
+                );
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if !wait(Duration::from_secs(5)) {
+            return Err(BackendError::Failed(format!(
+                "the supervisor (pid {pid}) did not exit"
+            )));
+        }
+        // A QEMU left behind (PDEATHSIG covers it; this is belt and braces).
+        let pidfile = Self::layout(spec).qemu_pid();
+        if let Some(qpid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{qpid}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with(engine::QEMU.as_bytes())
+                || String::from_utf8_lossy(&cmdline).contains(engine::QEMU)
+            {
+                // SAFETY: the pid runs QEMU for this sandbox.
+                unsafe { libc::kill(qpid, libc::SIGKILL) };
+            }
+            let _ = std::fs::remove_file(&pidfile);
+        }
+        Ok(())
+    }
+
+    fn attach(&self, spec: &SandboxSpec, opts: &AttachOptions) -> BackendResult<i32> {
+        if opts.web {
+            return Err(BackendError::Failed(
+                "attach --web is not implemented yet; use `keystone agent attach` in a terminal"
+                    .into(),
+            ));
+        }
+        if !std::io::stdin().is_terminal() {
+            return Err(BackendError::InvalidState(
+                "attach needs a terminal; use `keystone agent exec` for commands".into(),
+            ));
+        }
+        let dir = guest_dir(opts.worktree.as_deref())?;
+        let branch = match &opts.worktree {
+            Some(b) => b.clone(),
+            None => Self::guest_git(spec, &["rev-parse", "--abbrev-ref", "HEAD"])?
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "main".into()),
+        };
+        let session = guest::session_name(&spec.name, &branch);
+        let argv = vec![
+            "bash".to_string(),
+            "-lc".into(),
+            guest::attach_script(&session),
+        ];
+        let client = guest::client(&Self::layout(spec).vsock);
+        let status = guest::interactive(&client, guest::request(argv, &dir, None))
+            .map_err(|e| guest::agent_err("attach", e))?;
+        Ok(status.code_or_signal())
+    }
+
+    fn exec(&self, spec: &SandboxSpec, opts: &ExecOptions) -> BackendResult<i32> {
+        let dir = guest_dir(opts.worktree.as_deref())?;
+        Self::run_exec(
+            spec,
+            guest::request(opts.command.clone(), &dir, opts.user.as_deref()),
+        )
+    }
+
+    fn ssh(&self, spec: &SandboxSpec) -> BackendResult<i32> {
+        let client = guest::client(&Self::layout(spec).vsock);
+        let req = guest::request(vec!["bash".into(), "-l".into()], GUEST_WORKSPACE, None);
+        if !std::io::stdin().is_terminal() {
+            // No terminal: a plain shell reading commands from stdin.
+            return Self::run_exec(spec, req);
+        }
+        let status = guest::interactive(&client, req).map_err(|e| guest::agent_err("ssh", e))?;
+        Ok(status.code_or_signal())
+    }
+
+    fn sync(&self, spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport> {
+        sync::sync(spec, opts)
+    }
+
+    fn worktree(&self, spec: &SandboxSpec, op: &WorktreeOp) -> BackendResult<Vec<WorktreeInfo>> {
+        match op {
+            WorktreeOp::Add { branch, create } => {
+                check_branch(branch)?;
+                let path = format!("{GUEST_WORKSPACE}/.worktrees/{branch}");
+                let args: Vec<&str> = if *create {
+                    vec!["worktree", "add", "-b", branch, &path]
+                } else {
+                    vec!["worktree", "add", &path, branch]
+                };
+                if let Err(e) = Self::guest_git(spec, &args)? {
+                    if !create && e.contains("invalid reference") {
+                        return Err(BackendError::NotFound(format!(
+                            "the sandbox has no branch {branch}; pass --create to create it"
+                        )));
+                    }
+                    return Err(BackendError::Failed(format!("git worktree add: {e}")));
+                }
+            }
+            WorktreeOp::Remove { branch, force } => {
+                check_branch(branch)?;
+                let path = format!("{GUEST_WORKSPACE}/.worktrees/{branch}");
+                let mut args = vec!["worktree", "remove"];
+                if *force {
+                    args.push("--force");
+                }
+                args.push(&path);
+                if let Err(e) = Self::guest_git(spec, &args)? {
+                    if e.contains("is not a working tree") {
+                        return Err(BackendError::NotFound(format!("no worktree {branch}")));
+                    }
+                    return Err(BackendError::Failed(format!("git worktree remove: {e}")));
+                }
+            }
+            WorktreeOp::List => {}
+        }
+        let list = Self::guest_git(spec, &["worktree", "list", "--porcelain"])?
+            .map_err(|e| BackendError::Failed(format!("git worktree list: {e}")))?;
+        Ok(parse_worktrees(&list))
+    }
+
+    fn status(&self, spec: &SandboxSpec) -> BackendResult<BackendStatus> {
+        let client = guest::quick_client(&Self::layout(spec).vsock, Duration::from_secs(5));
+        let ports = client
+            .listening_ports()
+            .map_err(|e| guest::agent_err("listening ports", e))?;
+        let mut forwarded: Vec<(u16, String)> = ports
+            .iter()
+            .map(|p| {
+                (
+                    p.port,
+                    format!("guest {}:{} (not forwarded yet)", p.address, p.port),
+                )
+            })
+            .collect();
+        forwarded.sort();
+        forwarded.dedup_by_key(|p| p.0);
+        let worktrees = self.worktree(spec, &WorktreeOp::List).unwrap_or_default();
+        Ok(BackendStatus {
+            state: None,
+            forwarded_ports: forwarded,
+            worktrees,
+            nested: None,
+        })
+    }
+
+    fn open_vscode(&self, _spec: &SandboxSpec) -> BackendResult<String> {
+        Err(BackendError::Failed(
+            "open-vscode is not available yet: VS Code attaches to remote machines over SSH \
+             (Remote-SSH) and the sandbox runs no sshd (its shell is reached over vsock). Use \
+             `keystone agent ssh` or `keystone agent attach` for a shell."
+                .into(),
+        ))
+    }
+
+    /// A micro-VM sandbox holds nothing outside its folder once its
+    /// supervisor is gone.
+    fn destroy(&self, _: &SandboxSpec) -> BackendResult<()> {
+        Ok(())
+    }
+
+    fn supervise(&self, spec: &SandboxSpec) -> BackendResult<i32> {
+        supervisor::supervise(spec)
+    }
+}
+
+/// `keystone agent __git-upload-pack NAME`.
+pub fn git_upload_pack(spec: &SandboxSpec) -> BackendResult<i32> {
+    sync::upload_pack(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worktree_porcelain_keeps_sandbox_worktrees() {
+        let p = "worktree /workspace\nHEAD abc\nbranch refs/heads/main\n\n\
+                 worktree /workspace/.worktrees/feat/x\nHEAD def\nbranch refs/heads/feat/x\n\n\
+                 worktree /workspace/.worktrees/det\nHEAD 123\ndetached\n";
+        let w = parse_worktrees(p);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].branch, "feat/x");
+        assert_eq!(w[0].path, "/workspace/.worktrees/feat/x");
+        assert_eq!(w[1].branch, "det");
+    }
+
+    #[test]
+    fn branch_names_cannot_escape_the_worktrees_folder() {
+        for bad in ["", "../x", "a/../b", "-x", "/abs", "a b", "a'b"] {
+            assert!(check_branch(bad).is_err(), "{bad}");
+        }
+        check_branch("feat/x-1").unwrap();
+        assert_eq!(
+            guest_dir(Some("feat/x")).unwrap(),
+            "/workspace/.worktrees/feat/x"
+        );
+        assert_eq!(guest_dir(None).unwrap(), "/workspace");
+    }
+}

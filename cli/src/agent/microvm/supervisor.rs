@@ -1,0 +1,392 @@
+//! The per-sandbox supervisor (`keystone agent __supervise NAME`): runs
+//! the guest with the chosen engine until it stops, shuts it down cleanly
+//! on SIGTERM, and records how it ended in `state.json`.
+//!
+//! `start` passes what it resolved through the environment (see the
+//! `ENV_*` names), so the supervisor never rebuilds or re-decides anything.
+
+use std::fs::OpenOptions;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use vmm::{NestedMode, SerialOutput, VmBuilder};
+
+use super::super::backend::{BackendError, BackendResult, SandboxSpec};
+use super::super::state::{SandboxState, StateRecord};
+use super::engine::{
+    guest_cmdline, qemu_args, EngineKind, Layout, QemuPlan, GUEST_CID, GUEST_UID, QEMU, SHARES,
+};
+use super::guest;
+
+pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
+pub const ENV_KERNEL: &str = "KEYSTONE_SUPERVISOR_KERNEL";
+pub const ENV_ROOTFS: &str = "KEYSTONE_SUPERVISOR_ROOTFS";
+pub const ENV_INITRD: &str = "KEYSTONE_SUPERVISOR_INITRD";
+
+/// How long the guest gets to shut down after the agent was asked.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    TERMINATE.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_terminate as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+/// Makes the calling thread, and every thread it starts from now on,
+/// create and open files as the guest user (uid/gid 1000), when the
+/// supervisor runs as root. virtiofsd-lite creates files with its own
+/// credentials, so without this a directory that the guest's `agent` user
+/// makes in /workspace would belong to root and be unwritable for it.
+/// `setfsuid`/`setfsgid` are per-thread, so the other shares keep root.
+fn act_as_guest_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    // SAFETY: raw per-thread syscalls (the libc wrappers of the set*id
+    // family change every thread); they only change this thread's fs ids.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, GUEST_UID);
+        libc::syscall(libc::SYS_setfsuid, GUEST_UID);
+    }
+}
+
+/// Creates the workspace daemon's socket folder, owned by the guest user.
+fn prepare_workspace_run(layout: &Layout) -> Result<(), String> {
+    let dir = layout.workspace_run();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&dir, Some(GUEST_UID), Some(GUEST_UID))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// How the guest ended.
+struct Ended {
+    /// A stop was asked for (SIGTERM).
+    requested: bool,
+    /// The engine exited cleanly.
+    clean: bool,
+    detail: String,
+}
+
+fn log(msg: &str) {
+    eprintln!(
+        "[{}] supervisor: {msg}",
+        super::super::fsutil::now_rfc3339()
+    );
+}
+
+fn env_path(key: &str) -> BackendResult<PathBuf> {
+    std::env::var_os(key).map(PathBuf::from).ok_or_else(|| {
+        BackendError::Failed(format!(
+            "{key} is not set: the supervisor is started by `keystone agent start`, not by hand"
+        ))
+    })
+}
+
+/// Body of `keystone agent __supervise NAME`.
+pub fn supervise(spec: &SandboxSpec) -> BackendResult<i32> {
+    install_signal_handlers();
+    let engine = std::env::var(ENV_ENGINE)
+        .ok()
+        .and_then(|e| EngineKind::parse(&e))
+        .ok_or_else(|| {
+            BackendError::Failed(format!(
+                "{ENV_ENGINE} is not set: the supervisor is started by `keystone agent start`"
+            ))
+        })?;
+    let kernel = env_path(ENV_KERNEL)?;
+    let rootfs = env_path(ENV_ROOTFS)?;
+    let initrd = env_path(ENV_INITRD)?;
+    let layout = Layout::new(&spec.paths);
+    log(&format!(
+        "sandbox {} engine {} pid {}",
+        spec.name,
+        engine.as_str(),
+        std::process::id()
+    ));
+    let result = match engine {
+        EngineKind::Qemu => run_qemu(spec, &layout, &kernel, &rootfs, &initrd),
+        EngineKind::Vmm => run_vmm(spec, &layout, &kernel, &rootfs, &initrd),
+    };
+    let (state, error) = match &result {
+        Ok(e) if e.requested || e.clean => (SandboxState::Stopped, None),
+        Ok(e) => (
+            SandboxState::Error,
+            Some(format!(
+                "the VM stopped unexpectedly ({}); see {}",
+                e.detail,
+                layout.console_log.display()
+            )),
+        ),
+        Err(e) => (SandboxState::Error, Some(e.clone())),
+    };
+    log(&format!(
+        "guest ended: {}",
+        match &result {
+            Ok(e) => e.detail.clone(),
+            Err(e) => e.clone(),
+        }
+    ));
+    record_end(spec, state, error);
+    let _ = std::fs::remove_file(layout.qemu_pid());
+    Ok(if state == SandboxState::Stopped { 0 } else { 3 })
+}
+
+/// Writes how the sandbox ended, unless another supervisor owns the record.
+fn record_end(spec: &SandboxSpec, state: SandboxState, error: Option<String>) {
+    let me = std::process::id() as i32;
+    let Ok(mut record) = StateRecord::load(&spec.paths) else {
+        return;
+    };
+    if record.supervisor_pid.is_some_and(|p| p != me) {
+        return;
+    }
+    record.state = state;
+    record.supervisor_pid = None;
+    if error.is_some() {
+        record.last_error = error;
+    }
+    if let Err(e) = record.save(&spec.paths) {
+        log(&format!("cannot record the end state: {e}"));
+    }
+}
+
+/// Asks the agent to power off, from a thread (a wedged guest must not
+/// block the supervisor).
+fn ask_shutdown(vsock: &Path) {
+    let uds = vsock.to_path_buf();
+    std::thread::spawn(move || {
+        let client = guest::quick_client(&uds, Duration::from_secs(5));
+        match client.shutdown(false) {
+            Ok(()) => log("guest agent acknowledged the shutdown"),
+            Err(e) => log(&format!("shutdown request failed: {e}")),
+        }
+    });
+}
+
+fn wait_for_sockets(paths: &[PathBuf]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in paths {
+        while !p.exists() {
+            if Instant::now() > deadline {
+                return Err(format!("{} did not appear", p.display()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
+fn run_qemu(
+    spec: &SandboxSpec,
+    layout: &Layout,
+    kernel: &Path,
+    rootfs: &Path,
+    initrd: &Path,
+) -> Result<Ended, String> {
+    std::fs::create_dir_all(&layout.run).map_err(|e| format!("{}: {e}", layout.run.display()))?;
+    prepare_workspace_run(layout)?;
+    for s in layout.sockets() {
+        let _ = std::fs::remove_file(s);
+    }
+    let mut shares = Vec::new();
+    for (tag, readonly) in SHARES {
+        let dir = match tag {
+            "root" => rootfs.to_path_buf(),
+            "state" => layout.state.clone(),
+            _ => layout.workspace.clone(),
+        };
+        let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
+        cfg.readonly = readonly;
+        let socket = layout.fs_socket(tag);
+        let s = socket.clone();
+        std::thread::Builder::new()
+            .name(format!("fs-{tag}"))
+            .spawn(move || {
+                if tag == "workspace" {
+                    act_as_guest_user();
+                }
+                if let Err(e) = virtiofsd_lite::serve_listener(&s, cfg) {
+                    log(&format!("virtiofsd-lite {tag}: {e}"));
+                }
+            })
+            .map_err(|e| format!("cannot start a virtiofsd-lite thread: {e}"))?;
+        shares.push((socket, tag.to_string()));
+    }
+    let vhost_vsock = layout.vsock_vhost_socket();
+    {
+        let socket = vhost_vsock.clone();
+        let uds = layout.vsock.clone();
+        std::thread::Builder::new()
+            .name("vsock".into())
+            .spawn(move || {
+                if let Err(e) = super::vsock_qemu::serve(&socket, GUEST_CID, &uds) {
+                    log(&format!("vsock backend: {e}"));
+                }
+            })
+            .map_err(|e| format!("cannot start the vsock thread: {e}"))?;
+    }
+    let mut wanted: Vec<PathBuf> = shares.iter().map(|(s, _)| s.clone()).collect();
+    wanted.push(vhost_vsock.clone());
+    wait_for_sockets(&wanted)?;
+
+    let plan = QemuPlan {
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.to_path_buf(),
+        memory_mib: spec.settings.memory_mib,
+        vcpus: spec.settings.vcpus,
+        cmdline: guest_cmdline(EngineKind::Qemu, &spec.name),
+        shares,
+        vsock_socket: vhost_vsock,
+        console_log: layout.console_log.clone(),
+    };
+    let args = qemu_args(&plan);
+    log(&format!("{QEMU} {}", args.join(" ")));
+    let mut cmd = Command::new(QEMU);
+    cmd.args(&args).stdin(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; QEMU dies with the supervisor.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run {QEMU}: {e}"))?;
+    let _ = std::fs::write(layout.qemu_pid(), child.id().to_string());
+    let mut requested = false;
+    let mut asked_at: Option<Instant> = None;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                return Ok(Ended {
+                    requested,
+                    clean: status.success(),
+                    detail: format!("{QEMU} {status}"),
+                })
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("waiting for {QEMU}: {e}")),
+        }
+        if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
+            log("stop requested: asking the guest to shut down");
+            requested = true;
+            asked_at = Some(Instant::now());
+            ask_shutdown(&layout.vsock);
+        }
+        if asked_at.is_some_and(|t| t.elapsed() > SHUTDOWN_GRACE) {
+            log("the guest did not shut down in time: killing QEMU");
+            let _ = child.kill();
+            let status = child.wait().map_err(|e| e.to_string())?;
+            return Ok(Ended {
+                requested,
+                clean: false,
+                detail: format!("{QEMU} killed after {SHUTDOWN_GRACE:?} ({status})"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_vmm(
+    spec: &SandboxSpec,
+    layout: &Layout,
+    kernel: &Path,
+    rootfs: &Path,
+    initrd: &Path,
+) -> Result<Ended, String> {
+    let _ = std::fs::remove_file(&layout.vsock);
+    let console = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&layout.console_log)
+        .map_err(|e| format!("{}: {e}", layout.console_log.display()))?;
+    let vcpus = u8::try_from(spec.settings.vcpus).unwrap_or(u8::MAX);
+    let mut builder = VmBuilder::new(kernel)
+        .vcpus(vcpus)
+        .memory_mib(u64::from(spec.settings.memory_mib))
+        .nested(if spec.settings.nested_virt {
+            NestedMode::Auto
+        } else {
+            NestedMode::Off
+        })
+        .initrd(initrd)
+        .serial(SerialOutput::Writer(Box::new(console)))
+        .cmdline(guest_cmdline(EngineKind::Vmm, &spec.name));
+    let mut daemons = Vec::new();
+    for (tag, readonly) in SHARES {
+        let dir = match tag {
+            "root" => rootfs.to_path_buf(),
+            "state" => layout.state.clone(),
+            _ => layout.workspace.clone(),
+        };
+        let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
+        cfg.readonly = readonly;
+        let (vmm_end, daemon_end) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+        // Started from a helper thread so the workspace daemon's threads
+        // inherit the guest user's fs ids (see act_as_guest_user).
+        let daemon = std::thread::spawn(move || {
+            if tag == "workspace" {
+                act_as_guest_user();
+            }
+            virtiofsd_lite::spawn_on_stream(daemon_end, cfg)
+        })
+        .join()
+        .map_err(|_| format!("virtiofsd-lite {tag}: start panicked"))?
+        .map_err(|e| format!("virtiofsd-lite {tag}: {e}"))?;
+        daemons.push(daemon);
+        builder = builder.vhost_user_fs(vmm_end, tag);
+    }
+    let (builder, _vsock) = builder
+        .vsock(GUEST_CID, &layout.vsock)
+        .map_err(|e| format!("vsock backend: {e}"))?;
+    let vm = builder
+        .start()
+        .map_err(|e| format!("cannot start the VM: {e}"))?;
+    let mut requested = false;
+    let mut asked_at: Option<Instant> = None;
+    loop {
+        if let Some(reason) = vm.wait_timeout(Duration::from_millis(50)) {
+            return Ok(Ended {
+                requested,
+                clean: reason.is_clean(),
+                detail: reason.to_string(),
+            });
+        }
+        if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
+            log("stop requested: asking the guest to shut down");
+            requested = true;
+            asked_at = Some(Instant::now());
+            ask_shutdown(&layout.vsock);
+        }
+        if asked_at.is_some_and(|t| t.elapsed() > SHUTDOWN_GRACE) {
+            log("the guest did not shut down in time: stopping the VM");
+            let reason = vm.stop();
+            return Ok(Ended {
+                requested,
+                clean: false,
+                detail: format!("stopped after {SHUTDOWN_GRACE:?} ({reason})"),
+            });
+        }
+    }
+}
