@@ -199,11 +199,12 @@ impl FileSystem for PassthroughFs {
 
     fn symlink(
         &self,
-        _ctx: Context,
+        ctx: Context,
         target: &CStr,
         parent: Inode,
         name: &CStr,
     ) -> io::Result<Entry> {
+        let _creds = sys::CallerCreds::switch(ctx.uid, ctx.gid);
         // SAFETY: both strings are NUL-terminated; `dirfd` is our O_PATH dir.
         self.new_entry_at(parent, name, |dirfd| unsafe {
             libc::symlinkat(target.as_ptr(), dirfd, name.as_ptr())
@@ -212,7 +213,7 @@ impl FileSystem for PassthroughFs {
 
     fn mknod(
         &self,
-        _ctx: Context,
+        ctx: Context,
         parent: Inode,
         name: &CStr,
         mode: u32,
@@ -225,6 +226,7 @@ impl FileSystem for PassthroughFs {
             return Err(err(libc::EPERM));
         }
         let mode = kind | self.sanitize_mode(mode);
+        let _creds = sys::CallerCreds::switch(ctx.uid, ctx.gid);
         // SAFETY: NUL-terminated name; `dirfd` is our O_PATH dir.
         self.new_entry_at(parent, name, |dirfd| unsafe {
             libc::mknodat(dirfd, name.as_ptr(), mode, u64::from(rdev))
@@ -233,13 +235,14 @@ impl FileSystem for PassthroughFs {
 
     fn mkdir(
         &self,
-        _ctx: Context,
+        ctx: Context,
         parent: Inode,
         name: &CStr,
         mode: u32,
         _umask: u32,
     ) -> io::Result<Entry> {
         let mode = mode & 0o7777 & !(if self.allow_setuid { 0 } else { libc::S_ISUID });
+        let _creds = sys::CallerCreds::switch(ctx.uid, ctx.gid);
         // SAFETY: NUL-terminated name; `dirfd` is our O_PATH dir.
         self.new_entry_at(parent, name, |dirfd| unsafe {
             libc::mkdirat(dirfd, name.as_ptr(), mode)
@@ -273,7 +276,9 @@ impl FileSystem for PassthroughFs {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
-        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+        // RENAME_WHITEOUT leaves an overlayfs whiteout (char 0:0) at the
+        // old name; overlayfs needs it from a virtio-fs upper layer.
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT) != 0 {
             return Err(err(libc::EINVAL));
         }
         check_name(oldname)?;
@@ -321,7 +326,7 @@ impl FileSystem for PassthroughFs {
 
     fn create(
         &self,
-        _ctx: Context,
+        ctx: Context,
         parent: Inode,
         name: &CStr,
         mode: u32,
@@ -333,6 +338,7 @@ impl FileSystem for PassthroughFs {
         sys::clear_thread_umask();
         let p = self.inode(parent)?;
         self.check_beneath_root(&p)?;
+        let _creds = sys::CallerCreds::switch(ctx.uid, ctx.gid);
         // O_NOFOLLOW: never create or open through a symlink at `name`.
         let oflags = self.open_flags(flags)
             | libc::O_CREAT

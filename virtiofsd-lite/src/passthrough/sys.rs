@@ -246,3 +246,46 @@ pub fn nofile_limit() -> u64 {
     // SAFETY: getrlimit succeeded, so it initialised `lim`.
     unsafe { lim.assume_init() }.rlim_cur
 }
+
+/// While alive, the calling thread creates files as the guest's caller
+/// (its file-system uid and gid), so new files and directories are owned
+/// by the guest user who made them. Only a daemon running as root can do
+/// this; otherwise it is a no-op and files belong to the daemon's user.
+/// `setfsuid`/`setfsgid` are per thread: other workers are unaffected.
+pub struct CallerCreds {
+    previous: Option<(u32, u32)>,
+}
+
+impl CallerCreds {
+    /// Switches to `uid`/`gid` for file creation.
+    pub fn switch(uid: u32, gid: u32) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Self { previous: None };
+        }
+        // SAFETY: the raw syscalls change only this thread's fs ids (the
+        // libc wrappers of the set*id family would change every thread);
+        // each returns the previous id.
+        let (old_gid, old_uid) = unsafe {
+            (
+                libc::syscall(libc::SYS_setfsgid, gid) as u32,
+                libc::syscall(libc::SYS_setfsuid, uid) as u32,
+            )
+        };
+        Self {
+            previous: Some((old_uid, old_gid)),
+        }
+    }
+}
+
+impl Drop for CallerCreds {
+    fn drop(&mut self) {
+        if let Some((uid, gid)) = self.previous {
+            // SAFETY: restores this thread's previous fs ids.
+            unsafe {
+                libc::syscall(libc::SYS_setfsuid, uid);
+                libc::syscall(libc::SYS_setfsgid, gid);
+            }
+        }
+    }
+}

@@ -48,6 +48,8 @@ pub struct Fuse {
     pub server: Server<PassthroughFs>,
     unique: u64,
     pub dir: Scratch,
+    /// The guest uid and gid sent in each request header.
+    pub caller: (u32, u32),
 }
 
 impl Fuse {
@@ -66,6 +68,7 @@ impl Fuse {
             server: Server::new(fs),
             unique: 0,
             dir,
+            caller: (0, 0),
         };
         let init = fuse::InitIn {
             major: 7,
@@ -89,6 +92,8 @@ impl Fuse {
             opcode: op,
             unique: self.unique,
             nodeid,
+            uid: self.caller.0,
+            gid: self.caller.1,
             ..Default::default()
         };
         let mut req = [h.as_slice(), &body].concat();

@@ -13,7 +13,6 @@ mod engine;
 mod guest;
 mod supervisor;
 mod sync;
-mod vsock_qemu;
 
 use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;

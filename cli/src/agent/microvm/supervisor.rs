@@ -49,25 +49,6 @@ fn install_signal_handlers() {
     }
 }
 
-/// Makes the calling thread, and every thread it starts from now on,
-/// create and open files as the guest user (uid/gid 1000), when the
-/// supervisor runs as root. virtiofsd-lite creates files with its own
-/// credentials, so without this a directory that the guest's `agent` user
-/// makes in /workspace would belong to root and be unwritable for it.
-/// `setfsuid`/`setfsgid` are per-thread, so the other shares keep root.
-fn act_as_guest_user() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return;
-    }
-    // SAFETY: raw per-thread syscalls (the libc wrappers of the set*id
-    // family change every thread); they only change this thread's fs ids.
-    unsafe {
-        libc::syscall(libc::SYS_setfsgid, GUEST_UID);
-        libc::syscall(libc::SYS_setfsuid, GUEST_UID);
-    }
-}
-
 /// Creates the workspace daemon's socket folder, owned by the guest user.
 fn prepare_workspace_run(layout: &Layout) -> Result<(), String> {
     let dir = layout.workspace_run();
@@ -224,9 +205,6 @@ fn run_qemu(
         std::thread::Builder::new()
             .name(format!("fs-{tag}"))
             .spawn(move || {
-                if tag == "workspace" {
-                    act_as_guest_user();
-                }
                 if let Err(e) = virtiofsd_lite::serve_listener(&s, cfg) {
                     log(&format!("virtiofsd-lite {tag}: {e}"));
                 }
@@ -241,7 +219,13 @@ fn run_qemu(
         std::thread::Builder::new()
             .name("vsock".into())
             .spawn(move || {
-                if let Err(e) = super::vsock_qemu::serve(&socket, GUEST_CID, &uds) {
+                // A socket left by a crashed supervisor would make the bind fail.
+                let _ = std::fs::remove_file(&uds);
+                let config = vmm::devices::virtio::vsock::VsockConfig {
+                    guest_cid: GUEST_CID,
+                    uds_path: uds,
+                };
+                if let Err(e) = vmm::devices::virtio::vsock::serve_listener(&socket, config) {
                     log(&format!("vsock backend: {e}"));
                 }
             })
@@ -343,20 +327,14 @@ fn run_vmm(
         let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
         cfg.readonly = readonly;
         let (vmm_end, daemon_end) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
-        // Started from a helper thread so the workspace daemon's threads
-        // inherit the guest user's fs ids (see act_as_guest_user).
-        let daemon = std::thread::spawn(move || {
-            if tag == "workspace" {
-                act_as_guest_user();
-            }
-            virtiofsd_lite::spawn_on_stream(daemon_end, cfg)
-        })
-        .join()
-        .map_err(|_| format!("virtiofsd-lite {tag}: start panicked"))?
-        .map_err(|e| format!("virtiofsd-lite {tag}: {e}"))?;
+        // virtiofsd-lite creates each file as the guest user who asked.
+        let daemon = virtiofsd_lite::spawn_on_stream(daemon_end, cfg)
+            .map_err(|e| format!("virtiofsd-lite {tag}: {e}"))?;
         daemons.push(daemon);
         builder = builder.vhost_user_fs(vmm_end, tag);
     }
+    // A socket left by a crashed supervisor would make the bind fail.
+    let _ = std::fs::remove_file(&layout.vsock);
     let (builder, _vsock) = builder
         .vsock(GUEST_CID, &layout.vsock)
         .map_err(|e| format!("vsock backend: {e}"))?;

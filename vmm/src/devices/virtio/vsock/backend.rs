@@ -38,8 +38,12 @@ use super::packet::{
 use super::vsock_config_space;
 use crate::vstate::memory::GuestMemoryMmap;
 
-/// Entries per queue.
+/// Entries per queue that our VMM's frontend asks for.
 pub const QUEUE_SIZE: usize = 256;
+/// The largest ring a frontend may set up (QEMU 7.2's
+/// vhost-user-vsock-device asks for 1024); the backend works with any
+/// size up to this.
+pub const MAX_QUEUE_SIZE: usize = 1024;
 /// rx, tx and event.
 pub const NUM_QUEUES: usize = 3;
 pub const RX_QUEUE: u16 = 0;
@@ -190,7 +194,7 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE
+        MAX_QUEUE_SIZE
     }
 
     fn features(&self) -> u64 {
