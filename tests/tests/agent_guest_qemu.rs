@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use guest_image::rootfs::{ensure_rootfs, RootfsError};
 use keystone_guest_agent::client::AgentClient;
-use keystone_guest_agent::protocol::{ExecRequest, TtySize};
+use keystone_guest_agent::protocol::{ExecRequest, TtySize, UserSpec};
 use keystone_tests::guest_agent::{
     self, compile_vsock_probe, fetch_from_guest, fnv64, host_git, pseudo_random, step,
     wait_for_agent, GUEST_CID,
@@ -293,6 +293,64 @@ fn agent_over_vsock_under_qemu() {
         assert_eq!(
             fs::read_to_string(ws2.join("from-guest.txt")).unwrap(),
             "written by the guest\n"
+        );
+    });
+
+    // git on a few thousand files in the virtio-fs /workspace, as the
+    // agent user: init, add, commit, status, gc and fsck in the guest; the
+    // host then reads the same repository.
+    let c = client.clone();
+    let ws2 = ws.clone();
+    step("git-many-files", Duration::from_secs(300), move || {
+        // The agent user's own directory in the (root-owned) scratch workspace.
+        fs::create_dir_all(ws2.join("many")).unwrap();
+        std::os::unix::fs::chown(ws2.join("many"), Some(1000), Some(1000)).unwrap();
+        let script = "set -e; cd /workspace/many && git init -q && \
+            for d in $(seq 30); do mkdir d$d; for f in $(seq 100); do echo \"$d/$f\" > d$d/f$f; done; done && \
+            git add -A && git -c user.name=agent -c user.email=agent@sandbox commit -qm many && \
+            echo 'changed' > d7/f7 && rm d9/f9 && git status --porcelain && \
+            git checkout -q -- . && test -z \"$(git status --porcelain)\" && \
+            git gc -q && git fsck --no-progress && git ls-files | wc -l";
+        let started = Instant::now();
+        let out = c
+            .exec_request_output(ExecRequest {
+                user: Some(UserSpec::Name("agent".into())),
+                env: vec![
+                    ("GIT_AUTHOR_DATE".into(), "2026-11-27T00:00:00Z".into()),
+                    ("GIT_COMMITTER_DATE".into(), "2026-11-27T00:00:00Z".into()),
+                ],
+                ..ExecRequest::new(&["bash", "-c", script])
+            })
+            .expect("git on many files");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code_or_signal(),
+            0,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(" M d7/f7") && text.contains(" D d9/f9"),
+            "{text}"
+        );
+        assert_eq!(text.lines().last(), Some("3000"), "{text}");
+        eprintln!(
+            "git init/add/commit/status/gc/fsck of 3000 files under TCG: {:?}",
+            started.elapsed()
+        );
+        let repo = ws2.join("many");
+        let home = ws2.join(".host-home");
+        fs::create_dir_all(&home).unwrap();
+        let count = host_git(&repo, &home, &["-c", "safe.directory=*", "ls-files"])
+            .lines()
+            .count();
+        assert_eq!(count, 3000);
+        assert_eq!(fs::read_to_string(repo.join("d7/f7")).unwrap(), "7/7\n");
+        let meta = fs::metadata(repo.join("d30/f100")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            1000,
+            "owned by the guest's agent user"
         );
     });
 
