@@ -201,6 +201,14 @@ pub trait Backend {
     /// Every command calls it first, before touching any sandbox.
     fn check_available(&self) -> BackendResult<()>;
 
+    /// Whether a sandbox of this backend gets the network its settings ask
+    /// for. No backend has guest networking yet (the micro-VM has no
+    /// virtio-net device), so `status` reports the configured value as not
+    /// available rather than claim it.
+    fn network_available(&self) -> bool {
+        false
+    }
+
     /// Boots the sandbox and makes the agent ready; `progress` receives
     /// one-line human updates ("booting kernel", ...).
     fn start(

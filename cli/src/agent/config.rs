@@ -28,6 +28,11 @@
 //! `KEYSTONE_AGENT_BACKEND` / `KEYSTONE_AGENT_MEMORY` /
 //! `KEYSTONE_AGENT_VCPUS` / `KEYSTONE_AGENT_SYNC_MODE`, then flags.
 //!
+//! That resolves the settings of a sandbox's first start (or a `--fresh`
+//! one). A later start keeps what the sandbox saved in its `config.json`
+//! (memory, vCPUs, nesting, network, sync mode) unless a flag overrides it
+//! (and is saved in turn); see [`for_existing`].
+//!
 //! An unknown key or a bad value is an error naming the file, the line and
 //! the key. SPEC.md has no exit code for an invalid configuration; it is
 //! not "invalid state" (2, a sandbox's state) nor a failed operation, so it
@@ -185,6 +190,12 @@ pub fn resolve(
         apply_file(&mut s, path, text)?;
     }
     apply_env(&mut s, var)?;
+    apply_flags(&mut s, flags)?;
+    Ok(s)
+}
+
+/// Puts the flags given on the command line over `s`.
+fn apply_flags(s: &mut Settings, flags: &FlagOverrides) -> Result<(), ConfigError> {
     if let Some(v) = flags.memory_mib {
         s.memory_mib = check_range("--memory", v, MEMORY_MIB)?;
     }
@@ -200,6 +211,29 @@ pub fn resolve(
     if let Some(v) = flags.sync_mode {
         s.sync_mode = v;
     }
+    Ok(())
+}
+
+/// The settings of a later start of a sandbox that recorded `saved` in its
+/// `config.json`: the sandbox's own settings (memory, vCPUs, nesting,
+/// network, sync mode) are the saved ones unless a flag of this start
+/// overrides them; the host's settings (backend, engine, share protocol,
+/// proxy, persist) follow `current` (the file and environment of this
+/// run). The result is saved again, so a flag given once sticks.
+pub fn for_existing(
+    saved: &Settings,
+    current: &Settings,
+    flags: &FlagOverrides,
+) -> Result<Settings, ConfigError> {
+    let mut s = Settings {
+        memory_mib: saved.memory_mib,
+        vcpus: saved.vcpus,
+        nested_virt: saved.nested_virt,
+        network: saved.network,
+        sync_mode: saved.sync_mode,
+        ..current.clone()
+    };
+    apply_flags(&mut s, flags)?;
     Ok(s)
 }
 
@@ -655,6 +689,39 @@ domain = "Dev.Test"
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("/cfg/agent.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn a_later_start_keeps_saved_settings_unless_flagged() {
+        let saved = Settings {
+            memory_mib: 1024,
+            vcpus: 1,
+            network: Network::None,
+            engine: Engine::Vmm,
+            ..Settings::default()
+        };
+        let current = Settings {
+            engine: Engine::Qemu,
+            ..Settings::default()
+        };
+        let s = for_existing(&saved, &current, &FlagOverrides::default()).unwrap();
+        assert_eq!((s.memory_mib, s.vcpus, s.network), (1024, 1, Network::None));
+        assert_eq!(
+            s.engine,
+            Engine::Qemu,
+            "host settings follow the current config"
+        );
+        let flags = FlagOverrides {
+            vcpus: Some(2),
+            ..FlagOverrides::default()
+        };
+        let s = for_existing(&saved, &current, &flags).unwrap();
+        assert_eq!((s.memory_mib, s.vcpus), (1024, 2));
+        let bad = FlagOverrides {
+            memory_mib: Some(1),
+            ..FlagOverrides::default()
+        };
+        assert!(for_existing(&saved, &current, &bad).is_err());
     }
 
     #[test]

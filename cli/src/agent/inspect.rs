@@ -21,7 +21,8 @@
 //! | `nested` | string? | enabled, disabled, unavailable |
 //! | `nested_detail` | string? | why nesting is unavailable |
 //! | `memory_mib`, `vcpus` | number | resources |
-//! | `network`, `sync_mode` | string | settings of the last start |
+//! | `network`, `sync_mode` | string | settings of the last start (`network` is the configured value) |
+//! | `network_available` | bool | whether the guest really has that network (false: no backend has guest networking yet) |
 //! | `last_error` | string? | why the state is error |
 //! | `dir` | string | the sandbox's folder (config, state, logs, disk) |
 //!
@@ -32,6 +33,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::backend::{BackendStatus, SandboxSpec};
+use super::config::Network;
 use super::registry::RegistryEntry;
 use super::state::{ProcProbe, StateRecord};
 use super::{store_err, Context, ListArgs, StatusArgs};
@@ -55,6 +57,7 @@ pub struct SandboxView {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub network: String,
+    pub network_available: bool,
     pub sync_mode: String,
     pub last_error: Option<String>,
     pub dir: String,
@@ -91,6 +94,7 @@ fn view(
         memory_mib: s.memory_mib,
         vcpus: s.vcpus,
         network: s.network.to_string(),
+        network_available: s.network != Network::None && ctx.backend.network_available(),
         sync_mode: s.sync_mode.to_string(),
         last_error: record.last_error.clone(),
         dir: spec.paths.dir.display().to_string(),
@@ -203,9 +207,17 @@ fn print_status(s: &StatusView) {
         None => println!("Backend:    {}", v.backend),
     }
     println!(
-        "Resources:  {} MiB, {} vCPUs, network {}, sync {}",
-        v.memory_mib, v.vcpus, v.network, v.sync_mode
+        "Resources:  {} MiB, {} vCPUs, sync {}",
+        v.memory_mib, v.vcpus, v.sync_mode
     );
+    if v.network_available || v.network == Network::None.as_str() {
+        println!("Network:    {}", v.network);
+    } else {
+        println!(
+            "Network:    not available yet (configured: {}; the guest has no network device)",
+            v.network
+        );
+    }
     let nested = match (v.nested, &v.nested_detail) {
         (Some(n), Some(d)) => format!("{} ({d})", n.as_str()),
         (Some(n), None) => n.as_str().to_string(),

@@ -8,8 +8,8 @@ use anyhow::Result;
 use super::backend::{
     AttachOptions, BackendError, SandboxSpec, StartOptions, StopOptions, SyncOptions,
 };
-use super::config::{self, FlagOverrides};
-use super::registry::{write_json, RegistryEntry, SandboxPaths};
+use super::config::{self, FlagOverrides, Network, Settings};
+use super::registry::{read_json, write_json, RegistryEntry, SandboxPaths};
 use super::state::{ProcProbe, SandboxLock, SandboxState, StateRecord};
 use super::{fsutil, naming, project_top, store_err, Context, DestroyArgs, StartArgs, StopArgs};
 use super::{CANCELLED, INVALID_STATE};
@@ -145,7 +145,21 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         }
     }
     let paths = ctx.store.create_dirs(&name).map_err(store_err)?;
+    // A sandbox keeps its own settings between starts; flags of this start
+    // override them and are saved with them.
+    let settings = match read_json::<Settings>(&paths.config).map_err(store_err)? {
+        Some(saved) => config::for_existing(&saved, &settings, &flags)
+            .map_err(|e| CodedError::error(exit_code::NOT_FOUND, e.to_string()))?,
+        None => settings,
+    };
     write_json(&paths.config, &settings).map_err(store_err)?;
+    if settings.network != Network::None {
+        eprintln!(
+            "keystone: warning: networking is not implemented yet: the guest gets no network \
+             device (network = {} is recorded for when it is)",
+            settings.network
+        );
+    }
 
     let spec = SandboxSpec {
         name: name.clone(),
