@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 kernel_dir=$(guest-image/kernel/build.sh)
 cargo build --release -q -p keystone
 root=${KEYSTONE_DEMO_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/keystone/demo-root}
-./target/release/keystone vm make-root "$root" --init shell
-exec ./target/release/keystone vm run --kernel "$kernel_dir/vmlinux" --root-dir "$root" --vcpus 2 --memory 256 "$@"
+keystone=./target/x86_64-unknown-linux-gnu/release/keystone
+"$keystone" vm make-root "$root" --init shell
+exec "$keystone" vm run --kernel "$kernel_dir/vmlinux" --root-dir "$root" --vcpus 2 --memory 256 "$@"
