@@ -81,6 +81,10 @@ pub enum AgentCommand {
     /// `git upload-pack /workspace` in the guest).
     #[command(name = "__git-upload-pack", hide = true)]
     GitUploadPack(SuperviseArgs),
+    /// Internal: rsync's remote shell for `sync --artifacts` (runs
+    /// `rsync --server ...` in the guest's /workspace over vsock).
+    #[command(name = "__rsync-shell", hide = true)]
+    RsyncShell(RsyncShellArgs),
 }
 
 #[derive(Args, Debug)]
@@ -115,7 +119,11 @@ pub struct StartArgs {
     /// Guest networking [default: nat].
     #[arg(long, value_enum)]
     pub network: Option<Network>,
-    /// When commits move to the host [default: manual].
+    /// When commits move to the host [default: manual]: manual (only
+    /// `keystone agent sync`), auto-commit (each commit in the sandbox is
+    /// fetched and fast-forwarded into the host branch), auto-idle (the same
+    /// after 30 s without file changes in /workspace). Auto modes never
+    /// merge: a diverged branch waits for a manual sync.
     #[arg(long, value_enum)]
     pub sync_mode: Option<SyncMode>,
     /// Do not attach to the terminal session once the sandbox is ready.
@@ -169,7 +177,16 @@ pub struct ExecArgs {
 pub struct SyncArgs {
     #[arg(help = NAME_HELP)]
     pub name: Option<String>,
-    /// Also copy non-git files (rsync semantics).
+    /// Also copy the sandbox's files that git does not track (build
+    /// outputs, generated files) into the project, with rsync (needed on
+    /// the host).
+    ///
+    /// A path git tracks on the host or in the sandbox is never written
+    /// (it moves as a commit); .git, /.worktrees/ and the top-level .env*
+    /// files are never copied; nothing on the host is deleted. Any other
+    /// file that differs is copied, overwriting an untracked host file of
+    /// the same path. No owners, devices, setuid bits or links pointing
+    /// out of the tree come across. With --dry-run, lists what would move.
     #[arg(long)]
     pub artifacts: bool,
     /// Show what would move without changing anything.
@@ -246,6 +263,15 @@ pub struct SuperviseArgs {
     pub name: String,
 }
 
+/// `__rsync-shell NAME HOST CMD...`, as rsync's `-e` calls it.
+#[derive(Args, Debug)]
+pub struct RsyncShellArgs {
+    pub name: String,
+    /// rsync's host word (ignored), then the command for the guest.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub command: Vec<String>,
+}
+
 /// Runs an agent subcommand; returns the process exit code.
 pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
     let ctx = Context::from_env()?;
@@ -263,6 +289,7 @@ pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
         AgentCommand::OpenVscode(args) => session::open_vscode(&ctx, args),
         AgentCommand::Supervise(args) => session::supervise(&ctx, args),
         AgentCommand::GitUploadPack(args) => session::git_upload_pack(&ctx, args),
+        AgentCommand::RsyncShell(args) => microvm::rsync_shell(&ctx, args),
     }
 }
 

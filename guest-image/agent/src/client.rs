@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
-    expect_frame, write_frame, write_raw, ExecRequest, ExitStatus, Frame, FrameKind, Hello,
-    ListeningPort, ProtocolError, PushFileRequest, RawStreamRequest, Request, Response, TtySize,
-    STREAM_CHUNK,
+    expect_frame, read_frame, write_frame, write_raw, ExecRequest, ExitStatus, Frame, FrameKind,
+    Hello, ListeningPort, ProtocolError, PushFileRequest, RawStreamRequest, Request, Response,
+    TtySize, MINOR_WATCH, STREAM_CHUNK,
 };
 use crate::transport::DuplexStream;
+
+pub use crate::protocol::WatchEvent;
 
 /// Opens a new byte stream to the agent.
 pub type Connector = Box<dyn Fn() -> io::Result<Box<dyn DuplexStream>> + Send + Sync>;
@@ -34,6 +36,16 @@ pub enum ClientError {
     UnexpectedResponse(Response),
     #[error("local I/O while streaming to or from the guest: {0}")]
     LocalIo(io::Error),
+    #[error(
+        "the guest agent (version {agent_version}, protocol 1.{minor}) does not support {what}, \
+         which needs protocol 1.{needs}: rebuild the guest image or update keystone"
+    )]
+    Unsupported {
+        what: &'static str,
+        agent_version: String,
+        minor: u32,
+        needs: u32,
+    },
 }
 
 /// The outcome of [`AgentClient::exec_output`].
@@ -57,6 +69,16 @@ impl AgentClient {
 
     /// Connects, exchanges hellos and sends `request`.
     fn start(&self, request: &Request) -> Result<Connection, ClientError> {
+        self.start_needing(request, None)
+    }
+
+    /// Like [`Self::start`], but refuses before sending `request` when the
+    /// agent's minor version is below `needs` (name, minor version).
+    fn start_needing(
+        &self,
+        request: &Request,
+        needs: Option<(&'static str, u32)>,
+    ) -> Result<Connection, ClientError> {
         let stream = (self.connector)().map_err(ClientError::Connect)?;
         let writer = stream.try_clone_box().map_err(ClientError::Connect)?;
         let mut conn = Connection {
@@ -68,10 +90,22 @@ impl AgentClient {
             &Frame::json(FrameKind::Hello, &Hello::current()),
         )?;
         let hello = expect_frame(&mut conn.reader)?;
-        match hello.kind {
-            FrameKind::Hello => hello.parse_json::<Hello>()?.check_guest()?,
+        let theirs = match hello.kind {
+            FrameKind::Hello => hello.parse_json::<Hello>()?,
             FrameKind::Error => return Err(ClientError::Agent(hello.text())),
             other => return Err(ProtocolError::Unexpected(other).into()),
+        };
+        theirs.check_guest()?;
+        if let Some((what, needs)) = needs {
+            if theirs.minor < needs {
+                let _ = conn.writer.shutdown_both();
+                return Err(ClientError::Unsupported {
+                    what,
+                    agent_version: theirs.agent_version,
+                    minor: theirs.minor,
+                    needs,
+                });
+            }
         }
         write_frame(&mut conn.writer, &Frame::json(FrameKind::Request, request))?;
         Ok(conn)
@@ -184,6 +218,97 @@ impl AgentClient {
                 writer: conn.writer,
             },
         })
+    }
+
+    /// Asks the agent to watch `paths` (see [`Request::Watch`]) and returns
+    /// the stream of events; it ends when either side closes. An agent
+    /// older than protocol 1.1 gives [`ClientError::Unsupported`].
+    pub fn watch(&self, paths: &[String], idle_ms: u64) -> Result<Watch, ClientError> {
+        let req = Request::Watch {
+            paths: paths.to_vec(),
+            idle_ms,
+        };
+        let mut conn = self.start_needing(&req, Some(("watch", MINOR_WATCH)))?;
+        let directories = match conn.response() {
+            Ok(Response::Watching { directories }) => directories,
+            Ok(other) => return Err(ClientError::UnexpectedResponse(other)),
+            Err(e) => return Err(e),
+        };
+        Ok(Watch {
+            reader: conn.reader,
+            closer: WatchCloser {
+                writer: Arc::new(Mutex::new(conn.writer)),
+            },
+            directories,
+            done: false,
+        })
+    }
+}
+
+/// The events of a [`AgentClient::watch`]: an iterator that blocks for the
+/// next event and ends (`None`) when the connection closes.
+pub struct Watch {
+    reader: BufReader<Box<dyn DuplexStream>>,
+    closer: WatchCloser,
+    directories: u64,
+    done: bool,
+}
+
+/// Ends a [`Watch`] from another thread (its `next` then returns `None`).
+#[derive(Clone)]
+pub struct WatchCloser {
+    writer: Arc<Mutex<Box<dyn DuplexStream>>>,
+}
+
+impl WatchCloser {
+    /// Closes the connection; the guest stops watching.
+    pub fn close(&self) {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = w.shutdown_both();
+    }
+}
+
+impl Watch {
+    /// How many directories the agent watches.
+    pub fn directories(&self) -> u64 {
+        self.directories
+    }
+
+    /// A handle that ends the watch from another thread.
+    pub fn closer(&self) -> WatchCloser {
+        self.closer.clone()
+    }
+}
+
+impl Iterator for Watch {
+    type Item = io::Result<WatchEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let result = match read_frame(&mut self.reader) {
+            Ok(None) => None,
+            Ok(Some(f)) if f.kind == FrameKind::Event => match f.parse_json::<WatchEvent>() {
+                Ok(ev) => return Some(Ok(ev)),
+                Err(e) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+            },
+            Ok(Some(f)) if f.kind == FrameKind::Error => Some(Err(io::Error::other(format!(
+                "guest agent ended the watch: {}",
+                f.text()
+            )))),
+            Ok(Some(f)) => Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                ProtocolError::Unexpected(f.kind),
+            ))),
+            // A connection closed by our own closer (or a stopped VM).
+            Err(ProtocolError::Closed) => None,
+            Err(ProtocolError::Io(e)) => Some(Err(e)),
+            Err(e) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+        };
+        self.done = true;
+        self.closer.close();
+        result
     }
 }
 

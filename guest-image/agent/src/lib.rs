@@ -14,5 +14,7 @@ pub mod client;
 pub mod protocol;
 pub mod transport;
 
-pub use client::{hybrid_vsock_connector, unix_connector, AgentClient, ClientError};
+pub use client::{
+    hybrid_vsock_connector, unix_connector, AgentClient, ClientError, Watch, WatchEvent,
+};
 pub use protocol::{ExecRequest, ExitStatus, TtySize, UserSpec};

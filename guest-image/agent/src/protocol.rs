@@ -1,4 +1,4 @@
-//! The Keystone guest-agent wire protocol, version 1.
+//! The Keystone guest-agent wire protocol, version 1.1.
 //!
 //! The host reaches the agent over virtio-vsock (guest port
 //! [`AGENT_VSOCK_PORT`]); tests use a Unix socket. Either way the transport
@@ -28,6 +28,7 @@
 //! | 0x20 | Stdout     | guest → host | raw bytes                       |
 //! | 0x21 | Stderr     | guest → host | raw bytes                       |
 //! | 0x22 | Exit       | guest → host | JSON [`ExitStatus`]             |
+//! | 0x30 | Event      | guest → host | JSON [`WatchEvent`] (minor 1)   |
 //!
 //! # Conversation
 //!
@@ -52,6 +53,21 @@
 //!      frames, so raw data and control frames never mix ambiguously.
 //!      If the host closes the connection before `Exit`, the guest kills
 //!      the process group.
+//!    - `Watch` (minor 1): the guest answers `Response::Watching` (or
+//!      `Error`), then sends one `Event` frame per [`WatchEvent`] for as
+//!      long as the host keeps the connection open; the host sends nothing
+//!      more and ends the watch by closing. This is how the host learns
+//!      about guest activity without the guest ever opening a connection
+//!      (security invariant 2): the connection is the host's, held open.
+//!
+//! # Versions
+//!
+//! - 1.0: `Ping`, `Exec`, `RawStream`, `ListeningPorts`, `PushFile`,
+//!   `Shutdown`.
+//! - 1.1: `Watch` and the `Event` frame. A 1.0 agent answers a `Watch`
+//!   with an `Error` frame (unknown request); the client checks the
+//!   agent's [`Hello::minor`] first and reports
+//!   [`crate::client::ClientError::Unsupported`] instead of sending it.
 
 use std::io::{self, Read, Write};
 
@@ -60,7 +76,9 @@ use serde::{Deserialize, Serialize};
 /// The protocol major version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The protocol minor version (additive changes only).
-pub const PROTOCOL_MINOR: u32 = 0;
+pub const PROTOCOL_MINOR: u32 = 1;
+/// The first minor version with `Watch` and `Event` frames.
+pub const MINOR_WATCH: u32 = 1;
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The largest payload a frame may carry (16 MiB).
@@ -106,6 +124,7 @@ pub enum FrameKind {
     Stdout = 0x20,
     Stderr = 0x21,
     Exit = 0x22,
+    Event = 0x30,
 }
 
 impl FrameKind {
@@ -123,6 +142,7 @@ impl FrameKind {
             0x20 => Self::Stdout,
             0x21 => Self::Stderr,
             0x22 => Self::Exit,
+            0x30 => Self::Event,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -380,7 +400,32 @@ pub enum Request {
     RawStream(RawStreamRequest),
     ListeningPorts,
     PushFile(PushFileRequest),
-    Shutdown { reboot: bool },
+    Shutdown {
+        reboot: bool,
+    },
+    /// Watch directories for changes and branch commits (minor 1).
+    ///
+    /// `paths` are watched recursively (absolute, or relative to the
+    /// workspace; empty means the workspace), skipping `.git/objects` and
+    /// never following symbolic links. A path holding a `.git` directory
+    /// also reports [`WatchEvent::Commit`] whenever one of its
+    /// `.git/refs/heads/*` refs moves to a new commit. With `idle_ms > 0`,
+    /// [`WatchEvent::Idle`] follows once no change was seen for `idle_ms`
+    /// after the last one (once per burst of changes); `0` turns it off.
+    Watch {
+        paths: Vec<String>,
+        idle_ms: u64,
+    },
+}
+
+/// What a `Watch` reports, one per `Event` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WatchEvent {
+    /// The branch `refs/heads/<branch>` now points at `head`.
+    Commit { branch: String, head: String },
+    /// No change for `idle_ms` after the last change.
+    Idle,
 }
 
 /// A TCP socket in LISTEN state in the guest.
@@ -405,6 +450,11 @@ pub enum Response {
         ports: Vec<ListeningPort>,
     },
     Done,
+    /// The watch is set up; `Event` frames follow.
+    Watching {
+        /// How many directories are watched.
+        directories: u64,
+    },
 }
 
 /// How a process ended.
@@ -487,6 +537,10 @@ mod tests {
                 bytes: vec![0, 1, 255],
             }),
             Request::Shutdown { reboot: true },
+            Request::Watch {
+                paths: vec!["/workspace".into(), "sub dir".into()],
+                idle_ms: 30_000,
+            },
         ];
         for req in reqs {
             let f = round_trip(Frame::json(FrameKind::Request, &req));
@@ -500,6 +554,35 @@ mod tests {
         };
         let f = round_trip(Frame::json(FrameKind::Response, &resp));
         assert_eq!(f.parse_json::<Response>().unwrap(), resp);
+    }
+
+    #[test]
+    fn watch_frames_round_trip() {
+        let f = round_trip(Frame::new(FrameKind::Event, b"{}".to_vec()));
+        assert_eq!(f.kind, FrameKind::Event);
+        for ev in [
+            WatchEvent::Commit {
+                branch: "feat/x".into(),
+                head: "0123456789abcdef0123456789abcdef01234567".into(),
+            },
+            WatchEvent::Idle,
+        ] {
+            let f = round_trip(Frame::json(FrameKind::Event, &ev));
+            assert_eq!(f.parse_json::<WatchEvent>().unwrap(), ev);
+        }
+        let wire = serde_json::to_string(&Request::Watch {
+            paths: vec![],
+            idle_ms: 5,
+        })
+        .unwrap();
+        assert_eq!(wire, r#"{"op":"watch","paths":[],"idle_ms":5}"#);
+        let resp = Response::Watching { directories: 3 };
+        let f = round_trip(Frame::json(FrameKind::Response, &resp));
+        assert_eq!(f.parse_json::<Response>().unwrap(), resp);
+        // What a 1.0 agent makes of it: an unknown request, not a panic.
+        assert_eq!(FrameKind::from_u8(0x30).unwrap(), FrameKind::Event);
+        let bogus = Frame::new(FrameKind::Event, br#"{"event":"reboot"}"#.to_vec());
+        assert!(bogus.parse_json::<WatchEvent>().is_err());
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keystone_guest_agent::client::{AgentClient, ClientError};
-use keystone_guest_agent::protocol::{ExecRequest, ExitStatus, TtySize, UserSpec};
+use keystone_guest_agent::protocol::{
+    ExecRequest, ExitStatus, RawStreamRequest, TtySize, UserSpec,
+};
 use keystone_guest_agent::transport::DuplexStream;
 
 use super::super::backend::BackendError;
@@ -98,6 +100,59 @@ pub fn request(argv: Vec<String>, cwd: &str, user: Option<&str>) -> ExecRequest 
         user: Some(UserSpec::Name(user.unwrap_or(GUEST_USER).to_string())),
         ..ExecRequest::default()
     }
+}
+
+/// Runs `request` in the guest as a byte pipe between this process's stdin
+/// and stdout: the transport command of git's `ext::` URLs
+/// (`__git-upload-pack`) and of rsync's `-e` (`__rsync-shell`). Returns
+/// the guest process's exit code (its stderr is copied to ours when it
+/// fails), or 3 when our stdout closes early. `what` names it in errors.
+pub fn pipe_stdio(
+    vsock: &Path,
+    request: RawStreamRequest,
+    what: &str,
+) -> Result<i32, BackendError> {
+    let stream = client(vsock)
+        .raw_stream(request)
+        .map_err(|e| agent_err(what, e))?;
+    let (mut reader, mut writer) = stream.into_split();
+    std::thread::spawn(move || {
+        let mut stdin = io::stdin();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if writer.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = writer.close_stdin();
+    });
+    let mut stdout = io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| BackendError::Failed(format!("reading from the sandbox: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        if stdout
+            .write_all(&buf[..n])
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
+            return Ok(3);
+        }
+    }
+    let exit = reader.wait().map_err(|e| agent_err(what, e))?;
+    if !exit.status.success() {
+        let _ = io::stderr().write_all(&exit.stderr);
+    }
+    Ok(exit.status.code_or_signal())
 }
 
 /// Runs `req` on a pseudo-terminal wired to this terminal (raw mode,

@@ -6,9 +6,13 @@
 //!
 //! - `engine.rs`: engine choice, layout, kernel command lines, QEMU args;
 //! - `supervisor.rs`: the `__supervise` process;
+//! - `autosync.rs`: `--sync-mode auto-commit|auto-idle` in the supervisor;
 //! - `guest.rs`: agent connections and interactive terminals;
-//! - `sync.rs`: `sync` and the `__git-upload-pack` bridge.
+//! - `sync.rs`: `sync` and the `__git-upload-pack` bridge;
+//! - `artifacts.rs`: `sync --artifacts` (rsync) and the `__rsync-shell` bridge.
 
+mod artifacts;
+mod autosync;
 mod engine;
 mod guest;
 mod supervisor;
@@ -550,7 +554,11 @@ impl Backend for MicroVmBackend {
     }
 
     fn sync(&self, spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport> {
-        sync::sync(spec, opts)
+        if opts.artifacts {
+            artifacts::sync(spec, opts)
+        } else {
+            sync::sync(spec, opts)
+        }
     }
 
     fn worktree(&self, spec: &SandboxSpec, op: &WorktreeOp) -> BackendResult<Vec<WorktreeInfo>> {
@@ -638,6 +646,8 @@ impl Backend for MicroVmBackend {
         supervisor::supervise(spec)
     }
 }
+
+pub use artifacts::rsync_shell;
 
 /// `keystone agent __git-upload-pack NAME`.
 pub fn git_upload_pack(spec: &SandboxSpec) -> BackendResult<i32> {

@@ -4,6 +4,10 @@
 //!
 //! `start` passes what it resolved through the environment (see the
 //! `ENV_*` names), so the supervisor never rebuilds or re-decides anything.
+//!
+//! With `--sync-mode auto-commit` or `auto-idle` it also runs auto-sync
+//! (`autosync.rs`) on a watch connection it opens to the guest agent; its
+//! lines land in this log.
 
 use std::fs::OpenOptions;
 use std::os::unix::net::UnixStream;
@@ -20,7 +24,7 @@ use super::super::state::{SandboxState, StateRecord};
 use super::engine::{
     guest_cmdline, qemu_args, EngineKind, Layout, QemuPlan, GUEST_CID, GUEST_UID, QEMU, SHARES,
 };
-use super::guest;
+use super::{autosync, guest};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
 pub const ENV_KERNEL: &str = "KEYSTONE_SUPERVISOR_KERNEL";
@@ -70,7 +74,7 @@ struct Ended {
     detail: String,
 }
 
-fn log(msg: &str) {
+pub(super) fn log(msg: &str) {
     eprintln!(
         "[{}] supervisor: {msg}",
         super::super::fsutil::now_rfc3339()
@@ -166,6 +170,13 @@ fn ask_shutdown(vsock: &Path) {
     });
 }
 
+/// Ends auto-sync's watch before the guest goes away.
+fn stop_autosync(auto: Option<&autosync::AutoSync>) {
+    if let Some(a) = auto {
+        a.stop();
+    }
+}
+
 fn wait_for_sockets(paths: &[PathBuf]) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     for p in paths {
@@ -258,22 +269,25 @@ fn run_qemu(
     }
     let mut child = cmd.spawn().map_err(|e| format!("cannot run {QEMU}: {e}"))?;
     let _ = std::fs::write(layout.qemu_pid(), child.id().to_string());
+    let auto = autosync::start(spec, &layout.vsock, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
+                stop_autosync(auto.as_ref());
                 return Ok(Ended {
                     requested,
                     clean: status.success(),
                     detail: format!("{QEMU} {status}"),
-                })
+                });
             }
             Ok(None) => {}
             Err(e) => return Err(format!("waiting for {QEMU}: {e}")),
         }
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
             log("stop requested: asking the guest to shut down");
+            stop_autosync(auto.as_ref());
             requested = true;
             asked_at = Some(Instant::now());
             ask_shutdown(&layout.vsock);
@@ -341,10 +355,12 @@ fn run_vmm(
     let vm = builder
         .start()
         .map_err(|e| format!("cannot start the VM: {e}"))?;
+    let auto = autosync::start(spec, &layout.vsock, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
     loop {
         if let Some(reason) = vm.wait_timeout(Duration::from_millis(50)) {
+            stop_autosync(auto.as_ref());
             return Ok(Ended {
                 requested,
                 clean: reason.is_clean(),
@@ -353,6 +369,7 @@ fn run_vmm(
         }
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
             log("stop requested: asking the guest to shut down");
+            stop_autosync(auto.as_ref());
             requested = true;
             asked_at = Some(Instant::now());
             ask_shutdown(&layout.vsock);

@@ -11,7 +11,6 @@
 //! branch, remote-tracking ref or working tree changes, though the fetched
 //! objects stay in the object store (git's gc removes them).
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
@@ -113,13 +112,6 @@ pub fn parse_shortstat(s: &str) -> (u64, u64, u64) {
 
 /// `keystone agent sync`.
 pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport> {
-    if opts.artifacts {
-        return Err(BackendError::Failed(
-            "sync --artifacts (rsync of non-git files) is not implemented yet; `keystone agent \
-             sync` without it fetches the sandbox's commits"
-                .into(),
-        ));
-    }
     let project = &spec.project;
     let name = &spec.name;
     let ns = if opts.dry_run {
@@ -274,60 +266,21 @@ fn integrate(spec: &SandboxSpec, opts: &SyncOptions, ns: &str) -> BackendResult<
 /// `keystone agent __git-upload-pack NAME`: git's `ext::` command. Pipes
 /// stdin/stdout to `git upload-pack /workspace` in the guest.
 pub fn upload_pack(spec: &SandboxSpec) -> BackendResult<i32> {
-    let layout = Layout::new(&spec.paths);
-    let client = guest::client(&layout.vsock);
     let mut env = Vec::new();
     if let Ok(p) = std::env::var("GIT_PROTOCOL") {
         env.push(("GIT_PROTOCOL".to_string(), p));
     }
-    let stream = client
-        .raw_stream(RawStreamRequest {
-            argv: vec!["git".into(), "upload-pack".into(), GUEST_WORKSPACE.into()],
-            cwd: Some(GUEST_WORKSPACE.into()),
-            env,
-            user: Some(UserSpec::Name(GUEST_USER.into())),
-        })
-        .map_err(|e| guest::agent_err("git upload-pack in the sandbox", e))?;
-    let (mut reader, mut writer) = stream.into_split();
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if writer.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = writer.close_stdin();
-    });
-    let mut stdout = std::io::stdout().lock();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| failed(format!("reading from the sandbox: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        if stdout
-            .write_all(&buf[..n])
-            .and_then(|_| stdout.flush())
-            .is_err()
-        {
-            return Ok(3);
-        }
-    }
-    let exit = reader
-        .wait()
-        .map_err(|e| guest::agent_err("git upload-pack in the sandbox", e))?;
-    if !exit.status.success() {
-        let _ = std::io::stderr().write_all(&exit.stderr);
-    }
-    Ok(exit.status.code_or_signal())
+    let request = RawStreamRequest {
+        argv: vec!["git".into(), "upload-pack".into(), GUEST_WORKSPACE.into()],
+        cwd: Some(GUEST_WORKSPACE.into()),
+        env,
+        user: Some(UserSpec::Name(GUEST_USER.into())),
+    };
+    guest::pipe_stdio(
+        &Layout::new(&spec.paths).vsock,
+        request,
+        "git upload-pack in the sandbox",
+    )
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! - [`ports`]: `/proc/net/tcp{,6}` parsing (`ListeningPorts`);
 //! - [`files`]: `PushFile` confined under the workspace;
 //! - [`init`]: the PID 1 duties (mounts, root switch, reaping, shutdown);
+//! - [`watch`]: `Watch`, inotify over the workspace (commits, idleness);
 //! - [`logger`]: logs to `/dev/kmsg` or stderr.
 
 pub mod exec;
@@ -15,6 +16,7 @@ pub mod init;
 pub mod logger;
 pub mod ports;
 pub mod users;
+pub mod watch;
 
 use std::io::{self, BufReader};
 use std::path::PathBuf;
@@ -152,6 +154,9 @@ pub fn handle_connection(
                 "shutdown is only available when the agent runs as PID 1",
             ),
         },
+        Request::Watch { paths, idle_ms } => {
+            watch::run_watch(reader, writer, &paths, idle_ms, config)
+        }
         Request::Exec(req) => exec::run_session(reader, writer, req, config),
         Request::RawStream(RawStreamRequest {
             argv,

@@ -1,0 +1,220 @@
+//! Helpers shared by the agent tests that boot a real guest
+//! (`agent_e2e.rs`, `agent_artifacts.rs`): a temporary home for the binary,
+//! a one-commit project, and the commands that drive `keystone agent`.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The tests boot guests one at a time (the host may have two cores).
+pub static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub struct Env {
+    /// The sandbox the test uses (destroyed when the test ends).
+    pub name: &'static str,
+    pub root: PathBuf,
+    pub cache: PathBuf,
+    pub kernel_dir: PathBuf,
+    pub rootfs_dir: PathBuf,
+}
+
+impl Env {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn command(&self, args: &[&str], dir: &Path) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keystone"));
+        cmd.arg("agent").args(args);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("KEYSTONE_") || key.starts_with("XDG_") || key.starts_with("GIT_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("XDG_CONFIG_HOME", self.path("config"))
+            .env("XDG_STATE_HOME", self.path("state"))
+            .env("XDG_CACHE_HOME", &self.cache)
+            .env("KEYSTONE_KERNEL_DIR", &self.kernel_dir)
+            .env("KEYSTONE_ROOTFS_DIR", &self.rootfs_dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .current_dir(dir);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str], dir: &Path) -> Output {
+        let t = Instant::now();
+        let out = self.command(args, dir).output().unwrap();
+        eprintln!(
+            "keystone agent {} -> {:?} in {:.2?}",
+            args.join(" "),
+            out.status.code(),
+            t.elapsed()
+        );
+        out
+    }
+
+    /// Runs with stdin on a pseudo-terminal that receives `input`.
+    pub fn run_on_pty(&self, args: &[&str], dir: &Path, input: &str) -> Output {
+        let (mut master, slave) = {
+            let (mut m, mut s) = (-1, -1);
+            // SAFETY: openpty writes two new descriptors into m and s; the
+            // name, termios and winsize pointers may be null.
+            let rc = unsafe {
+                libc::openpty(
+                    &mut m,
+                    &mut s,
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+            // SAFETY: both descriptors are new and owned by nothing else.
+            unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+        };
+        let mut cmd = self.command(args, dir);
+        cmd.stdin(Stdio::from(slave))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        drop(cmd);
+        master.write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        eprintln!(
+            "keystone agent {} (on a pty, typed {input:?}) -> {:?}",
+            args.join(" "),
+            out.status.code()
+        );
+        out
+    }
+
+    pub fn status_json(&self, dir: &Path) -> serde_json::Value {
+        let out = self.run(&["status", "--json"], dir);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Leave no VM behind, even when an assertion failed.
+        let _ = self
+            .command(&["destroy", self.name, "--force"], &self.root)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A temporary home for the binary and a one-commit git project at
+/// `proj`, or `None` (after printing why) when no guest can run here.
+pub fn setup(tag: &str, name: &'static str) -> Option<Env> {
+    macro_rules! skip {
+        ($($arg:tt)*) => {{
+            eprintln!("SKIP: {}", format!($($arg)*));
+            return None;
+        }};
+    }
+    if !Path::new("/dev/kvm").exists() {
+        skip!("no /dev/kvm");
+    }
+    let qemu_ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu_ok {
+        skip!("qemu-system-x86_64 is not runnable (apt-get install qemu-system-x86)");
+    }
+    let kernel = match guest_image::kernel::ensure_kernel() {
+        Ok(k) if k.vmlinux.is_file() => k,
+        Ok(k) => skip!("no guest kernel at {}", k.vmlinux.display()),
+        Err(e) => skip!("no guest kernel: {e}"),
+    };
+    let rootfs = match guest_image::rootfs::ensure_rootfs() {
+        Ok(r) => r,
+        Err(e) => skip!("no guest rootfs: {e}"),
+    };
+    let root = std::env::temp_dir().join(format!("ks-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let env = Env {
+        name,
+        cache: guest_image::cache_dir()
+            .parent()
+            .expect("cache parent")
+            .to_path_buf(),
+        kernel_dir: kernel.dir.clone(),
+        rootfs_dir: rootfs.dir.clone(),
+        root,
+    };
+    std::fs::create_dir_all(env.path("config/keystone")).unwrap();
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    std::fs::write(
+        env.path("config/keystone/agent.toml"),
+        "[backend.microvm]\nengine = \"qemu\"\n",
+    )
+    .unwrap();
+    let repo = env.path("proj");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("README"), "hello\n").unwrap();
+    std::fs::write(repo.join(".env"), "TOKEN=from-host\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "README"]);
+    git(
+        &repo,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "init",
+        ],
+    );
+
+    Some(env)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// What a user looks at to see that the host repository was not touched:
+/// every ref, HEAD, the working tree's status and a tracked file.
+pub fn host_snapshot(repo: &Path) -> (String, String, String, String) {
+    (
+        git(repo, &["for-each-ref"]),
+        git(repo, &["rev-parse", "HEAD"]),
+        git(repo, &["status", "--porcelain", "--untracked-files=all"]),
+        std::fs::read_to_string(repo.join("README")).unwrap(),
+    )
+}
+
+pub const COMMIT: [&str; 5] = ["-c", "user.name=t", "-c", "user.email=t@t", "commit"];
