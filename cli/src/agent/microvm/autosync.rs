@@ -23,7 +23,7 @@
 //! `keystone agent sync` (exit 3 there on a conflict, as usual). Nothing is
 //! paused: the next event tries again (the divergence is logged once per
 //! sandbox tip). `sync::sync` is not called because its integration
-//! merges diverged branches; `sync::decide` and `sync::ext_escape` are.
+//! merges diverged branches; it shares the fetch and git helpers of `sync`.
 //!
 //! Every outcome goes to the supervisor log; a failed sync never stops the
 //! supervisor. The watch reconnects while the guest runs (boot, reboot); an
@@ -31,7 +31,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -43,7 +42,7 @@ use super::super::backend::SandboxSpec;
 use super::super::config::SyncMode;
 use super::engine::GUEST_WORKSPACE;
 use super::guest;
-use super::sync::{decide, ext_escape, Decision};
+use super::sync::{decide, fetch_into, git, is_ancestor, remote_ns, rev, short, Decision};
 
 /// `auto-idle`: seconds without a file change in `/workspace` before a
 /// sync.
@@ -268,76 +267,10 @@ use NotSynced::{Diverged, Failed};
 
 /// Runs git in `dir` (the host project; never prompts):
 /// `Ok(stdout)` or `Err(stderr)`.
-fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
-        .map_err(|e| format!("cannot run git: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(if err.is_empty() {
-            format!("git {} failed ({})", args.join(" "), out.status)
-        } else {
-            err
-        })
-    }
-}
-
-fn rev(dir: &Path, name: &str) -> Option<String> {
-    git(
-        dir,
-        &[
-            "rev-parse",
-            "--verify",
-            "--quiet",
-            &format!("{name}^{{commit}}"),
-        ],
-    )
-    .ok()
-    .filter(|s| !s.is_empty())
-}
-
-fn is_ancestor(dir: &Path, a: &str, b: &str) -> bool {
-    git(dir, &["merge-base", "--is-ancestor", a, b]).is_ok()
-}
-
 /// The fetch of `keystone agent sync`: every sandbox branch into
 /// `refs/remotes/sandbox-<NAME>/`.
 fn fetch(spec: &SandboxSpec) -> Result<(), String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the keystone binary: {e}"))?;
-    let url = format!(
-        "ext::{} agent __git-upload-pack {}",
-        ext_escape(&exe.display().to_string()),
-        ext_escape(&spec.name)
-    );
-    let refspec = format!("+refs/heads/*:{}/*", remote_ns(&spec.name));
-    git(
-        &spec.project,
-        &[
-            "-c",
-            "protocol.ext.allow=always",
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            "--no-write-fetch-head",
-            &url,
-            &refspec,
-        ],
-    )
-    .map(|_| ())
-}
-
-fn remote_ns(name: &str) -> String {
-    format!("refs/remotes/sandbox-{name}")
-}
-
-fn short(s: &str) -> &str {
-    &s[..s.len().min(9)]
+    fetch_into(spec, &remote_ns(&spec.name))
 }
 
 /// Moves the host's `branch` to the fetched sandbox tip when that is a

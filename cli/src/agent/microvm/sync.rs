@@ -47,10 +47,12 @@ pub fn ext_escape(word: &str) -> String {
 }
 
 /// Runs git in `dir`; `Ok(stdout)` on success, `Err(stderr)` otherwise.
-fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+pub(super) fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
     let out = Command::new("git")
         .args(args)
         .current_dir(dir)
+        // Never ask for credentials: nothing here talks to a remote but the sandbox.
+        .env("GIT_TERMINAL_PROMPT", "0")
         .output()
         .map_err(|e| format!("cannot run git: {e}"))?;
     if out.status.success() {
@@ -69,7 +71,7 @@ fn failed(e: String) -> BackendError {
     BackendError::Failed(e)
 }
 
-fn rev(dir: &Path, name: &str) -> Option<String> {
+pub(super) fn rev(dir: &Path, name: &str) -> Option<String> {
     git(
         dir,
         &[
@@ -83,11 +85,11 @@ fn rev(dir: &Path, name: &str) -> Option<String> {
     .filter(|s| !s.is_empty())
 }
 
-fn is_ancestor(dir: &Path, a: &str, b: &str) -> bool {
+pub(super) fn is_ancestor(dir: &Path, a: &str, b: &str) -> bool {
     git(dir, &["merge-base", "--is-ancestor", a, b]).is_ok()
 }
 
-fn short(s: &str) -> &str {
+pub(super) fn short(s: &str) -> &str {
     &s[..s.len().min(9)]
 }
 
@@ -110,25 +112,26 @@ pub fn parse_shortstat(s: &str) -> (u64, u64, u64) {
     r
 }
 
-/// `keystone agent sync`.
-pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport> {
-    let project = &spec.project;
-    let name = &spec.name;
-    let ns = if opts.dry_run {
-        format!("refs/keystone-dry-run/{name}")
-    } else {
-        format!("refs/remotes/sandbox-{name}")
-    };
-    let exe = std::env::current_exe()
-        .map_err(|e| failed(format!("cannot find the keystone binary: {e}")))?;
+/// The sandbox's namespace of fetched branches on the host.
+pub(super) fn remote_ns(name: &str) -> String {
+    format!("refs/remotes/sandbox-{name}")
+}
+
+/// Host `git fetch` of every sandbox branch into `<ns>/*`, through the
+/// guest's `git upload-pack` (git's `ext::` transport runs this binary's
+/// `agent __git-upload-pack NAME`). Runs no hook or config of the sandbox
+/// repository.
+pub(super) fn fetch_into(spec: &SandboxSpec, ns: &str) -> Result<(), String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the keystone binary: {e}"))?;
     let url = format!(
         "ext::{} agent __git-upload-pack {}",
         ext_escape(&exe.display().to_string()),
-        ext_escape(name)
+        ext_escape(&spec.name)
     );
     let refspec = format!("+refs/heads/*:{ns}/*");
-    let fetched = git(
-        project,
+    git(
+        &spec.project,
         &[
             "-c",
             "protocol.ext.allow=always",
@@ -139,7 +142,20 @@ pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport>
             &url,
             &refspec,
         ],
-    );
+    )
+    .map(|_| ())
+}
+
+/// `keystone agent sync`.
+pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport> {
+    let project = &spec.project;
+    let name = &spec.name;
+    let ns = if opts.dry_run {
+        format!("refs/keystone-dry-run/{name}")
+    } else {
+        remote_ns(name)
+    };
+    let fetched = fetch_into(spec, &ns);
     let result = fetched
         .map_err(|e| failed(format!("fetching from the sandbox failed: {e}")))
         .and_then(|_| integrate(spec, opts, &ns));
