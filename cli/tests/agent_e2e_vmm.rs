@@ -1,0 +1,305 @@
+//! A newcomer's `keystone agent` session once on our VMM (engine `vmm`,
+//! forced by `[backend.microvm] engine = "vmm"` in the temporary
+//! `agent.toml`) on this machine's KVM, not on QEMU: start, exec sees the
+//! project's commit, a commit in the guest, sync brings it to the host,
+//! `status --json` reports it running on vmm, stop, destroy, and `list`
+//! is empty. Each command's wall time is printed.
+//!
+//! Unlike `agent_e2e.rs` it does not start the sandbox a second time after
+//! `stop`: on a paravirtual KVM (kvm_pvm) our VMM emulates the guest
+//! kernel, so one boot to a ready agent takes ~100-160 s, and the second
+//! boot is covered on QEMU by `agent_e2e.rs`.
+//!
+//! Every command has a deadline (the whole test at most 10 minutes); a
+//! command that passes it is killed and the test fails with the tail of the
+//! sandbox's `logs/console.log`.
+//!
+//! Skips (printing `SKIP: <reason>`) when /dev/kvm cannot be opened
+//! read-write or there is no guest kernel and rootfs. QEMU is not needed.
+
+mod common;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The sandbox's name.
+const NAME: &str = "e2e-vmm";
+/// The whole session.
+const SESSION_LIMIT: Duration = Duration::from_secs(600);
+/// `start`, which waits for the guest agent.
+const START_LIMIT: Duration = Duration::from_secs(540);
+/// Every other command (an `exec` that commits took over 120 s on a
+/// loaded two-core kvm_pvm host with a debug build).
+const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// The temporary home of `common::setup`, with engine vmm instead of qemu
+/// and no need for QEMU; `None` (after printing why) when our VMM cannot
+/// run a guest here.
+fn setup_vmm(tag: &str) -> Option<Env> {
+    macro_rules! skip {
+        ($($arg:tt)*) => {{
+            eprintln!("SKIP: {}", format!($($arg)*));
+            return None;
+        }};
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        skip!("/dev/kvm is not usable: {e}");
+    }
+    let kernel = match guest_image::kernel::ensure_kernel() {
+        Ok(k) if k.vmlinux.is_file() => k,
+        Ok(k) => skip!("no guest kernel at {}", k.vmlinux.display()),
+        Err(e) => skip!("no guest kernel: {e}"),
+    };
+    let rootfs = match guest_image::rootfs::ensure_rootfs() {
+        Ok(r) => r,
+        Err(e) => skip!("no guest rootfs: {e}"),
+    };
+    let root = std::env::temp_dir().join(format!("ks-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let env = Env {
+        name: NAME,
+        cache: guest_image::cache_dir()
+            .parent()
+            .expect("cache parent")
+            .to_path_buf(),
+        kernel_dir: kernel.dir.clone(),
+        rootfs_dir: rootfs.dir.clone(),
+        root,
+    };
+    std::fs::create_dir_all(env.path("config/keystone")).unwrap();
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    std::fs::write(
+        env.path("config/keystone/agent.toml"),
+        "[backend.microvm]\nengine = \"vmm\"\n",
+    )
+    .unwrap();
+    let repo = env.path("proj");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("README"), "hello\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "README"]);
+    let mut args = COMMIT.to_vec();
+    args.extend(["-qm", "init"]);
+    git(&repo, &args);
+    Some(env)
+}
+
+/// The sandbox's console log.
+fn console_log(env: &Env) -> PathBuf {
+    env.path("state/keystone/sandboxes")
+        .join(NAME)
+        .join("logs/console.log")
+}
+
+/// The last `n` lines of the console log.
+fn console_tail(env: &Env, n: usize) -> String {
+    let path = console_log(env);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+            format!("console ({}):\n{tail}", path.display())
+        }
+        Err(e) => format!("console ({}): {e}", path.display()),
+    }
+}
+
+/// The last `n` lines of the sandbox's supervisor log.
+fn supervisor_tail(env: &Env, n: usize) -> String {
+    let path = console_log(env).with_file_name("supervisor.log");
+    let text = std::fs::read(&path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| e.to_string());
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+    format!("supervisor ({}):\n{tail}", path.display())
+}
+
+/// Drives the session: each command under a deadline, its duration kept
+/// for the summary.
+struct Session<'a> {
+    env: &'a Env,
+    repo: PathBuf,
+    t0: Instant,
+    timings: Vec<(String, Duration)>,
+}
+
+impl Session<'_> {
+    /// Runs `keystone agent <args>` in the project; kills it and fails
+    /// with the console's tail when it runs past `limit` or the session's
+    /// end.
+    fn run(&mut self, args: &[&str], limit: Duration) -> Output {
+        let left = SESSION_LIMIT.saturating_sub(self.t0.elapsed());
+        let limit = limit.min(left);
+        let label = format!("keystone agent {}", args.join(" "));
+        let t = Instant::now();
+        let mut child = self
+            .env
+            .command(args, &self.repo)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // What the command printed so far, also readable on a timeout.
+        let reader = |mut pipe: Box<dyn Read + Send>| {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&seen);
+            let thread = std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            (seen, thread)
+        };
+        let out_thread = reader(Box::new(child.stdout.take().unwrap()));
+        let err_thread = reader(Box::new(child.stderr.take().unwrap()));
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if t.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                // The pipes may be held open by a detached supervisor:
+                // do not wait for the readers.
+                panic!(
+                    "{label} did not finish within {:.0?} (session at {:.0?})\n\
+                     its stderr so far:\n{}\n{}\n{}",
+                    limit,
+                    self.t0.elapsed(),
+                    String::from_utf8_lossy(&err_thread.0.lock().unwrap()),
+                    supervisor_tail(self.env, 20),
+                    console_tail(self.env, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let took = t.elapsed();
+        let collect = |(seen, thread): (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>)| {
+            thread.join().unwrap();
+            std::mem::take(&mut *seen.lock().unwrap())
+        };
+        let out = Output {
+            status,
+            stdout: collect(out_thread),
+            stderr: collect(err_thread),
+        };
+        eprintln!("{label} -> {:?} in {took:.2?}", out.status.code());
+        self.timings.push((label, took));
+        out
+    }
+
+    /// `run`, asserting exit status 0 (with the console's tail if not).
+    fn ok(&mut self, args: &[&str], limit: Duration) -> Output {
+        let out = self.run(args, limit);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "keystone agent {}: {}\n{}",
+            args.join(" "),
+            text(&out),
+            console_tail(self.env, 40)
+        );
+        out
+    }
+}
+
+#[test]
+#[ignore = "10 minutes or more on a paravirtual (kvm_pvm) host; run with --ignored where KVM is hardware virtualization"]
+fn a_newcomer_session_on_our_vmm() {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let Some(env) = setup_vmm("vmm") else {
+        return;
+    };
+    let repo = env.path("proj");
+    let mut s = Session {
+        env: &env,
+        repo: repo.clone(),
+        t0: Instant::now(),
+        timings: Vec::new(),
+    };
+
+    // start, on our VMM.
+    let out = s.ok(
+        &[
+            "start",
+            "--name",
+            NAME,
+            "--no-attach",
+            "--memory",
+            "512",
+            "--vcpus",
+            "1",
+        ],
+        START_LIMIT,
+    );
+    assert!(stdout(&out).contains("engine vmm"), "{}", text(&out));
+    if let Some(ready) = stderr(&out)
+        .lines()
+        .chain(stdout(&out).lines())
+        .find(|l| l.contains("guest agent ready"))
+    {
+        eprintln!("  ({})", ready.trim());
+    }
+
+    // exec sees the project's commit.
+    let out = s.ok(&["exec", "--", "git", "log", "--oneline"], COMMAND_LIMIT);
+    assert!(stdout(&out).contains("init"), "{}", text(&out));
+
+    // A commit in the guest, synced to the host.
+    s.ok(
+        &[
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "echo x > f && git add f && \
+             git -c user.name=a -c user.email=a@b commit -qm guest-on-vmm",
+        ],
+        COMMAND_LIMIT,
+    );
+    let out = s.ok(&["sync"], COMMAND_LIMIT);
+    assert!(stdout(&out).contains("fast-forward"), "{}", text(&out));
+    let log = git(&repo, &["log", "--oneline"]);
+    assert!(log.contains("guest-on-vmm"), "host log:\n{log}");
+    assert_eq!(std::fs::read_to_string(repo.join("f")).unwrap(), "x\n");
+
+    // status: running, on vmm.
+    let out = s.ok(&["status", "--json"], COMMAND_LIMIT);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", text(&out)));
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["engine"], "vmm", "{status}");
+
+    // stop, destroy; nothing is left.
+    s.ok(&["stop"], COMMAND_LIMIT);
+    s.ok(&["destroy", NAME, "--force"], COMMAND_LIMIT);
+    let out = s.ok(&["list", "--json"], COMMAND_LIMIT);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("list --json is not JSON ({e}): {}", text(&out)));
+    assert_eq!(listed, serde_json::json!([]), "{}", text(&out));
+    assert!(
+        !env.path("state/keystone/sandboxes").join(NAME).exists(),
+        "destroy left the sandbox's folder"
+    );
+
+    eprintln!("timings (engine vmm):");
+    for (label, took) in &s.timings {
+        eprintln!("  {:>9.2?}  {label}", took);
+    }
+    eprintln!("session took {:.1?}", s.t0.elapsed());
+}
