@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: builds keystone, the guest kernel and root file system
 # (cached after the first time), makes a sample git project, and starts a
-# sandbox on it. On a terminal you land in the sandbox's tmux session
-# (detach with Ctrl-B d); otherwise the script runs a few commands in the
+# sandbox on it. On a terminal you land in the sandbox's Zellij session
+# (detach with Ctrl-O d); otherwise the script runs a few commands in the
 # sandbox, syncs a commit back and stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

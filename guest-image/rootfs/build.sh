@@ -27,7 +27,7 @@ packages=$(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$here/packages" | 
 recipe_hash=$({
 	echo "suite $suite"
 	echo "packages $packages"
-	cat "$here/build.sh"
+	cat "$here/build.sh" "$here/zellij.sh"
 } | sha256sum | cut -c1-16)
 
 if [ "${1:-}" = "--hash" ]; then
@@ -53,6 +53,8 @@ if ! command -v debootstrap >/dev/null 2>&1; then
 		exit 4
 	fi
 fi
+
+zellij_bin=$("$here/zellij.sh")
 
 mkdir -p "$cache_root"
 # One build at a time per recipe; a second caller waits and reuses it.
@@ -137,6 +139,10 @@ cat > "$root/etc/gitconfig" <<'GIT'
 [init]
 	defaultBranch = main
 GIT
+
+# Zellij, the terminal workspace `keystone agent attach` opens (built from
+# crates.io once and cached; Debian 12 does not package it).
+install -m 0755 "$zellij_bin" "$root/usr/local/bin/zellij"
 
 # Shrink: apt caches and lists, docs, man pages, non-English locales, logs.
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/var/cache/debconf/*-old \

@@ -44,6 +44,7 @@ const EXPECTED_CHECKS: &[&str] = &[
     "rsync_version",
     "direnv_version",
     "tmux_version",
+    "zellij_version",
     "curl_version",
     "ssh_version",
     "xz_version",
@@ -100,6 +101,7 @@ v=$(git --version 2>&1); show git "$v"; has git_version "$v" "git version 2."
 v=$(rsync --version 2>&1); show rsync "$v"; has rsync_version "$v" "rsync  version 3."
 v=$(direnv version 2>&1); show direnv "$v"; has direnv_version "$v" "2."
 v=$(tmux -V 2>&1); show tmux "$v"; has tmux_version "$v" "tmux 3."
+v=$(zellij --version 2>&1); show zellij "$v"; has zellij_version "$v" "zellij 0.45"
 v=$(curl --version 2>&1); show curl "$v"; has curl_version "$v" "curl 7."
 v=$(ssh -V 2>&1); show ssh "$v"; has ssh_version "$v" "OpenSSH_9"
 v=$(xz --version 2>&1); show xz "$v"; has xz_version "$v" "xz (XZ Utils) 5."

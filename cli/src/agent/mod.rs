@@ -52,10 +52,9 @@ pub enum AgentCommand {
     Stop(StopArgs),
     /// Open the persistent terminal session inside the sandbox.
     ///
-    /// The session is a tmux session named `<sandbox>-<branch>` (Zellij is
-    /// not in the guest image yet): detach with Ctrl-b d, and `attach`
-    /// again re-attaches to it. Without tmux in the guest it is a plain
-    /// login shell.
+    /// The session is the Zellij session `<sandbox>-<branch>`: detach with
+    /// Ctrl-o d, and `attach` again re-attaches to it. Guest images without
+    /// Zellij use a tmux session of the same name (detach with Ctrl-b d).
     Attach(AttachArgs),
     /// Run a command in the sandbox; its exit code is passed through.
     Exec(ExecArgs),

@@ -215,8 +215,8 @@ pub fn interactive(client: &AgentClient, mut req: ExecRequest) -> Result<ExitSta
     status
 }
 
-/// A tmux session name from `sandbox` and `branch` (tmux forbids `.` and
-/// `:`; keep it to a safe set).
+/// A Zellij (or tmux) session name from `sandbox` and `branch` (tmux
+/// forbids `.` and `:`; keep it to a safe set).
 pub fn session_name(sandbox: &str, branch: &str) -> String {
     let mut s = format!("{sandbox}-{branch}");
     s = s
@@ -232,12 +232,14 @@ pub fn session_name(sandbox: &str, branch: &str) -> String {
     s
 }
 
-/// The shell command attach runs: tmux's `new-session -A` (create or
-/// re-attach) when tmux is in the image, else a login shell.
+/// The shell command attach runs: Zellij's `attach --create` (create or
+/// re-attach the session) when Zellij is in the image, tmux's
+/// `new-session -A` on older images, else a login shell.
 pub fn attach_script(session: &str) -> String {
     format!(
-        "if command -v tmux >/dev/null 2>&1; then exec tmux new-session -A -s '{session}'; \
-         else echo 'keystone: tmux is not in the guest image: plain login shell (no re-attach)'; \
+        "if command -v zellij >/dev/null 2>&1; then exec zellij attach --create '{session}'; \
+         elif command -v tmux >/dev/null 2>&1; then exec tmux new-session -A -s '{session}'; \
+         else echo 'keystone: no terminal multiplexer in the guest image: plain login shell (no re-attach)'; \
          exec bash -l; fi"
     )
 }
@@ -250,7 +252,9 @@ mod tests {
     fn session_names_are_tmux_safe() {
         assert_eq!(session_name("app-1", "main"), "app-1-main");
         assert_eq!(session_name("app-1", "feat/x.y"), "app-1-feat-x-y");
-        assert!(attach_script("app-1-main").contains("new-session -A -s 'app-1-main'"));
+        let script = attach_script("app-1-main");
+        assert!(script.contains("zellij attach --create 'app-1-main'"));
+        assert!(script.contains("new-session -A -s 'app-1-main'"));
     }
 
     #[test]
