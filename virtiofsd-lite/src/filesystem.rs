@@ -126,6 +126,11 @@ pub trait FileSystem: Send + Sync {
     fn lookup(&self, ctx: Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
         Err(enosys())
     }
+    /// How long the guest may remember that a name does not exist, when a
+    /// LOOKUP finds nothing (`None`: not at all, the guest asks again).
+    fn negative_entry_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
     fn forget(&self, ctx: Context, inode: Inode, count: u64) {}
     fn batch_forget(&self, ctx: Context, requests: &[(Inode, u64)]) {
         for &(inode, count) in requests {

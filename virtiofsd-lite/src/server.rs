@@ -114,8 +114,24 @@ impl<F: FileSystem> Server<F> {
             }
             opcode::LOOKUP => {
                 let body = body(r)?;
-                let e = fs.lookup(ctx, ino, name_at(&body, 0)?).map_err(errno)?;
-                reply(w, u, &[e.to_wire().as_slice()])
+                let e = match fs.lookup(ctx, ino, name_at(&body, 0)?) {
+                    Ok(e) => e.to_wire(),
+                    // A negative entry (node id 0) lets the kernel keep the
+                    // miss: the library search paths of every exec probe
+                    // many names that do not exist.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        match fs.negative_entry_timeout() {
+                            Some(t) if !t.is_zero() => fuse::EntryOut {
+                                entry_valid: t.as_secs(),
+                                entry_valid_nsec: t.subsec_nanos(),
+                                ..Default::default()
+                            },
+                            _ => return Err(libc::ENOENT),
+                        }
+                    }
+                    Err(e) => return Err(errno(e)),
+                };
+                reply(w, u, &[e.as_slice()])
             }
             opcode::FORGET => {
                 let f: fuse::ForgetIn = obj(r)?;

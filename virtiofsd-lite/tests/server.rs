@@ -81,8 +81,14 @@ fn cstr(s: &str) -> Vec<u8> {
 
 impl T {
     fn new(name: &str) -> Self {
+        Self::with(name, |_| {})
+    }
+
+    fn with(name: &str, tweak: impl FnOnce(&mut FsConfig)) -> Self {
         let dir = Scratch::new(name);
-        let fs = PassthroughFs::new(&FsConfig::new(dir.path(), "test")).unwrap();
+        let mut cfg = FsConfig::new(dir.path(), "test");
+        tweak(&mut cfg);
+        let fs = PassthroughFs::new(&cfg).unwrap();
         let mut t = T {
             server: Server::new(fs),
             unique: 0,
@@ -120,7 +126,16 @@ impl T {
         r
     }
 
+    /// LOOKUP as the guest kernel reads it: a negative entry (node id 0)
+    /// is `ENOENT` to the caller.
     fn lookup(&mut self, parent: u64, name: &str) -> Result<fuse::EntryOut, i32> {
+        match self.lookup_raw(parent, name)? {
+            e if e.nodeid == 0 => Err(libc::ENOENT),
+            e => Ok(e),
+        }
+    }
+
+    fn lookup_raw(&mut self, parent: u64, name: &str) -> Result<fuse::EntryOut, i32> {
         let r = self.call(opcode::LOOKUP, parent, &[&cstr(name)]);
         if r.error != 0 {
             return Err(-r.error);
@@ -290,6 +305,30 @@ fn lookup_getattr_read() {
         t.call(opcode::GETATTR, e.nodeid, &[&[0u8; 16]]).error,
         -libc::EBADF
     );
+}
+
+#[test]
+fn a_missing_name_is_a_negative_entry_the_guest_may_cache() {
+    use virtiofsd_lite::CacheMode;
+    // auto: the miss is an entry with node id 0, valid for the cache's
+    // lifetime, and it takes no lookup reference.
+    let mut t = T::new("negative");
+    let e = t.lookup_raw(1, "missing").unwrap();
+    assert_eq!(e.nodeid, 0);
+    assert_eq!((e.entry_valid, e.entry_valid_nsec), (1, 0));
+    assert_eq!(t.server.fs().inodes().lookup_count(0), 0);
+    // Other errors stay errors.
+    std::fs::write(t.dir().join("file"), b"").unwrap();
+    let f = t.lookup(1, "file").unwrap();
+    assert_eq!(t.lookup_raw(f.nodeid, "x"), Err(libc::ENOTDIR));
+    assert_eq!(t.lookup_raw(1, "a/b"), Err(libc::EINVAL));
+
+    let mut t = T::with("negative-always", |c| c.cache = CacheMode::Always);
+    assert_eq!(t.lookup_raw(1, "missing").unwrap().entry_valid, 86400);
+
+    // never: the guest must ask again, so the miss is a plain ENOENT.
+    let mut t = T::with("negative-never", |c| c.cache = CacheMode::Never);
+    assert_eq!(t.lookup_raw(1, "missing"), Err(libc::ENOENT));
 }
 
 impl T {

@@ -107,6 +107,11 @@ impl FileSystem for PassthroughFs {
         self.do_lookup(&p, name)
     }
 
+    fn negative_entry_timeout(&self) -> Option<Duration> {
+        // The same lifetime as a positive entry: none with `--cache never`.
+        Some(self.timeout()).filter(|t| !t.is_zero())
+    }
+
     fn forget(&self, _ctx: Context, inode: Inode, count: u64) {
         self.inodes.forget(inode, count);
     }

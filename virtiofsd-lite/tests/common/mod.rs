@@ -124,7 +124,17 @@ impl Fuse {
         Ok(fuse::read_struct(&r.body).unwrap())
     }
 
+    /// LOOKUP as the guest kernel sees it: a negative entry (node id 0,
+    /// which the kernel caches) is `ENOENT` to the caller.
     pub fn lookup(&mut self, parent: u64, name: &str) -> Result<fuse::EntryOut, i32> {
+        match self.lookup_raw(parent, name)? {
+            e if e.nodeid == 0 => Err(libc::ENOENT),
+            e => Ok(e),
+        }
+    }
+
+    /// LOOKUP's reply as it is on the wire.
+    pub fn lookup_raw(&mut self, parent: u64, name: &str) -> Result<fuse::EntryOut, i32> {
         self.entry(opcode::LOOKUP, parent, &[&cstr(name)])
     }
 
