@@ -177,6 +177,28 @@ fn stop_autosync(auto: Option<&autosync::AutoSync>) {
     }
 }
 
+/// virtiofsd-lite's settings for one share. While the sandbox runs only
+/// the guest changes its shares (the host reaches the workspace through the
+/// guest agent, and the root image never changes), so names, attributes and
+/// misses may be cached for long: each exec then costs a few FUSE round
+/// trips instead of dozens.
+fn share_config(
+    tag: &str,
+    readonly: bool,
+    rootfs: &Path,
+    layout: &Layout,
+) -> virtiofsd_lite::FsConfig {
+    let dir = match tag {
+        "root" => rootfs.to_path_buf(),
+        "state" => layout.state.clone(),
+        _ => layout.workspace.clone(),
+    };
+    let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
+    cfg.readonly = readonly;
+    cfg.cache = virtiofsd_lite::CacheMode::Always;
+    cfg
+}
+
 fn wait_for_sockets(paths: &[PathBuf]) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     for p in paths {
@@ -204,13 +226,7 @@ fn run_qemu(
     }
     let mut shares = Vec::new();
     for (tag, readonly) in SHARES {
-        let dir = match tag {
-            "root" => rootfs.to_path_buf(),
-            "state" => layout.state.clone(),
-            _ => layout.workspace.clone(),
-        };
-        let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
-        cfg.readonly = readonly;
+        let cfg = share_config(tag, readonly, rootfs, layout);
         let socket = layout.fs_socket(tag);
         let s = socket.clone();
         std::thread::Builder::new()
@@ -333,13 +349,7 @@ fn run_vmm(
         .cmdline(guest_cmdline(EngineKind::Vmm, &spec.name));
     let mut daemons = Vec::new();
     for (tag, readonly) in SHARES {
-        let dir = match tag {
-            "root" => rootfs.to_path_buf(),
-            "state" => layout.state.clone(),
-            _ => layout.workspace.clone(),
-        };
-        let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
-        cfg.readonly = readonly;
+        let cfg = share_config(tag, readonly, rootfs, layout);
         let (vmm_end, daemon_end) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
         // virtiofsd-lite creates each file as the guest user who asked.
         let daemon = virtiofsd_lite::spawn_on_stream(daemon_end, cfg)
