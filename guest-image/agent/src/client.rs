@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use crate::protocol::{
     expect_frame, read_frame, write_frame, write_raw, ExecRequest, ExitStatus, Frame, FrameKind,
     Hello, ListeningPort, ProtocolError, PushFileRequest, RawStreamRequest, Request, Response,
-    TtySize, MINOR_WATCH, STREAM_CHUNK,
+    TtySize, MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
 };
+use crate::relay::{relay, RelayTotals};
 use crate::transport::DuplexStream;
 
 pub use crate::protocol::WatchEvent;
@@ -242,6 +243,84 @@ impl AgentClient {
             directories,
             done: false,
         })
+    }
+}
+
+impl AgentClient {
+    /// Connects to TCP `port` on the guest's loopback (see
+    /// [`Request::TcpConnect`]); the returned tunnel is a plain byte
+    /// stream to it. An agent older than protocol 1.2 gives
+    /// [`ClientError::Unsupported`]; nothing listening gives
+    /// [`ClientError::Agent`].
+    pub fn tcp_connect(&self, port: u16) -> Result<TcpTunnel, ClientError> {
+        let req = Request::TcpConnect { port };
+        let mut conn = self.start_needing(&req, Some(("port forwarding", MINOR_TCP_CONNECT)))?;
+        let address = match conn.response()? {
+            Response::Connected { address } => address,
+            other => return Err(ClientError::UnexpectedResponse(other)),
+        };
+        // Bytes the guest sent right after its answer (a server's greeting)
+        // may already sit in the reader's buffer.
+        let pending = conn.reader.buffer().to_vec();
+        Ok(TcpTunnel {
+            stream: conn.writer,
+            pending,
+            address,
+        })
+    }
+}
+
+/// A byte stream to a TCP port in the guest, from
+/// [`AgentClient::tcp_connect`]. Read and write it, or hand it to
+/// [`TcpTunnel::relay`].
+pub struct TcpTunnel {
+    stream: Box<dyn DuplexStream>,
+    /// Guest bytes already received, delivered before any further read.
+    pending: Vec<u8>,
+    address: std::net::SocketAddr,
+}
+
+impl TcpTunnel {
+    /// The guest address it is connected to (127.0.0.1:port or [::1]:port).
+    pub fn guest_address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// Closes the sending half; the guest server reads end of stream.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        self.stream.shutdown_write()
+    }
+
+    /// Relays between the tunnel and `peer` (a host TCP connection) until
+    /// both directions end; returns (peer -> guest, guest -> peer) totals.
+    pub fn relay(self, mut peer: Box<dyn DuplexStream>) -> io::Result<RelayTotals> {
+        if !self.pending.is_empty() {
+            peer.write_all(&self.pending)?;
+        }
+        let mut totals = relay(peer, self.stream)?;
+        totals.b_to_a += self.pending.len() as u64;
+        Ok(totals)
+    }
+}
+
+impl Read for TcpTunnel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.pending.is_empty() {
+            let n = buf.len().min(self.pending.len());
+            buf[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            return Ok(n);
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl Write for TcpTunnel {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
     }
 }
 

@@ -4,6 +4,8 @@
 //! - [`transport`]: byte streams: the [`transport::DuplexStream`] trait,
 //!   AF_VSOCK in the guest, Unix sockets in tests;
 //! - [`client`]: [`client::AgentClient`], used by the host (the CLI);
+//! - [`relay`]: the two-way byte relay of `TcpConnect` (guest) and of
+//!   port forwarding (host);
 //! - [`agent`]: the guest side: request handling, processes, PID 1 duties.
 //!
 //! The binary (`src/bin/keystone-guest-agent.rs`) is the guest's `/init`;
@@ -12,6 +14,7 @@
 pub mod agent;
 pub mod client;
 pub mod protocol;
+pub mod relay;
 pub mod transport;
 
 pub use client::{

@@ -1,4 +1,4 @@
-//! The Keystone guest-agent wire protocol, version 1.1.
+//! The Keystone guest-agent wire protocol, version 1.2.
 //!
 //! The host reaches the agent over virtio-vsock (guest port
 //! [`AGENT_VSOCK_PORT`]); tests use a Unix socket. Either way the transport
@@ -59,6 +59,17 @@
 //!      more and ends the watch by closing. This is how the host learns
 //!      about guest activity without the guest ever opening a connection
 //!      (security invariant 2): the connection is the host's, held open.
+//!    - `TcpConnect` (minor 2): the guest connects to `port` on its own
+//!      loopback (127.0.0.1, then ::1; never another address) and answers
+//!      `Response::Connected`, or `Error` ("nothing is listening on guest
+//!      port N ..."). After `Connected` the connection carries no more
+//!      frames: it is a raw byte relay to that TCP connection in both
+//!      directions. A half close travels through (the host's
+//!      `shutdown(SHUT_WR)` becomes one on the guest's TCP socket, and the
+//!      guest server's end of stream becomes one on the vsock stream); the
+//!      relay ends when both directions have ended or either side fails.
+//!      This is how the host forwards a guest port: the host accepts a TCP
+//!      connection and opens one `TcpConnect` per connection.
 //!
 //! # Versions
 //!
@@ -68,6 +79,8 @@
 //!   with an `Error` frame (unknown request); the client checks the
 //!   agent's [`Hello::minor`] first and reports
 //!   [`crate::client::ClientError::Unsupported`] instead of sending it.
+//! - 1.2: `TcpConnect` and `Response::Connected`; older agents are
+//!   refused the same way.
 
 use std::io::{self, Read, Write};
 
@@ -76,9 +89,12 @@ use serde::{Deserialize, Serialize};
 /// The protocol major version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The protocol minor version (additive changes only).
-pub const PROTOCOL_MINOR: u32 = 1;
+pub const PROTOCOL_MINOR: u32 = 2;
 /// The first minor version with `Watch` and `Event` frames.
 pub const MINOR_WATCH: u32 = 1;
+/// The first minor version with `TcpConnect`.
+pub const MINOR_TCP_CONNECT: u32 = 2;
+const _: () = assert!(MINOR_WATCH <= PROTOCOL_MINOR && MINOR_TCP_CONNECT <= PROTOCOL_MINOR);
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The largest payload a frame may carry (16 MiB).
@@ -416,6 +432,11 @@ pub enum Request {
         paths: Vec<String>,
         idle_ms: u64,
     },
+    /// Connect to `port` on the guest's loopback and relay raw bytes
+    /// (minor 2; see the module documentation).
+    TcpConnect {
+        port: u16,
+    },
 }
 
 /// What a `Watch` reports, one per `Event` frame.
@@ -454,6 +475,10 @@ pub enum Response {
     Watching {
         /// How many directories are watched.
         directories: u64,
+    },
+    /// The guest is connected to `address`; raw bytes follow both ways.
+    Connected {
+        address: std::net::SocketAddr,
     },
 }
 
@@ -541,6 +566,7 @@ mod tests {
                 paths: vec!["/workspace".into(), "sub dir".into()],
                 idle_ms: 30_000,
             },
+            Request::TcpConnect { port: 8082 },
         ];
         for req in reqs {
             let f = round_trip(Frame::json(FrameKind::Request, &req));
@@ -583,6 +609,25 @@ mod tests {
         assert_eq!(FrameKind::from_u8(0x30).unwrap(), FrameKind::Event);
         let bogus = Frame::new(FrameKind::Event, br#"{"event":"reboot"}"#.to_vec());
         assert!(bogus.parse_json::<WatchEvent>().is_err());
+    }
+
+    #[test]
+    fn tcp_connect_wire_format() {
+        let wire = serde_json::to_string(&Request::TcpConnect { port: 3000 }).unwrap();
+        assert_eq!(wire, r#"{"op":"tcp_connect","port":3000}"#);
+        let resp = Response::Connected {
+            address: "[::1]:3000".parse().unwrap(),
+        };
+        let wire = serde_json::to_string(&resp).unwrap();
+        assert_eq!(wire, r#"{"type":"connected","address":"[::1]:3000"}"#);
+        let f = round_trip(Frame::json(FrameKind::Response, &resp));
+        assert_eq!(f.parse_json::<Response>().unwrap(), resp);
+        // A port out of range is a malformed request, not a panic.
+        let bad = Frame::new(
+            FrameKind::Request,
+            br#"{"op":"tcp_connect","port":70000}"#.to_vec(),
+        );
+        assert!(bad.parse_json::<Request>().is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -18,6 +18,11 @@ pub trait DuplexStream: Read + Write + Send + 'static {
     fn shutdown_write(&self) -> io::Result<()>;
     /// Closes both halves (unblocks other handles' reads).
     fn shutdown_both(&self) -> io::Result<()>;
+    /// The socket's descriptor, for zero-copy relays (`splice`); `None`
+    /// when the stream has none.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 impl DuplexStream for UnixStream {
@@ -30,6 +35,9 @@ impl DuplexStream for UnixStream {
     fn shutdown_both(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Both)
     }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
 }
 
 impl DuplexStream for TcpStream {
@@ -41,6 +49,9 @@ impl DuplexStream for TcpStream {
     }
     fn shutdown_both(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Both)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
     }
 }
 
@@ -92,6 +103,9 @@ impl DuplexStream for VsockStream {
     }
     fn shutdown_both(&self) -> io::Result<()> {
         self.shutdown(libc::SHUT_RDWR)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.0.as_raw_fd())
     }
 }
 

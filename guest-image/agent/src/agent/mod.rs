@@ -8,6 +8,7 @@
 //! - [`files`]: `PushFile` confined under the workspace;
 //! - [`init`]: the PID 1 duties (mounts, root switch, reaping, shutdown);
 //! - [`watch`]: `Watch`, inotify over the workspace (commits, idleness);
+//! - [`tcp`]: `TcpConnect`, a relay to a port on the guest's loopback;
 //! - [`logger`]: logs to `/dev/kmsg` or stderr.
 
 pub mod exec;
@@ -15,6 +16,7 @@ pub mod files;
 pub mod init;
 pub mod logger;
 pub mod ports;
+pub mod tcp;
 pub mod users;
 pub mod watch;
 
@@ -157,6 +159,7 @@ pub fn handle_connection(
         Request::Watch { paths, idle_ms } => {
             watch::run_watch(reader, writer, &paths, idle_ms, config)
         }
+        Request::TcpConnect { port } => tcp::run_tcp_connect(reader, writer, port),
         Request::Exec(req) => exec::run_session(reader, writer, req, config),
         Request::RawStream(RawStreamRequest {
             argv,
