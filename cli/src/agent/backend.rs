@@ -131,12 +131,27 @@ pub struct WorktreeInfo {
     pub path: String,
 }
 
+/// A TCP port listening in the guest and what the host does with it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortForward {
+    /// The port in the guest.
+    pub guest_port: u16,
+    /// The address it listens on in the guest (e.g. `127.0.0.1`, `::`).
+    pub guest_address: String,
+    /// The port on the host's 127.0.0.1 that reaches it, when forwarded.
+    pub host_port: Option<u16>,
+    /// `http://<sandbox>.localhost:<host_port>`, when forwarded.
+    pub url: Option<String>,
+    /// Why it is not forwarded, when it is not.
+    pub note: Option<String>,
+}
+
 /// Live details a running sandbox reports (for `status`).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct BackendStatus {
     pub state: Option<SandboxState>,
-    /// Guest addresses of dev servers: `port -> url`.
-    pub forwarded_ports: Vec<(u16, String)>,
+    /// The guest's listening TCP ports and their host forwards.
+    pub ports: Vec<PortForward>,
     pub worktrees: Vec<WorktreeInfo>,
     pub nested: Option<NestedStatus>,
 }

@@ -26,8 +26,12 @@
 //! | `last_error` | string? | why the state is error |
 //! | `dir` | string | the sandbox's folder (config, state, logs, disk) |
 //!
-//! `status --json` adds `live`: what the running backend reports (ports,
-//! worktrees), or `null` when it is not running or cannot be asked.
+//! `status --json` adds `live`: what the running backend reports, or
+//! `null` when it is not running or cannot be asked. `live.ports` lists
+//! the guest's listening TCP ports, each `{guest_port, guest_address,
+//! host_port, url, note}`: a forwarded port has `host_port` (on the host's
+//! 127.0.0.1) and `url` (`http://<name>.localhost:<host_port>`), one that
+//! is not has a `note` saying why. `live.worktrees` lists `{branch, path}`.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -229,8 +233,13 @@ fn print_status(s: &StatusView) {
     println!("Last sync:  {}", or_never(&v.last_sync));
     println!("Folder:     {}", v.dir);
     if let Some(live) = &s.live {
-        for (port, url) in &live.forwarded_ports {
-            println!("Port {port}:  {url}");
+        for p in &live.ports {
+            let guest = format!("guest {}:{}", p.guest_address, p.guest_port);
+            match (&p.url, &p.note) {
+                (Some(url), _) => println!("Port {}:  {url} ({guest})", p.guest_port),
+                (None, Some(note)) => println!("Port {}:  {note} ({guest})", p.guest_port),
+                (None, None) => println!("Port {}:  {guest}", p.guest_port),
+            }
         }
         for wt in &live.worktrees {
             println!("Worktree:   {} at {}", wt.branch, wt.path);

@@ -7,6 +7,8 @@
 //! - `engine.rs`: engine choice, layout, kernel command lines, QEMU args;
 //! - `supervisor.rs`: the `__supervise` process;
 //! - `autosync.rs`: `--sync-mode auto-commit|auto-idle` in the supervisor;
+//! - `forward.rs`: forwarding of guest ports to the host, in the supervisor;
+//! - `web.rs`: `attach --web` (Zellij's web client, forwarded);
 //! - `guest.rs`: agent connections and interactive terminals;
 //! - `sync.rs`: `sync` and the `__git-upload-pack` bridge;
 //! - `artifacts.rs`: `sync --artifacts` (rsync) and the `__rsync-shell` bridge.
@@ -14,9 +16,11 @@
 mod artifacts;
 mod autosync;
 mod engine;
+mod forward;
 mod guest;
 mod supervisor;
 mod sync;
+mod web;
 
 use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;
@@ -27,8 +31,9 @@ use std::time::{Duration, Instant};
 use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
 
 use super::backend::{
-    AttachOptions, Backend, BackendError, BackendResult, BackendStatus, ExecOptions, SandboxSpec,
-    StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, WorktreeInfo, WorktreeOp,
+    AttachOptions, Backend, BackendError, BackendResult, BackendStatus, ExecOptions, PortForward,
+    SandboxSpec, StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, WorktreeInfo,
+    WorktreeOp,
 };
 use super::config::BackendKind;
 use super::state::{ProcProbe, ProcessProbe, StateRecord, SUPERVISOR_SUBCOMMAND};
@@ -504,15 +509,11 @@ impl Backend for MicroVmBackend {
     }
 
     fn attach(&self, spec: &SandboxSpec, opts: &AttachOptions) -> BackendResult<i32> {
-        if opts.web {
-            return Err(BackendError::Failed(
-                "attach --web is not implemented yet; use `keystone agent attach` in a terminal"
-                    .into(),
-            ));
-        }
-        if !std::io::stdin().is_terminal() {
+        if !opts.web && !std::io::stdin().is_terminal() {
             return Err(BackendError::InvalidState(
-                "attach needs a terminal; use `keystone agent exec` for commands".into(),
+                "attach needs a terminal; use `keystone agent exec` for commands, or \
+                 `keystone agent attach --web` for a browser"
+                    .into(),
             ));
         }
         let dir = guest_dir(opts.worktree.as_deref())?;
@@ -523,12 +524,19 @@ impl Backend for MicroVmBackend {
                 .unwrap_or_else(|_| "main".into()),
         };
         let session = guest::session_name(&spec.name, &branch);
-        let argv = vec![
-            "bash".to_string(),
-            "-lc".into(),
-            guest::attach_script(&session),
-        ];
-        let client = guest::client(&Self::layout(spec).vsock);
+        let layout = Self::layout(spec);
+        if opts.web {
+            return web::attach_web(spec, &layout, &dir, &session);
+        }
+        // Sessions read the web-sharing setting when they start, so that
+        // `attach --web` can serve a session first opened here.
+        let script = format!(
+            "{}{}",
+            web::web_sharing_config_script(),
+            guest::attach_script(&session)
+        );
+        let argv = vec!["bash".to_string(), "-lc".into(), script];
+        let client = guest::client(&layout.vsock);
         let status = guest::interactive(&client, guest::request(argv, &dir, None))
             .map_err(|e| guest::agent_err("attach", e))?;
         Ok(status.code_or_signal())
@@ -603,25 +611,31 @@ impl Backend for MicroVmBackend {
     }
 
     fn status(&self, spec: &SandboxSpec) -> BackendResult<BackendStatus> {
-        let client = guest::quick_client(&Self::layout(spec).vsock, Duration::from_secs(5));
-        let ports = client
-            .listening_ports()
-            .map_err(|e| guest::agent_err("listening ports", e))?;
-        let mut forwarded: Vec<(u16, String)> = ports
-            .iter()
-            .map(|p| {
-                (
-                    p.port,
-                    format!("guest {}:{} (not forwarded yet)", p.address, p.port),
-                )
-            })
-            .collect();
-        forwarded.sort();
-        forwarded.dedup_by_key(|p| p.0);
+        let layout = Self::layout(spec);
+        let ports = match forward::read_forwards(&layout) {
+            Some(ports) => ports,
+            // A supervisor that keeps no forwards file: list what listens.
+            None => guest::quick_client(&layout.vsock, Duration::from_secs(5))
+                .listening_ports()
+                .map_err(|e| guest::agent_err("listening ports", e))?
+                .iter()
+                .map(|p| PortForward {
+                    guest_port: p.port,
+                    guest_address: p.address.to_string(),
+                    host_port: None,
+                    url: None,
+                    note: Some(
+                        "not forwarded: this sandbox's supervisor does not forward ports; \
+                         restart the sandbox"
+                            .into(),
+                    ),
+                })
+                .collect(),
+        };
         let worktrees = self.worktree(spec, &WorktreeOp::List).unwrap_or_default();
         Ok(BackendStatus {
             state: None,
-            forwarded_ports: forwarded,
+            ports,
             worktrees,
             nested: None,
         })

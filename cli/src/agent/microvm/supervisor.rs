@@ -8,6 +8,9 @@
 //! With `--sync-mode auto-commit` or `auto-idle` it also runs auto-sync
 //! (`autosync.rs`) on a watch connection it opens to the guest agent; its
 //! lines land in this log.
+//!
+//! While the guest runs it forwards the guest's listening TCP ports to
+//! the host's 127.0.0.1 (`forward.rs`).
 
 use std::fs::OpenOptions;
 use std::os::unix::net::UnixStream;
@@ -24,7 +27,7 @@ use super::super::state::{SandboxState, StateRecord};
 use super::engine::{
     guest_cmdline, qemu_args, EngineKind, Layout, QemuPlan, GUEST_CID, GUEST_UID, QEMU, SHARES,
 };
-use super::{autosync, guest};
+use super::{autosync, forward, guest};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
 pub const ENV_KERNEL: &str = "KEYSTONE_SUPERVISOR_KERNEL";
@@ -286,6 +289,8 @@ fn run_qemu(
     let mut child = cmd.spawn().map_err(|e| format!("cannot run {QEMU}: {e}"))?;
     let _ = std::fs::write(layout.qemu_pid(), child.id().to_string());
     let auto = autosync::start(spec, &layout.vsock, log);
+    // Forwards guest ports while the guest runs; dropped (all closed) on return.
+    let mut ports = forward::PortForwarder::start(&spec.name, layout, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
     loop {
@@ -304,6 +309,7 @@ fn run_qemu(
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
             log("stop requested: asking the guest to shut down");
             stop_autosync(auto.as_ref());
+            ports.stop();
             requested = true;
             asked_at = Some(Instant::now());
             ask_shutdown(&layout.vsock);
@@ -366,6 +372,8 @@ fn run_vmm(
         .start()
         .map_err(|e| format!("cannot start the VM: {e}"))?;
     let auto = autosync::start(spec, &layout.vsock, log);
+    // Forwards guest ports while the guest runs; dropped (all closed) on return.
+    let mut ports = forward::PortForwarder::start(&spec.name, layout, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
     loop {
@@ -380,6 +388,7 @@ fn run_vmm(
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
             log("stop requested: asking the guest to shut down");
             stop_autosync(auto.as_ref());
+            ports.stop();
             requested = true;
             asked_at = Some(Instant::now());
             ask_shutdown(&layout.vsock);
