@@ -232,18 +232,6 @@ pub fn session_name(sandbox: &str, branch: &str) -> String {
     s
 }
 
-/// The shell command attach runs: Zellij's `attach --create` (create or
-/// re-attach the session) when Zellij is in the image, tmux's
-/// `new-session -A` on older images, else a login shell.
-pub fn attach_script(session: &str) -> String {
-    format!(
-        "if command -v zellij >/dev/null 2>&1; then exec zellij attach --create '{session}'; \
-         elif command -v tmux >/dev/null 2>&1; then exec tmux new-session -A -s '{session}'; \
-         else echo 'keystone: no terminal multiplexer in the guest image: plain login shell (no re-attach)'; \
-         exec bash -l; fi"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,9 +240,6 @@ mod tests {
     fn session_names_are_tmux_safe() {
         assert_eq!(session_name("app-1", "main"), "app-1-main");
         assert_eq!(session_name("app-1", "feat/x.y"), "app-1-feat-x-y");
-        let script = attach_script("app-1-main");
-        assert!(script.contains("zellij attach --create 'app-1-main'"));
-        assert!(script.contains("new-session -A -s 'app-1-main'"));
     }
 
     #[test]

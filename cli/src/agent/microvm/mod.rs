@@ -105,6 +105,34 @@ fn parse_worktrees(porcelain: &str) -> Vec<WorktreeInfo> {
     out
 }
 
+/// The shell command of `attach`, run by `bash -c` in the session's
+/// directory. It works out the session name `<sandbox>-<branch>` in the
+/// guest (the branch from `/workspace/.git/HEAD` unless a worktree names
+/// it; the same name as [`guest::session_name`] gives, so no extra round
+/// trip), lets the session be served on the web (`attach --web`), then
+/// re-attaches a running Zellij session at once; a session that does not
+/// run yet is created from a login shell, so that it gets the user's
+/// login environment, and images without Zellij fall back to tmux or a
+/// plain login shell.
+fn attach_command(sandbox: &str, worktree: Option<&str>) -> String {
+    // Sandbox names and checked branch names hold no quote.
+    let branch = worktree.unwrap_or("");
+    format!(
+        r#"{cfg}b='{branch}'
+if [ -z "$b" ]; then
+  h=; read -r h < {GUEST_WORKSPACE}/.git/HEAD 2>/dev/null
+  case "$h" in 'ref: refs/heads/'*) b=${{h#ref: refs/heads/}} ;; '') b=main ;; *) b=HEAD ;; esac
+fi
+LC_ALL=C.UTF-8; s='{sandbox}'-"$b"; s=${{s//[^A-Za-z0-9_-]/-}}; unset LC_ALL
+for sock in /tmp/zellij-$UID/contract_version_*/"$s"; do
+  if [ -S "$sock" ] && command -v zellij >/dev/null 2>&1; then exec zellij attach --create "$s"; fi
+done
+exec bash -l -c 'if command -v zellij >/dev/null 2>&1; then exec zellij attach --create "$0"; elif command -v tmux >/dev/null 2>&1; then exec tmux new-session -A -s "$0"; else echo "keystone: no terminal multiplexer in the guest image: plain login shell (no re-attach)"; exec bash -l; fi' "$s"
+"#,
+        cfg = web::web_sharing_config_script(),
+    )
+}
+
 impl MicroVmBackend {
     fn layout(spec: &SandboxSpec) -> Layout {
         Layout::new(&spec.paths)
@@ -517,25 +545,22 @@ impl Backend for MicroVmBackend {
             ));
         }
         let dir = guest_dir(opts.worktree.as_deref())?;
-        let branch = match &opts.worktree {
-            Some(b) => b.clone(),
-            None => Self::guest_git(spec, &["rev-parse", "--abbrev-ref", "HEAD"])?
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "main".into()),
-        };
-        let session = guest::session_name(&spec.name, &branch);
         let layout = Self::layout(spec);
         if opts.web {
+            let branch = match &opts.worktree {
+                Some(b) => b.clone(),
+                None => Self::guest_git(spec, &["rev-parse", "--abbrev-ref", "HEAD"])?
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "main".into()),
+            };
+            let session = guest::session_name(&spec.name, &branch);
             return web::attach_web(spec, &layout, &dir, &session);
         }
-        // Sessions read the web-sharing setting when they start, so that
-        // `attach --web` can serve a session first opened here.
-        let script = format!(
-            "{}{}",
-            web::web_sharing_config_script(),
-            guest::attach_script(&session)
-        );
-        let argv = vec!["bash".to_string(), "-lc".into(), script];
+        let argv = vec![
+            "bash".to_string(),
+            "-c".into(),
+            attach_command(&spec.name, opts.worktree.as_deref()),
+        ];
         let client = guest::client(&layout.vsock);
         let status = guest::interactive(&client, guest::request(argv, &dir, None))
             .map_err(|e| guest::agent_err("attach", e))?;
@@ -682,6 +707,36 @@ mod tests {
         assert_eq!(w[0].branch, "feat/x");
         assert_eq!(w[0].path, "/workspace/.worktrees/feat/x");
         assert_eq!(w[1].branch, "det");
+    }
+
+    #[test]
+    fn attach_command_names_the_session_like_session_name() {
+        let script = attach_command("app-1", None);
+        assert!(script.contains("b=''"), "{script}");
+        assert!(script.contains("/workspace/.git/HEAD"), "{script}");
+        assert!(script.contains("s='app-1'-\"$b\""), "{script}");
+        assert!(script.contains("zellij attach --create"), "{script}");
+        assert!(script.contains("tmux new-session -A -s"), "{script}");
+        assert!(attach_command("app-1", Some("feat/x")).contains("b='feat/x'"));
+        // The name the shell computes, for branches of every shape.
+        for branch in ["main", "feat/x.y", "HEAD", "é-ü"] {
+            let script = format!(
+                "b='{branch}'; LC_ALL=C.UTF-8; s='app-1'-\"$b\"; s=${{s//[^A-Za-z0-9_-]/-}}; \
+                 unset LC_ALL; printf %s \"$s\""
+            );
+            let Ok(out) = std::process::Command::new("bash")
+                .args(["-c", &script])
+                .output()
+            else {
+                eprintln!("SKIP: no bash on this host");
+                return;
+            };
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                guest::session_name("app-1", branch),
+                "{branch}"
+            );
+        }
     }
 
     #[test]

@@ -30,9 +30,10 @@ const NO_SERVER: i32 = 93;
 
 /// Shell lines that let Zellij sessions be shared on the web: run before
 /// a session is created (by `attach` too), since a session reads the
-/// setting when it starts.
+/// setting when it starts. A marker file makes the check after the first
+/// time a shell built-in (attach latency).
 pub fn web_sharing_config_script() -> &'static str {
-    r#"zcfg="${ZELLIJ_CONFIG_DIR:-$HOME/.config/zellij}"; mkdir -p "$zcfg" 2>/dev/null; if ! grep -qs '^[[:space:]]*web_sharing' "$zcfg/config.kdl"; then printf '\n// keystone: sessions can be opened in a browser (keystone agent attach --web)\nweb_sharing "on"\n' >> "$zcfg/config.kdl" 2>/dev/null; fi; "#
+    r#"zcfg="${ZELLIJ_CONFIG_DIR:-$HOME/.config/zellij}"; if [ ! -e "$zcfg/.keystone-web-sharing" ]; then mkdir -p "$zcfg" 2>/dev/null; if ! grep -qs '^[[:space:]]*web_sharing' "$zcfg/config.kdl"; then printf '\n// keystone: sessions can be opened in a browser (keystone agent attach --web)\nweb_sharing "on"\n' >> "$zcfg/config.kdl"; fi 2>/dev/null && : > "$zcfg/.keystone-web-sharing"; fi; "#
 }
 
 /// The guest script: prepares the session and the web server, then
