@@ -9,7 +9,8 @@
 //! loopback or on all addresses. Ports below 1024 are the guest's system
 //! services (a dev server does not need root), and a port bound to one
 //! other guest address only cannot be reached through the loopback; both
-//! are listed with a note instead. The host never listens on anything
+//! are listed with a note instead, as are ports beyond the first
+//! [`MAX_FORWARDS`]. The host never listens on anything
 //! but 127.0.0.1. A forward is closed once its guest port stops
 //! listening (connections already relayed run on until they end), and
 //! all are closed when the supervisor ends.
@@ -39,6 +40,9 @@ use super::guest;
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Guest ports below this are not forwarded.
 pub const FIRST_FORWARDED_PORT: u16 = 1024;
+/// The most guest ports forwarded at once (each holds a host listener and
+/// a thread; the guest decides how many ports listen).
+pub const MAX_FORWARDS: usize = 64;
 /// How many ports above a taken one are tried before any free port.
 const PORT_SEARCH: u16 = 100;
 /// How long an accept loop sleeps in poll(2) before checking for a stop.
@@ -138,12 +142,27 @@ impl Forward {
         })
     }
 
-    fn close(&mut self) {
+    /// Asks the accept loop to end (within one accept tick).
+    fn signal(&self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends the accept loop and waits for it; the listener is closed.
+    fn close(&mut self) {
+        self.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// Closes many forwards in about one accept tick, not one tick each.
+fn close_all(forwards: impl IntoIterator<Item = Forward>) {
+    let forwards: Vec<Forward> = forwards.into_iter().collect();
+    for f in &forwards {
+        f.signal();
+    }
+    drop(forwards);
 }
 
 impl Drop for Forward {
@@ -284,15 +303,17 @@ impl Forwarder<'_> {
             .copied()
             .filter(|p| !wanted.contains_key(p))
             .collect();
+        let mut closing = Vec::new();
         for port in gone {
-            if let Some(mut f) = self.open.remove(&port) {
-                f.close();
+            if let Some(f) = self.open.remove(&port) {
                 (self.log)(&format!(
-                    "guest port {port} stopped listening: closed 127.0.0.1:{}",
+                    "guest port {port} stopped listening: closing 127.0.0.1:{}",
                     f.host_port
                 ));
+                closing.push(f);
             }
         }
+        close_all(closing);
         self.failed.retain(|p, _| wanted.contains_key(p));
         let mut view = Vec::new();
         for (port, addresses) in &wanted {
@@ -305,6 +326,13 @@ impl Forwarder<'_> {
             };
             if let Some(why) = not_forwarded_because(*port, addresses) {
                 entry.note = Some(why);
+                view.push(entry);
+                continue;
+            }
+            if !self.open.contains_key(port) && self.open.len() >= MAX_FORWARDS {
+                entry.note = Some(format!(
+                    "not forwarded: {MAX_FORWARDS} guest ports are forwarded already"
+                ));
                 view.push(entry);
                 continue;
             }
@@ -376,7 +404,7 @@ fn poll_loop(sandbox: &str, vsock: &Path, file: &Path, stop: &AtomicBool, log: f
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    fwd.open.clear();
+    close_all(std::mem::take(&mut fwd.open).into_values());
 }
 
 #[cfg(test)]
@@ -423,6 +451,33 @@ mod tests {
         let got = second.local_addr().unwrap();
         assert!(got.ip().is_loopback(), "{got}");
         assert_ne!(got.port(), taken);
+    }
+
+    #[test]
+    fn a_guest_with_many_ports_gets_a_bounded_number_of_forwards() {
+        let _one = HOST_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        fn log(_: &str) {}
+        let mut fwd = Forwarder {
+            sandbox: "box",
+            vsock: Path::new("/nonexistent/vsock.sock"),
+            log,
+            open: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        };
+        let ports: Vec<ListeningPort> = (0..MAX_FORWARDS as u16 + 6)
+            .map(|i| lp(47000 + i, "127.0.0.1"))
+            .collect();
+        let view = fwd.reconcile(&ports);
+        assert_eq!(view.len(), ports.len());
+        let forwarded = view.iter().filter(|v| v.host_port.is_some()).count();
+        assert_eq!(forwarded, MAX_FORWARDS);
+        assert!(view.iter().filter(|v| v.host_port.is_none()).all(|v| v
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("forwarded already")));
+        assert!(fwd.reconcile(&[]).is_empty());
+        assert!(fwd.open.is_empty());
     }
 
     #[test]
