@@ -56,7 +56,7 @@ pub struct FsConfig {
     /// Keep setuid/setgid bits on create and chmod (stripped by default).
     pub allow_setuid: bool,
     /// Accepted for virtiofsd compatibility but not used yet: requests are
-    /// served on one worker thread per queue, without a separate pool.
+    /// served on one worker thread for all queues, without a separate pool.
     pub thread_pool_size: usize,
     /// Serve the directory read-only: every modifying request (and opening
     /// a file for writing) is answered `EROFS`, as virtiofsd's `--readonly`.

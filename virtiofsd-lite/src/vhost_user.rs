@@ -2,8 +2,12 @@
 //! `vhost-user-backend`'s [`VhostUserBackend`] trait.
 //!
 //! Queue 0 is the high-priority queue (FORGET, INTERRUPT), queues 1..=N are
-//! request queues; each queue gets its own worker thread from
-//! `vhost-user-backend`'s epoll loop. A kick pops every available chain,
+//! request queues. One worker thread from `vhost-user-backend`'s epoll loop
+//! serves all of them: a FORGET then never waits on a lock that a request
+//! holds (or the reverse), and no kick wakes a second thread; the guest
+//! sends FORGETs in floods (one per evicted inode, after
+//! `drop_caches` or an unlink), which would otherwise fight every LOOKUP
+//! for the node table. A kick pops every available chain,
 //! splits it into the request ([`Reader`](crate::descriptor::Reader)) and
 //! the reply room ([`Writer`](crate::descriptor::Writer)), runs it through
 //! the shared [`Server`] and returns it on the used ring; the guest is
@@ -14,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
+use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -59,14 +63,11 @@ impl<F: FileSystem> FsBackend<F> {
         &self.server
     }
 
-    /// Serves every available chain of `vring`; returns whether any was used.
-    fn process_queue(&self, vring: &VringMutex, mem: &GuestMemoryMmap<()>) -> io::Result<bool> {
+    /// Serves every available chain of the locked `vring`; returns whether
+    /// any was used.
+    fn process_queue(&self, vring: &mut VringState, mem: &GuestMemoryMmap<()>) -> io::Result<bool> {
         let mut used = false;
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else {
-                break;
-            };
+        while let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = match chain_buffers(mem, chain) {
                 Ok((r, w)) => self.server.handle_message(r, w),
@@ -121,7 +122,9 @@ impl<F: FileSystem + 'static> VhostUserBackend for FsBackend<F> {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues()).map(|i| 1u64 << i).collect()
+        // Every queue on one worker (see the module documentation).
+        let n = self.num_queues().clamp(1, 64) as u32;
+        vec![u64::MAX >> (64 - n)]
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -150,19 +153,21 @@ impl<F: FileSystem + 'static> VhostUserBackend for FsBackend<F> {
             ));
         };
         let mem = atomic.memory();
+        // One lock for the whole batch: only this worker serves the queue.
+        let mut vring = vring.get_mut();
         let mut used = false;
         if self.event_idx.load(Ordering::Relaxed) {
             // Re-check after re-enabling notifications, or a request that
             // arrives in between would wait for the next kick.
             loop {
                 vring.disable_notification().map_err(queue_err)?;
-                used |= self.process_queue(vring, &mem)?;
+                used |= self.process_queue(&mut vring, &mem)?;
                 if !vring.enable_notification().map_err(queue_err)? {
                     break;
                 }
             }
         } else {
-            used = self.process_queue(vring, &mem)?;
+            used = self.process_queue(&mut vring, &mem)?;
         }
         if used && vring.needs_notification().map_err(queue_err)? {
             vring.signal_used_queue()?;
