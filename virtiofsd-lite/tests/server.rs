@@ -88,6 +88,7 @@ impl T {
         let dir = Scratch::new(name);
         let mut cfg = FsConfig::new(dir.path(), "test");
         tweak(&mut cfg);
+        let never = cfg.cache == virtiofsd_lite::CacheMode::Never;
         let fs = PassthroughFs::new(&cfg).unwrap();
         let mut t = T {
             server: Server::new(fs),
@@ -105,7 +106,8 @@ impl T {
         let out: fuse::InitOut = fuse::read_struct(&r.body).unwrap();
         assert_eq!(out.major, 7);
         assert_eq!(out.max_write, 1 << 20);
-        assert_ne!(out.flags & fuse::init_flags::DO_READDIRPLUS, 0);
+        // Offered unless nothing may be cached (`--cache never`).
+        assert_eq!(out.flags & fuse::init_flags::DO_READDIRPLUS == 0, never);
         assert_eq!(out.flags & fuse::init_flags::WRITEBACK_CACHE, 0);
         t
     }
@@ -329,6 +331,40 @@ fn a_missing_name_is_a_negative_entry_the_guest_may_cache() {
     // never: the guest must ask again, so the miss is a plain ENOENT.
     let mut t = T::with("negative-never", |c| c.cache = CacheMode::Never);
     assert_eq!(t.lookup_raw(1, "missing"), Err(libc::ENOENT));
+}
+
+/// The INIT reply's flags of a fresh server with `cache`.
+fn init_flags_with(name: &str, cache: virtiofsd_lite::CacheMode) -> u32 {
+    let dir = Scratch::new(name);
+    let mut cfg = FsConfig::new(dir.path(), "test");
+    cfg.cache = cache;
+    let server = Server::new(PassthroughFs::new(&cfg).unwrap());
+    let init = fuse::InitIn {
+        major: 7,
+        minor: 41,
+        max_readahead: 1 << 20,
+        flags: u32::MAX,
+    };
+    let (n, out) = raw(
+        &server,
+        request(opcode::INIT, 0, 1, &[init.as_slice()]),
+        4096,
+    );
+    let r = parse(n, &out);
+    assert_eq!(r.error, 0);
+    fuse::read_struct::<fuse::InitOut>(&r.body).unwrap().flags
+}
+
+#[test]
+fn readdirplus_is_offered_only_when_entries_may_be_cached() {
+    use virtiofsd_lite::CacheMode;
+    let plus = fuse::init_flags::DO_READDIRPLUS | fuse::init_flags::READDIRPLUS_AUTO;
+    assert_eq!(init_flags_with("rdp-auto", CacheMode::Auto) & plus, plus);
+    assert_eq!(
+        init_flags_with("rdp-always", CacheMode::Always) & plus,
+        plus
+    );
+    assert_eq!(init_flags_with("rdp-never", CacheMode::Never) & plus, 0);
 }
 
 impl T {

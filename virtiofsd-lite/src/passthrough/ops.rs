@@ -88,6 +88,12 @@ impl FileSystem for PassthroughFs {
         if !self.writeback_offered || self.readonly {
             flags &= !init_flags::WRITEBACK_CACHE;
         }
+        if self.cache == CacheMode::Never {
+            // The guest keeps no entry with a zero timeout, so READDIRPLUS
+            // would pay a host lookup per listed name (and the guest a
+            // FORGET for each) for nothing.
+            flags &= !(init_flags::DO_READDIRPLUS | init_flags::READDIRPLUS_AUTO);
+        }
         self.writeback
             .store(flags & init_flags::WRITEBACK_CACHE != 0, Ordering::Relaxed);
         Ok(InitOptions { flags })
