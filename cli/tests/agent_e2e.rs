@@ -9,7 +9,9 @@
 //! code of SPEC.md from a real command, settings that persist between
 //! starts, `sync --dry-run` and a merge conflict that leave the host
 //! untouched, `kill -9` of the supervisor and the recovery from it, and
-//! the honest "network not available yet". An ignored third one prints
+//! the honest "network not available yet". A third starts the same
+//! sandbox from two terminals at once: one boots it, the other is refused
+//! with exit 2 and no second VM is left behind. An ignored fourth prints
 //! sync and exec latencies as JSON (`cargo test -p keystone --test
 //! agent_e2e -- --ignored --nocapture latency`).
 //!
@@ -347,6 +349,112 @@ fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
     let out = env.run(&["destroy", "life"], &repo);
     assert_eq!(code(&out), Some(5), "{}", text(&out));
     eprintln!("lifecycle test took {:.1?}", t0.elapsed());
+}
+
+/// The supervisors of sandbox `name` of this test's home, by pid.
+fn supervisors(env: &Env, name: &str) -> Vec<u32> {
+    let home = env.path("state");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let supervises = args
+            .windows(2)
+            .any(|w| w[0] == b"__supervise" && w[1] == name.as_bytes());
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let ours = environ
+            .split(|b| *b == 0)
+            .any(|kv| kv == format!("XDG_STATE_HOME={}", home.display()).as_bytes());
+        if supervises && ours {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn two_starts_at_once_boot_one_sandbox() {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let Some(env) = setup("race", "race") else {
+        return;
+    };
+    let repo = env.path("proj");
+    let args = [
+        "start",
+        "--name",
+        "race",
+        "--no-attach",
+        "--memory",
+        "512",
+        "--vcpus",
+        "1",
+    ];
+    let spawn = || {
+        env.command(&args, &repo)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let both = format!("first:\n{}\nsecond:\n{}", text(&a), text(&b));
+    let mut codes = [a.status.code(), b.status.code()];
+    codes.sort();
+    assert_eq!(codes, [Some(0), Some(2)], "{both}");
+    let refused = if a.status.code() == Some(2) { &a } else { &b };
+    let why = stderr(refused);
+    assert!(
+        why.contains("another keystone command is changing sandbox race")
+            || why.contains("already running"),
+        "{both}"
+    );
+
+    // One sandbox, running, with one supervisor; it works.
+    assert_eq!(supervisors(&env, "race").len(), 1, "{both}");
+    let status = env.status_json(&repo);
+    assert_eq!(status["state"], "running", "{status}");
+    let out = env.run(&["exec", "--", "git", "log", "--oneline"], &repo);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(stdout(&out).contains("init"), "{}", text(&out));
+    let listed: serde_json::Value =
+        serde_json::from_slice(&env.run(&["list", "--json"], &repo).stdout).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    // And the same race on stop: both end with it stopped, none fails
+    // with anything but "busy" (2).
+    let stop = || {
+        env.command(&["stop"], &repo)
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(stop);
+        let b = s.spawn(stop);
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    let both = format!("first:\n{}\nsecond:\n{}", text(&a), text(&b));
+    assert!(
+        [a.status.code(), b.status.code()].contains(&Some(0)),
+        "{both}"
+    );
+    for o in [&a, &b] {
+        assert!(matches!(o.status.code(), Some(0 | 2)), "{both}");
+    }
+    assert_eq!(env.status_json(&repo)["state"], "stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !supervisors(&env, "race").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(supervisors(&env, "race"), Vec::<u32>::new(), "{both}");
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
