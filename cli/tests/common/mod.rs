@@ -134,8 +134,15 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A temporary home for the binary and a one-commit git project at
-/// `proj`, or `None` (after printing why) when no guest can run here.
+/// `proj`, with engine qemu, or `None` (after printing why) when no guest
+/// can run here.
 pub fn setup(tag: &str, name: &'static str) -> Option<Env> {
+    setup_on(tag, name, "qemu")
+}
+
+/// [`setup`] with `[backend.microvm] engine = "<engine>"` (`qemu` or `vmm`):
+/// QEMU must be runnable for the first, `/dev/kvm` usable for the second.
+pub fn setup_on(tag: &str, name: &'static str, engine: &str) -> Option<Env> {
     macro_rules! skip {
         ($($arg:tt)*) => {{
             eprintln!("SKIP: {}", format!($($arg)*));
@@ -145,12 +152,22 @@ pub fn setup(tag: &str, name: &'static str) -> Option<Env> {
     if !Path::new("/dev/kvm").exists() {
         skip!("no /dev/kvm");
     }
-    let qemu_ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !qemu_ok {
-        skip!("qemu-system-x86_64 is not runnable (apt-get install qemu-system-x86)");
+    if engine == "vmm" {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            skip!("/dev/kvm is not usable: {e}");
+        }
+    } else {
+        let qemu_ok = Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !qemu_ok {
+            skip!("qemu-system-x86_64 is not runnable (apt-get install qemu-system-x86)");
+        }
     }
     let kernel = match guest_image::kernel::ensure_kernel() {
         Ok(k) if k.vmlinux.is_file() => k,
@@ -177,7 +194,7 @@ pub fn setup(tag: &str, name: &'static str) -> Option<Env> {
     std::fs::create_dir_all(env.path("state")).unwrap();
     std::fs::write(
         env.path("config/keystone/agent.toml"),
-        "[backend.microvm]\nengine = \"qemu\"\n",
+        format!("[backend.microvm]\nengine = \"{engine}\"\n"),
     )
     .unwrap();
     let repo = env.path("proj");
