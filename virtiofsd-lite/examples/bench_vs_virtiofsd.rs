@@ -1,50 +1,96 @@
-//! Benchmark: virtiofsd-lite against virtiofsd 1.14, same frontend, same
-//! guest. Our guest kernel boots under QEMU TCG (microvm) with its root on
-//! an in-process virtiofsd-lite (tag `root`) and a second vhost-user-fs
-//! device (tag `bench`) served by the daemon under test, each run as its
-//! own process so their RSS compares. The guest `/init`
-//! (`bench_guest_init.sh`) prints `BENCH <name> <value> <unit>` lines;
-//! this prints both result sets and their ratio as JSON.
+//! Benchmark: virtiofsd-lite against virtiofsd 1.14 behind the same
+//! frontend and guest.
+//!
+//! Each boot runs our guest kernel under QEMU TCG (microvm, 1 vCPU) with an
+//! initramfs whose `/init` is `bench_guest.c` (built here with
+//! `gcc -static -O2`). The guest mounts three vhost-user-fs devices:
+//! `root`, the Debian guest root (for `git`), served read-only by an
+//! in-process virtiofsd-lite, and `bench0`/`bench1`, one per daemon under
+//! test, each daemon its own process so its RSS can be sampled (the two
+//! swap devices on odd boots). Before each boot each shared directory gets
+//! a fresh git repository of `BENCH_GIT_FILES` committed files for the
+//! `git status` lines.
+//!
+//! Both daemons run with the same options, `--cache never --sandbox none`:
+//! no guest page cache for file data (direct I/O) and zero entry and
+//! attribute timeouts, so every line is served by the daemon rather than
+//! by the guest's caches.
+//!
+//! Every line alternates between the two daemons inside one boot, in ABBA
+//! segments, and each daemon's median segment is its figure for the boot:
+//! on a shared host, load from elsewhere then lands on both alike. `--runs
+//! N` boots (default 3); the JSON on stdout gives every boot's value, the
+//! median, min and max over boots per line and daemon, and the ratio of
+//! the medians; a table goes to stderr.
 //!
 //! ```text
-//! cargo build -p virtiofsd-lite --release
-//! cargo run -p virtiofsd-lite --release --example bench_vs_virtiofsd
+//! cargo build -p virtiofsd-lite --release --bins --examples
+//! cargo run -p virtiofsd-lite --release --example bench_vs_virtiofsd -- --runs 3
 //! ```
 //! Environment: `VIRTIOFSD_BIN` (default
 //! `/work/.cache-virtiofsd/bin/virtiofsd`), `VIRTIOFSD_LITE_BIN` (default:
-//! `virtiofsd-lite` next to this example's profile folder), `BENCH_FILES`
-//! (10000), `BENCH_RAND_OPS` (200), `KEYSTONE_KERNEL_DIR`.
+//! `virtiofsd-lite` in this example's profile folder), `BENCH_SEQ_MIB` (256),
+//! `BENCH_RAND_OPS` (20000), `BENCH_FILES` (10000), `BENCH_GIT_FILES`
+//! (10000), `BENCH_GIT_RUNS` (5), `BENCH_SEGMENTS` (5), `KEYSTONE_KERNEL_DIR`,
+//! `KEYSTONE_ROOTFS_DIR`.
 //!
-//! Under TCG every guest instruction is emulated, so the guest side
-//! dominates and the comparison is coarse; the JSON says so.
+//! Under TCG every guest instruction is emulated, so the guest side takes
+//! most of each request's time and the ratios understate the daemons'
+//! own differences; the JSON says so.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_image::busybox::{BusyboxRoot, InitKind, DEFAULT_BUSYBOX};
-use virtiofsd_lite::FsConfig;
+use virtiofsd_lite::{CacheMode, FsConfig};
 
-const INIT: &str = include_str!("bench_guest_init.sh");
+const GUEST_SRC: &str = include_str!("bench_guest.c");
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+const LITE: &str = "virtiofsd-lite";
+const VFSD: &str = "virtiofsd-1.14";
+/// The options both daemons get (besides the socket and the directory).
+const DAEMON_OPTS: [&str; 4] = ["--cache", "never", "--sandbox", "none"];
+/// Guest parameters (kernel command line -> the guest init's environment).
+const PARAMS: [(&str, &str); 6] = [
+    ("BENCH_SEQ_MIB", "256"),
+    ("BENCH_RAND_OPS", "20000"),
+    ("BENCH_FILES", "10000"),
+    ("BENCH_GIT_FILES", "10000"),
+    ("BENCH_GIT_RUNS", "5"),
+    ("BENCH_SEGMENTS", "5"),
+];
 
-type Metrics = BTreeMap<String, (f64, String)>;
+/// Each daemon's figures from one boot, and the boot's wall time.
+type BootResult = (Vec<(&'static str, RunResult)>, f64);
 
+/// One daemon's figures from one boot.
+#[derive(Default)]
 struct RunResult {
-    metrics: Metrics,
+    metrics: BTreeMap<String, (f64, String)>,
     rss_max_kib: u64,
-    wall_s: f64,
     failures: Vec<String>,
-    notes: Vec<String>,
 }
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
+/// What every boot shares.
+struct Setup {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    rootfs: PathBuf,
+    work: PathBuf,
+    params: Vec<(String, String)>,
+}
+
+impl Setup {
+    fn param(&self, name: &str) -> &str {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
 }
 
 /// `RssAnon + RssFile` of `pid` in KiB, if it is alive.
@@ -74,7 +120,71 @@ fn wait_for_socket(path: &Path, daemon: &mut Child) -> Result<(), String> {
     Ok(())
 }
 
-fn qemu_args(kernel: &Path, root_sock: &Path, bench_sock: &Path) -> Vec<String> {
+fn run_cmd(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Compiles the guest init and wraps it in an initramfs.
+fn build_initrd(work: &Path) -> Result<PathBuf, String> {
+    let (src, bin, initrd) = (
+        work.join("bench_guest.c"),
+        work.join("bench_guest"),
+        work.join("initrd.cpio"),
+    );
+    std::fs::write(&src, GUEST_SRC).map_err(|e| e.to_string())?;
+    run_cmd(
+        Command::new("gcc")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(&bin)
+            .arg(&src),
+    )?;
+    guest_image::initramfs::write_agent_initramfs(&bin, &initrd).map_err(|e| e.to_string())?;
+    Ok(initrd)
+}
+
+/// A committed repository of `files` small files in 100-file folders.
+fn make_repo(dir: &Path, files: usize) -> Result<(), String> {
+    for i in 0..files {
+        let sub = dir.join(format!("d{:03}", i / 100));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
+        }
+        let text = format!("file {i}\nsome content so that the blob is not empty\n");
+        std::fs::write(sub.join(format!("f{i:05}.txt")), text).map_err(|e| e.to_string())?;
+    }
+    // Files older than the index are not "racily clean": git status
+    // compares their stat data and does not re-read them.
+    std::thread::sleep(Duration::from_millis(1100));
+    let git = |args: &[&str]| {
+        run_cmd(
+            Command::new("git")
+                .args(["-c", "user.name=bench", "-c", "user.email=bench@localhost"])
+                .args(["-c", "init.defaultBranch=main"])
+                .args(args)
+                .current_dir(dir),
+        )
+    };
+    git(&["init", "-q"])?;
+    git(&["add", "-A"])?;
+    git(&["commit", "-q", "-m", "10k files"])
+}
+
+fn qemu_args(setup: &Setup, boot: usize, devices: &[(PathBuf, String)]) -> Vec<String> {
+    let mut append = String::from(
+        "console=ttyS0 quiet lpj=5000000 tsc=reliable reboot=t panic=-1 nokaslr rdinit=/init",
+    );
+    for (k, v) in &setup.params {
+        append.push_str(&format!(" {k}={v}"));
+    }
+    append.push_str(&format!(" BENCH_BOOT={boot}"));
     let mut a: Vec<String> = [
         "-M",
         "microvm,x-option-roms=off,rtc=off,pit=on,pic=on,acpi=off,memory-backend=mem",
@@ -86,9 +196,6 @@ fn qemu_args(kernel: &Path, root_sock: &Path, bench_sock: &Path) -> Vec<String> 
         "512M",
         "-object",
         "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-append",
-        "console=ttyS0 lpj=5000000 tsc=reliable reboot=k panic=-1 nokaslr \
-         root=root rootfstype=virtiofs rw init=/init",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -102,11 +209,10 @@ fn qemu_args(kernel: &Path, root_sock: &Path, bench_sock: &Path) -> Vec<String> 
     .iter()
     .map(|s| s.to_string())
     .collect();
-    a.extend(["-kernel".into(), kernel.display().to_string()]);
-    for (i, (sock, tag)) in [(root_sock, "root"), (bench_sock, "bench")]
-        .iter()
-        .enumerate()
-    {
+    a.extend(["-append".into(), append]);
+    a.extend(["-kernel".into(), setup.kernel.display().to_string()]);
+    a.extend(["-initrd".into(), setup.initrd.display().to_string()]);
+    for (i, (sock, tag)) in devices.iter().enumerate() {
         a.extend([
             "-chardev".into(),
             format!("socket,id=fs{i},path={}", sock.display()),
@@ -117,184 +223,411 @@ fn qemu_args(kernel: &Path, root_sock: &Path, bench_sock: &Path) -> Vec<String> 
     a
 }
 
-/// One boot: root on an in-process virtiofsd-lite, `bench` on `daemon_cmd`.
-fn run_once(
-    label: &str,
-    kernel: &Path,
-    work: &Path,
-    daemon_cmd: &[String],
-) -> Result<RunResult, String> {
-    let run_dir = work.join(label);
-    let _ = std::fs::remove_dir_all(&run_dir);
-    let (root, shared) = (run_dir.join("root"), run_dir.join("shared"));
-    std::fs::create_dir_all(&shared).map_err(|e| e.to_string())?;
-    BusyboxRoot::create(&root, Path::new(DEFAULT_BUSYBOX), InitKind::Shell, "")
-        .map_err(|e| e.to_string())?;
-    let init = INIT
-        .replace("@FILES@", &env_or("BENCH_FILES", "10000"))
-        .replace("@RAND_OPS@", &env_or("BENCH_RAND_OPS", "200"));
-    std::fs::write(root.join("init"), init).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| e.to_string())?;
-    let (root_sock, bench_sock) = (run_dir.join("root.sock"), run_dir.join("bench.sock"));
+/// Kills QEMU if it runs past [`RUN_TIMEOUT`]; stop it by setting the flag.
+fn watchdog(pid: u32, finished: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        while !finished.load(Ordering::Relaxed) {
+            if t.elapsed() > RUN_TIMEOUT {
+                // SAFETY: signals the QEMU child this process spawned.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
 
-    let root_cfg = FsConfig::new(&root, "root");
-    let rs = root_sock.clone();
-    let root_thread = std::thread::spawn(move || virtiofsd_lite::serve_listener(&rs, root_cfg));
-    let mut daemon = Command::new(&daemon_cmd[0])
-        .args(&daemon_cmd[1..])
-        .args(["--socket-path", &bench_sock.display().to_string()])
+/// Samples the RSS of `pid` every 100 ms into `max` until `stop` is set.
+fn rss_sampler(
+    pid: u32,
+    stop: Arc<AtomicBool>,
+    max: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(k) = rss_kib(pid) {
+                max.fetch_max(k, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// One daemon under test, running as its own process.
+struct UnderTest {
+    label: &'static str,
+    child: Child,
+    rss_max: Arc<AtomicU64>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts `cmd` on `sock` serving `shared`, and samples its RSS.
+fn start_daemon(
+    label: &'static str,
+    cmd: &[String],
+    sock: &Path,
+    shared: &Path,
+    stop: &Arc<AtomicBool>,
+) -> Result<UnderTest, String> {
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args(["--socket-path", &sock.display().to_string()])
         .args(["--shared-dir", &shared.display().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", daemon_cmd[0]))?;
-    wait_for_socket(&bench_sock, &mut daemon)?;
+        .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
+    if let Err(e) = wait_for_socket(sock, &mut child) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    let rss_max = Arc::new(AtomicU64::new(0));
+    let sampler = rss_sampler(child.id(), stop.clone(), rss_max.clone());
+    Ok(UnderTest {
+        label,
+        child,
+        rss_max,
+        sampler: Some(sampler),
+    })
+}
+
+/// Waits a little for `d` to exit on its own (both do when the frontend
+/// disconnects), then kills it.
+fn stop_daemon(d: &mut UnderTest) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    if let Some(s) = d.sampler.take() {
+        let _ = s.join();
+    }
+}
+
+/// One boot with both daemons: `bench0` and `bench1` are served by
+/// `daemons` in turn (swapped on odd boots), `root` by an in-process
+/// virtiofsd-lite. Returns each daemon's result and the boot's wall time.
+fn run_boot(
+    boot: usize,
+    setup: &Setup,
+    daemons: &[(&'static str, Vec<String>); 2],
+) -> Result<BootResult, String> {
+    let run_dir = setup.work.join(format!("boot{boot}"));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let git_files = setup.param("BENCH_GIT_FILES").parse().unwrap_or(10_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut under_test = Vec::new();
+    let mut devices = Vec::new();
+    let root_sock = run_dir.join("root.sock");
+    devices.push((root_sock.clone(), "root".to_string()));
+    for dev in 0..2 {
+        let (label, cmd) = &daemons[(dev + boot) % 2];
+        let dir = run_dir.join(format!("bench{dev}"));
+        let shared = dir.join("shared");
+        std::fs::create_dir_all(&shared).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        make_repo(&shared.join("repo"), git_files)?;
+        eprintln!(
+            "[boot {boot}] bench{dev} = {label}; repository of {git_files} files in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let sock = dir.join("vhost.sock");
+        under_test.push(start_daemon(label, cmd, &sock, &shared, &stop)?);
+        devices.push((sock, format!("bench{dev}")));
+    }
+
+    let mut root_cfg = FsConfig::new(&setup.rootfs, "root");
+    root_cfg.readonly = true;
+    root_cfg.cache = CacheMode::Always;
+    let rs = root_sock.clone();
+    let root_thread = std::thread::spawn(move || virtiofsd_lite::serve_listener(&rs, root_cfg));
     while !root_sock.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let pid = daemon.id();
-    let (stop, rss_max) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let sampler = {
-        let (stop, rss_max) = (stop.clone(), rss_max.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(k) = rss_kib(pid) {
-                    rss_max.fetch_max(k, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
-
     let start = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(qemu_args(kernel, &root_sock, &bench_sock))
+        .args(qemu_args(setup, boot, &devices))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot run qemu-system-x86_64: {e}"))?;
     let stdout = qemu.stdout.take().ok_or("no qemu stdout")?;
-    let (mut metrics, mut failures, mut notes) = (Metrics::new(), Vec::new(), Vec::new());
-    let mut done = false;
-    let watchdog_pid = qemu.id();
     let finished = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let finished = finished.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while !finished.load(Ordering::Relaxed) {
-                if t.elapsed() > RUN_TIMEOUT {
-                    // SAFETY: signals the QEMU child we spawned.
-                    unsafe { libc::kill(watchdog_pid as i32, libc::SIGKILL) };
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        })
-    };
+    let dog = watchdog(qemu.id(), finished.clone());
+    let mut results: Vec<RunResult> = (0..2).map(|_| RunResult::default()).collect();
+    let mut shared_failures = Vec::new();
+    let mut done = false;
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         let line = line.trim_end_matches('\r');
-        eprintln!("[{label} {:6.1}s] {line}", start.elapsed().as_secs_f64());
+        eprintln!(
+            "[boot {boot} {:6.1}s] {line}",
+            start.elapsed().as_secs_f64()
+        );
         if let Some(rest) = line.strip_prefix("BENCH ") {
             let f: Vec<&str> = rest.split_whitespace().collect();
-            if let [name, value, unit] = f[..] {
-                if let Ok(v) = value.parse::<f64>() {
-                    metrics.insert(name.to_string(), (v, unit.to_string()));
+            if let [dev, name, value, unit] = f[..] {
+                let r = dev.parse::<usize>().ok().and_then(|d| results.get_mut(d));
+                if let (Some(r), Ok(v)) = (r, value.parse::<f64>()) {
+                    r.metrics.insert(name.to_string(), (v, unit.to_string()));
                 }
             }
-        } else if let Some(rest) = line.strip_prefix("BENCH-NOTE ") {
-            notes.push(rest.to_string());
         } else if let Some(rest) = line.strip_prefix("BENCH-FAIL ") {
-            failures.push(rest.to_string());
+            shared_failures.push(rest.to_string());
         } else if line.starts_with("BENCH-DONE") {
             done = true;
         }
     }
     let _ = qemu.wait();
     finished.store(true, Ordering::Relaxed);
-    let _ = watchdog.join();
+    let _ = dog.join();
     let wall_s = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    // Both daemons exit when their frontend disconnects; make sure.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    for d in &mut under_test {
+        stop_daemon(d);
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     if let Ok(Err(e)) = root_thread.join() {
         eprintln!("root daemon: {e}");
     }
     if !done {
-        failures.push("guest did not reach BENCH-DONE".into());
+        shared_failures.push("guest did not reach BENCH-DONE".into());
     }
     let _ = std::fs::remove_dir_all(&run_dir);
-    Ok(RunResult {
-        metrics,
-        rss_max_kib: rss_max.load(Ordering::Relaxed),
-        wall_s,
-        failures,
-        notes,
-    })
+    let mut out = Vec::new();
+    for (d, mut r) in under_test.iter().zip(results) {
+        let kib = d.rss_max.load(Ordering::Relaxed);
+        r.rss_max_kib = kib;
+        r.metrics
+            .insert("daemon_rss_max".into(), (kib as f64 / 1024.0, "MiB".into()));
+        r.failures = shared_failures.clone();
+        out.push((d.label, r));
+    }
+    Ok((out, wall_s))
 }
 
 fn json_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-fn result_json(r: &Result<RunResult, String>) -> String {
-    match r {
-        Err(e) => format!("{{\"error\": {}}}", json_str(e)),
-        Ok(r) => {
-            let mut parts: Vec<String> = r
-                .metrics
-                .iter()
-                .map(|(k, (v, u))| {
-                    format!(
-                        "{}: {{\"value\": {v}, \"unit\": {}}}",
-                        json_str(k),
-                        json_str(u)
-                    )
-                })
-                .collect();
-            parts.push(format!("\"daemon_rss_max_kib\": {}", r.rss_max_kib));
-            parts.push(format!("\"run_wall_s\": {:.1}", r.wall_s));
-            let f: Vec<String> = r.failures.iter().map(|f| json_str(f)).collect();
-            parts.push(format!("\"failures\": [{}]", f.join(", ")));
-            let n: Vec<String> = r.notes.iter().map(|n| json_str(n)).collect();
-            parts.push(format!("\"notes\": [{}]", n.join(", ")));
-            format!("{{\n    {}\n  }}", parts.join(",\n    "))
-        }
-    }
+/// Median, min and max of `v` (not empty).
+fn summary(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
 }
 
-fn ratio_json(lite: &Result<RunResult, String>, vfsd: &Result<RunResult, String>) -> String {
-    let (Ok(a), Ok(b)) = (lite, vfsd) else {
-        return "{}".into();
-    };
-    let mut parts = Vec::new();
-    for (k, (va, _)) in &a.metrics {
-        if let Some((vb, _)) = b.metrics.get(k) {
-            if *vb != 0.0 {
-                parts.push(format!("{}: {:.3}", json_str(k), va / vb));
+/// Whether a smaller value is the better one for this unit.
+fn lower_is_better(unit: &str) -> bool {
+    matches!(unit, "ms" | "us" | "MiB")
+}
+
+/// Every metric name with its unit, in the order the guest prints them.
+const ORDER: [&str; 10] = [
+    "seq_write_1MiB",
+    "seq_read_1MiB_cold",
+    "rand_read_4KiB",
+    "rand_write_4KiB",
+    "create_files",
+    "stat_files_cold",
+    "unlink_files",
+    "git_status_cold",
+    "git_status_warm",
+    "daemon_rss_max",
+];
+
+struct Line {
+    name: String,
+    unit: String,
+    per_daemon: Vec<(&'static str, Vec<f64>)>,
+}
+
+fn collect_lines(results: &[(&'static str, RunResult)]) -> Vec<Line> {
+    let mut names: Vec<String> = ORDER.iter().map(|s| s.to_string()).collect();
+    for (_, r) in results {
+        for k in r.metrics.keys() {
+            if !names.contains(k) {
+                names.push(k.clone());
             }
         }
     }
-    if b.rss_max_kib > 0 {
-        let rss = a.rss_max_kib as f64 / b.rss_max_kib as f64;
-        parts.push(format!("\"daemon_rss_max_kib\": {rss:.3}"));
+    let mut lines = Vec::new();
+    for name in names {
+        let mut unit = String::new();
+        let mut per_daemon = Vec::new();
+        for d in [LITE, VFSD] {
+            let vals: Vec<f64> = results
+                .iter()
+                .filter(|(l, _)| *l == d)
+                .filter_map(|(_, r)| r.metrics.get(&name))
+                .map(|(v, u)| {
+                    unit = u.clone();
+                    *v
+                })
+                .collect();
+            per_daemon.push((d, vals));
+        }
+        if per_daemon.iter().any(|(_, v)| !v.is_empty()) {
+            lines.push(Line {
+                name,
+                unit,
+                per_daemon,
+            });
+        }
     }
-    format!("{{\n    {}\n  }}", parts.join(",\n    "))
+    lines
 }
 
-fn main() {
+/// Ratio of medians lite / virtiofsd and whether lite is at least as good.
+fn ratio(line: &Line) -> Option<(f64, bool)> {
+    let med = |i: usize| {
+        let v = &line.per_daemon[i].1;
+        (!v.is_empty()).then(|| summary(v).0)
+    };
+    let (a, b) = (med(0)?, med(1)?);
+    if b == 0.0 {
+        return None;
+    }
+    let r = a / b;
+    let ok = if lower_is_better(&line.unit) {
+        r <= 1.0
+    } else {
+        r >= 1.0
+    };
+    Some((r, ok))
+}
+
+/// Per-boot ratios lite / virtiofsd (both measured in the same boot), in
+/// boot order; empty unless every boot has both values.
+fn paired_ratios(line: &Line) -> Vec<f64> {
+    let (a, b) = (&line.per_daemon[0].1, &line.per_daemon[1].1);
+    if a.len() != b.len() || b.contains(&0.0) {
+        return Vec::new();
+    }
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
+}
+
+fn print_table(lines: &[Line]) {
+    eprintln!(
+        "\n{:<22} {:>8} {:>26} {:>26} {:>7} {:>7}  ok",
+        "line",
+        "unit",
+        "virtiofsd-lite med [min-max]",
+        "virtiofsd 1.14 med [min-max]",
+        "ratio",
+        "paired"
+    );
+    for l in lines {
+        let cell = |i: usize| {
+            let v = &l.per_daemon[i].1;
+            if v.is_empty() {
+                return "-".to_string();
+            }
+            let (m, lo, hi) = summary(v);
+            format!("{m:.1} [{lo:.1}-{hi:.1}]")
+        };
+        let (r, ok) = match ratio(l) {
+            Some((r, ok)) => (format!("{r:.3}"), if ok { "yes" } else { "NO" }),
+            None => ("-".into(), "-"),
+        };
+        let p = paired_ratios(l);
+        let paired = if p.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.3}", summary(&p).0)
+        };
+        eprintln!(
+            "{:<22} {:>8} {:>26} {:>26} {:>7} {:>7}  {ok}",
+            l.name,
+            l.unit,
+            cell(0),
+            cell(1),
+            r,
+            paired
+        );
+    }
+}
+
+fn lines_json(lines: &[Line]) -> String {
+    let mut out = Vec::new();
+    for l in lines {
+        let mut parts = vec![
+            format!("\"unit\": {}", json_str(&l.unit)),
+            format!(
+                "\"better\": {}",
+                json_str(if lower_is_better(&l.unit) {
+                    "lower"
+                } else {
+                    "higher"
+                })
+            ),
+        ];
+        for (d, v) in &l.per_daemon {
+            if v.is_empty() {
+                continue;
+            }
+            let (m, lo, hi) = summary(v);
+            let vals: Vec<String> = v.iter().map(|x| format!("{x:.1}")).collect();
+            parts.push(format!(
+                "{}: {{\"median\": {m:.1}, \"min\": {lo:.1}, \"max\": {hi:.1}, \"values\": [{}]}}",
+                json_str(d),
+                vals.join(", ")
+            ));
+        }
+        if let Some((r, ok)) = ratio(l) {
+            parts.push(format!("\"ratio_of_medians\": {r:.3}"));
+            parts.push(format!("\"at_least_virtiofsd\": {ok}"));
+        }
+        let p = paired_ratios(l);
+        if !p.is_empty() {
+            let vals: Vec<String> = p.iter().map(|x| format!("{x:.3}")).collect();
+            parts.push(format!(
+                "\"paired_ratios\": [{}], \"median_paired_ratio\": {:.3}",
+                vals.join(", "),
+                summary(&p).0
+            ));
+        }
+        out.push(format!(
+            "    {}: {{{}}}",
+            json_str(&l.name),
+            parts.join(", ")
+        ));
+    }
+    format!("{{\n{}\n  }}", out.join(",\n"))
+}
+
+struct Args {
+    runs: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args { runs: 3 };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--runs" => {
+                a.runs = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or("--runs needs a positive number")?;
+            }
+            other => return Err(format!("unknown argument {other:?} (use --runs N)")),
+        }
+    }
+    Ok(a)
+}
+
+fn setup() -> Result<(Setup, String, String), String> {
     let exe = std::env::current_exe().unwrap_or_default();
     let default_lite = exe
         .parent()
@@ -302,34 +635,94 @@ fn main() {
         .map(|p| p.join("virtiofsd-lite"))
         .unwrap_or_else(|| PathBuf::from("virtiofsd-lite"));
     let lite = std::env::var("VIRTIOFSD_LITE_BIN").map_or(default_lite, PathBuf::from);
-    let vfsd = env_or("VIRTIOFSD_BIN", "/work/.cache-virtiofsd/bin/virtiofsd");
-    let kernel = match guest_image::kernel::ensure_kernel() {
-        Ok(k) => k.vmlinux,
+    if !lite.is_file() {
+        return Err(format!(
+            "{} not found: cargo build -p virtiofsd-lite --release --bins",
+            lite.display()
+        ));
+    }
+    let vfsd = std::env::var("VIRTIOFSD_BIN")
+        .unwrap_or_else(|_| "/work/.cache-virtiofsd/bin/virtiofsd".into());
+    if !Path::new(&vfsd).is_file() {
+        return Err(format!("{vfsd} not found: cargo install virtiofsd --version 1.14.0 --root /work/.cache-virtiofsd (needs libseccomp-dev libcap-ng-dev)"));
+    }
+    let kernel = guest_image::kernel::ensure_kernel()
+        .map_err(|e| format!("no guest kernel: {e}"))?
+        .vmlinux;
+    let rootfs = guest_image::rootfs::ensure_rootfs()
+        .map_err(|e| format!("no guest rootfs: {e}"))?
+        .dir;
+    let work = std::env::temp_dir().join(format!("vfsd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let initrd = build_initrd(&work)?;
+    let params = PARAMS
+        .iter()
+        .map(|(k, d)| {
+            (
+                k.to_string(),
+                std::env::var(k).unwrap_or_else(|_| d.to_string()),
+            )
+        })
+        .collect();
+    let setup = Setup {
+        kernel,
+        initrd,
+        rootfs,
+        work,
+        params,
+    };
+    Ok((setup, lite.display().to_string(), vfsd))
+}
+
+fn main() {
+    let (args, (setup, lite, vfsd)) = match parse_args().and_then(|a| Ok((a, setup()?))) {
+        Ok(x) => x,
         Err(e) => {
-            eprintln!("no guest kernel: {e}");
+            eprintln!("bench_vs_virtiofsd: {e}");
             std::process::exit(1);
         }
     };
-    let work = std::env::temp_dir().join(format!("vfsd-bench-{}", std::process::id()));
-    let lite_cmd = vec![lite.display().to_string(), "--cache".into(), "auto".into()];
-    let vfsd_cmd = vec![
-        vfsd.clone(),
-        "--cache".into(),
-        "auto".into(),
-        "--sandbox".into(),
-        "none".into(),
-    ];
-    let r_lite = run_once("virtiofsd-lite", &kernel, &work, &lite_cmd);
-    let r_vfsd = if Path::new(&vfsd).is_file() {
-        run_once("virtiofsd-1.14", &kernel, &work, &vfsd_cmd)
-    } else {
-        Err(format!("{vfsd} not found: cargo install virtiofsd --version 1.14.0 --root /work/.cache-virtiofsd (needs libseccomp-dev libcap-ng-dev)"))
+    let cmd = |bin: &str| -> Vec<String> {
+        std::iter::once(bin.to_string())
+            .chain(DAEMON_OPTS.iter().map(|s| s.to_string()))
+            .collect()
     };
-    let _ = std::fs::remove_dir_all(&work);
+    let daemons = [(LITE, cmd(&lite)), (VFSD, cmd(&vfsd))];
+    let mut results = Vec::new();
+    let mut walls = Vec::new();
+    let mut errors = Vec::new();
+    for boot in 0..args.runs {
+        match run_boot(boot, &setup, &daemons) {
+            Ok((rs, wall_s)) => {
+                walls.push(wall_s);
+                for (label, r) in rs {
+                    eprintln!("[boot {boot}] {label}: RSS max {} KiB", r.rss_max_kib);
+                    if label == LITE {
+                        errors.extend(r.failures.iter().map(|f| format!("boot {boot}: {f}")));
+                    }
+                    results.push((label, r));
+                }
+            }
+            Err(e) => errors.push(format!("boot {boot}: {e}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&setup.work);
+    let lines = collect_lines(&results);
+    print_table(&lines);
+    let params: Vec<String> = setup
+        .params
+        .iter()
+        .map(|(k, v)| format!("{}: {}", json_str(k), json_str(v)))
+        .collect();
+    let walls: Vec<String> = walls.iter().map(|w| format!("{w:.1}")).collect();
+    let errs: Vec<String> = errors.iter().map(|e| json_str(e)).collect();
     println!(
-        "{{\n  \"frontend\": \"QEMU TCG (microvm, 1 vCPU, 512 MiB); guest-side emulation dominates, so ratios are coarse\",\n  \"ratio_is\": \"virtiofsd-lite / virtiofsd-1.14 (rates: higher is better; us per op and daemon_rss: lower is better)\",\n  \"virtiofsd-lite\": {},\n  \"virtiofsd-1.14\": {},\n  \"ratio\": {}\n}}",
-        result_json(&r_lite),
-        result_json(&r_vfsd),
-        ratio_json(&r_lite, &r_vfsd)
+        "{{\n  \"frontend\": \"QEMU TCG (microvm, 1 vCPU, 512 MiB), same guest kernel and initramfs for both; guest-side emulation takes most of each request's time, so ratios understate daemon differences\",\n  \"daemon_options\": {},\n  \"boots\": {},\n  \"order\": \"both daemons in every boot (devices bench0 and bench1, swapped on odd boots); each line alternates between them in ABBA segments and each daemon's median segment is its figure for the boot; median/min/max are over boots\",\n  \"params\": {{{}}},\n  \"ratio_is\": \"median(virtiofsd-lite) / median(virtiofsd-1.14); paired_ratios: the same per boot (both daemons measured in that boot); see better\",\n  \"lines\": {},\n  \"boot_wall_s\": [{}],\n  \"failures\": [{}]\n}}",
+        json_str(&DAEMON_OPTS.join(" ")),
+        args.runs,
+        params.join(", "),
+        lines_json(&lines),
+        walls.join(", "),
+        errs.join(", ")
     );
 }
