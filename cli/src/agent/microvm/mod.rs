@@ -335,7 +335,15 @@ impl MicroVmBackend {
                 ));
                 next_note += Duration::from_secs(10);
             }
-            std::thread::sleep(Duration::from_millis(100));
+            // Each try that the guest answers with a reset costs guest
+            // kernel time, which is dear where KVM emulates the kernel and
+            // the boot takes a minute or more: after a few seconds, try
+            // once a second.
+            std::thread::sleep(if t0.elapsed() < Duration::from_secs(5) {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            });
         }
     }
 
