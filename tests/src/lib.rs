@@ -1,6 +1,7 @@
 //! Shared helpers for Keystone's integration tests: what the host can run,
 //! loud skips, scratch directories.
 
+pub mod fs_daemon;
 pub mod guest_agent;
 pub mod qemu;
 

@@ -19,15 +19,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_image::rootfs::{ensure_rootfs, RootfsError};
+use keystone_tests::fs_daemon::{assert_checks_pass, FsDaemon};
 use keystone_tests::qemu::{qemu_missing, QemuGuest};
 use keystone_tests::{skip, ScratchDir};
-use virtiofsd_lite::FsConfig;
 
 const SUITE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -151,27 +149,6 @@ exit 0
 "#;
 
 /// A virtiofsd-lite instance serving `dir` on a Unix socket from a thread.
-struct Daemon {
-    socket: PathBuf,
-    thread: JoinHandle<Result<(), virtiofsd_lite::Error>>,
-}
-
-fn start_daemon(socket: PathBuf, dir: &Path, tag: &str) -> Daemon {
-    let cfg = FsConfig::new(dir, tag);
-    let s = socket.clone();
-    let thread = std::thread::spawn(move || virtiofsd_lite::serve_listener(&s, cfg));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            !thread.is_finished() && Instant::now() < deadline,
-            "virtiofsd-lite for {tag} did not start listening on {}",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Daemon { socket, thread }
-}
-
 #[test]
 fn debian_rootfs_boots_and_has_the_tools() {
     if let Some(reason) = qemu_missing() {
@@ -210,8 +187,8 @@ fn debian_rootfs_boots_and_has_the_tools() {
     fs::create_dir_all(&ws).unwrap();
     fs::write(ws.join("check"), CHECK_SCRIPT).unwrap();
 
-    let root_fs = start_daemon(scratch.path().join("root.sock"), &rootfs.dir, "root");
-    let ws_fs = start_daemon(scratch.path().join("ws.sock"), &ws, "workspace");
+    let root_fs = FsDaemon::start(scratch.path().join("root.sock"), &rootfs.dir, "root");
+    let ws_fs = FsDaemon::start(scratch.path().join("ws.sock"), &ws, "workspace");
 
     let t_boot = Instant::now();
     let mut guest = QemuGuest::builder(&kernel.vmlinux)
@@ -251,21 +228,8 @@ fn debian_rootfs_boots_and_has_the_tools() {
         "QEMU exit {status}\nconsole tail:\n{tail}"
     );
 
-    for (tag, d) in [("root", root_fs), ("workspace", ws_fs)] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            d.thread.is_finished(),
-            "virtiofsd-lite {tag} still serving after QEMU exited"
-        );
-        let r = d.thread.join().expect("daemon thread panicked");
-        assert!(
-            r.is_ok(),
-            "virtiofsd-lite {tag}: {r:?}\nconsole tail:\n{tail}"
-        );
-    }
+    root_fs.assert_ended_cleanly(&tail);
+    ws_fs.assert_ended_cleanly(&tail);
 
     let mut checks: BTreeMap<String, String> = BTreeMap::new();
     for line in console.lines().map(str::trim) {
@@ -278,19 +242,7 @@ fn debian_rootfs_boots_and_has_the_tools() {
             checks.insert(name.to_string(), format!("{verdict} {detail}"));
         }
     }
-    let failed: Vec<String> = checks
-        .iter()
-        .filter(|(_, v)| v.trim() != "ok")
-        .map(|(n, v)| format!("{n}: {v}"))
-        .collect();
-    let missing: Vec<&&str> = EXPECTED_CHECKS
-        .iter()
-        .filter(|n| !checks.contains_key(**n))
-        .collect();
-    assert!(
-        failed.is_empty() && missing.is_empty(),
-        "guest checks failed: {failed:#?}\nmissing: {missing:?}\nconsole tail:\n{tail}"
-    );
+    assert_checks_pass(&checks, EXPECTED_CHECKS, &tail);
 
     // The commit the guest made, seen by the host's git.
     let repo = ws.join("repo");

@@ -13,15 +13,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_image::busybox::{BusyboxRoot, InitKind, DEFAULT_BUSYBOX};
+use keystone_tests::fs_daemon::{assert_checks_pass, FsDaemon};
 use keystone_tests::qemu::{qemu_missing, QemuGuest};
 use keystone_tests::{busybox_missing, skip, ScratchDir};
-use virtiofsd_lite::FsConfig;
 
 const SUITE_TIMEOUT: Duration = Duration::from_secs(180);
 /// `touch -d` in the guest (UTC: no TZ there) and the epoch it means.
@@ -202,27 +201,6 @@ reboot -f
 "#;
 
 /// A virtiofsd-lite instance serving `dir` on a Unix socket from a thread.
-struct Daemon {
-    socket: PathBuf,
-    thread: JoinHandle<Result<(), virtiofsd_lite::Error>>,
-}
-
-fn start_daemon(socket: PathBuf, dir: &Path, tag: &str) -> Daemon {
-    let cfg = FsConfig::new(dir, tag);
-    let s = socket.clone();
-    let thread = std::thread::spawn(move || virtiofsd_lite::serve_listener(&s, cfg));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            !thread.is_finished() && Instant::now() < deadline,
-            "virtiofsd-lite for {tag} did not start listening on {}",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Daemon { socket, thread }
-}
-
 /// Adds symlinks for every applet the host's busybox (the same static
 /// binary the root gets) knows.
 fn install_applets(root: &Path) {
@@ -291,8 +269,8 @@ fn virtiofs_conformance_in_a_tcg_guest() {
     fs::write(root.join("init"), init).unwrap();
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
 
-    let root_fs = start_daemon(scratch.path().join("root.sock"), &root, "root");
-    let ws_fs = start_daemon(scratch.path().join("ws.sock"), &ws, "workspace");
+    let root_fs = FsDaemon::start(scratch.path().join("root.sock"), &root, "root");
+    let ws_fs = FsDaemon::start(scratch.path().join("ws.sock"), &ws, "workspace");
 
     let t_boot = Instant::now();
     let mut guest = QemuGuest::builder(&kernel.vmlinux)
@@ -330,21 +308,8 @@ fn virtiofs_conformance_in_a_tcg_guest() {
     );
 
     // The daemons return once QEMU disconnects.
-    for (tag, d) in [("root", root_fs), ("workspace", ws_fs)] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            d.thread.is_finished(),
-            "virtiofsd-lite {tag} still serving after QEMU exited"
-        );
-        let r = d.thread.join().expect("daemon thread panicked");
-        assert!(
-            r.is_ok(),
-            "virtiofsd-lite {tag}: {r:?}\nconsole tail:\n{tail}"
-        );
-    }
+    root_fs.assert_ended_cleanly(&tail);
+    ws_fs.assert_ended_cleanly(&tail);
 
     // Guest-side results.
     let mut checks: BTreeMap<String, String> = BTreeMap::new();
@@ -362,19 +327,7 @@ fn virtiofs_conformance_in_a_tcg_guest() {
             eprintln!("guest: {line}");
         }
     }
-    let failed: Vec<String> = checks
-        .iter()
-        .filter(|(_, v)| v.as_str() != "ok")
-        .map(|(n, v)| format!("{n}: {v}"))
-        .collect();
-    let missing: Vec<&&str> = EXPECTED_CHECKS
-        .iter()
-        .filter(|n| !checks.contains_key(**n))
-        .collect();
-    assert!(
-        failed.is_empty() && missing.is_empty(),
-        "guest checks failed: {failed:#?}\nmissing: {missing:?}\nconsole tail:\n{tail}"
-    );
+    assert_checks_pass(&checks, EXPECTED_CHECKS, &tail);
     assert!(
         !console.contains(&secret),
         "host-only content reached the guest console:\n{tail}"
