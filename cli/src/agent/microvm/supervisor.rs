@@ -286,46 +286,9 @@ fn run_qemu(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {QEMU}: {e}"))?;
+    let child = cmd.spawn().map_err(|e| format!("cannot run {QEMU}: {e}"))?;
     let _ = std::fs::write(layout.qemu_pid(), child.id().to_string());
-    let auto = autosync::start(spec, &layout.vsock, log);
-    // Forwards guest ports while the guest runs; dropped (all closed) on return.
-    let mut ports = forward::PortForwarder::start(&spec.name, layout, log);
-    let mut requested = false;
-    let mut asked_at: Option<Instant> = None;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                stop_autosync(auto.as_ref());
-                return Ok(Ended {
-                    requested,
-                    clean: status.success(),
-                    detail: format!("{QEMU} {status}"),
-                });
-            }
-            Ok(None) => {}
-            Err(e) => return Err(format!("waiting for {QEMU}: {e}")),
-        }
-        if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
-            log("stop requested: asking the guest to shut down");
-            stop_autosync(auto.as_ref());
-            ports.stop();
-            requested = true;
-            asked_at = Some(Instant::now());
-            ask_shutdown(&layout.vsock);
-        }
-        if asked_at.is_some_and(|t| t.elapsed() > SHUTDOWN_GRACE) {
-            log("the guest did not shut down in time: killing QEMU");
-            let _ = child.kill();
-            let status = child.wait().map_err(|e| e.to_string())?;
-            return Ok(Ended {
-                requested,
-                clean: false,
-                detail: format!("{QEMU} killed after {SHUTDOWN_GRACE:?} ({status})"),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    watch_guest(spec, layout, &mut QemuChild(child))
 }
 
 fn run_vmm(
@@ -371,18 +334,75 @@ fn run_vmm(
     let vm = builder
         .start()
         .map_err(|e| format!("cannot start the VM: {e}"))?;
+    watch_guest(spec, layout, &mut VmGuest(vm))
+}
+
+/// A guest the supervisor watches: QEMU as a child process, or our VMM in
+/// this process.
+trait RunningGuest {
+    /// Waits up to `timeout` for the guest to end: whether it ended
+    /// cleanly and how, once it did.
+    fn wait_end(&mut self, timeout: Duration) -> Result<Option<(bool, String)>, String>;
+    /// Ends the guest now; says how it ended.
+    fn force_stop(&mut self) -> Result<String, String>;
+}
+
+struct QemuChild(std::process::Child);
+
+impl RunningGuest for QemuChild {
+    fn wait_end(&mut self, timeout: Duration) -> Result<Option<(bool, String)>, String> {
+        match self.0.try_wait() {
+            Ok(Some(status)) => Ok(Some((status.success(), format!("{QEMU} {status}")))),
+            Ok(None) => {
+                std::thread::sleep(timeout);
+                Ok(None)
+            }
+            Err(e) => Err(format!("waiting for {QEMU}: {e}")),
+        }
+    }
+
+    fn force_stop(&mut self) -> Result<String, String> {
+        let _ = self.0.kill();
+        let status = self.0.wait().map_err(|e| e.to_string())?;
+        Ok(format!("{QEMU} killed: {status}"))
+    }
+}
+
+struct VmGuest(vmm::VmHandle);
+
+impl RunningGuest for VmGuest {
+    fn wait_end(&mut self, timeout: Duration) -> Result<Option<(bool, String)>, String> {
+        Ok(self
+            .0
+            .wait_timeout(timeout)
+            .map(|reason| (reason.is_clean(), reason.to_string())))
+    }
+
+    fn force_stop(&mut self) -> Result<String, String> {
+        Ok(format!("VM stopped: {}", self.0.stop()))
+    }
+}
+
+/// Runs the sandbox's host-side services (auto sync, port forwarding)
+/// while `guest` runs, and turns a stop request (SIGTERM) into a guest
+/// shutdown, forced after [`SHUTDOWN_GRACE`].
+fn watch_guest(
+    spec: &SandboxSpec,
+    layout: &Layout,
+    guest: &mut dyn RunningGuest,
+) -> Result<Ended, String> {
     let auto = autosync::start(spec, &layout.vsock, log);
     // Forwards guest ports while the guest runs; dropped (all closed) on return.
     let mut ports = forward::PortForwarder::start(&spec.name, layout, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
     loop {
-        if let Some(reason) = vm.wait_timeout(Duration::from_millis(50)) {
+        if let Some((clean, detail)) = guest.wait_end(Duration::from_millis(50))? {
             stop_autosync(auto.as_ref());
             return Ok(Ended {
                 requested,
-                clean: reason.is_clean(),
-                detail: reason.to_string(),
+                clean,
+                detail,
             });
         }
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
@@ -394,12 +414,12 @@ fn run_vmm(
             ask_shutdown(&layout.vsock);
         }
         if asked_at.is_some_and(|t| t.elapsed() > SHUTDOWN_GRACE) {
-            log("the guest did not shut down in time: stopping the VM");
-            let reason = vm.stop();
+            log("the guest did not shut down in time: stopping it");
+            let how = guest.force_stop()?;
             return Ok(Ended {
                 requested,
                 clean: false,
-                detail: format!("stopped after {SHUTDOWN_GRACE:?} ({reason})"),
+                detail: format!("stopped after {SHUTDOWN_GRACE:?} ({how})"),
             });
         }
     }
