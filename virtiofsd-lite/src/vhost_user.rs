@@ -11,7 +11,9 @@
 //! splits it into the request ([`Reader`](crate::descriptor::Reader)) and
 //! the reply room ([`Writer`](crate::descriptor::Writer)), runs it through
 //! the shared [`Server`] and returns it on the used ring; the guest is
-//! signalled once per batch, honouring `VIRTIO_RING_F_EVENT_IDX`.
+//! signalled after each reply it asks to hear about (honouring
+//! `VIRTIO_RING_F_EVENT_IDX`), not once per batch, so with several requests
+//! in flight the first waiter resumes while the rest are served.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,10 +65,9 @@ impl<F: FileSystem> FsBackend<F> {
         &self.server
     }
 
-    /// Serves every available chain of the locked `vring`; returns whether
-    /// any was used.
-    fn process_queue(&self, vring: &mut VringState, mem: &GuestMemoryMmap<()>) -> io::Result<bool> {
-        let mut used = false;
+    /// Serves every available chain of the locked `vring`, signalling the
+    /// guest after each reply it wants to hear about.
+    fn process_queue(&self, vring: &mut VringState, mem: &GuestMemoryMmap<()>) -> io::Result<()> {
         while let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = match chain_buffers(mem, chain) {
@@ -79,9 +80,14 @@ impl<F: FileSystem> FsBackend<F> {
             vring
                 .add_used(head, len as u32)
                 .map_err(|e| io::Error::other(format!("cannot return chain {head}: {e}")))?;
-            used = true;
+            // Not once per batch: with several requests in flight (git's
+            // parallel lstat threads), the guest resumes the first waiter
+            // while the rest are still being served.
+            if vring.needs_notification().map_err(queue_err)? {
+                vring.signal_used_queue()?;
+            }
         }
-        Ok(used)
+        Ok(())
     }
 }
 
@@ -155,22 +161,18 @@ impl<F: FileSystem + 'static> VhostUserBackend for FsBackend<F> {
         let mem = atomic.memory();
         // One lock for the whole batch: only this worker serves the queue.
         let mut vring = vring.get_mut();
-        let mut used = false;
         if self.event_idx.load(Ordering::Relaxed) {
             // Re-check after re-enabling notifications, or a request that
             // arrives in between would wait for the next kick.
             loop {
                 vring.disable_notification().map_err(queue_err)?;
-                used |= self.process_queue(&mut vring, &mem)?;
+                self.process_queue(&mut vring, &mem)?;
                 if !vring.enable_notification().map_err(queue_err)? {
                     break;
                 }
             }
         } else {
-            used = self.process_queue(&mut vring, &mem)?;
-        }
-        if used && vring.needs_notification().map_err(queue_err)? {
-            vring.signal_used_queue()?;
+            self.process_queue(&mut vring, &mem)?;
         }
         Ok(())
     }
