@@ -12,7 +12,7 @@
  * -no-reboot, so it exits).
  *
  * Parameters come from the kernel command line as environment variables:
- * BENCH_SEQ_MIB (size of the sequential file, 256), BENCH_RAND_OPS (random
+ * BENCH_SEQ_MIB (size of the sequential file, 1024), BENCH_RAND_OPS (random
  * 4 KiB operations per line, 20000), BENCH_FILES (files for the metadata
  * lines, 10000), BENCH_GIT_RUNS (warm `git status` runs, 5),
  * BENCH_SEGMENTS (segments per line and device, 5), BENCH_BOOT (the
@@ -390,7 +390,7 @@ int main(void)
 	mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (mount_all()) {
-		long mib = env_long("BENCH_SEQ_MIB", 256);
+		long mib = env_long("BENCH_SEQ_MIB", 1024);
 		long ops = env_long("BENCH_RAND_OPS", 20000);
 		long files = env_long("BENCH_FILES", 10000);
 		segments = env_long("BENCH_SEGMENTS", 5);

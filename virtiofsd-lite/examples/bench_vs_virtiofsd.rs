@@ -6,9 +6,9 @@
 //! `gcc -static -O2`). The guest mounts three vhost-user-fs devices:
 //! `root`, the Debian guest root (for `git`), served read-only by an
 //! in-process virtiofsd-lite, and `bench0`/`bench1`, one per daemon under
-//! test, each daemon its own process so its RSS can be sampled (the two
-//! swap devices on odd boots). Before each boot each shared directory gets
-//! a fresh git repository of `BENCH_GIT_FILES` committed files for the
+//! test, each daemon its own process so its RSS and CPU time can be
+//! sampled (the two swap devices on odd boots). Before each boot each
+//! shared directory gets a fresh git repository of `BENCH_GIT_FILES` committed files for the
 //! `git status` lines.
 //!
 //! Both daemons run with the same options, `--cache never --sandbox none`:
@@ -29,7 +29,7 @@
 //! ```
 //! Environment: `VIRTIOFSD_BIN` (default
 //! `/work/.cache-virtiofsd/bin/virtiofsd`), `VIRTIOFSD_LITE_BIN` (default:
-//! `virtiofsd-lite` in this example's profile folder), `BENCH_SEQ_MIB` (256),
+//! `virtiofsd-lite` in this example's profile folder), `BENCH_SEQ_MIB` (1024),
 //! `BENCH_RAND_OPS` (20000), `BENCH_FILES` (10000), `BENCH_GIT_FILES`
 //! (10000), `BENCH_GIT_RUNS` (5), `BENCH_SEGMENTS` (5), `KEYSTONE_KERNEL_DIR`,
 //! `KEYSTONE_ROOTFS_DIR`.
@@ -56,7 +56,7 @@ const VFSD: &str = "virtiofsd-1.14";
 const DAEMON_OPTS: [&str; 4] = ["--cache", "never", "--sandbox", "none"];
 /// Guest parameters (kernel command line -> the guest init's environment).
 const PARAMS: [(&str, &str); 6] = [
-    ("BENCH_SEQ_MIB", "256"),
+    ("BENCH_SEQ_MIB", "1024"),
     ("BENCH_RAND_OPS", "20000"),
     ("BENCH_FILES", "10000"),
     ("BENCH_GIT_FILES", "10000"),
@@ -238,16 +238,44 @@ fn watchdog(pid: u32, finished: Arc<AtomicBool>) -> std::thread::JoinHandle<()> 
     })
 }
 
-/// Samples the RSS of `pid` every 100 ms into `max` until `stop` is set.
-fn rss_sampler(
-    pid: u32,
-    stop: Arc<AtomicBool>,
-    max: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<()> {
+/// User plus system CPU time of `pid` in clock ticks, if it is alive.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is the first,
+    // utime the 12th and stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// `/proc` clock ticks per second.
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// What the sampler saw of one daemon process.
+#[derive(Default)]
+struct Samples {
+    rss_max_kib: AtomicU64,
+    cpu_ticks: AtomicU64,
+}
+
+/// Samples the RSS (keeping the largest) and CPU time of `pid` every
+/// 100 ms until `stop` is set.
+fn sampler(pid: u32, stop: Arc<AtomicBool>, out: Arc<Samples>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             if let Some(k) = rss_kib(pid) {
-                max.fetch_max(k, Ordering::Relaxed);
+                out.rss_max_kib.fetch_max(k, Ordering::Relaxed);
+            }
+            if let Some(t) = cpu_ticks(pid) {
+                out.cpu_ticks.fetch_max(t, Ordering::Relaxed);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -258,7 +286,7 @@ fn rss_sampler(
 struct UnderTest {
     label: &'static str,
     child: Child,
-    rss_max: Arc<AtomicU64>,
+    samples: Arc<Samples>,
     sampler: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -283,12 +311,12 @@ fn start_daemon(
         let _ = child.wait();
         return Err(e);
     }
-    let rss_max = Arc::new(AtomicU64::new(0));
-    let sampler = rss_sampler(child.id(), stop.clone(), rss_max.clone());
+    let samples = Arc::new(Samples::default());
+    let sampler = sampler(child.id(), stop.clone(), samples.clone());
     Ok(UnderTest {
         label,
         child,
-        rss_max,
+        samples,
         sampler: Some(sampler),
     })
 }
@@ -399,10 +427,15 @@ fn run_boot(
     let _ = std::fs::remove_dir_all(&run_dir);
     let mut out = Vec::new();
     for (d, mut r) in under_test.iter().zip(results) {
-        let kib = d.rss_max.load(Ordering::Relaxed);
+        let kib = d.samples.rss_max_kib.load(Ordering::Relaxed);
         r.rss_max_kib = kib;
         r.metrics
             .insert("daemon_rss_max".into(), (kib as f64 / 1024.0, "MiB".into()));
+        let ticks = d.samples.cpu_ticks.load(Ordering::Relaxed) as f64;
+        r.metrics.insert(
+            "daemon_cpu".into(),
+            (ticks / clock_ticks_per_s(), "s".into()),
+        );
         r.failures = shared_failures.clone();
         out.push((d.label, r));
     }
@@ -428,11 +461,11 @@ fn summary(v: &[f64]) -> (f64, f64, f64) {
 
 /// Whether a smaller value is the better one for this unit.
 fn lower_is_better(unit: &str) -> bool {
-    matches!(unit, "ms" | "us" | "MiB")
+    matches!(unit, "ms" | "us" | "MiB" | "s")
 }
 
 /// Every metric name with its unit, in the order the guest prints them.
-const ORDER: [&str; 10] = [
+const ORDER: [&str; 11] = [
     "seq_write_1MiB",
     "seq_read_1MiB_cold",
     "rand_read_4KiB",
@@ -443,6 +476,7 @@ const ORDER: [&str; 10] = [
     "git_status_cold",
     "git_status_warm",
     "daemon_rss_max",
+    "daemon_cpu",
 ];
 
 struct Line {
