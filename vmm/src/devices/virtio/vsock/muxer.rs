@@ -165,10 +165,12 @@ impl Muxer {
         match verdict {
             Verdict::Keep => {}
             Verdict::Drop => {
+                log::debug!("vsock: connection {port} dropped");
                 self.conns.remove(&port);
                 return;
             }
             Verdict::Reset => {
+                log::debug!("vsock: connection {port} reset");
                 if let Some(conn) = self.conns.remove(&port) {
                     self.queue_rst(header(self.guest_cid, &conn, op::RST));
                 }
@@ -246,6 +248,12 @@ impl Muxer {
             .is_some_and(|c| c.peer_port == hdr.src_port && c.state != ConnState::AwaitingLine);
         if hdr.type_ != TYPE_STREAM || hdr.op == op::REQUEST || !known {
             // Includes every guest-initiated connection: refused (invariant 2).
+            log::debug!(
+                "vsock: guest op {} from port {} to unknown connection {}",
+                hdr.op,
+                hdr.src_port,
+                hdr.dst_port
+            );
             if hdr.op != op::RST {
                 self.queue_rst(hdr.reply(op::RST));
             }
@@ -259,6 +267,13 @@ impl Muxer {
         if conn.awaiting_credit && conn.peer_credit() > 0 {
             conn.awaiting_credit = false;
         }
+        log::trace!(
+            "vsock: guest op {} len {} for connection {} in {:?}",
+            hdr.op,
+            payload.len(),
+            hdr.dst_port,
+            conn.state
+        );
         let verdict = match (conn.state, hdr.op) {
             (_, op::RST) => Verdict::Drop,
             (ConnState::Connecting, op::RESPONSE) => {
