@@ -284,8 +284,11 @@ pub fn supervise(server: fn() -> io::Result<()>) -> ! {
         match sig {
             libc::SIGCHLD => {
                 let reaped = reap_all();
-                if reaped.contains(&server_pid) {
-                    log::error!("agent server exited; restarting it");
+                if let Some((_, status)) = reaped.iter().find(|(pid, _)| *pid == server_pid) {
+                    log::error!(
+                        "agent server (pid {server_pid}) ended: {}; restarting it",
+                        describe_status(*status)
+                    );
                     std::thread::sleep(Duration::from_secs(1));
                     server_pid = fork_server(server, &set);
                 }
@@ -319,17 +322,26 @@ fn fork_server(server: fn() -> io::Result<()>, set: &libc::sigset_t) -> libc::pi
     pid
 }
 
-/// Reaps every exited child; returns their pids.
-fn reap_all() -> Vec<libc::pid_t> {
-    let mut pids = Vec::new();
+/// Reaps every exited child; returns their pids and wait statuses.
+fn reap_all() -> Vec<(libc::pid_t, libc::c_int)> {
+    let mut reaped = Vec::new();
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid status pointer.
         let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
         if pid <= 0 {
-            return pids;
+            return reaped;
         }
-        pids.push(pid);
+        reaped.push((pid, status));
+    }
+}
+
+/// How a child ended, from its wait status.
+fn describe_status(status: libc::c_int) -> String {
+    if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("exit status {}", libc::WEXITSTATUS(status))
     }
 }
 

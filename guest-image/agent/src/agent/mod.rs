@@ -11,6 +11,7 @@
 //! - [`tcp`]: `TcpConnect`, a relay to a port on the guest's loopback;
 //! - [`logger`]: logs to `/dev/kmsg` or stderr.
 
+pub mod crash;
 pub mod exec;
 pub mod files;
 pub mod init;

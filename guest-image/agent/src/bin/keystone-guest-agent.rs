@@ -80,6 +80,9 @@ fn serve() -> std::io::Result<()> {
         Listen::Unix(path) => AgentListener::unix(path)?,
     };
     let pid1 = std::os::unix::process::parent_id() == 1 && is_init_child();
+    if let Err(e) = agent::crash::install() {
+        log::warn!("cannot install the crash reporter: {e}");
+    }
     let mut config = AgentConfig::default();
     if let Some(ws) = opts.workspace {
         config.workspace_root = ws;
