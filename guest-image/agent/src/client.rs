@@ -49,6 +49,22 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// The agent refused the connection or closed it before its hello:
+    /// nothing of a request reached it.
+    fn is_refusal(&self) -> bool {
+        match self {
+            ClientError::Connect(e) => e.kind() == io::ErrorKind::ConnectionRefused,
+            ClientError::Protocol(ProtocolError::Closed) => true,
+            ClientError::Protocol(ProtocolError::Io(e)) => matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// The outcome of [`AgentClient::exec_output`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -60,12 +76,28 @@ pub struct ExecOutput {
 /// A client of one guest agent.
 pub struct AgentClient {
     connector: Connector,
+    retry_for: std::time::Duration,
 }
+
+/// How long to wait between two tries of a connection the agent refused.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl AgentClient {
     /// A client that opens each connection with `connector`.
     pub fn new(connector: Connector) -> Self {
-        Self { connector }
+        Self {
+            connector,
+            retry_for: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Keeps trying for up to `window` when the agent refuses a connection
+    /// or closes it before answering the hello: the request has not been
+    /// sent then, so trying again is safe, and it carries a command over
+    /// the moment the guest's init restarts a crashed agent server.
+    pub fn retrying(mut self, window: std::time::Duration) -> Self {
+        self.retry_for = window;
+        self
     }
 
     /// Connects, exchanges hellos and sends `request`.
@@ -80,17 +112,15 @@ impl AgentClient {
         request: &Request,
         needs: Option<(&'static str, u32)>,
     ) -> Result<Connection, ClientError> {
-        let stream = (self.connector)().map_err(ClientError::Connect)?;
-        let writer = stream.try_clone_box().map_err(ClientError::Connect)?;
-        let mut conn = Connection {
-            reader: BufReader::with_capacity(256 << 10, stream),
-            writer,
+        let t0 = std::time::Instant::now();
+        let (mut conn, hello) = loop {
+            match self.hello() {
+                Err(e) if e.is_refusal() && t0.elapsed() + RETRY_PAUSE <= self.retry_for => {
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+                other => break other?,
+            }
         };
-        write_frame(
-            &mut conn.writer,
-            &Frame::json(FrameKind::Hello, &Hello::current()),
-        )?;
-        let hello = expect_frame(&mut conn.reader)?;
         let theirs = match hello.kind {
             FrameKind::Hello => hello.parse_json::<Hello>()?,
             FrameKind::Error => return Err(ClientError::Agent(hello.text())),
@@ -110,6 +140,23 @@ impl AgentClient {
         }
         write_frame(&mut conn.writer, &Frame::json(FrameKind::Request, request))?;
         Ok(conn)
+    }
+
+    /// Connects and exchanges hellos; returns the connection and the
+    /// agent's hello frame.
+    fn hello(&self) -> Result<(Connection, Frame), ClientError> {
+        let stream = (self.connector)().map_err(ClientError::Connect)?;
+        let writer = stream.try_clone_box().map_err(ClientError::Connect)?;
+        let mut conn = Connection {
+            reader: BufReader::with_capacity(256 << 10, stream),
+            writer,
+        };
+        write_frame(
+            &mut conn.writer,
+            &Frame::json(FrameKind::Hello, &Hello::current()),
+        )?;
+        let hello = expect_frame(&mut conn.reader)?;
+        Ok((conn, hello))
     }
 
     /// Sends a request that gets exactly one response.

@@ -13,7 +13,8 @@ use keystone_guest_agent::client::{
     hybrid_vsock_connector, unix_connector, AgentClient, ClientError,
 };
 use keystone_guest_agent::protocol::{
-    expect_frame, write_frame, ExecRequest, Frame, FrameKind, Hello, RawStreamRequest, TtySize,
+    expect_frame, write_frame, ExecRequest, Frame, FrameKind, Hello, ProtocolError,
+    RawStreamRequest, TtySize,
 };
 use keystone_guest_agent::transport::AgentListener;
 
@@ -479,4 +480,59 @@ fn git_fetch_through_raw_stream() {
         git(&host, &["rev-parse", "refs/remotes/sandbox/main"]),
         head
     );
+}
+
+/// A command sent while the agent server restarts (connections closed
+/// before the hello) goes through once the server is back when the client
+/// retries; a client that does not retry fails.
+#[test]
+fn a_retrying_client_waits_for_a_restarting_agent() {
+    let dir = scratch_dir();
+    let workspace = dir.join("workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let socket = dir.join("agent.sock");
+
+    // A dying server: it accepts connections and closes them unanswered.
+    let dying = UnixListener::bind(&socket).unwrap();
+    let plain = AgentClient::new(unix_connector(&socket));
+    let refuse = |listener: &UnixListener| drop(listener.accept().unwrap());
+    let t = std::thread::spawn(move || {
+        refuse(&dying);
+        dying
+    });
+    match plain.ping() {
+        Err(ClientError::Protocol(ProtocolError::Closed)) => {}
+        Err(ClientError::Protocol(ProtocolError::Io(e)))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) => {}
+        other => panic!("a refused connection gave {other:?}"),
+    }
+    let dying = t.join().unwrap();
+
+    // Three more refusals, then the real agent takes the socket's place.
+    let (s, ws) = (socket.clone(), workspace.clone());
+    let server = std::thread::spawn(move || {
+        for _ in 0..3 {
+            refuse(&dying);
+        }
+        let fresh = s.with_extension("new");
+        let listener = AgentListener::unix(&fresh).unwrap();
+        std::fs::rename(&fresh, &s).unwrap();
+        drop(dying);
+        agent::serve(listener, config(ws))
+    });
+    let retrying = AgentClient::new(unix_connector(&socket)).retrying(Duration::from_secs(10));
+    let t0 = Instant::now();
+    assert_eq!(retrying.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let out = retrying.exec_output(&["true"]).unwrap();
+    assert!(out.status.success());
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -61,9 +61,13 @@ fn connector(uds: PathBuf, handshake: Duration, keep_timeout: bool) -> AgentClie
     }))
 }
 
+/// How long a command waits for an agent that refuses connections (the
+/// guest's init restarts a crashed agent server within seconds).
+const AGENT_RESTART_WAIT: Duration = Duration::from_secs(20);
+
 /// A client for long-running operations (exec, sync).
 pub fn client(uds: &Path) -> AgentClient {
-    connector(uds.to_path_buf(), Duration::from_secs(30), false)
+    connector(uds.to_path_buf(), Duration::from_secs(30), false).retrying(AGENT_RESTART_WAIT)
 }
 
 /// A client whose every read times out after `timeout` (ping, status).
