@@ -4,9 +4,18 @@
 //! as it would have. PID 1 restarts the server; the line says where to look.
 
 use std::io;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// Where the report goes: `/dev/kmsg` (the console) when it opened, else
+/// standard error.
+static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Installs the handler for SIGSEGV and SIGBUS in this process.
 pub fn install() -> io::Result<()> {
+    // SAFETY: open(2) of a constant NUL-terminated path; the descriptor is
+    // kept for the life of the process.
+    let kmsg = unsafe { libc::open(c"/dev/kmsg".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    REPORT_FD.store(kmsg, Ordering::Relaxed);
     for sig in [libc::SIGSEGV, libc::SIGBUS] {
         // SAFETY: sigaction is plain old data; all-zero is a valid value
         // that the fields below complete.
@@ -47,7 +56,14 @@ fn put(buf: &mut [u8], at: usize, s: &[u8]) -> usize {
 
 extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let mut buf = [0u8; 192];
-    let mut n = put(&mut buf, 0, b"keystone-agent: server crashed: signal ");
+    let kmsg = REPORT_FD.load(Ordering::Relaxed);
+    // A kernel log line of priority "error".
+    let mut n = if kmsg >= 0 {
+        put(&mut buf, 0, b"<3>")
+    } else {
+        0
+    };
+    n = put(&mut buf, n, b"keystone-agent: server crashed: signal ");
     n = put(
         &mut buf,
         n,
@@ -82,7 +98,7 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
     n = put_hex(&mut buf, n, on_fault as *const () as u64);
     n = put(&mut buf, n, b"\n");
     // SAFETY: write(2) is async-signal-safe; the buffer is valid for n bytes.
-    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    unsafe { libc::write(if kmsg >= 0 { kmsg } else { 2 }, buf.as_ptr().cast(), n) };
     // Returning re-runs the faulting instruction with the default action
     // restored (SA_RESETHAND): the process dies of the signal.
 }

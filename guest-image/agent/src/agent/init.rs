@@ -84,12 +84,35 @@ fn mount_fs(fstype: &str, target: &str, flags: libc::c_ulong, data: Option<&str>
     }
 }
 
+/// Gives PID 1 (and so the agent server) the console as standard input,
+/// output and error where the kernel could not (an initramfs without
+/// /dev/console), so that panics and crash reports reach the serial log.
+fn console_stdio() {
+    // SAFETY: open(2) of a constant NUL-terminated path.
+    let fd = unsafe { libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+    if fd < 0 {
+        return;
+    }
+    for target in 0..3 {
+        // SAFETY: F_GETFD only queries whether `target` is open.
+        if target != fd && unsafe { libc::fcntl(target, libc::F_GETFD) } < 0 {
+            // SAFETY: dup2 of a descriptor we opened onto a free slot.
+            unsafe { libc::dup2(fd, target) };
+        }
+    }
+    if fd > 2 {
+        // SAFETY: closes the descriptor opened above, now duplicated.
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// Mounts the basic pseudo file systems.
 pub fn early_mounts() {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount_fs("proc", "/proc", nosuid, None);
     mount_fs("sysfs", "/sys", nosuid, None);
     mount_fs("devtmpfs", "/dev", libc::MS_NOSUID, Some("mode=0755"));
+    console_stdio();
     mount_fs(
         "devpts",
         "/dev/pts",
