@@ -51,12 +51,17 @@ fn config(workspace: PathBuf) -> AgentConfig {
 }
 
 fn start_agent() -> Harness {
+    start_agent_with(|_| {})
+}
+
+fn start_agent_with(tweak: impl FnOnce(&mut AgentConfig)) -> Harness {
     let dir = scratch_dir();
     let workspace = dir.join("workspace");
     std::fs::create_dir_all(&workspace).unwrap();
     let socket = dir.join("agent.sock");
     let listener = AgentListener::unix(&socket).unwrap();
-    let cfg = config(workspace.clone());
+    let mut cfg = config(workspace.clone());
+    tweak(&mut cfg);
     std::thread::spawn(move || agent::serve(listener, cfg));
     Harness {
         client: AgentClient::new(unix_connector(&socket)),
@@ -535,4 +540,67 @@ fn a_retrying_client_waits_for_a_restarting_agent() {
     assert!(out.status.success());
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Commands started through the spawn helper (the agent binary as
+/// `__spawn`, as the guest's agent does) behave as forked ones: output,
+/// exit status, working directory, their own process group, a terminal as
+/// controlling terminal, the requested user, and an error for a program
+/// that does not exist.
+#[test]
+fn commands_through_the_spawn_helper() {
+    let h = start_agent_with(|c| {
+        c.spawn_helper = Some(PathBuf::from(env!("CARGO_BIN_EXE_keystone-guest-agent")))
+    });
+    let ws = h.workspace.to_string_lossy().into_owned();
+    let out = h
+        .client
+        .exec_request_output(ExecRequest {
+            cwd: Some(ws.clone()),
+            ..ExecRequest::new(&[
+                "sh",
+                "-c",
+                "pwd; echo $FOO; cut -d' ' -f5 /proc/$$/stat; echo $$; echo oops >&2; exit 5",
+            ])
+        })
+        .map(|mut o| {
+            o.stdout.retain(|b| *b != b' ');
+            o
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(out.status.code, Some(5), "{text}");
+    assert_eq!(lines[0], ws, "{text}");
+    assert_eq!(lines[2], lines[3], "not its own process group: {text}");
+    assert_eq!(out.stderr, b"oops\n");
+
+    let out = h
+        .client
+        .exec_request_output(ExecRequest {
+            tty: Some(TtySize { rows: 24, cols: 80 }),
+            ..ExecRequest::new(&["sh", "-c", "tty; stty size"])
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("/dev/pts/"), "{text:?}");
+    assert!(text.contains("24 80"), "{text:?}");
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let out = h
+            .client
+            .exec_request_output(ExecRequest {
+                user: Some(keystone_guest_agent::protocol::UserSpec::Name(
+                    "nobody".into(),
+                )),
+                cwd: Some("/".into()),
+                ..ExecRequest::new(&["id", "-u"])
+            })
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534");
+    }
+
+    let err = h.client.exec_output(&["no-such-program-here"]).unwrap_err();
+    assert!(err.to_string().contains("no-such-program-here"), "{err}");
 }

@@ -157,8 +157,45 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
     };
     let user = users::resolve(&config.passwd_path, &config.group_path, req.user.as_ref())
         .map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(program);
-    cmd.args(&req.argv[1..]);
+    let cwd = match &req.cwd {
+        Some(c) => c.clone(),
+        None if std::path::Path::new(&user.home).is_dir() => user.home.clone(),
+        None => "/".to_string(),
+    };
+    let helper = config.spawn_helper.as_ref();
+    let mut cmd = match helper {
+        Some(helper) => {
+            // Checked here so that a missing program is an error for the
+            // host, as it is when the server starts the command itself.
+            if !std::path::Path::new(&cwd).is_dir() {
+                return Err(format!(
+                    "cannot run {program:?} in {cwd:?}: no such directory"
+                ));
+            }
+            if find_program(program).is_none() {
+                return Err(format!(
+                    "cannot run {program:?} in {cwd:?}: {}",
+                    io::Error::from(io::ErrorKind::NotFound)
+                ));
+            }
+            let groups: Vec<String> = user.groups.iter().map(|g| g.to_string()).collect();
+            let mut c = Command::new(helper);
+            c.arg(SPAWN_HELPER_ARG)
+                .arg(user.uid.to_string())
+                .arg(user.gid.to_string())
+                .arg(groups.join(","))
+                .arg(if req.tty.is_some() { "tty" } else { "pipes" })
+                .arg(&cwd)
+                .arg("--")
+                .args(&req.argv);
+            c
+        }
+        None => {
+            let mut c = Command::new(program);
+            c.args(&req.argv[1..]).current_dir(&cwd);
+            c
+        }
+    };
     cmd.env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", &user.home)
@@ -171,18 +208,102 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
     for (k, v) in &req.env {
         cmd.env(k, v);
     }
-    let cwd = match &req.cwd {
-        Some(c) => c.clone(),
-        None if std::path::Path::new(&user.home).is_dir() => user.home.clone(),
-        None => "/".to_string(),
-    };
-    cmd.current_dir(&cwd);
-
+    // Through the helper, std starts it with posix_spawn (no fork of this
+    // multi-threaded server: no copy of its page tables, no copy-on-write
+    // of its memory); the helper then does what the closures below do.
+    let forked = helper.is_none();
     let result = match req.tty {
-        Some(size) => spawn_tty(cmd, size, user),
-        None => spawn_pipes(cmd, user),
+        Some(size) => spawn_tty(cmd, size, user, forked),
+        None => spawn_pipes(cmd, user, forked),
     };
     result.map_err(|e| format!("cannot run {program:?} in {cwd:?}: {e}"))
+}
+
+/// The first argument that makes the agent binary the spawn helper.
+pub const SPAWN_HELPER_ARG: &str = "__spawn";
+
+/// Where `execvp` would find `program`: itself when it names a path, else
+/// the first executable file of that name on [`DEFAULT_PATH`].
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = std::path::PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    DEFAULT_PATH
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|p| executable(p))
+}
+
+/// The spawn helper: `__spawn UID GID GROUPS pipes|tty CWD -- ARGV...`.
+/// Started by the server with posix_spawn, it puts itself in a new process
+/// group (`pipes`) or session with its terminal on standard input (`tty`),
+/// takes the user's groups and ids when it runs as root, enters `CWD` and
+/// executes `ARGV` with the environment it was given. A failure is written
+/// to standard error (which the host sees) with exit status 127.
+pub fn spawn_helper_main(args: &[std::ffi::OsString]) -> ! {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let fail = |what: &str, e: io::Error| -> ! {
+        let _ = writeln!(io::stderr(), "keystone-agent: {what}: {e}");
+        std::process::exit(127)
+    };
+    let text = |i: usize| args.get(i).and_then(|a| a.to_str()).unwrap_or("");
+    let (Ok(uid), Ok(gid)) = (
+        text(0).parse::<libc::uid_t>(),
+        text(1).parse::<libc::gid_t>(),
+    ) else {
+        fail("spawn helper", io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let groups: Vec<libc::gid_t> = text(2).split(',').filter_map(|g| g.parse().ok()).collect();
+    let tty = text(3) == "tty";
+    let cwd = args.get(4).cloned().unwrap_or_default();
+    let argv: Vec<CString> = args
+        .iter()
+        .skip(6)
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
+    if text(5) != "--" || argv.is_empty() {
+        fail("spawn helper", io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: plain system calls on this single-threaded process's own
+    // session, ids and terminal; the group list outlives the call.
+    unsafe {
+        if tty {
+            if libc::setsid() < 0 {
+                fail("setsid", io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                fail("terminal", io::Error::last_os_error());
+            }
+        } else if libc::setpgid(0, 0) < 0 {
+            fail("process group", io::Error::last_os_error());
+        }
+        if libc::geteuid() == 0
+            && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid) < 0
+                || libc::setuid(uid) < 0)
+        {
+            fail("switching user", io::Error::last_os_error());
+        }
+    }
+    if let Err(e) = std::env::set_current_dir(&cwd) {
+        fail(&format!("entering {}", cwd.to_string_lossy()), e);
+    }
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: a NUL-terminated program name and a null-terminated array of
+    // NUL-terminated arguments, all alive across the call.
+    unsafe { libc::execvp(argv[0].as_ptr(), ptrs.as_ptr()) };
+    fail(
+        &format!("cannot run {:?}", argv[0]),
+        io::Error::last_os_error(),
+    )
 }
 
 /// Switches to `user` in the child (between fork and exec).
@@ -212,12 +333,14 @@ fn set_credentials(cmd: &mut Command, user: User, new_session: bool) {
     }
 }
 
-fn spawn_pipes(mut cmd: Command, user: User) -> io::Result<Spawned> {
+fn spawn_pipes(mut cmd: Command, user: User, forked: bool) -> io::Result<Spawned> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    set_credentials(&mut cmd, user, false);
+        .stderr(Stdio::piped());
+    if forked {
+        cmd.process_group(0);
+        set_credentials(&mut cmd, user, false);
+    }
     let mut child = cmd.spawn()?;
     let missing = || io::Error::other("child pipe missing");
     let stdin = child.stdin.take().ok_or_else(missing)?;
@@ -234,12 +357,14 @@ fn spawn_pipes(mut cmd: Command, user: User) -> io::Result<Spawned> {
     })
 }
 
-fn spawn_tty(mut cmd: Command, size: TtySize, user: User) -> io::Result<Spawned> {
+fn spawn_tty(mut cmd: Command, size: TtySize, user: User, forked: bool) -> io::Result<Spawned> {
     let (master, slave) = open_pty(size)?;
     cmd.stdin(Stdio::from(slave.try_clone()?))
         .stdout(Stdio::from(slave.try_clone()?))
         .stderr(Stdio::from(slave));
-    set_credentials(&mut cmd, user, true);
+    if forked {
+        set_credentials(&mut cmd, user, true);
+    }
     let child = cmd.spawn()?;
     // The command (and with it our copies of the slave) is dropped here,
     // so the master sees EIO once the job closes the terminal.

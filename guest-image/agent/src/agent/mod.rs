@@ -48,6 +48,10 @@ pub struct AgentConfig {
     pub proc_net_dir: PathBuf,
     /// What `Shutdown` does; `None` refuses it (agent not PID 1).
     pub shutdown: Option<ShutdownHook>,
+    /// The agent binary, run as `__spawn` to start each command (see
+    /// [`exec::spawn_helper_main`]) so that the server never forks; `None`
+    /// forks the server (an agent served inside another program).
+    pub spawn_helper: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -58,6 +62,7 @@ impl Default for AgentConfig {
             group_path: PathBuf::from("/etc/group"),
             proc_net_dir: PathBuf::from("/proc/net"),
             shutdown: None,
+            spawn_helper: None,
         }
     }
 }

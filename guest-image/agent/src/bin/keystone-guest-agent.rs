@@ -83,7 +83,10 @@ fn serve() -> std::io::Result<()> {
     if let Err(e) = agent::crash::install() {
         log::warn!("cannot install the crash reporter: {e}");
     }
-    let mut config = AgentConfig::default();
+    let mut config = AgentConfig {
+        spawn_helper: Some(PathBuf::from("/proc/self/exe")),
+        ..AgentConfig::default()
+    };
     if let Some(ws) = opts.workspace {
         config.workspace_root = ws;
     }
@@ -106,6 +109,13 @@ fn is_init_child() -> bool {
 }
 
 fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|a| a == agent::exec::SPAWN_HELPER_ARG)
+    {
+        agent::exec::spawn_helper_main(&args[2..]);
+    }
     let opts = match parse_args() {
         Ok(o) => o,
         Err(e) => {
