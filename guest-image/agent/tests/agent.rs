@@ -601,6 +601,19 @@ fn commands_through_the_spawn_helper() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534");
     }
 
+    // A program named relative to the working directory.
+    let script = h.workspace.join("hello.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hello from $0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = h
+        .client
+        .exec_request_output(ExecRequest {
+            cwd: Some(ws.clone()),
+            ..ExecRequest::new(&["./hello.sh"])
+        })
+        .unwrap();
+    assert_eq!(out.stdout, b"hello from ./hello.sh\n");
+
     let err = h.client.exec_output(&["no-such-program-here"]).unwrap_err();
     assert!(err.to_string().contains("no-such-program-here"), "{err}");
 }

@@ -172,7 +172,7 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
                     "cannot run {program:?} in {cwd:?}: no such directory"
                 ));
             }
-            if find_program(program).is_none() {
+            if find_program(program, &cwd).is_none() {
                 return Err(format!(
                     "cannot run {program:?} in {cwd:?}: {}",
                     io::Error::from(io::ErrorKind::NotFound)
@@ -222,16 +222,17 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
 /// The first argument that makes the agent binary the spawn helper.
 pub const SPAWN_HELPER_ARG: &str = "__spawn";
 
-/// Where `execvp` would find `program`: itself when it names a path, else
-/// the first executable file of that name on [`DEFAULT_PATH`].
-fn find_program(program: &str) -> Option<std::path::PathBuf> {
+/// Where `execvp` would find `program` run in `cwd`: itself (relative to
+/// `cwd`) when it names a path, else the first executable file of that
+/// name on [`DEFAULT_PATH`].
+fn find_program(program: &str, cwd: &str) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &std::path::Path| {
         p.metadata()
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     if program.contains('/') {
-        let p = std::path::PathBuf::from(program);
+        let p = std::path::Path::new(cwd).join(program);
         return executable(&p).then_some(p);
     }
     DEFAULT_PATH
