@@ -106,6 +106,22 @@ fn console_stdio() {
     }
 }
 
+/// Fresh tmpfs mounts on /tmp (sticky, world-writable) and /run.
+fn mount_tmp_and_run() {
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/run",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    );
+}
+
 /// Mounts the basic pseudo file systems.
 pub fn early_mounts() {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -119,18 +135,7 @@ pub fn early_mounts() {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("mode=0620,ptmxmode=0666"),
     );
-    mount_fs(
-        "tmpfs",
-        "/tmp",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=1777"),
-    );
-    mount_fs(
-        "tmpfs",
-        "/run",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=0755"),
-    );
+    mount_tmp_and_run();
 }
 
 /// Builds and enters the real root when `keystone.root=` is given.
@@ -183,18 +188,7 @@ pub fn switch_root(cmdline: &str) -> io::Result<()> {
         mount(d, &target, None, libc::MS_MOVE, None)?;
     }
     enter_new_root("/run/newroot")?;
-    mount_fs(
-        "tmpfs",
-        "/tmp",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=1777"),
-    );
-    mount_fs(
-        "tmpfs",
-        "/run",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=0755"),
-    );
+    mount_tmp_and_run();
     Ok(())
 }
 
