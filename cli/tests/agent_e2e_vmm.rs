@@ -2,8 +2,9 @@
 //! forced by `[backend.microvm] engine = "vmm"` in the temporary
 //! `agent.toml`) on this machine's KVM, not on QEMU: start, exec sees the
 //! project's commit, a commit in the guest, sync brings it to the host,
-//! `status --json` reports it running on vmm, stop, destroy, and `list`
-//! is empty. Each command's wall time is printed.
+//! `status --json` reports it running on vmm, stop (the guest agent's
+//! server never died on the way), destroy, and `list` is empty. Each
+//! command's wall time is printed.
 //!
 //! Unlike `agent_e2e.rs` it does not start the sandbox a second time after
 //! `stop`: on a paravirtual KVM (kvm_pvm) our VMM emulates the guest
@@ -230,8 +231,17 @@ fn a_newcomer_session_on_our_vmm() {
     assert_eq!(status["state"], "running", "{status}");
     assert_eq!(status["engine"], "vmm", "{status}");
 
-    // stop, destroy; nothing is left.
+    // stop; the agent server ran the whole session without dying (its
+    // init would have restarted it and logged why on the console).
     s.ok(&["stop"], COMMAND_LIMIT);
+    let console = std::fs::read_to_string(console_log(&env)).unwrap_or_default();
+    assert!(
+        !console.contains("agent server") && !console.contains("server crashed"),
+        "the guest agent server died during the session:\n{}",
+        console_tail(&env, 40)
+    );
+
+    // destroy; nothing is left.
     s.ok(&["destroy", NAME, "--force"], COMMAND_LIMIT);
     let out = s.ok(&["list", "--json"], COMMAND_LIMIT);
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout)
