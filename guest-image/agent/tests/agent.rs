@@ -613,6 +613,15 @@ fn commands_through_the_spawn_helper() {
         })
         .unwrap();
     assert_eq!(out.stdout, b"hello from ./hello.sh\n");
+    // A program found on the PATH the request gives, not on the default.
+    let out = h
+        .client
+        .exec_request_output(ExecRequest {
+            env: vec![("PATH".into(), format!("{ws}:/usr/bin:/bin"))],
+            ..ExecRequest::new(&["hello.sh"])
+        })
+        .unwrap();
+    assert!(out.stdout.starts_with(b"hello from "), "{out:?}");
 
     let err = h.client.exec_output(&["no-such-program-here"]).unwrap_err();
     assert!(err.to_string().contains("no-such-program-here"), "{err}");

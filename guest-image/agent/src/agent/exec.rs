@@ -172,7 +172,15 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
                     "cannot run {program:?} in {cwd:?}: no such directory"
                 ));
             }
-            if find_program(program, &cwd).is_none() {
+            // The PATH the command gets: the request's own (the last one
+            // wins, as in the environment below), else the default.
+            let path = req
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+            if find_program(program, &cwd, path).is_none() {
                 return Err(format!(
                     "cannot run {program:?} in {cwd:?}: {}",
                     io::Error::from(io::ErrorKind::NotFound)
@@ -222,10 +230,10 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
 /// The first argument that makes the agent binary the spawn helper.
 pub const SPAWN_HELPER_ARG: &str = "__spawn";
 
-/// Where `execvp` would find `program` run in `cwd`: itself (relative to
-/// `cwd`) when it names a path, else the first executable file of that
-/// name on [`DEFAULT_PATH`].
-fn find_program(program: &str, cwd: &str) -> Option<std::path::PathBuf> {
+/// Where `execvp` would find `program` run in `cwd` with `path` as PATH:
+/// itself (relative to `cwd`) when it names a path, else the first
+/// executable file of that name in a directory of `path`.
+fn find_program(program: &str, cwd: &str, path: &str) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &std::path::Path| {
         p.metadata()
@@ -235,8 +243,7 @@ fn find_program(program: &str, cwd: &str) -> Option<std::path::PathBuf> {
         let p = std::path::Path::new(cwd).join(program);
         return executable(&p).then_some(p);
     }
-    DEFAULT_PATH
-        .split(':')
+    path.split(':')
         .map(|dir| std::path::Path::new(dir).join(program))
         .find(|p| executable(p))
 }
