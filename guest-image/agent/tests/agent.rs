@@ -626,3 +626,55 @@ fn commands_through_the_spawn_helper() {
     let err = h.client.exec_output(&["no-such-program-here"]).unwrap_err();
     assert!(err.to_string().contains("no-such-program-here"), "{err}");
 }
+
+/// A spawn helper that dies before it runs the command (as processes
+/// sometimes do as they start on an emulating KVM) is started again, and
+/// the command runs once; one that always dies gives the host an error
+/// that says so instead of a command killed by a signal.
+#[test]
+fn a_spawn_helper_that_dies_before_the_exec_is_retried() {
+    let dir = scratch_dir();
+    let crashes = dir.join("crashes");
+    let flaky = dir.join("flaky-helper");
+    std::fs::write(
+        &flaky,
+        format!(
+            "#!/bin/sh\n\
+             echo x >> {c}\n\
+             [ $(wc -l < {c}) -ge 3 ] || kill -SEGV $$\n\
+             exec {agent} \"$@\"\n",
+            c = crashes.display(),
+            agent = env!("CARGO_BIN_EXE_keystone-guest-agent"),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&flaky, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let h = start_agent_with(|c| c.spawn_helper = Some(flaky.clone()));
+    let ws = h.workspace.to_string_lossy().into_owned();
+    let out = h
+        .client
+        .exec_request_output(ExecRequest {
+            cwd: Some(ws.clone()),
+            ..ExecRequest::new(&["sh", "-c", "echo ran >> runs; cat runs"])
+        })
+        .unwrap();
+    assert_eq!(out.status.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout, b"ran\n", "the command ran more than once");
+    let tries = std::fs::read_to_string(&crashes).unwrap();
+    assert_eq!(
+        tries.lines().count(),
+        3,
+        "two crashed tries, then one that ran"
+    );
+
+    let dead = dir.join("dead-helper");
+    std::fs::write(&dead, "#!/bin/sh\nkill -SEGV $$\n").unwrap();
+    std::fs::set_permissions(&dead, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let h = start_agent_with(|c| c.spawn_helper = Some(dead.clone()));
+    let err = h.client.exec_output(&["true"]).unwrap_err().to_string();
+    assert!(
+        err.contains("spawn helper ended before running it"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -163,47 +163,89 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
         None => "/".to_string(),
     };
     let helper = config.spawn_helper.as_ref();
-    let mut cmd = match helper {
-        Some(helper) => {
-            // Checked here so that a missing program is an error for the
-            // host, as it is when the server starts the command itself.
-            if !std::path::Path::new(&cwd).is_dir() {
-                return Err(format!(
-                    "cannot run {program:?} in {cwd:?}: no such directory"
-                ));
-            }
-            // The PATH the command gets: the request's own (the last one
-            // wins, as in the environment below), else the default.
-            let path = req
-                .env
-                .iter()
-                .rev()
-                .find(|(k, _)| k == "PATH")
-                .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-            if find_program(program, &cwd, path).is_none() {
-                return Err(format!(
-                    "cannot run {program:?} in {cwd:?}: {}",
-                    io::Error::from(io::ErrorKind::NotFound)
-                ));
-            }
-            let groups: Vec<String> = user.groups.iter().map(|g| g.to_string()).collect();
-            let mut c = Command::new(helper);
-            c.arg(SPAWN_HELPER_ARG)
-                .arg(user.uid.to_string())
-                .arg(user.gid.to_string())
-                .arg(groups.join(","))
-                .arg(if req.tty.is_some() { "tty" } else { "pipes" })
-                .arg(&cwd)
-                .arg("--")
-                .args(&req.argv);
-            c
+    if helper.is_some() {
+        // Checked here so that a missing program is an error for the
+        // host, as it is when the server starts the command itself.
+        if !std::path::Path::new(&cwd).is_dir() {
+            return Err(format!(
+                "cannot run {program:?} in {cwd:?}: no such directory"
+            ));
         }
-        None => {
-            let mut c = Command::new(program);
-            c.args(&req.argv[1..]).current_dir(&cwd);
-            c
+        // The PATH the command gets: the request's own (the last one
+        // wins, as in the environment below), else the default.
+        let path = req
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+        if find_program(program, &cwd, path).is_none() {
+            return Err(format!(
+                "cannot run {program:?} in {cwd:?}: {}",
+                io::Error::from(io::ErrorKind::NotFound)
+            ));
         }
-    };
+    }
+    let fail = |e: io::Error| format!("cannot run {program:?} in {cwd:?}: {e}");
+    for attempt in 1..=HELPER_TRIES {
+        let Some(helper) = helper else {
+            let mut cmd = Command::new(program);
+            cmd.args(&req.argv[1..]).current_dir(&cwd);
+            set_environment(&mut cmd, req, &user);
+            return start(cmd, req.tty, user, true).map_err(fail);
+        };
+        let (report_rx, report_tx) = report_pipe().map_err(fail)?;
+        let groups: Vec<String> = user.groups.iter().map(|g| g.to_string()).collect();
+        let mut cmd = Command::new(helper);
+        cmd.arg(SPAWN_HELPER_ARG)
+            .arg(report_tx.as_raw_fd().to_string())
+            .arg(user.uid.to_string())
+            .arg(user.gid.to_string())
+            .arg(groups.join(","))
+            .arg(if req.tty.is_some() { "tty" } else { "pipes" })
+            .arg(&cwd)
+            .arg("--")
+            .args(&req.argv);
+        set_environment(&mut cmd, req, &user);
+        // Through the helper, std starts it with posix_spawn (no fork of
+        // this multi-threaded server: no copy of its page tables, no
+        // copy-on-write of its memory); the helper then does what the
+        // closures of `set_credentials` do. The report pipe's write end is
+        // inheritable only while the lock is held, so no other command
+        // gets it.
+        let started = {
+            let _only_spawn = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            set_cloexec(&report_tx, false).map_err(fail)?;
+            let started = start(cmd, req.tty, user.clone(), false);
+            drop(report_tx);
+            started.map_err(fail)?
+        };
+        if reached_exec(report_rx) {
+            return Ok(started);
+        }
+        // The helper died before it ran anything: nothing of the command
+        // has happened, so it is started again.
+        let mut child = started.child;
+        let status = child.wait();
+        log::warn!(
+            "spawn helper for {program:?} ended before running it ({status:?}), try {attempt} of {HELPER_TRIES}"
+        );
+    }
+    Err(format!(
+        "cannot run {program:?}: the spawn helper ended before running it, {HELPER_TRIES} times (see the guest console)"
+    ))
+}
+
+/// Tries of the spawn helper before a command is refused. The helper is a
+/// fresh process that has run none of the command when it fails, so a
+/// retry is safe; it exists for hosts whose emulated kernel now and then
+/// kills a process as it starts.
+const HELPER_TRIES: u32 = 3;
+
+/// Held while a report pipe's write end is inheritable.
+static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+fn set_environment(cmd: &mut Command, req: &ExecRequest, user: &User) {
     cmd.env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", &user.home)
@@ -216,15 +258,47 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
     for (k, v) in &req.env {
         cmd.env(k, v);
     }
-    // Through the helper, std starts it with posix_spawn (no fork of this
-    // multi-threaded server: no copy of its page tables, no copy-on-write
-    // of its memory); the helper then does what the closures below do.
-    let forked = helper.is_none();
-    let result = match req.tty {
+}
+
+fn start(cmd: Command, tty: Option<TtySize>, user: User, forked: bool) -> io::Result<Spawned> {
+    match tty {
         Some(size) => spawn_tty(cmd, size, user, forked),
         None => spawn_pipes(cmd, user, forked),
-    };
-    result.map_err(|e| format!("cannot run {program:?} in {cwd:?}: {e}"))
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn report_pipe() -> io::Result<(File, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nothing else.
+    unsafe { Ok((File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
+}
+
+fn set_cloexec(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD on a descriptor the caller owns.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flag) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the helper got as far as executing the command: it writes one
+/// byte just before `execvp`, and its copy of the pipe closes at the exec
+/// (or when it dies).
+fn reached_exec(mut report: File) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match report.read(&mut byte) {
+            Ok(n) => return n == 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
 }
 
 /// The first argument that makes the agent binary the spawn helper.
@@ -248,12 +322,14 @@ fn find_program(program: &str, cwd: &str, path: &str) -> Option<std::path::PathB
         .find(|p| executable(p))
 }
 
-/// The spawn helper: `__spawn UID GID GROUPS pipes|tty CWD -- ARGV...`.
-/// Started by the server with posix_spawn, it puts itself in a new process
+/// The spawn helper: `__spawn REPORT_FD UID GID GROUPS pipes|tty CWD --
+/// ARGV...`. Started by the server with posix_spawn, it puts itself in a new process
 /// group (`pipes`) or session with its terminal on standard input (`tty`),
 /// takes the user's groups and ids when it runs as root, enters `CWD` and
 /// executes `ARGV` with the environment it was given. A failure is written
-/// to standard error (which the host sees) with exit status 127.
+/// to standard error (which the host sees) with exit status 127. One byte
+/// on `REPORT_FD` just before the exec tells the server that the helper
+/// got that far.
 pub fn spawn_helper_main(args: &[std::ffi::OsString]) -> ! {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -261,6 +337,16 @@ pub fn spawn_helper_main(args: &[std::ffi::OsString]) -> ! {
         let _ = writeln!(io::stderr(), "keystone-agent: {what}: {e}");
         std::process::exit(127)
     };
+    let (report, args) = match args.split_first() {
+        Some((fd, rest)) => (fd.to_str().and_then(|f| f.parse::<i32>().ok()), rest),
+        None => (None, args),
+    };
+    let Some(report) = report else {
+        fail("spawn helper", io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    // SAFETY: F_SETFD on the descriptor the server handed over; the
+    // command must not inherit it.
+    unsafe { libc::fcntl(report, libc::F_SETFD, libc::FD_CLOEXEC) };
     let text = |i: usize| args.get(i).and_then(|a| a.to_str()).unwrap_or("");
     let (Ok(uid), Ok(gid)) = (
         text(0).parse::<libc::uid_t>(),
@@ -305,6 +391,8 @@ pub fn spawn_helper_main(args: &[std::ffi::OsString]) -> ! {
     }
     let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
+    // SAFETY: a one-byte write from a live buffer to the report pipe.
+    unsafe { libc::write(report, b"x".as_ptr().cast(), 1) };
     // SAFETY: a NUL-terminated program name and a null-terminated array of
     // NUL-terminated arguments, all alive across the call.
     unsafe { libc::execvp(argv[0].as_ptr(), ptrs.as_ptr()) };
