@@ -140,6 +140,12 @@ cat > "$root/etc/gitconfig" <<'GIT'
 	defaultBranch = main
 GIT
 
+# sshd never runs as a service: `keystone agent open-vscode` starts
+# `sshd -i` per connection over vsock. Host keys are made per sandbox on
+# first use (they persist in its overlay), never shared through the image.
+rm -f "$root"/etc/ssh/ssh_host_*
+rm -f "$root"/etc/systemd/system/*/ssh.service "$root"/etc/systemd/system/*/sshd.service
+
 # Zellij, the terminal workspace `keystone agent attach` opens (built from
 # crates.io once and cached; Debian 12 does not package it).
 install -m 0755 "$zellij_bin" "$root/usr/local/bin/zellij"

@@ -146,6 +146,19 @@ pub struct PortForward {
     pub note: Option<String>,
 }
 
+/// Where VS Code attaches to a sandbox (`open-vscode`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VscodeTarget {
+    /// The ssh host name VS Code's Remote-SSH connects to.
+    pub ssh_host: String,
+    /// The ssh config file that defines it.
+    pub ssh_config: std::path::PathBuf,
+    /// The folder to open in the sandbox.
+    pub folder: String,
+    /// What the user should know (changes made, settings needed).
+    pub notes: Vec<String>,
+}
+
 /// Live details a running sandbox reports (for `status`).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct BackendStatus {
@@ -255,8 +268,8 @@ pub trait Backend {
     /// Live details of a running sandbox.
     fn status(&self, sandbox: &SandboxSpec) -> BackendResult<BackendStatus>;
 
-    /// The command that opens VS Code attached to the sandbox.
-    fn open_vscode(&self, sandbox: &SandboxSpec) -> BackendResult<String>;
+    /// Makes the sandbox reachable by VS Code's Remote-SSH and says how.
+    fn open_vscode(&self, sandbox: &SandboxSpec) -> BackendResult<VscodeTarget>;
 
     /// Releases anything the backend holds for a sandbox outside its folder
     /// (the command layer removes the folder and registry entry). Called
@@ -323,7 +336,7 @@ impl Backend for KubernetesBackend {
     fn status(&self, _: &SandboxSpec) -> BackendResult<BackendStatus> {
         self.no()
     }
-    fn open_vscode(&self, _: &SandboxSpec) -> BackendResult<String> {
+    fn open_vscode(&self, _: &SandboxSpec) -> BackendResult<VscodeTarget> {
         self.no()
     }
     fn destroy(&self, _: &SandboxSpec) -> BackendResult<()> {

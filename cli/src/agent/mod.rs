@@ -71,8 +71,8 @@ pub enum AgentCommand {
     List(ListArgs),
     /// Delete a sandbox: its registry entry, state, logs and (unless --keep-disk) its disk.
     Destroy(DestroyArgs),
-    /// Print or run the command that attaches VS Code to the sandbox.
-    OpenVscode(NameArg),
+    /// Open VS Code on the sandbox's /workspace (Remote-SSH over vsock; no sshd service, no network).
+    OpenVscode(OpenVscodeArgs),
     /// Internal: the per-sandbox supervisor process started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
@@ -84,12 +84,31 @@ pub enum AgentCommand {
     /// `rsync --server ...` in the guest's /workspace over vsock).
     #[command(name = "__rsync-shell", hide = true)]
     RsyncShell(RsyncShellArgs),
+    /// Internal: the ssh `ProxyCommand` of `open-vscode` (one `sshd -i` in
+    /// the guest on stdin/stdout).
+    #[command(name = "__ssh-proxy", hide = true)]
+    SshProxy(NameArg),
 }
 
 #[derive(Args, Debug)]
 pub struct NameArg {
     #[arg(help = NAME_HELP)]
     pub name: Option<String>,
+}
+
+/// `open-vscode`: the sandbox becomes the ssh host `keystone-<name>`
+/// (an `Include` line in ~/.ssh/config, added once), then VS Code opens it.
+#[derive(Args, Debug)]
+pub struct OpenVscodeArgs {
+    #[arg(help = NAME_HELP)]
+    pub name: Option<String>,
+    /// Print the command that opens VS Code instead of running it (the
+    /// default when `code` is not on the PATH).
+    #[arg(long)]
+    pub print: bool,
+    /// Print what was set up as JSON (implies --print).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -289,6 +308,7 @@ pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
         AgentCommand::Supervise(args) => session::supervise(&ctx, args),
         AgentCommand::GitUploadPack(args) => session::git_upload_pack(&ctx, args),
         AgentCommand::RsyncShell(args) => microvm::rsync_shell(&ctx, args),
+        AgentCommand::SshProxy(args) => session::ssh_proxy(&ctx, args),
     }
 }
 

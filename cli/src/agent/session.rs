@@ -6,11 +6,14 @@
 use anyhow::Result;
 
 use super::backend::{
-    AttachOptions, BackendError, ExecOptions, SandboxSpec, SyncOptions, WorktreeOp,
+    AttachOptions, BackendError, ExecOptions, SandboxSpec, SyncOptions, VscodeTarget, WorktreeOp,
 };
 use super::registry::write_json;
 use super::state::{ProcProbe, StateRecord};
-use super::{fsutil, store_err, AttachArgs, Context, ExecArgs, NameArg, SuperviseArgs, SyncArgs};
+use super::{
+    fsutil, store_err, AttachArgs, Context, ExecArgs, NameArg, OpenVscodeArgs, SuperviseArgs,
+    SyncArgs,
+};
 use super::{WorktreeCommand, INVALID_STATE};
 use crate::exit_code::{self, CodedError};
 
@@ -133,15 +136,73 @@ pub fn worktree(ctx: &Context, cmd: WorktreeCommand) -> Result<i32> {
     Ok(exit_code::OK)
 }
 
-/// `keystone agent open-vscode`: prints the attach command.
-pub fn open_vscode(ctx: &Context, args: NameArg) -> Result<i32> {
+/// `keystone agent open-vscode`: makes the sandbox an ssh host and opens
+/// VS Code on it (or prints the command).
+pub fn open_vscode(ctx: &Context, args: OpenVscodeArgs) -> Result<i32> {
     let (spec, _) = running(ctx, args.name.as_deref())?;
-    let command = ctx
+    let target = ctx
         .backend
         .open_vscode(&spec)
         .map_err(BackendError::coded)?;
-    println!("{command}");
-    Ok(exit_code::OK)
+    let argv = [
+        "code".to_string(),
+        "--remote".into(),
+        format!("ssh-remote+{}", target.ssh_host),
+        target.folder.clone(),
+    ];
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            target: &'a VscodeTarget,
+            command: &'a [String],
+        }
+        let out = Out {
+            target: &target,
+            command: &argv,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(exit_code::OK);
+    }
+    for note in &target.notes {
+        eprintln!("keystone: note: {note}");
+    }
+    eprintln!(
+        "ssh host {} is defined in {} (try: ssh {} true)",
+        target.ssh_host,
+        target.ssh_config.display(),
+        target.ssh_host
+    );
+    let command = argv.join(" ");
+    if args.print || !on_path("code") {
+        println!("{command}");
+        return Ok(exit_code::OK);
+    }
+    eprintln!("running: {command}");
+    let status = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {command}: {e}"))?;
+    Ok(status.code().unwrap_or(exit_code::OPERATION_FAILED))
+}
+
+/// `keystone agent __ssh-proxy NAME`: the ssh `ProxyCommand` of
+/// `open-vscode`, for a running sandbox.
+pub fn ssh_proxy(ctx: &Context, args: NameArg) -> Result<i32> {
+    let (spec, _) = running(ctx, args.name.as_deref())?;
+    super::microvm::ssh_proxy(&spec)
+}
+
+/// Whether an executable `program` is on the PATH.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            dir.join(program)
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 /// `keystone agent __supervise NAME`: the supervisor process body.

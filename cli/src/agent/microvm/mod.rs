@@ -20,6 +20,7 @@ mod forward;
 mod guest;
 mod supervisor;
 mod sync;
+mod vscode;
 mod web;
 
 use std::io::IsTerminal;
@@ -32,8 +33,8 @@ use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
 
 use super::backend::{
     AttachOptions, Backend, BackendError, BackendResult, BackendStatus, ExecOptions, PortForward,
-    SandboxSpec, StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, WorktreeInfo,
-    WorktreeOp,
+    SandboxSpec, StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, VscodeTarget,
+    WorktreeInfo, WorktreeOp,
 };
 use super::config::BackendKind;
 use super::state::{ProcProbe, ProcessProbe, StateRecord, SUPERVISOR_SUBCOMMAND};
@@ -674,13 +675,8 @@ impl Backend for MicroVmBackend {
         })
     }
 
-    fn open_vscode(&self, _spec: &SandboxSpec) -> BackendResult<String> {
-        Err(BackendError::Failed(
-            "open-vscode is not available yet: VS Code attaches to remote machines over SSH \
-             (Remote-SSH) and the sandbox runs no sshd (its shell is reached over vsock). Use \
-             `keystone agent ssh` or `keystone agent attach` for a shell."
-                .into(),
-        ))
+    fn open_vscode(&self, spec: &SandboxSpec) -> BackendResult<VscodeTarget> {
+        vscode::prepare(spec)
     }
 
     /// A micro-VM sandbox holds nothing outside its folder once its
@@ -695,6 +691,7 @@ impl Backend for MicroVmBackend {
 }
 
 pub use artifacts::rsync_shell;
+pub use vscode::ssh_proxy;
 
 /// `keystone agent __git-upload-pack NAME`.
 pub fn git_upload_pack(spec: &SandboxSpec) -> BackendResult<i32> {
