@@ -48,20 +48,7 @@ fn artifacts_come_to_the_host_and_tracked_files_do_not() {
     commit.extend(["-qm", "ignore build"]);
     git(&repo, &commit);
 
-    let out = env.run(
-        &[
-            "start",
-            "--name",
-            "arts",
-            "--no-attach",
-            "--memory",
-            "1024",
-            "--vcpus",
-            "1",
-        ],
-        &repo,
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    env.start(&repo, &[]);
 
     // In the guest: an ignored build output, an untracked generated file,
     // a changed tracked README, a staged new file, a changed .env and a

@@ -37,20 +37,7 @@ fn a_newcomer_session_on_a_real_guest() {
     let repo = env.path("proj");
 
     // start
-    let out = env.run(
-        &[
-            "start",
-            "--name",
-            "e2e",
-            "--no-attach",
-            "--memory",
-            "1024",
-            "--vcpus",
-            "1",
-        ],
-        &repo,
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = env.start(&repo, &[]);
     let start_text = stdout(&out);
     assert!(start_text.contains("engine qemu"), "{}", text(&out));
     assert!(start_text.contains("copied .env"), "{}", text(&out));

@@ -123,23 +123,6 @@ fn echo_round_trip(port: u16, data: &[u8]) -> Vec<u8> {
     back
 }
 
-fn start(env: &Env, repo: &Path) {
-    let out = env.run(
-        &[
-            "start",
-            "--name",
-            env.name,
-            "--no-attach",
-            "--memory",
-            "1024",
-            "--vcpus",
-            "1",
-        ],
-        repo,
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-}
-
 #[test]
 fn a_guest_server_is_reachable_from_the_host() {
     let _one = ONE_GUEST_AT_A_TIME
@@ -150,7 +133,7 @@ fn a_guest_server_is_reachable_from_the_host() {
     };
     let t0 = Instant::now();
     let repo = env.path("proj");
-    start(&env, &repo);
+    env.start(&repo, &[]);
 
     // A dev server on the guest's loopback, and a system port on all
     // addresses (root), which stays in the guest.
@@ -275,7 +258,7 @@ fn attach_web_serves_the_session_to_a_browser() {
     };
     let t0 = Instant::now();
     let repo = env.path("proj");
-    start(&env, &repo);
+    env.start(&repo, &[]);
 
     let out = env.run(&["attach", "--web"], &repo);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -461,7 +444,7 @@ fn latency() {
         return;
     };
     let repo = env.path("proj");
-    start(&env, &repo);
+    env.start(&repo, &[]);
 
     // Attach: the session exists first (as on every attach after the
     // first), one warm-up, then 10 measured.

@@ -65,20 +65,7 @@ fn vscode_reaches_the_sandbox_over_ssh() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(!home.join(".ssh").exists());
 
-    let out = env.run(
-        &[
-            "start",
-            "--name",
-            env.name,
-            "--no-attach",
-            "--memory",
-            "1024",
-            "--vcpus",
-            "1",
-        ],
-        &repo,
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    env.start(&repo, &[]);
 
     let out = open_vscode(&["--print"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -93,6 +93,26 @@ impl Env {
         out
     }
 
+    /// `start --no-attach` of this sandbox with 1 GiB and one vCPU (what
+    /// the guest tests need; the host may have two cores), plus `extra`;
+    /// asserts that it succeeded and returns its output.
+    pub fn start(&self, repo: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "start",
+            "--name",
+            self.name,
+            "--no-attach",
+            "--memory",
+            "1024",
+            "--vcpus",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.run(&args, repo);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        out
+    }
+
     pub fn status_json(&self, dir: &Path) -> serde_json::Value {
         let out = self.run(&["status", "--json"], dir);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
