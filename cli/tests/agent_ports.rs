@@ -1,8 +1,9 @@
 //! Guest ports reach the host, on a real guest (engine qemu): a server
 //! that starts listening in the sandbox is forwarded to the host's
 //! 127.0.0.1 within seconds, bytes round-trip both ways through it,
-//! `status` shows its URL, and the forward goes away with the server and
-//! with the sandbox. A second test opens the Zellij session in a browser's
+//! `status` shows its URL, and the forward goes away with the server; once
+//! the sandbox stops its ports answer with a "sandbox not running" page
+//! until it starts again or is destroyed. A second test opens the Zellij session in a browser's
 //! place with `attach --web`. An ignored third one measures attach latency
 //! and the forwarding path's latency and prints them as JSON (`cargo test
 //! -p keystone --test agent_ports -- --ignored --nocapture latency`).
@@ -209,11 +210,37 @@ fn a_guest_server_is_reachable_from_the_host() {
     assert_eq!(echo_round_trip(port2, b"again"), b"again");
     let out = env.run(&["stop"], &repo);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(env.status_json(&repo)["live"], serde_json::Value::Null);
+    // What a browser on that port gets now: a page saying so, not a
+    // refused connection (and no bytes reach an echo server).
+    let (status, body) = http_get(port2, "ports.localhost", "/");
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}\n{body}");
+    assert!(body.contains("<code>ports</code> is not running"), "{body}");
+    assert!(body.contains("keystone agent start ports"), "{body}");
+    // Started again, the page is gone and the port is free for the
+    // forwarder; destroyed, nothing is left listening.
+    env.start(&repo, &[]);
     assert!(
         TcpStream::connect(("127.0.0.1", port2)).is_err(),
-        "a stopped sandbox still forwards 127.0.0.1:{port2}"
+        "127.0.0.1:{port2} still answers after start"
     );
-    assert_eq!(env.status_json(&repo)["live"], serde_json::Value::Null);
+    start_echo(&env, &repo, "127.0.0.1", 4322, "agent");
+    let entry = wait_port(&env, &repo, 4322, Duration::from_secs(30), |e| {
+        e.is_some_and(|e| e["host_port"].is_u64())
+    })
+    .unwrap();
+    let port3 = forwarded_port(&entry);
+    let out = env.run(&["stop"], &repo);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(http_get(port3, "ports.localhost", "/")
+        .0
+        .starts_with("HTTP/1.1 503"));
+    let out = env.run(&["destroy", "--force", "ports"], &repo);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        TcpStream::connect(("127.0.0.1", port3)).is_err(),
+        "127.0.0.1:{port3} still answers after destroy"
+    );
     eprintln!("ports test took {:.1?}", t0.elapsed());
 }
 

@@ -88,6 +88,16 @@ pub enum AgentCommand {
     /// the guest on stdin/stdout).
     #[command(name = "__ssh-proxy", hide = true)]
     SshProxy(NameArg),
+    /// Internal: the "sandbox not running" page on a stopped sandbox's
+    /// forwarded ports (started by the exiting supervisor).
+    #[command(name = "__placeholder", hide = true)]
+    Placeholder(PlaceholderArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PlaceholderArgs {
+    pub name: String,
+    pub ports: Vec<u16>,
 }
 
 #[derive(Args, Debug)]
@@ -309,6 +319,11 @@ pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
         AgentCommand::GitUploadPack(args) => session::git_upload_pack(&ctx, args),
         AgentCommand::RsyncShell(args) => microvm::rsync_shell(&ctx, args),
         AgentCommand::SshProxy(args) => session::ssh_proxy(&ctx, args),
+        AgentCommand::Placeholder(args) => {
+            let (name, entry) = ctx.resolve(Some(&args.name))?;
+            let spec = ctx.spec(&name, &entry)?;
+            Ok(microvm::placeholder_page(&spec, &args.ports))
+        }
     }
 }
 

@@ -262,6 +262,17 @@ impl PortForwarder {
         Self { stop, thread, file }
     }
 
+    /// The host ports forwarded now.
+    pub fn host_ports(&self) -> Vec<u16> {
+        std::fs::read_to_string(&self.file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Vec<PortForward>>(&t).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| f.host_port)
+            .collect()
+    }
+
     /// Closes every forward (the guest is going away).
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);

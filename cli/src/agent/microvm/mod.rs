@@ -18,6 +18,7 @@ mod autosync;
 mod engine;
 mod forward;
 mod guest;
+mod placeholder;
 mod supervisor;
 mod sync;
 mod vscode;
@@ -431,6 +432,8 @@ impl Backend for MicroVmBackend {
         }
         Self::ensure_clone(spec, &layout, progress)?;
         let _ = std::fs::remove_file(&layout.vsock);
+        // The "not running" page gives the ports back to the forwarder.
+        placeholder::dismiss(&spec.paths, &spec.name);
 
         progress(&format!(
             "booting the guest (engine {}, {} MiB, {} vCPU(s))",
@@ -679,9 +682,10 @@ impl Backend for MicroVmBackend {
         vscode::prepare(spec)
     }
 
-    /// A micro-VM sandbox holds nothing outside its folder once its
-    /// supervisor is gone.
-    fn destroy(&self, _: &SandboxSpec) -> BackendResult<()> {
+    /// Once its supervisor is gone a micro-VM sandbox holds nothing
+    /// outside its folder but its "not running" page, ended here.
+    fn destroy(&self, spec: &SandboxSpec) -> BackendResult<()> {
+        placeholder::dismiss(&spec.paths, &spec.name);
         Ok(())
     }
 
@@ -692,6 +696,11 @@ impl Backend for MicroVmBackend {
 
 pub use artifacts::rsync_shell;
 pub use vscode::ssh_proxy;
+
+/// `keystone agent __placeholder NAME PORT...`.
+pub fn placeholder_page(spec: &SandboxSpec, ports: &[u16]) -> i32 {
+    placeholder::run(&spec.name, &spec.paths, ports)
+}
 
 /// `keystone agent __git-upload-pack NAME`.
 pub fn git_upload_pack(spec: &SandboxSpec) -> BackendResult<i32> {

@@ -27,6 +27,7 @@ use super::super::state::{SandboxState, StateRecord};
 use super::engine::{
     guest_cmdline, qemu_args, EngineKind, Layout, QemuPlan, GUEST_CID, GUEST_UID, QEMU, SHARES,
 };
+use super::placeholder;
 use super::{autosync, forward, guest};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
@@ -75,6 +76,8 @@ struct Ended {
     /// The engine exited cleanly.
     clean: bool,
     detail: String,
+    /// The host ports forwarded when the guest went away.
+    forwarded: Vec<u16>,
 }
 
 pub(super) fn log(msg: &str) {
@@ -138,6 +141,11 @@ pub fn supervise(spec: &SandboxSpec) -> BackendResult<i32> {
     ));
     record_end(spec, state, error);
     let _ = std::fs::remove_file(layout.qemu_pid());
+    if let Ok(ended) = &result {
+        if spec.settings.proxy_enable {
+            placeholder::spawn(&spec.name, &spec.paths, &ended.forwarded, log);
+        }
+    }
     Ok(if state == SandboxState::Stopped { 0 } else { 3 })
 }
 
@@ -396,18 +404,25 @@ fn watch_guest(
     let mut ports = forward::PortForwarder::start(&spec.name, layout, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
+    let mut forwarded = Vec::new();
     loop {
         if let Some((clean, detail)) = guest.wait_end(Duration::from_millis(50))? {
             stop_autosync(auto.as_ref());
+            if forwarded.is_empty() {
+                forwarded = ports.host_ports();
+            }
+            ports.stop();
             return Ok(Ended {
                 requested,
                 clean,
                 detail,
+                forwarded,
             });
         }
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
             log("stop requested: asking the guest to shut down");
             stop_autosync(auto.as_ref());
+            forwarded = ports.host_ports();
             ports.stop();
             requested = true;
             asked_at = Some(Instant::now());
@@ -420,6 +435,7 @@ fn watch_guest(
                 requested,
                 clean: false,
                 detail: format!("stopped after {SHUTDOWN_GRACE:?} ({how})"),
+                forwarded,
             });
         }
     }
