@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
-    expect_frame, read_frame, write_frame, write_raw, ExecRequest, ExitStatus, Frame, FrameKind,
-    Hello, ListeningPort, ProtocolError, PushFileRequest, RawStreamRequest, Request, Response,
-    TtySize, MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
+    expect_frame, read_frame, write_frame, write_raw, EgressAsk, ExecRequest, ExitStatus, Frame,
+    FrameKind, Hello, ListeningPort, ProtocolError, PushFileRequest, RawStreamRequest, Request,
+    Response, TtySize, MINOR_EGRESS, MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
 };
 use crate::relay::{relay, RelayTotals};
 use crate::transport::DuplexStream;
@@ -314,6 +314,84 @@ impl AgentClient {
             pending,
             address,
         })
+    }
+}
+
+impl AgentClient {
+    /// Offers outbound connections to the guest (see [`Request::Egress`]):
+    /// the returned stream yields the guest programs' asks until either
+    /// side closes. An agent older than protocol 1.3 gives
+    /// [`ClientError::Unsupported`].
+    pub fn egress(&self) -> Result<EgressAsks, ClientError> {
+        let mut conn = self.start_needing(&Request::Egress, Some(("networking", MINOR_EGRESS)))?;
+        match conn.response()? {
+            Response::Done => {}
+            other => return Err(ClientError::UnexpectedResponse(other)),
+        }
+        Ok(EgressAsks {
+            reader: conn.reader,
+            closer: WatchCloser {
+                writer: Arc::new(Mutex::new(conn.writer)),
+            },
+        })
+    }
+
+    /// Answers the ask `id`: `Err(reason)` refuses it, `Ok` returns the
+    /// guest end of the connection, to relay to the host's TCP
+    /// connection to the target.
+    pub fn egress_attach(
+        &self,
+        id: u64,
+        refused: Option<String>,
+    ) -> Result<Option<TcpTunnel>, ClientError> {
+        let refusing = refused.is_some();
+        let req = Request::EgressAttach { id, refused };
+        let mut conn = self.start_needing(&req, Some(("networking", MINOR_EGRESS)))?;
+        match conn.response()? {
+            Response::Done if refusing => Ok(None),
+            Response::Done => {
+                let pending = conn.reader.buffer().to_vec();
+                Ok(Some(TcpTunnel {
+                    stream: conn.writer,
+                    pending,
+                    address: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                }))
+            }
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+}
+
+/// The asks of an [`AgentClient::egress`] connection: an iterator that
+/// blocks for the next one and ends when the connection closes.
+pub struct EgressAsks {
+    reader: BufReader<Box<dyn DuplexStream>>,
+    closer: WatchCloser,
+}
+
+impl EgressAsks {
+    /// A handle that closes the connection from another thread.
+    pub fn closer(&self) -> WatchCloser {
+        self.closer.clone()
+    }
+}
+
+impl Iterator for EgressAsks {
+    type Item = io::Result<EgressAsk>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match read_frame(&mut self.reader) {
+            Ok(None) => None,
+            Ok(Some(f)) if f.kind == FrameKind::EgressAsk => Some(
+                f.parse_json::<EgressAsk>()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            ),
+            Ok(Some(f)) => Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected {:?} frame on the egress connection", f.kind),
+            ))),
+            Err(e) => Some(Err(io::Error::other(e.to_string()))),
+        }
     }
 }
 

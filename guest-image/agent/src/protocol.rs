@@ -1,4 +1,4 @@
-//! The Keystone guest-agent wire protocol, version 1.2.
+//! The Keystone guest-agent wire protocol, version 1.3.
 //!
 //! The host reaches the agent over virtio-vsock (guest port
 //! [`AGENT_VSOCK_PORT`]); tests use a Unix socket. Either way the transport
@@ -29,6 +29,7 @@
 //! | 0x21 | Stderr     | guest → host | raw bytes                       |
 //! | 0x22 | Exit       | guest → host | JSON [`ExitStatus`]             |
 //! | 0x30 | Event      | guest → host | JSON [`WatchEvent`] (minor 1)   |
+//! | 0x31 | EgressAsk  | guest → host | JSON [`EgressAsk`] (minor 3)    |
 //!
 //! # Conversation
 //!
@@ -70,6 +71,18 @@
 //!      relay ends when both directions have ended or either side fails.
 //!      This is how the host forwards a guest port: the host accepts a TCP
 //!      connection and opens one `TcpConnect` per connection.
+//!    - `Egress` (minor 3): the host offers outbound connections. The guest
+//!      answers `Response::Done` and from then on sends one `EgressAsk`
+//!      frame on this connection for each connection a guest program asks
+//!      its HTTP proxy (guest 127.0.0.1:3128) for; the host sends nothing
+//!      more on it. The host answers each ask on a new connection of its
+//!      own, `EgressAttach { id, refused }`: with `refused` the guest tells
+//!      the program why (HTTP 403) and closes; without it the guest answers
+//!      `Response::Done` and the connection becomes a raw byte relay
+//!      between the program and the host's TCP connection to the target,
+//!      as after `TcpConnect`. Every connection is still opened by the
+//!      host (security invariant 2); the guest only asks on one the host
+//!      holds open, and the host decides where it may go.
 //!
 //! # Versions
 //!
@@ -81,6 +94,7 @@
 //!   [`crate::client::ClientError::Unsupported`] instead of sending it.
 //! - 1.2: `TcpConnect` and `Response::Connected`; older agents are
 //!   refused the same way.
+//! - 1.3: `Egress`, `EgressAttach` and the `EgressAsk` frame.
 
 use std::io::{self, Read, Write};
 
@@ -89,12 +103,18 @@ use serde::{Deserialize, Serialize};
 /// The protocol major version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The protocol minor version (additive changes only).
-pub const PROTOCOL_MINOR: u32 = 2;
+pub const PROTOCOL_MINOR: u32 = 3;
 /// The first minor version with `Watch` and `Event` frames.
 pub const MINOR_WATCH: u32 = 1;
 /// The first minor version with `TcpConnect`.
 pub const MINOR_TCP_CONNECT: u32 = 2;
-const _: () = assert!(MINOR_WATCH <= PROTOCOL_MINOR && MINOR_TCP_CONNECT <= PROTOCOL_MINOR);
+/// The first minor version with `Egress` and `EgressAttach`.
+pub const MINOR_EGRESS: u32 = 3;
+const _: () = assert!(
+    MINOR_WATCH <= PROTOCOL_MINOR
+        && MINOR_TCP_CONNECT <= PROTOCOL_MINOR
+        && MINOR_EGRESS <= PROTOCOL_MINOR
+);
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The largest payload a frame may carry (16 MiB).
@@ -141,6 +161,7 @@ pub enum FrameKind {
     Stderr = 0x21,
     Exit = 0x22,
     Event = 0x30,
+    EgressAsk = 0x31,
 }
 
 impl FrameKind {
@@ -159,6 +180,7 @@ impl FrameKind {
             0x21 => Self::Stderr,
             0x22 => Self::Exit,
             0x30 => Self::Event,
+            0x31 => Self::EgressAsk,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -437,6 +459,24 @@ pub enum Request {
     TcpConnect {
         port: u16,
     },
+    /// Offer outbound connections to the guest's programs (minor 3; see
+    /// the module documentation).
+    Egress,
+    /// The host's answer to the `EgressAsk` with this `id` (minor 3).
+    EgressAttach {
+        id: u64,
+        /// Why the host will not make the connection, if it will not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
+    },
+}
+
+/// A guest program's wish to reach `host:port` (minor 3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressAsk {
+    pub id: u64,
+    pub host: String,
+    pub port: u16,
 }
 
 /// What a `Watch` reports, one per `Event` frame.

@@ -678,3 +678,121 @@ fn a_spawn_helper_that_dies_before_the_exec_is_retried() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A request through the guest proxy at `proxy`; returns everything the
+/// proxy sent back once the peer closes (after `then` is written).
+fn through_proxy(proxy: std::net::SocketAddr, head: &str, then: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(then).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The guest programs' way out: with no `Egress` connection the proxy says
+/// the sandbox has no network; with one, each CONNECT or plain HTTP
+/// request is asked of the host, which refuses (the program reads why) or
+/// makes the connection (bytes go both ways, the head of a plain request
+/// reaches the server without proxy headers); commands get the proxy in
+/// their environment.
+#[test]
+fn egress_through_the_host() {
+    use keystone_guest_agent::agent::egress::Egress;
+    let egress = Egress::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let proxy: std::net::SocketAddr = egress.proxy_url()["http://".len()..].parse().unwrap();
+    let h = start_agent_with(|c| c.egress = Some(egress));
+
+    let out = through_proxy(proxy, "CONNECT example.com:443 HTTP/1.1\r\n\r\n", b"");
+    assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+    assert!(out.contains("no network"), "{out}");
+
+    // "The internet": an echo server and an HTTP server that returns the
+    // head it got.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let mut w = c;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in web.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+            let body = String::from_utf8_lossy(&head).into_owned();
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+
+    // The host: connects what it allows, refuses the rest with a reason.
+    let asks = h.client.egress().unwrap();
+    let host_client = std::sync::Arc::new(AgentClient::new(unix_connector(&h.socket)));
+    std::thread::spawn(move || {
+        for ask in asks {
+            let ask = ask.unwrap();
+            let c = std::sync::Arc::clone(&host_client);
+            std::thread::spawn(move || {
+                if ask.host != "127.0.0.1" {
+                    let reason = format!("{} is not allowed here", ask.host);
+                    assert!(c.egress_attach(ask.id, Some(reason)).unwrap().is_none());
+                    return;
+                }
+                let tcp = std::net::TcpStream::connect(("127.0.0.1", ask.port)).unwrap();
+                let tunnel = c.egress_attach(ask.id, None).unwrap().unwrap();
+                let _ = tunnel.relay(Box::new(tcp));
+            });
+        }
+    });
+
+    let out = through_proxy(
+        proxy,
+        &format!("CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        b"through the tunnel",
+    );
+    assert_eq!(
+        out,
+        "HTTP/1.1 200 Connection established\r\n\r\nthrough the tunnel"
+    );
+
+    let out = through_proxy(proxy, "CONNECT metadata.internal:80 HTTP/1.1\r\n\r\n", b"");
+    assert!(out.starts_with("HTTP/1.1 403 "), "{out}");
+    assert!(out.contains("metadata.internal is not allowed here"), "{out}");
+
+    let out = through_proxy(
+        proxy,
+        &format!(
+            "GET http://127.0.0.1:{web_port}/page HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Proxy-Connection: keep-alive\r\n\r\n"
+        ),
+        b"",
+    );
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    assert!(out.contains(&format!("GET http://127.0.0.1:{web_port}/page HTTP/1.1")), "{out}");
+    assert!(out.contains("Connection: close"), "{out}");
+    assert!(!out.to_ascii_lowercase().contains("proxy-connection"), "{out}");
+
+    let out = h
+        .client
+        .exec_output(&["sh", "-c", "echo $https_proxy $no_proxy"])
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("http://{proxy} localhost,127.0.0.1,::1")
+    );
+}

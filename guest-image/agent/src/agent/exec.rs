@@ -191,7 +191,7 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
         let Some(helper) = helper else {
             let mut cmd = Command::new(program);
             cmd.args(&req.argv[1..]).current_dir(&cwd);
-            set_environment(&mut cmd, req, &user);
+            set_environment(&mut cmd, req, &user, config);
             return start(cmd, req.tty, user, true).map_err(fail);
         };
         let (report_rx, report_tx) = report_pipe().map_err(fail)?;
@@ -206,7 +206,7 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
             .arg(&cwd)
             .arg("--")
             .args(&req.argv);
-        set_environment(&mut cmd, req, &user);
+        set_environment(&mut cmd, req, &user, config);
         // Through the helper, std starts it with posix_spawn (no fork of
         // this multi-threaded server: no copy of its page tables, no
         // copy-on-write of its memory); the helper then does what the
@@ -245,7 +245,7 @@ const HELPER_TRIES: u32 = 3;
 /// Held while a report pipe's write end is inheritable.
 static SPAWN_LOCK: Mutex<()> = Mutex::new(());
 
-fn set_environment(cmd: &mut Command, req: &ExecRequest, user: &User) {
+fn set_environment(cmd: &mut Command, req: &ExecRequest, user: &User, config: &AgentConfig) {
     cmd.env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", &user.home)
@@ -254,6 +254,17 @@ fn set_environment(cmd: &mut Command, req: &ExecRequest, user: &User) {
         .env("SHELL", &user.shell);
     if req.tty.is_some() {
         cmd.env("TERM", "xterm-256color");
+    }
+    if let Some(egress) = &config.egress {
+        // The guest's way out (see `egress`); tools differ in which
+        // spelling they read.
+        let url = egress.proxy_url();
+        for k in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+            cmd.env(k, &url);
+        }
+        for k in ["no_proxy", "NO_PROXY"] {
+            cmd.env(k, "localhost,127.0.0.1,::1");
+        }
     }
     for (k, v) in &req.env {
         cmd.env(k, v);

@@ -9,9 +9,12 @@
 //! - [`init`]: the PID 1 duties (mounts, root switch, reaping, shutdown);
 //! - [`watch`]: `Watch`, inotify over the workspace (commits, idleness);
 //! - [`tcp`]: `TcpConnect`, a relay to a port on the guest's loopback;
+//! - [`egress`]: `Egress`/`EgressAttach`, the guest programs' HTTP proxy
+//!   whose connections the host makes;
 //! - [`logger`]: logs to `/dev/kmsg` or stderr.
 
 pub mod crash;
+pub mod egress;
 pub mod exec;
 pub mod files;
 pub mod init;
@@ -52,6 +55,9 @@ pub struct AgentConfig {
     /// [`exec::spawn_helper_main`]) so that the server never forks; `None`
     /// forks the server (an agent served inside another program).
     pub spawn_helper: Option<PathBuf>,
+    /// The guest programs' HTTP proxy (see [`egress`]); `None` serves no
+    /// `Egress` and sets no proxy variables for commands.
+    pub egress: Option<Arc<egress::Egress>>,
 }
 
 impl Default for AgentConfig {
@@ -63,6 +69,7 @@ impl Default for AgentConfig {
             proc_net_dir: PathBuf::from("/proc/net"),
             shutdown: None,
             spawn_helper: None,
+            egress: None,
         }
     }
 }
@@ -166,6 +173,14 @@ pub fn handle_connection(
             watch::run_watch(reader, writer, &paths, idle_ms, config)
         }
         Request::TcpConnect { port } => tcp::run_tcp_connect(reader, writer, port),
+        Request::Egress => match &config.egress {
+            Some(egress) => egress.run_control(reader, writer),
+            None => fail(&mut writer, "this agent serves no egress proxy"),
+        },
+        Request::EgressAttach { id, refused } => match &config.egress {
+            Some(egress) => egress.run_attach(reader, writer, id, refused),
+            None => fail(&mut writer, "this agent serves no egress proxy"),
+        },
         Request::Exec(req) => exec::run_session(reader, writer, req, config),
         Request::RawStream(RawStreamRequest {
             argv,

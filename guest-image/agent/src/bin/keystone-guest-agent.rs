@@ -91,6 +91,12 @@ fn serve() -> std::io::Result<()> {
         config.workspace_root = ws;
     }
     if pid1 {
+        // The guest programs' way out, whose connections the host makes.
+        let proxy = std::net::SocketAddr::from(([127, 0, 0, 1], agent::egress::PROXY_PORT));
+        match agent::egress::Egress::listen(proxy) {
+            Ok(egress) => config.egress = Some(egress),
+            Err(e) => log::warn!("no egress proxy on {proxy}: {e}"),
+        }
         init::signal_agent_ready();
         config.shutdown = Some(std::sync::Arc::new(|reboot| {
             let sig = if reboot { libc::SIGUSR1 } else { libc::SIGTERM };

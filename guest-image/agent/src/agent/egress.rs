@@ -1,0 +1,418 @@
+//! Outbound connections for the guest's programs (`Egress`,
+//! `EgressAttach`; protocol minor 3).
+//!
+//! The guest has no network interface. Its programs reach the outside
+//! through an HTTP proxy the agent serves on the guest's own loopback
+//! ([`PROXY_PORT`]; commands get `http_proxy`/`https_proxy` pointing at
+//! it): `CONNECT host:port` for TLS and anything else, absolute-form
+//! requests (`GET http://host/...`) for plain HTTP. For each, the agent
+//! sends an [`EgressAsk`] on the `Egress` connection the host holds open
+//! and waits for the host's `EgressAttach`: a refusal (the host's policy
+//! said no, or the target did not answer) becomes an HTTP error with the
+//! host's reason, an attach becomes the program's tunnel. The agent never
+//! opens a connection to the host and dials nothing itself; with no
+//! `Egress` connection (a sandbox started with `--network none`) the proxy
+//! answers 503 saying so.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    read_frame, write_frame, write_raw, EgressAsk, Frame, FrameKind, ProtocolError, Response,
+};
+use crate::relay::relay;
+use crate::transport::DuplexStream;
+
+/// The guest port of the proxy (the customary one for HTTP proxies).
+pub const PROXY_PORT: u16 = 3128;
+/// The longest request head the proxy reads.
+const MAX_HEAD: usize = 16 << 10;
+/// How long a program has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the host has to answer an ask (its connect timeout is shorter).
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// The guest end of a connection the host made for an ask, with bytes
+/// that came with it, or the host's reason for refusing.
+type Attach = Result<(Box<dyn DuplexStream>, Vec<u8>), String>;
+
+/// The proxy and its link to the host.
+pub struct Egress {
+    address: SocketAddr,
+    /// The current `Egress` connection: (its number, its writer).
+    control: Mutex<Option<(u64, Box<dyn DuplexStream>)>>,
+    /// Asks waiting for the host's attach, by id.
+    pending: Mutex<HashMap<u64, SyncSender<Attach>>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Egress {
+    /// Listens on `address` (the guest's 127.0.0.1:[`PROXY_PORT`]) and
+    /// serves the proxy from a thread.
+    pub fn listen(address: SocketAddr) -> io::Result<Arc<Self>> {
+        let listener = TcpListener::bind(address)?;
+        let egress = Arc::new(Egress {
+            address: listener.local_addr()?,
+            control: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        });
+        let serving = Arc::clone(&egress);
+        std::thread::Builder::new()
+            .name("egress-proxy".into())
+            .spawn(move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { continue };
+                    let egress = Arc::clone(&serving);
+                    let _ = std::thread::Builder::new()
+                        .name("egress-client".into())
+                        .spawn(move || egress.serve_client(client));
+                }
+            })?;
+        Ok(egress)
+    }
+
+    /// The proxy's URL, for `http_proxy` and friends.
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// `Egress`: this connection carries the asks until it closes.
+    pub fn run_control(
+        &self,
+        mut reader: BufReader<Box<dyn DuplexStream>>,
+        mut writer: Box<dyn DuplexStream>,
+    ) -> Result<(), ProtocolError> {
+        write_frame(
+            &mut writer,
+            &Frame::json(FrameKind::Response, &Response::Done),
+        )?;
+        let number = self.next_id.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.control) = Some((number, writer));
+        log::info!("egress: the host offers outbound connections");
+        // The host sends nothing more; its end of stream ends the offer.
+        while let Ok(Some(_)) = read_frame(&mut reader) {}
+        let mut control = lock(&self.control);
+        if control.as_ref().is_some_and(|(n, _)| *n == number) {
+            *control = None;
+            log::info!("egress: the host withdrew its offer");
+        }
+        Ok(())
+    }
+
+    /// `EgressAttach`: hands this connection (or the refusal) to the
+    /// program waiting for ask `id`.
+    pub fn run_attach(
+        &self,
+        reader: BufReader<Box<dyn DuplexStream>>,
+        mut writer: Box<dyn DuplexStream>,
+        id: u64,
+        refused: Option<String>,
+    ) -> Result<(), ProtocolError> {
+        let Some(waiter) = lock(&self.pending).remove(&id) else {
+            return write_raw(
+                &mut writer,
+                FrameKind::Error,
+                format!("no program is waiting for egress connection {id}").as_bytes(),
+            );
+        };
+        write_frame(
+            &mut writer,
+            &Frame::json(FrameKind::Response, &Response::Done),
+        )?;
+        let attach = match refused {
+            Some(reason) => Err(reason),
+            None => {
+                let early = reader.buffer().to_vec();
+                drop(reader);
+                Ok((writer, early))
+            }
+        };
+        // A waiter that gave up has dropped its receiver: nothing to do.
+        let _ = waiter.send(attach);
+        Ok(())
+    }
+
+    /// Sends an ask on the control connection; false when there is none.
+    fn ask(&self, ask: &EgressAsk) -> bool {
+        let mut control = lock(&self.control);
+        let Some((_, writer)) = control.as_mut() else {
+            return false;
+        };
+        if write_frame(writer, &Frame::json(FrameKind::EgressAsk, ask)).is_err() {
+            *control = None;
+            return false;
+        }
+        true
+    }
+
+    fn serve_client(&self, mut client: TcpStream) {
+        let _ = client.set_nodelay(true);
+        let (head, rest) = match read_head(&mut client) {
+            Ok(h) => h,
+            Err(msg) => return http_error(&mut client, 400, "Bad Request", &msg),
+        };
+        let request = match parse_request(&head) {
+            Ok(r) => r,
+            Err(msg) => return http_error(&mut client, 400, "Bad Request", &msg),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = sync_channel::<Attach>(1);
+        lock(&self.pending).insert(id, tx);
+        let ask = EgressAsk {
+            id,
+            host: request.host.clone(),
+            port: request.port,
+        };
+        if !self.ask(&ask) {
+            lock(&self.pending).remove(&id);
+            return http_error(
+                &mut client,
+                503,
+                "Service Unavailable",
+                "this sandbox has no network: it was started with --network none, or its \
+                 supervisor is not offering connections",
+            );
+        }
+        let t0 = Instant::now();
+        let attach = match rx.recv_timeout(ATTACH_TIMEOUT) {
+            Ok(a) => a,
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                lock(&self.pending).remove(&id);
+                return http_error(
+                    &mut client,
+                    504,
+                    "Gateway Timeout",
+                    &format!(
+                        "the host did not connect to {}:{} in time",
+                        ask.host, ask.port
+                    ),
+                );
+            }
+        };
+        let (mut tunnel, early) = match attach {
+            Ok(t) => t,
+            Err(reason) => return http_error(&mut client, 403, "Forbidden", &reason),
+        };
+        log::debug!(
+            "egress {id}: {}:{} attached after {:?}",
+            ask.host,
+            ask.port,
+            t0.elapsed()
+        );
+        let started = if request.tunnel {
+            client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .and_then(|()| tunnel.write_all(&rest))
+        } else {
+            tunnel
+                .write_all(&forwarded_head(&head))
+                .and_then(|()| tunnel.write_all(&rest))
+        };
+        let started = started.and_then(|()| client.write_all(&early));
+        if started.is_err() {
+            return;
+        }
+        let _ = relay(Box::new(client), tunnel);
+    }
+}
+
+/// Reads up to the end of the request head; returns (head, bytes after it).
+fn read_head(client: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let _ = client.set_read_timeout(Some(HEAD_TIMEOUT));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            let _ = client.set_read_timeout(None);
+            return Ok((buf, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(format!("request head longer than {MAX_HEAD} bytes"));
+        }
+        match client.read(&mut chunk) {
+            Ok(0) => return Err("the request ended before its head did".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("reading the request: {e}")),
+        }
+    }
+}
+
+/// Where a proxy request goes.
+#[derive(Debug, PartialEq, Eq)]
+struct ProxyRequest {
+    host: String,
+    port: u16,
+    /// `CONNECT`: a tunnel; otherwise a plain HTTP request to pass on.
+    tunnel: bool,
+}
+
+fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
+    let text =
+        std::str::from_utf8(head).map_err(|_| "the request head is not UTF-8".to_string())?;
+    let line = text.lines().next().unwrap_or("");
+    let mut words = line.split_whitespace();
+    let (Some(method), Some(target), Some(version)) = (words.next(), words.next(), words.next())
+    else {
+        return Err(format!("not an HTTP request line: {line:?}"));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("unsupported protocol {version:?}"));
+    }
+    if method == "CONNECT" {
+        let (host, port) = split_authority(target, None)?;
+        return Ok(ProxyRequest {
+            host,
+            port,
+            tunnel: true,
+        });
+    }
+    let Some(rest) = target.strip_prefix("http://") else {
+        return Err(format!(
+            "this is a proxy: ask for an absolute http:// URL or CONNECT host:port (got {target:?})"
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (host, port) = split_authority(authority, Some(80))?;
+    Ok(ProxyRequest {
+        host,
+        port,
+        tunnel: false,
+    })
+}
+
+/// `host:port`, `[v6]:port` or (with a default port) a bare host.
+fn split_authority(authority: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+    let bad = || format!("bad host and port {authority:?}");
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match (port, default_port) {
+        (Some(p), _) => p.parse::<u16>().map_err(|_| bad())?,
+        (None, Some(d)) => d,
+        (None, None) => return Err(bad()),
+    };
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+    if !valid || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// A plain HTTP request head as passed on: hop-by-hop proxy headers out,
+/// `Connection: close` in (one request per tunnel, so a kept-alive proxy
+/// connection cannot carry a request for another host to this one).
+fn forwarded_head(head: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::new();
+    for (i, line) in text.split("\r\n").enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if i > 0
+            && matches!(
+                name.as_str(),
+                "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive"
+            )
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out.into_bytes()
+}
+
+fn http_error(client: &mut TcpStream, code: u16, phrase: &str, message: &str) {
+    log::info!("egress proxy: {code} {message}");
+    let body = format!("keystone sandbox: {message}\n");
+    let _ = write!(
+        client,
+        "HTTP/1.1 {code} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_requests_name_their_target() {
+        let connect = parse_request(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            connect,
+            Ok(ProxyRequest {
+                host: "api.example.com".into(),
+                port: 443,
+                tunnel: true
+            })
+        );
+        let get = parse_request(b"GET http://Example.com/a?b HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(
+            (get.host.as_str(), get.port, get.tunnel),
+            ("example.com", 80, false)
+        );
+        let v6 = parse_request(b"CONNECT [2001:db8::1]:8443 HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("2001:db8::1", 8443));
+        let port = parse_request(b"GET http://h:8080 HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(port.port, 8080);
+        for bad in [
+            &b"GET /local HTTP/1.1\r\n\r\n"[..],
+            b"CONNECT host HTTP/1.1\r\n\r\n",
+            b"CONNECT host:0 HTTP/1.1\r\n\r\n",
+            b"CONNECT host:99999 HTTP/1.1\r\n\r\n",
+            b"CONNECT bad/host:1 HTTP/1.1\r\n\r\n",
+            b"GET https://h/ HTTP/1.1\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"\xff\xfe\r\n\r\n",
+        ] {
+            assert!(
+                parse_request(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn plain_requests_lose_proxy_headers_and_keep_alive() {
+        let head = b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: keep-alive\r\n\
+                     Connection: keep-alive\r\nProxy-Authorization: x\r\nAccept: */*\r\n\r\n";
+        let out = String::from_utf8(forwarded_head(head)).unwrap();
+        assert_eq!(
+            out,
+            "GET http://h/ HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+    }
+}
