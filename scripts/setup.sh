@@ -2,14 +2,15 @@
 # Installs what Keystone needs on a Debian 12 host (run as root): the guest
 # kernel's build dependencies and source, QEMU (the software-emulation
 # engine and test peer), a static busybox for minimal guest roots, rsync
-# (`keystone agent sync --artifacts`), OpenSSH's client (`open-vscode`)
-# and a Rust toolchain check. Safe to run again.
+# (`keystone agent sync --artifacts`), OpenSSH's client (`open-vscode`),
+# iproute2 (the network test's namespace) and a Rust toolchain check. Safe
+# to run again.
 set -euo pipefail
 
 packages=(
 	linux-source-6.12 bc bison flex libelf-dev cpio lz4 xz-utils make gcc patch
 	qemu-system-x86 busybox-static git ca-certificates debootstrap file rsync
-	openssh-client
+	openssh-client iproute2
 )
 missing=()
 for p in "${packages[@]}"; do

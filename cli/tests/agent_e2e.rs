@@ -9,7 +9,8 @@
 //! code of SPEC.md from a real command, settings that persist between
 //! starts, `sync --dry-run` and a merge conflict that leave the host
 //! untouched, `kill -9` of the supervisor and the recovery from it, and
-//! the honest "network not available yet". A third starts the same
+//! the network as configured (nat, with no network device in the guest).
+//! A third starts the same
 //! sandbox from two terminals at once: one boots it, the other is refused
 //! with exit 2 and no second VM is left behind. An ignored fourth prints
 //! sync and exec latencies as JSON (`cargo test -p keystone --test
@@ -167,8 +168,7 @@ fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
     assert_eq!(code(&out), Some(4), "{}", text(&out));
     assert!(stderr(&out).contains("not implemented"), "{}", text(&out));
 
-    // Exit 0: start, with settings that must stick; networking is
-    // configured but honestly reported as not there.
+    // Exit 0: start, with settings that must stick.
     let out = env.run(
         &[
             "start",
@@ -185,19 +185,15 @@ fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
         &repo,
     );
     assert_eq!(code(&out), Some(0), "{}", text(&out));
-    assert!(
-        stderr(&out).contains("networking is not implemented yet"),
-        "{}",
-        text(&out)
-    );
+    assert!(stdout(&out).contains("network nat: "), "{}", text(&out));
     let status = env.status_json(&repo);
     assert_eq!(status["state"], "running", "{status}");
     assert_eq!(status["memory_mib"], 1024, "{status}");
     assert_eq!(status["network"], "nat", "{status}");
-    assert_eq!(status["network_available"], false, "{status}");
+    assert_eq!(status["network_available"], true, "{status}");
     let out = env.run(&["status"], &repo);
     assert!(
-        stdout(&out).contains("Network:    not available yet"),
+        stdout(&out).contains("Network:    nat (outbound TCP made by the host"),
         "{}",
         text(&out)
     );

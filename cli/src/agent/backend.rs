@@ -229,10 +229,9 @@ pub trait Backend {
     /// Every command calls it first, before touching any sandbox.
     fn check_available(&self) -> BackendResult<()>;
 
-    /// Whether a sandbox of this backend gets the network its settings ask
-    /// for. No backend has guest networking yet (the micro-VM has no
-    /// virtio-net device), so `status` reports the configured value as not
-    /// available rather than claim it.
+    /// Whether a sandbox of this backend gets outbound networking (`nat`);
+    /// `status` reports the configured value as not available otherwise
+    /// rather than claim it.
     fn network_available(&self) -> bool {
         false
     }

@@ -22,6 +22,9 @@
 //! [proxy]
 //! enable = true
 //! domain = "sandbox.local"
+//!
+//! [network]
+//! allow = ["10.1.0.0/16"]  # private blocks outbound connections may reach
 //! ```
 //!
 //! Precedence, lowest first: built-in defaults, the file,
@@ -114,6 +117,10 @@ pub struct Settings {
     pub engine: Engine,
     pub proxy_enable: bool,
     pub proxy_domain: String,
+    /// `[network] allow`: private address blocks the sandbox may reach
+    /// (see `netpolicy`), as written (each parses as a `Cidr`).
+    #[serde(default)]
+    pub network_allow: Vec<String>,
 }
 
 impl Default for Settings {
@@ -130,6 +137,7 @@ impl Default for Settings {
             engine: Engine::Auto,
             proxy_enable: true,
             proxy_domain: "sandbox.local".into(),
+            network_allow: Vec::new(),
         }
     }
 }
@@ -290,6 +298,13 @@ struct RawFile {
     defaults: Option<RawDefaults>,
     backend: Option<RawBackend>,
     proxy: Option<RawProxy>,
+    network: Option<RawNetwork>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    allow: Value,
 }
 
 #[derive(Deserialize, Default)]
@@ -436,6 +451,23 @@ impl FileReader<'_> {
             })
     }
 
+    fn cidrs(&self, key: &str, v: &Spanned<toml::Value>) -> Result<Vec<String>, ConfigError> {
+        let what = "a list of IP addresses or CIDR blocks such as [\"10.1.0.0/16\"]";
+        let list = v
+            .get_ref()
+            .as_array()
+            .ok_or_else(|| self.bad_value(key, v, what))?;
+        list.iter()
+            .map(|item| match item.as_str() {
+                Some(text) => match text.parse::<super::netpolicy::Cidr>() {
+                    Ok(_) => Ok(text.trim().to_string()),
+                    Err(e) => Err(self.bad_value(key, v, &format!("{what} ({e})"))),
+                },
+                None => Err(self.bad_value(key, v, what)),
+            })
+            .collect()
+    }
+
     fn domain(&self, key: &str, v: &Spanned<toml::Value>) -> Result<String, ConfigError> {
         match v.get_ref().as_str() {
             Some(d)
@@ -496,6 +528,11 @@ fn apply_file(s: &mut Settings, path: &Path, text: &str) -> Result<(), ConfigErr
         }
         if let Some(v) = &p.domain {
             s.proxy_domain = r.domain("proxy.domain", v)?;
+        }
+    }
+    if let Some(n) = raw.network {
+        if let Some(v) = &n.allow {
+            s.network_allow = r.cidrs("network.allow", v)?;
         }
     }
     Ok(())
@@ -643,17 +680,45 @@ domain = "Dev.Test"
             err.contains(":3:1: unknown key `backend.microvm.turbo`"),
             "{err}"
         );
+        let err = from_file("\n[netwrk]\nmode = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/cfg/agent.toml:2:2: unknown key `netwrk`"),
+            "{err}"
+        );
         let err = from_file("\n[network]\nmode = 1\n")
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("/cfg/agent.toml:2:2: unknown key `network`"),
+            err.contains("/cfg/agent.toml:3:1: unknown key `network.mode` (expected `allow`)"),
             "{err}"
         );
         let err = from_file("[backend]\ntype = \"microvm\"\n[defaults.extra]\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains(":3:11: unknown key `defaults.extra`"), "{err}");
+    }
+
+    #[test]
+    fn network_allow_takes_address_blocks() {
+        let s = from_file("[network]\nallow = [\"10.1.0.0/16\", \"fd00::/8\", \"192.168.1.5\"]\n")
+            .unwrap();
+        assert_eq!(s.network_allow, ["10.1.0.0/16", "fd00::/8", "192.168.1.5"]);
+        for bad in [
+            "allow = \"10.0.0.0/8\"",
+            "allow = [\"10.0.0.0/40\"]",
+            "allow = [\"lan\"]",
+            "allow = [1]",
+        ] {
+            let err = from_file(&format!("[network]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`network.allow`") && err.contains(":2:"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

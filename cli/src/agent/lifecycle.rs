@@ -153,11 +153,10 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         None => settings,
     };
     write_json(&paths.config, &settings).map_err(store_err)?;
-    if settings.network != Network::None {
+    if settings.network == Network::Bridge {
         eprintln!(
-            "keystone: warning: networking is not implemented yet: the guest gets no network \
-             device (network = {} is recorded for when it is)",
-            settings.network
+            "keystone: warning: --network bridge is not available: the sandbox gets nat \
+             (outbound connections made by the host, through the guest's HTTP proxy)"
         );
     }
 

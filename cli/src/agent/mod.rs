@@ -22,6 +22,7 @@ mod inspect;
 mod lifecycle;
 mod microvm;
 mod naming;
+mod netpolicy;
 mod registry;
 mod session;
 mod state;

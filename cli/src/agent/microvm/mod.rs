@@ -15,6 +15,7 @@
 
 mod artifacts;
 mod autosync;
+mod egress;
 mod engine;
 mod forward;
 mod guest;
@@ -37,7 +38,7 @@ use super::backend::{
     SandboxSpec, StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, VscodeTarget,
     WorktreeInfo, WorktreeOp,
 };
-use super::config::BackendKind;
+use super::config::{BackendKind, Network};
 use super::state::{ProcProbe, ProcessProbe, StateRecord, SUPERVISOR_SUBCOMMAND};
 use engine::{EngineKind, HostFacts, Layout, GUEST_UID, GUEST_WORKSPACE, MAX_SOCKET_PATH};
 
@@ -379,6 +380,12 @@ impl Backend for MicroVmBackend {
         BackendKind::MicroVm
     }
 
+    /// `nat`: the guest's programs get outbound connections, made by the
+    /// supervisor (see `egress`).
+    fn network_available(&self) -> bool {
+        true
+    }
+
     /// Usable for the commands that need no guest (list, status, destroy);
     /// KVM, QEMU and image checks belong in `start`.
     fn check_available(&self) -> BackendResult<()> {
@@ -476,6 +483,12 @@ impl Backend for MicroVmBackend {
             choice.engine.as_str(),
             choice.reason
         ));
+        progress(&match spec.settings.network {
+            Network::None => "network none: the guest's programs reach nothing outside".to_string(),
+            _ => "network nat: outbound connections through the host (http(s)_proxy in the guest; \
+                  private addresses need [network] allow)"
+                .to_string(),
+        });
         progress(&format!(
             "sync mode {}: `keystone agent sync {}` fetches the sandbox's commits",
             spec.settings.sync_mode, spec.name

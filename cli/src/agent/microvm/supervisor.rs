@@ -27,8 +27,8 @@ use super::super::state::{SandboxState, StateRecord};
 use super::engine::{
     guest_cmdline, qemu_args, EngineKind, Layout, QemuPlan, GUEST_CID, GUEST_UID, QEMU, SHARES,
 };
-use super::placeholder;
 use super::{autosync, forward, guest};
+use super::{egress, placeholder};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
 pub const ENV_KERNEL: &str = "KEYSTONE_SUPERVISOR_KERNEL";
@@ -400,6 +400,8 @@ fn watch_guest(
     guest: &mut dyn RunningGuest,
 ) -> Result<Ended, String> {
     let auto = autosync::start(spec, &layout.vsock, log);
+    // Outbound connections for the guest's programs; ended on return.
+    let egress = egress::start(spec, &layout.vsock, log);
     // Forwards guest ports while the guest runs; dropped (all closed) on return.
     let mut ports = forward::PortForwarder::start(&spec.name, layout, log);
     let mut requested = false;
@@ -422,6 +424,9 @@ fn watch_guest(
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
             log("stop requested: asking the guest to shut down");
             stop_autosync(auto.as_ref());
+            if let Some(e) = &egress {
+                e.stop();
+            }
             forwarded = ports.host_ports();
             ports.stop();
             requested = true;

@@ -1,5 +1,6 @@
 //! `keystone agent open-vscode`: VS Code's Remote-SSH reaches the sandbox
-//! with no SSH service in the guest and no network between the two.
+//! with no SSH service in the guest and no network interface between the
+//! two.
 //!
 //! Each connection is one `sshd -i` in the guest, speaking SSH on its
 //! standard input and output, which the hidden `__ssh-proxy` subcommand
@@ -101,8 +102,9 @@ pub fn prepare(spec: &SandboxSpec) -> BackendResult<VscodeTarget> {
         )),
     }
     notes.push(
-        "the sandbox has no network: set \"remote.SSH.localServerDownload\": \"always\" in VS Code \
-         so that it copies its server into the sandbox over SSH"
+        "set \"remote.SSH.localServerDownload\": \"always\" in VS Code so that it copies its \
+         server into the sandbox over SSH (the sandbox reaches the network only through its \
+         HTTP proxy)"
             .into(),
     );
     Ok(VscodeTarget {

@@ -320,13 +320,32 @@ fn split_authority(authority: &str, default_port: Option<u16>) -> Result<(String
     Ok((host.to_ascii_lowercase(), port))
 }
 
-/// A plain HTTP request head as passed on: hop-by-hop proxy headers out,
-/// `Connection: close` in (one request per tunnel, so a kept-alive proxy
-/// connection cannot carry a request for another host to this one).
+/// A plain HTTP request head as passed on, as an origin server expects
+/// it: the target in origin form (`/path?query`, with `Host` added when the
+/// program sent none), hop-by-hop proxy headers out, `Connection: close`
+/// in (one request per tunnel, so a kept-alive proxy connection cannot
+/// carry a request for another host to this one).
 fn forwarded_head(head: &[u8]) -> Vec<u8> {
     let text = String::from_utf8_lossy(head);
-    let mut out = String::new();
-    for (i, line) in text.split("\r\n").enumerate() {
+    let mut lines = text.split("\r\n");
+    let first = lines.next().unwrap_or("");
+    let mut words = first.split_whitespace();
+    let (method, target, version) = (
+        words.next().unwrap_or(""),
+        words.next().unwrap_or(""),
+        words.next().unwrap_or(""),
+    );
+    let rest = target.strip_prefix("http://").unwrap_or(target);
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    let path = match path {
+        "" => "/".to_string(),
+        p if p.starts_with('?') => format!("/{p}"),
+        p => p.to_string(),
+    };
+    let mut out = format!("{method} {path} {version}\r\n");
+    let mut has_host = false;
+    for line in lines {
         if line.is_empty() {
             continue;
         }
@@ -336,16 +355,19 @@ fn forwarded_head(head: &[u8]) -> Vec<u8> {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        if i > 0
-            && matches!(
-                name.as_str(),
-                "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive"
-            )
-        {
+        if matches!(
+            name.as_str(),
+            "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive"
+        ) {
             continue;
         }
+        has_host |= name == "host";
         out.push_str(line);
         out.push_str("\r\n");
+    }
+    if !has_host {
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        out.push_str(&format!("Host: {authority}\r\n"));
     }
     out.push_str("Connection: close\r\n\r\n");
     out.into_bytes()
@@ -412,7 +434,17 @@ mod tests {
         let out = String::from_utf8(forwarded_head(head)).unwrap();
         assert_eq!(
             out,
-            "GET http://h/ HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            "GET / HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         );
+        let out = String::from_utf8(forwarded_head(
+            b"POST http://u@h:81/a/b?c=d HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            out,
+            "POST /a/b?c=d HTTP/1.0\r\nContent-Length: 0\r\nHost: h:81\r\nConnection: close\r\n\r\n"
+        );
+        let out = String::from_utf8(forwarded_head(b"GET http://h?x HTTP/1.1\r\n\r\n")).unwrap();
+        assert!(out.starts_with("GET /?x HTTP/1.1\r\nHost: h\r\n"), "{out}");
     }
 }

@@ -1,0 +1,254 @@
+//! The host half of `--network nat`: the guest's programs reach the
+//! outside through the guest agent's HTTP proxy, and every connection
+//! behind it is made here, by the supervisor, after the sandbox's policy
+//! (`netpolicy`) allowed the target.
+//!
+//! The supervisor holds one `Egress` connection to the agent open while
+//! the guest runs (reopened if it drops). For each `EgressAsk` on it, a
+//! thread resolves the name on the host, keeps only the addresses the
+//! policy allows, connects (10 s per address) and answers with an
+//! `EgressAttach` connection of its own that it relays to the TCP
+//! connection, or with the reason it will not (which the guest program
+//! reads as an HTTP 403). Each refusal is logged in the supervisor log.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keystone_guest_agent::client::{ClientError, WatchCloser};
+use keystone_guest_agent::protocol::EgressAsk;
+
+use super::super::backend::SandboxSpec;
+use super::super::config::Network;
+use super::super::netpolicy::{Cidr, Policy, Verdict};
+use super::guest;
+
+/// How long one connect to a target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections relayed at once (more are refused until some end).
+const MAX_CONNECTIONS: usize = 256;
+/// Pause before offering again after the offer could not be made.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// The running service; [`EgressService::stop`] ends it.
+pub struct EgressService {
+    stop: Arc<AtomicBool>,
+    closer: Arc<Mutex<Option<WatchCloser>>>,
+}
+
+impl EgressService {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(c) = self.closer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            c.close();
+        }
+    }
+}
+
+impl Drop for EgressService {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts offering outbound connections to the guest of `spec` when its
+/// network setting asks for it.
+pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<EgressService> {
+    if spec.settings.network != Network::Nat {
+        log(&format!(
+            "network {}: the guest's proxy answers that there is no network",
+            spec.settings.network
+        ));
+        return None;
+    }
+    let allow: Vec<Cidr> = spec
+        .settings
+        .network_allow
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let policy = Arc::new(Policy::new(allow));
+    let service = EgressService {
+        stop: Arc::new(AtomicBool::new(false)),
+        closer: Arc::new(Mutex::new(None)),
+    };
+    let (stop, closer) = (Arc::clone(&service.stop), Arc::clone(&service.closer));
+    let uds = vsock.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("egress".into())
+        .spawn(move || offer_loop(&uds, &policy, &stop, &closer, log));
+    if let Err(e) = spawned {
+        log(&format!("egress: cannot start its thread: {e}"));
+        return None;
+    }
+    Some(service)
+}
+
+fn offer_loop(
+    uds: &Path,
+    policy: &Arc<Policy>,
+    stop: &AtomicBool,
+    closer: &Mutex<Option<WatchCloser>>,
+    log: fn(&str),
+) {
+    let client = Arc::new(guest::client(uds));
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut last_error: Option<String> = None;
+    while !stop.load(Ordering::SeqCst) {
+        let asks = match client.egress() {
+            Ok(a) => a,
+            Err(e @ ClientError::Unsupported { .. }) => {
+                log(&format!("egress is off: {e}"));
+                return;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    log(&format!("egress: not offered yet, retrying: {msg}"));
+                    last_error = Some(msg);
+                }
+                std::thread::sleep(RETRY);
+                continue;
+            }
+        };
+        *closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(asks.closer());
+        if stop.load(Ordering::SeqCst) {
+            asks.closer().close();
+            return;
+        }
+        log("egress: offering outbound connections to the guest");
+        last_error = None;
+        for ask in asks {
+            let ask = match ask {
+                Ok(a) => a,
+                Err(e) => {
+                    log(&format!("egress: the offer ended: {e}"));
+                    break;
+                }
+            };
+            let (client, policy, live) =
+                (Arc::clone(&client), Arc::clone(policy), Arc::clone(&live));
+            let spawned = std::thread::Builder::new()
+                .name("egress-conn".into())
+                .spawn(move || serve_ask(&client, &policy, &live, ask, log));
+            if let Err(e) = spawned {
+                log(&format!("egress: cannot start a connection thread: {e}"));
+            }
+        }
+        if !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(RETRY);
+        }
+    }
+}
+
+/// Where `host:port` may be reached: the allowed addresses, or why none.
+pub fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let mut refused = None;
+    let allowed: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| match policy.check(a.ip()) {
+            Verdict::Allowed => true,
+            Verdict::Refused(why) => {
+                refused.get_or_insert((a.ip(), why));
+                false
+            }
+        })
+        .collect();
+    match (allowed.is_empty(), refused) {
+        (false, _) => Ok(allowed),
+        (true, Some((ip, why))) => Err(format!(
+            "the sandbox may not connect to {host}:{port}: {ip} is {why}{}",
+            if why.starts_with("a private") || why.starts_with("a shared") {
+                " (list it in [network] allow in agent.toml to permit it)"
+            } else {
+                ""
+            }
+        )),
+        (true, None) => Err(format!("{host} has no address")),
+    }
+}
+
+fn connect(addrs: &[SocketAddr], host: &str, port: u16) -> Result<TcpStream, String> {
+    let mut errors = Vec::new();
+    for a in addrs {
+        match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => errors.push(format!("{a}: {e}")),
+        }
+    }
+    Err(format!(
+        "cannot connect to {host}:{port} ({})",
+        errors.join(", ")
+    ))
+}
+
+fn serve_ask(
+    client: &keystone_guest_agent::AgentClient,
+    policy: &Policy,
+    live: &AtomicUsize,
+    ask: EgressAsk,
+    log: fn(&str),
+) {
+    let EgressAsk { id, host, port } = ask;
+    let target = if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        Err(format!(
+            "the sandbox has {MAX_CONNECTIONS} outbound connections open already"
+        ))
+    } else {
+        resolve(policy, &host, port).and_then(|addrs| connect(&addrs, &host, port))
+    };
+    match target {
+        Err(reason) => {
+            log(&format!("egress refused: {reason}"));
+            if let Err(e) = client.egress_attach(id, Some(reason)) {
+                log(&format!("egress: answering the guest failed: {e}"));
+            }
+        }
+        Ok(tcp) => {
+            let _ = tcp.set_nodelay(true);
+            match client.egress_attach(id, None) {
+                Ok(Some(tunnel)) => {
+                    let _ = tunnel.relay(Box::new(tcp));
+                }
+                Ok(None) => {}
+                Err(e) => log(&format!("egress to {host}:{port}: {e}")),
+            }
+        }
+    }
+    live.fetch_sub(1, Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_to_what_the_policy_allows() {
+        let p = Policy {
+            allow: vec![],
+            own: vec![],
+        };
+        let err = resolve(&p, "localhost", 80).unwrap_err();
+        assert!(err.contains("the host's loopback"), "{err}");
+        let err = resolve(&p, "10.1.2.3", 80).unwrap_err();
+        assert!(err.contains("[network] allow"), "{err}");
+        let err = resolve(&p, "169.254.169.254", 80).unwrap_err();
+        assert!(err.contains("metadata"), "{err}");
+        assert_eq!(
+            resolve(&p, "93.184.216.34", 443).unwrap(),
+            vec!["93.184.216.34:443".parse::<SocketAddr>().unwrap()]
+        );
+        let open = Policy {
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            own: vec![],
+        };
+        assert!(resolve(&open, "10.1.2.3", 80).is_ok());
+    }
+}
