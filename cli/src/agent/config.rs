@@ -680,9 +680,7 @@ domain = "Dev.Test"
             err.contains(":3:1: unknown key `backend.microvm.turbo`"),
             "{err}"
         );
-        let err = from_file("\n[netwrk]\nmode = 1\n")
-            .unwrap_err()
-            .to_string();
+        let err = from_file("\n[netwrk]\nmode = 1\n").unwrap_err().to_string();
         assert!(
             err.contains("/cfg/agent.toml:2:2: unknown key `netwrk`"),
             "{err}"

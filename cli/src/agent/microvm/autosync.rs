@@ -144,7 +144,8 @@ fn watch_loop(
     tx: &std::sync::mpsc::Sender<Target>,
     log: fn(&str),
 ) {
-    let client = guest::client(uds);
+    // One try per round (a booting guest pays for each refused try).
+    let client = guest::single_try_client(uds);
     let paths = vec![GUEST_WORKSPACE.to_string()];
     let mut last_error: Option<String> = None;
     while !stop.load(Ordering::SeqCst) {

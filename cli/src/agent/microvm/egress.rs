@@ -29,8 +29,11 @@ use super::guest;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections relayed at once (more are refused until some end).
 const MAX_CONNECTIONS: usize = 256;
-/// Pause before offering again after the offer could not be made.
-const RETRY: Duration = Duration::from_secs(2);
+/// Pauses before offering again after the offer could not be made: the
+/// first, doubled up to the last while the agent keeps refusing (a booting
+/// guest pays for every refused try).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// The running service; [`EgressService::stop`] ends it.
 pub struct EgressService {
@@ -93,11 +96,13 @@ fn offer_loop(
     closer: &Mutex<Option<WatchCloser>>,
     log: fn(&str),
 ) {
+    let offering = guest::single_try_client(uds);
     let client = Arc::new(guest::client(uds));
     let live = Arc::new(AtomicUsize::new(0));
     let mut last_error: Option<String> = None;
+    let mut pause = RETRY_FIRST;
     while !stop.load(Ordering::SeqCst) {
-        let asks = match client.egress() {
+        let asks = match offering.egress() {
             Ok(a) => a,
             Err(e @ ClientError::Unsupported { .. }) => {
                 log(&format!("egress is off: {e}"));
@@ -109,10 +114,12 @@ fn offer_loop(
                     log(&format!("egress: not offered yet, retrying: {msg}"));
                     last_error = Some(msg);
                 }
-                std::thread::sleep(RETRY);
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RETRY_MAX);
                 continue;
             }
         };
+        pause = RETRY_FIRST;
         *closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(asks.closer());
         if stop.load(Ordering::SeqCst) {
             asks.closer().close();
@@ -138,7 +145,7 @@ fn offer_loop(
             }
         }
         if !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(RETRY);
+            std::thread::sleep(RETRY_FIRST);
         }
     }
 }

@@ -70,6 +70,13 @@ pub fn client(uds: &Path) -> AgentClient {
     connector(uds.to_path_buf(), Duration::from_secs(30), false).retrying(AGENT_RESTART_WAIT)
 }
 
+/// A client for long-lived connections opened while the guest may still
+/// be booting: one try per call (the caller paces its retries, since each
+/// refused try costs an emulated guest time).
+pub fn single_try_client(uds: &Path) -> AgentClient {
+    connector(uds.to_path_buf(), Duration::from_secs(30), false)
+}
+
 /// A client whose every read times out after `timeout` (ping, status).
 pub fn quick_client(uds: &Path, timeout: Duration) -> AgentClient {
     connector(uds.to_path_buf(), timeout, true)
