@@ -271,7 +271,7 @@ pub fn qemu_args(plan: &QemuPlan) -> Vec<String> {
         "-accel",
         "tcg",
         "-cpu",
-        "qemu64",
+        "max",
         "-smp",
         &plan.vcpus.to_string(),
         "-m",

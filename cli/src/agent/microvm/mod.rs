@@ -13,12 +13,14 @@
 //! - `sync.rs`: `sync` and the `__git-upload-pack` bridge;
 //! - `artifacts.rs`: `sync --artifacts` (rsync) and the `__rsync-shell` bridge.
 
+mod agents;
 mod artifacts;
 mod autosync;
 mod egress;
 mod engine;
 mod forward;
 mod guest;
+mod hostca;
 mod placeholder;
 mod supervisor;
 mod sync;
@@ -395,7 +397,7 @@ impl Backend for MicroVmBackend {
     fn start(
         &self,
         spec: &SandboxSpec,
-        _opts: &StartOptions,
+        opts: &StartOptions,
         progress: &mut dyn FnMut(&str),
     ) -> BackendResult<StartOutcome> {
         let t0 = Instant::now();
@@ -468,6 +470,34 @@ impl Backend for MicroVmBackend {
         }
         if let Err(e) = Self::push_env_files(spec, &layout, progress) {
             progress(&format!("warning: {e}"));
+        }
+        if spec.settings.network == Network::Nat {
+            let certs = hostca::host_certificates(Path::new(hostca::HOST_DIR));
+            match hostca::import(&guest::client(&layout.vsock), &certs) {
+                Ok(0) => {}
+                Ok(n) => progress(&format!(
+                    "the sandbox trusts the host's {n} added certificate authorit{} (from {})",
+                    if n == 1 { "y" } else { "ies" },
+                    hostca::HOST_DIR
+                )),
+                Err(e) => progress(&format!(
+                    "warning: cannot add the host's certificate authorities: {e}"
+                )),
+            }
+        }
+        if let Some(kind) = opts
+            .agent
+            .filter(|_| spec.settings.network == Network::None)
+        {
+            progress(&format!(
+                "warning: --agent {kind:?} needs the network to install; this sandbox has none"
+            ));
+        } else if let Some(kind) = opts.agent {
+            progress(agents::notice(kind));
+            match agents::prepare(&guest::client(&layout.vsock), kind) {
+                Ok(line) => progress(&line),
+                Err(e) => progress(&format!("warning: {e}")),
+            }
         }
         let (nested, nested_detail) =
             engine::nested_status(spec.settings.nested_virt, choice.engine, &host);

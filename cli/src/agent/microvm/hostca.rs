@@ -1,0 +1,130 @@
+//! The host's locally added certificate authorities, trusted in the
+//! sandbox too: the certificates under `/usr/local/share/ca-certificates`
+//! (where Debian and Ubuntu keep the ones an administrator added, such as
+//! a TLS-inspecting corporate proxy's CA or mkcert's development CA). Where
+//! the host's own HTTPS works only because it trusts such a CA, the
+//! sandbox's outbound HTTPS (which leaves through the same network) needs
+//! it as well. Only certificates travel: a file holding a private key is
+//! skipped, and only with `--network nat`.
+
+use std::path::Path;
+
+use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
+
+/// Where the host's added authorities are.
+pub const HOST_DIR: &str = "/usr/local/share/ca-certificates";
+/// Bounds on what is carried (a real CA certificate is a few KiB).
+const MAX_FILE: u64 = 64 << 10;
+const MAX_TOTAL: usize = 96 << 10;
+
+/// The PEM certificates under `dir` (one level of subfolders), by name.
+pub fn host_certificates(dir: &Path) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        dirs.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    let mut total = 0;
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut files: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+            .collect();
+        files.sort();
+        for path in files {
+            let small = path
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE);
+            let Some(text) = small.then(|| std::fs::read_to_string(&path).ok()).flatten() else {
+                continue;
+            };
+            let only_certificates =
+                text.contains("-----BEGIN CERTIFICATE-----") && !text.contains("PRIVATE KEY");
+            if !only_certificates || total + text.len() > MAX_TOTAL {
+                continue;
+            }
+            total += text.len();
+            found.push((path.display().to_string(), text));
+        }
+    }
+    found
+}
+
+/// Run as root in the guest with the certificates as `$1`: keeps them
+/// where `update-ca-certificates` finds them and adds them to the bundle
+/// that curl, git and OpenSSL read, once per distinct set.
+const SCRIPT: &str = r#"set -eu
+d=/usr/local/share/ca-certificates/keystone-host
+bundle=/etc/ssl/certs/ca-certificates.crt
+mkdir -p "$d"
+printf '%s\n' "$1" > "$d/host.crt.new"
+if ! cmp -s "$d/host.crt.new" "$d/host.crt" || ! grep -qF "$(sed -n 2p "$d/host.crt.new")" "$bundle"; then
+	mv "$d/host.crt.new" "$d/host.crt"
+	cat "$d/host.crt" >> "$bundle"
+else
+	rm -f "$d/host.crt.new"
+fi
+"#;
+
+/// Adds `certs` to the guest's trust store; returns how many.
+pub fn import(
+    client: &keystone_guest_agent::AgentClient,
+    certs: &[(String, String)],
+) -> Result<usize, String> {
+    if certs.is_empty() {
+        return Ok(0);
+    }
+    let pem: String = certs
+        .iter()
+        .map(|(_, text)| text.trim())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let request = ExecRequest {
+        user: Some(UserSpec::Uid(0)),
+        cwd: Some("/".into()),
+        ..ExecRequest::new(&["sh", "-c", SCRIPT, "sh", &pem])
+    };
+    let out = client
+        .exec_request_output(request)
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(certs.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_certificates_are_carried() {
+        let dir = std::env::temp_dir().join(format!("ks-hostca-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("corp")).unwrap();
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        std::fs::write(dir.join("a.crt"), cert).unwrap();
+        std::fs::write(dir.join("corp/b.crt"), cert).unwrap();
+        std::fs::write(
+            dir.join("with-key.crt"),
+            format!("{cert}-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), cert).unwrap();
+        std::fs::write(dir.join("empty.crt"), "").unwrap();
+        let names: Vec<String> = host_certificates(&dir)
+            .into_iter()
+            .map(|(n, _)| n.rsplit('/').next().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(names, ["a.crt", "b.crt"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
