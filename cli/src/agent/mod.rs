@@ -145,7 +145,9 @@ pub struct StartArgs {
     /// Discard the sandbox's persistent state and disk before starting.
     #[arg(long)]
     pub fresh: bool,
-    /// Guest networking [default: nat].
+    /// Guest networking [default: nat]: nat (outbound connections made by
+    /// the host for the guest's HTTP proxy, under [network] allow and the
+    /// built-in policy), none, bridge (not available: nat).
     #[arg(long, value_enum)]
     pub network: Option<Network>,
     /// When commits move to the host [default: manual]: manual (only
@@ -158,7 +160,9 @@ pub struct StartArgs {
     /// Do not attach to the terminal session once the sandbox is ready.
     #[arg(long)]
     pub no_attach: bool,
-    /// The coding agent to make ready.
+    /// Install this coding agent in the sandbox (once) and set it to run
+    /// without permission prompts (claude, codex; gemini is refused: it
+    /// needs Node.js 20).
     #[arg(long, value_enum)]
     pub agent: Option<AgentKind>,
 }
