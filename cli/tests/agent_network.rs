@@ -168,7 +168,44 @@ fn outbound_connections_follow_the_hosts_policy() {
         }
     };
 
-    env.start(&repo, &[]);
+    let started = env.start(&repo, &[]);
+    // The host's added certificate authorities are trusted in the guest
+    // (once: a second start adds nothing).
+    let host_cas: Vec<String> = std::fs::read_dir("/usr/local/share/ca-certificates")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter(|t| t.contains("-----BEGIN CERTIFICATE-----") && !t.contains("PRIVATE KEY"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ca_line = host_cas
+        .first()
+        .and_then(|t| t.lines().nth(1).map(str::to_string));
+    match &ca_line {
+        Some(line) => {
+            assert!(
+                stdout(&started).contains("trusts the host's"),
+                "{}",
+                text(&started)
+            );
+            let out = env.run(
+                &[
+                    "exec",
+                    "--",
+                    "grep",
+                    "-cxF",
+                    line,
+                    "/etc/ssl/certs/ca-certificates.crt",
+                ],
+                &repo,
+            );
+            assert_eq!(stdout(&out), "1\n", "{}", text(&out));
+        }
+        None => {
+            eprintln!("SKIP: the host-CA step: no certificates in /usr/local/share/ca-certificates")
+        }
+    }
     let out = env.run(&["exec", "--", "sh", "-c", "echo $https_proxy"], &repo);
     assert_eq!(stdout(&out), "http://127.0.0.1:3128\n", "{}", text(&out));
 
@@ -210,6 +247,20 @@ fn outbound_connections_follow_the_hosts_policy() {
             (code.as_str(), body.as_str()),
             ("200", "hello from outside\n")
         );
+        if let Some(line) = &ca_line {
+            let out = env.run(
+                &[
+                    "exec",
+                    "--",
+                    "grep",
+                    "-cxF",
+                    line,
+                    "/etc/ssl/certs/ca-certificates.crt",
+                ],
+                &repo,
+            );
+            assert_eq!(stdout(&out), "1\n", "added twice: {}", text(&out));
+        }
         // The same through a CONNECT tunnel (how TLS goes).
         let (code, body) = guest_curl(&env, &repo, &["-p"], &url);
         assert_eq!(
