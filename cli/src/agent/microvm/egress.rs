@@ -196,6 +196,25 @@ fn connect(addrs: &[SocketAddr], host: &str, port: u16) -> Result<TcpStream, Str
     ))
 }
 
+/// The guest is not trusted to have checked the name it asks for: a host
+/// name or address literal and a port, or why not (quoted, shortened, so a
+/// log line stays one line).
+fn check_target(host: &str, port: u16) -> Result<(), String> {
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+    if valid && port != 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "not a host name and port: {:?}:{port}",
+            host.chars().take(80).collect::<String>()
+        ))
+    }
+}
+
 fn serve_ask(
     client: &keystone_guest_agent::AgentClient,
     policy: &Policy,
@@ -204,7 +223,11 @@ fn serve_ask(
     log: fn(&str),
 ) {
     let EgressAsk { id, host, port } = ask;
-    let target = if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+    let checked = check_target(&host, port);
+    let counted = checked.is_ok();
+    let target = if let Err(e) = checked {
+        Err(e)
+    } else if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
         Err(format!(
             "the sandbox has {MAX_CONNECTIONS} outbound connections open already"
         ))
@@ -229,12 +252,25 @@ fn serve_ask(
             }
         }
     }
-    live.fetch_sub(1, Ordering::SeqCst);
+    if counted {
+        live.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_names_and_ports_are_looked_up() {
+        assert!(check_target("api.example.com", 443).is_ok());
+        assert!(check_target("2001:db8::1", 443).is_ok());
+        for (host, port) in [("", 80), ("a\nb", 80), ("a b", 80), ("h", 0), ("a/b", 1)] {
+            let err = check_target(host, port).unwrap_err();
+            assert!(!err.contains('\n'), "{err}");
+        }
+        assert!(check_target(&"a".repeat(254), 80).is_err());
+    }
 
     #[test]
     fn names_resolve_to_what_the_policy_allows() {
