@@ -21,7 +21,9 @@
 //! on a shared host, load from elsewhere then lands on both alike. `--runs
 //! N` boots (default 3); the JSON on stdout gives every boot's value, the
 //! median, min and max over boots per line and daemon, and the ratio of
-//! the medians; a table goes to stderr.
+//! the medians; a table goes to stderr. Lines `cpu_<line>` give each
+//! daemon's own CPU time (all its threads, from schedstat) over that line:
+//! what the daemon costs per line whatever the guest's speed.
 //!
 //! ```text
 //! cargo build -p virtiofsd-lite --release --bins --examples
@@ -248,6 +250,18 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// CPU time of every thread of `pid`, in nanoseconds (schedstat).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// `/proc` clock ticks per second.
 fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf only reads a system constant.
@@ -390,6 +404,11 @@ fn run_boot(
     let mut results: Vec<RunResult> = (0..2).map(|_| RunResult::default()).collect();
     let mut shared_failures = Vec::new();
     let mut done = false;
+    // Each daemon's CPU time per line: sampled when a line's first result
+    // arrives (the guest prints a line once both devices are done with it).
+    let pids: Vec<u32> = under_test.iter().map(|d| d.child.id()).collect();
+    let mut cpu_before: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
+    let mut last_line = String::new();
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         let line = line.trim_end_matches('\r');
         eprintln!(
@@ -398,6 +417,19 @@ fn run_boot(
         );
         if let Some(rest) = line.strip_prefix("BENCH ") {
             let f: Vec<&str> = rest.split_whitespace().collect();
+            if let [_, name, _, _] = f[..] {
+                if name != last_line {
+                    for (d, pid) in pids.iter().enumerate() {
+                        let now = cpu_ns(*pid);
+                        let ms = now.saturating_sub(cpu_before[d]) as f64 / 1e6;
+                        cpu_before[d] = now;
+                        results[d]
+                            .metrics
+                            .insert(format!("cpu_{name}"), (ms, "ms".into()));
+                    }
+                    last_line = name.to_string();
+                }
+            }
             if let [dev, name, value, unit] = f[..] {
                 let r = dev.parse::<usize>().ok().and_then(|d| results.get_mut(d));
                 if let (Some(r), Ok(v)) = (r, value.parse::<f64>()) {

@@ -83,6 +83,14 @@ fn stop_workers(daemon: &Daemon) {
     }
 }
 
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit and
+/// returns the new soft limit. The node descriptor budget of a daemon
+/// created afterwards is half of it, so an embedder serving large trees
+/// calls this first (the `virtiofsd-lite` binary does).
+pub fn raise_fd_limit() -> u64 {
+    passthrough::sys::raise_nofile_limit()
+}
+
 /// Listens on `socket_path` (replacing a stale socket file), serves one
 /// vhost-user frontend connection until it disconnects, then returns.
 pub fn serve_listener(socket_path: &Path, config: FsConfig) -> Result<(), Error> {

@@ -55,6 +55,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
+    virtiofsd_lite::raise_fd_limit();
     let config = FsConfig {
         shared_dir: a.shared_dir,
         tag: a.tag,

@@ -23,7 +23,7 @@ mod confine;
 mod handle;
 mod inode;
 mod ops;
-mod sys;
+pub(crate) mod sys;
 mod xattr;
 
 use std::ffi::CStr;

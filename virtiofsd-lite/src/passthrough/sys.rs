@@ -236,6 +236,31 @@ pub fn open_by_handle(mount_fd: RawFd, handle: &FileHandle, flags: i32) -> io::R
     own(ret)
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard one (as virtiofsd does) and
+/// returns the soft limit now in force. The node descriptor budget is half
+/// of it: with the usual soft 1024, every node past the 512th would be
+/// re-opened from its file handle on each request.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = MaybeUninit::<libc::rlimit>::zeroed();
+    // SAFETY: `lim` is valid for writes of one rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } != 0 {
+        return 1024;
+    }
+    // SAFETY: getrlimit succeeded, so it initialised `lim`.
+    let mut lim = unsafe { lim.assume_init() };
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one valid rlimit; lowering is not asked.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    lim.rlim_cur
+}
+
 /// The soft `RLIMIT_NOFILE` of this process (1024 when it cannot be read).
 pub fn nofile_limit() -> u64 {
     let mut lim = MaybeUninit::<libc::rlimit>::zeroed();

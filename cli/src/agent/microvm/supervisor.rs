@@ -98,6 +98,8 @@ fn env_path(key: &str) -> BackendResult<PathBuf> {
 /// Body of `keystone agent __supervise NAME`.
 pub fn supervise(spec: &SandboxSpec) -> BackendResult<i32> {
     install_signal_handlers();
+    // The shares keep one descriptor per node up to half of this limit.
+    virtiofsd_lite::raise_fd_limit();
     let engine = std::env::var(ENV_ENGINE)
         .ok()
         .and_then(|e| EngineKind::parse(&e))
