@@ -24,6 +24,17 @@ fn registry_reachable() -> bool {
         .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok())
 }
 
+/// `start --agent claude`, which must succeed and say Claude Code is ready.
+fn start_with_claude(env: &Env, repo: &std::path::Path) {
+    let out = env.run(&["start", "--no-attach", "--agent", "claude"], repo);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("Claude Code is ready ("),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn the_coding_agent_is_made_ready() {
     let _one = ONE_GUEST_AT_A_TIME
@@ -49,14 +60,7 @@ fn the_coding_agent_is_made_ready() {
         );
         return;
     }
-    let out = env.run(&["start", "--no-attach", "--agent", "claude"], &repo);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        stdout(&out).contains("Claude Code is ready ("),
-        "{}",
-        text(&out)
-    );
-    eprintln!("{}", text(&out));
+    start_with_claude(&env, &repo);
     let out = env.run(&["exec", "--", "claude", "--version"], &repo);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(stdout(&out).contains("Claude Code"), "{}", text(&out));
@@ -84,12 +88,6 @@ fn the_coding_agent_is_made_ready() {
     let out = env.run(&["stop"], &repo);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let t = std::time::Instant::now();
-    let out = env.run(&["start", "--no-attach", "--agent", "claude"], &repo);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        stdout(&out).contains("Claude Code is ready ("),
-        "{}",
-        text(&out)
-    );
+    start_with_claude(&env, &repo);
     eprintln!("second start with --agent claude: {:.1?}", t.elapsed());
 }

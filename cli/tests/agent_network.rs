@@ -151,6 +151,13 @@ fn guest_curl(env: &Env, repo: &Path, extra: &[&str], url: &str) -> (String, Str
     (code.trim().to_string(), body.to_string())
 }
 
+/// The guest's CA bundle holds the certificate line `line` exactly once.
+fn assert_in_bundle_once(env: &Env, repo: &Path, line: &str) {
+    let bundle = "/etc/ssl/certs/ca-certificates.crt";
+    let out = env.run(&["exec", "--", "grep", "-cxF", line, bundle], repo);
+    assert_eq!(stdout(&out), "1\n", "{}", text(&out));
+}
+
 #[test]
 fn outbound_connections_follow_the_hosts_policy() {
     let _one = ONE_GUEST_AT_A_TIME
@@ -189,18 +196,7 @@ fn outbound_connections_follow_the_hosts_policy() {
                 "{}",
                 text(&started)
             );
-            let out = env.run(
-                &[
-                    "exec",
-                    "--",
-                    "grep",
-                    "-cxF",
-                    line,
-                    "/etc/ssl/certs/ca-certificates.crt",
-                ],
-                &repo,
-            );
-            assert_eq!(stdout(&out), "1\n", "{}", text(&out));
+            assert_in_bundle_once(&env, &repo, line);
         }
         None => {
             eprintln!("SKIP: the host-CA step: no certificates in /usr/local/share/ca-certificates")
@@ -248,18 +244,7 @@ fn outbound_connections_follow_the_hosts_policy() {
             ("200", "hello from outside\n")
         );
         if let Some(line) = &ca_line {
-            let out = env.run(
-                &[
-                    "exec",
-                    "--",
-                    "grep",
-                    "-cxF",
-                    line,
-                    "/etc/ssl/certs/ca-certificates.crt",
-                ],
-                &repo,
-            );
-            assert_eq!(stdout(&out), "1\n", "added twice: {}", text(&out));
+            assert_in_bundle_once(&env, &repo, line);
         }
         // The same through a CONNECT tunnel (how TLS goes).
         let (code, body) = guest_curl(&env, &repo, &["-p"], &url);
