@@ -162,38 +162,35 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
         None if std::path::Path::new(&user.home).is_dir() => user.home.clone(),
         None => "/".to_string(),
     };
-    let helper = config.spawn_helper.as_ref();
-    if helper.is_some() {
-        // Checked here so that a missing program is an error for the
-        // host, as it is when the server starts the command itself.
-        if !std::path::Path::new(&cwd).is_dir() {
-            return Err(format!(
-                "cannot run {program:?} in {cwd:?}: no such directory"
-            ));
-        }
-        // The PATH the command gets: the request's own (the last one
-        // wins, as in the environment below), else the default.
-        let path = req
-            .env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "PATH")
-            .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-        if find_program(program, &cwd, path).is_none() {
-            return Err(format!(
-                "cannot run {program:?} in {cwd:?}: {}",
-                io::Error::from(io::ErrorKind::NotFound)
-            ));
-        }
-    }
     let fail = |e: io::Error| format!("cannot run {program:?} in {cwd:?}: {e}");
+    let Some(helper) = config.spawn_helper.as_ref() else {
+        let mut cmd = Command::new(program);
+        cmd.args(&req.argv[1..]).current_dir(&cwd);
+        set_environment(&mut cmd, req, &user, config);
+        return start(cmd, req.tty, Some(user)).map_err(fail);
+    };
+    // Checked here so that a missing program is an error for the host, as
+    // it is when the server starts the command itself.
+    if !std::path::Path::new(&cwd).is_dir() {
+        return Err(format!(
+            "cannot run {program:?} in {cwd:?}: no such directory"
+        ));
+    }
+    // The PATH the command gets: the request's own (the last one wins, as
+    // in the environment below), else the default.
+    let path = req
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    if find_program(program, &cwd, path).is_none() {
+        return Err(format!(
+            "cannot run {program:?} in {cwd:?}: {}",
+            io::Error::from(io::ErrorKind::NotFound)
+        ));
+    }
     for attempt in 1..=HELPER_TRIES {
-        let Some(helper) = helper else {
-            let mut cmd = Command::new(program);
-            cmd.args(&req.argv[1..]).current_dir(&cwd);
-            set_environment(&mut cmd, req, &user, config);
-            return start(cmd, req.tty, user, true).map_err(fail);
-        };
         let (report_rx, report_tx) = report_pipe().map_err(fail)?;
         let groups: Vec<String> = user.groups.iter().map(|g| g.to_string()).collect();
         let mut cmd = Command::new(helper);
@@ -209,14 +206,14 @@ fn spawn(req: &ExecRequest, config: &AgentConfig) -> Result<Spawned, String> {
         set_environment(&mut cmd, req, &user, config);
         // Through the helper, std starts it with posix_spawn (no fork of
         // this multi-threaded server: no copy of its page tables, no
-        // copy-on-write of its memory); the helper then does what the
-        // closures of `set_credentials` do. The report pipe's write end is
+        // copy-on-write of its memory); the helper then calls
+        // `enter_job_as` itself. The report pipe's write end is
         // inheritable only while the lock is held, so no other command
         // gets it.
         let started = {
             let _only_spawn = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             set_cloexec(&report_tx, false).map_err(fail)?;
-            let started = start(cmd, req.tty, user.clone(), false);
+            let started = start(cmd, req.tty, None);
             drop(report_tx);
             started.map_err(fail)?
         };
@@ -271,11 +268,59 @@ fn set_environment(cmd: &mut Command, req: &ExecRequest, user: &User, config: &A
     }
 }
 
-fn start(cmd: Command, tty: Option<TtySize>, user: User, forked: bool) -> io::Result<Spawned> {
-    match tty {
-        Some(size) => spawn_tty(cmd, size, user, forked),
-        None => spawn_pipes(cmd, user, forked),
+/// Starts `cmd`. With `enter_as`, the forked child enters its job and
+/// that user itself (see [`enter_job_as`]); without, `cmd` is the spawn
+/// helper, which does so on its own.
+fn start(mut cmd: Command, tty: Option<TtySize>, enter_as: Option<User>) -> io::Result<Spawned> {
+    if let Some(user) = enter_as {
+        // SAFETY: `enter_job_as` makes only async-signal-safe system calls
+        // on data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                enter_job_as(tty.is_some(), user.uid, user.gid, &user.groups).map_err(|(_, e)| e)
+            });
+        }
     }
+    match tty {
+        Some(size) => spawn_tty(cmd, size),
+        None => spawn_pipes(cmd),
+    }
+}
+
+/// What a command's process does to itself before its exec, as a forked
+/// child or as the spawn helper: its own session with the terminal on
+/// standard input (`tty`) or its own process group, then, when it runs as
+/// root, the user's groups and ids. Async-signal-safe system calls only (it
+/// runs between fork and exec); a failure names its step.
+fn enter_job_as(
+    tty: bool,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: &[libc::gid_t],
+) -> Result<(), (&'static str, io::Error)> {
+    let failed = |what| Err((what, io::Error::last_os_error()));
+    // SAFETY: plain system calls on this process's own session, ids and
+    // terminal; `groups` outlives the call.
+    unsafe {
+        if tty {
+            if libc::setsid() < 0 {
+                return failed("setsid");
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return failed("terminal");
+            }
+        } else if libc::setpgid(0, 0) < 0 {
+            return failed("process group");
+        }
+        if libc::geteuid() == 0
+            && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid) < 0
+                || libc::setuid(uid) < 0)
+        {
+            return failed("switching user");
+        }
+    }
+    Ok(())
 }
 
 /// A close-on-exec pipe: (read end, write end).
@@ -355,9 +400,8 @@ pub fn spawn_helper_main(args: &[std::ffi::OsString]) -> ! {
     let Some(report) = report else {
         fail("spawn helper", io::Error::from(io::ErrorKind::InvalidInput))
     };
-    // SAFETY: F_SETFD on the descriptor the server handed over; the
-    // command must not inherit it.
-    unsafe { libc::fcntl(report, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // The command must not inherit the report pipe.
+    let _ = set_cloexec(&report, true);
     let text = |i: usize| args.get(i).and_then(|a| a.to_str()).unwrap_or("");
     let (Ok(uid), Ok(gid)) = (
         text(0).parse::<libc::uid_t>(),
@@ -376,26 +420,8 @@ pub fn spawn_helper_main(args: &[std::ffi::OsString]) -> ! {
     if text(5) != "--" || argv.is_empty() {
         fail("spawn helper", io::Error::from(io::ErrorKind::InvalidInput));
     }
-    // SAFETY: plain system calls on this single-threaded process's own
-    // session, ids and terminal; the group list outlives the call.
-    unsafe {
-        if tty {
-            if libc::setsid() < 0 {
-                fail("setsid", io::Error::last_os_error());
-            }
-            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                fail("terminal", io::Error::last_os_error());
-            }
-        } else if libc::setpgid(0, 0) < 0 {
-            fail("process group", io::Error::last_os_error());
-        }
-        if libc::geteuid() == 0
-            && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                || libc::setgid(gid) < 0
-                || libc::setuid(uid) < 0)
-        {
-            fail("switching user", io::Error::last_os_error());
-        }
+    if let Err((what, e)) = enter_job_as(tty, uid, gid, &groups) {
+        fail(what, e);
     }
     if let Err(e) = std::env::set_current_dir(&cwd) {
         fail(&format!("entering {}", cwd.to_string_lossy()), e);
@@ -413,41 +439,10 @@ pub fn spawn_helper_main(args: &[std::ffi::OsString]) -> ! {
     )
 }
 
-/// Switches to `user` in the child (between fork and exec).
-fn set_credentials(cmd: &mut Command, user: User, new_session: bool) {
-    // SAFETY: the closure only makes async-signal-safe syscalls (setsid,
-    // ioctl, setgroups, setgid, setuid) on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if new_session {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::geteuid() == 0 {
-                if libc::setgroups(user.groups.len(), user.groups.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgid(user.gid) < 0 || libc::setuid(user.uid) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
-fn spawn_pipes(mut cmd: Command, user: User, forked: bool) -> io::Result<Spawned> {
+fn spawn_pipes(mut cmd: Command) -> io::Result<Spawned> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if forked {
-        cmd.process_group(0);
-        set_credentials(&mut cmd, user, false);
-    }
     let mut child = cmd.spawn()?;
     let missing = || io::Error::other("child pipe missing");
     let stdin = child.stdin.take().ok_or_else(missing)?;
@@ -464,14 +459,11 @@ fn spawn_pipes(mut cmd: Command, user: User, forked: bool) -> io::Result<Spawned
     })
 }
 
-fn spawn_tty(mut cmd: Command, size: TtySize, user: User, forked: bool) -> io::Result<Spawned> {
+fn spawn_tty(mut cmd: Command, size: TtySize) -> io::Result<Spawned> {
     let (master, slave) = open_pty(size)?;
     cmd.stdin(Stdio::from(slave.try_clone()?))
         .stdout(Stdio::from(slave.try_clone()?))
         .stderr(Stdio::from(slave));
-    if forked {
-        set_credentials(&mut cmd, user, true);
-    }
     let child = cmd.spawn()?;
     // The command (and with it our copies of the slave) is dropped here,
     // so the master sees EIO once the job closes the terminal.
