@@ -283,12 +283,8 @@ impl AgentClient {
             Err(e) => return Err(e),
         };
         Ok(Watch {
-            reader: conn.reader,
-            closer: WatchCloser {
-                writer: Arc::new(Mutex::new(conn.writer)),
-            },
+            events: Events::new(conn, FrameKind::Event, "the watch"),
             directories,
-            done: false,
         })
     }
 }
@@ -328,17 +324,14 @@ impl AgentClient {
             Response::Done => {}
             other => return Err(ClientError::UnexpectedResponse(other)),
         }
-        Ok(EgressAsks {
-            reader: conn.reader,
-            closer: WatchCloser {
-                writer: Arc::new(Mutex::new(conn.writer)),
-            },
-        })
+        Ok(Events::new(conn, FrameKind::EgressAsk, "the egress offer"))
     }
 
-    /// Answers the ask `id`: `Err(reason)` refuses it, `Ok` returns the
-    /// guest end of the connection, to relay to the host's TCP
-    /// connection to the target.
+    /// Answers the ask `id`: with `refused` it refuses it (`Ok(None)`),
+    /// without it returns the guest end of the connection, to relay to the
+    /// host's TCP connection to the target (its `guest_address` is
+    /// unspecified, 0.0.0.0:0: the guest end is the program's connection to
+    /// the proxy).
     pub fn egress_attach(
         &self,
         id: u64,
@@ -362,38 +355,8 @@ impl AgentClient {
     }
 }
 
-/// The asks of an [`AgentClient::egress`] connection: an iterator that
-/// blocks for the next one and ends when the connection closes.
-pub struct EgressAsks {
-    reader: BufReader<Box<dyn DuplexStream>>,
-    closer: WatchCloser,
-}
-
-impl EgressAsks {
-    /// A handle that closes the connection from another thread.
-    pub fn closer(&self) -> WatchCloser {
-        self.closer.clone()
-    }
-}
-
-impl Iterator for EgressAsks {
-    type Item = io::Result<EgressAsk>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        match read_frame(&mut self.reader) {
-            Ok(None) => None,
-            Ok(Some(f)) if f.kind == FrameKind::EgressAsk => Some(
-                f.parse_json::<EgressAsk>()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-            ),
-            Ok(Some(f)) => Some(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected {:?} frame on the egress connection", f.kind),
-            ))),
-            Err(e) => Some(Err(io::Error::other(e.to_string()))),
-        }
-    }
-}
+/// The asks of an [`AgentClient::egress`] connection.
+pub type EgressAsks = Events<EgressAsk>;
 
 /// A byte stream to a TCP port in the guest, from
 /// [`AgentClient::tcp_connect`]. Read and write it, or hand it to
@@ -449,16 +412,82 @@ impl Write for TcpTunnel {
     }
 }
 
+/// The frames of one long-lived request (`Watch`, `Egress`): an iterator
+/// that blocks for the next frame of its kind and ends (`None`) when the
+/// connection closes. An error frame or a malformed frame is the last item,
+/// and the connection is closed after it.
+pub struct Events<T> {
+    reader: BufReader<Box<dyn DuplexStream>>,
+    closer: WatchCloser,
+    kind: FrameKind,
+    /// What the connection is, for the error an agent's `Error` frame gives.
+    what: &'static str,
+    done: bool,
+    item: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Events<T> {
+    fn new(conn: Connection, kind: FrameKind, what: &'static str) -> Self {
+        Events {
+            reader: conn.reader,
+            closer: WatchCloser {
+                writer: Arc::new(Mutex::new(conn.writer)),
+            },
+            kind,
+            what,
+            done: false,
+            item: std::marker::PhantomData,
+        }
+    }
+
+    /// A handle that closes the connection from another thread.
+    pub fn closer(&self) -> WatchCloser {
+        self.closer.clone()
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Iterator for Events<T> {
+    type Item = io::Result<T>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let result = match read_frame(&mut self.reader) {
+            Ok(None) => None,
+            Ok(Some(f)) if f.kind == self.kind => match f.parse_json::<T>() {
+                Ok(item) => return Some(Ok(item)),
+                Err(e) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+            },
+            Ok(Some(f)) if f.kind == FrameKind::Error => Some(Err(io::Error::other(format!(
+                "guest agent ended {}: {}",
+                self.what,
+                f.text()
+            )))),
+            Ok(Some(f)) => Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                ProtocolError::Unexpected(f.kind),
+            ))),
+            // A connection closed by our own closer (or a stopped VM).
+            Err(ProtocolError::Closed) => None,
+            Err(ProtocolError::Io(e)) => Some(Err(e)),
+            Err(e) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+        };
+        self.done = true;
+        self.closer.close();
+        result
+    }
+}
+
 /// The events of a [`AgentClient::watch`]: an iterator that blocks for the
 /// next event and ends (`None`) when the connection closes.
 pub struct Watch {
-    reader: BufReader<Box<dyn DuplexStream>>,
-    closer: WatchCloser,
+    events: Events<WatchEvent>,
     directories: u64,
-    done: bool,
 }
 
-/// Ends a [`Watch`] from another thread (its `next` then returns `None`).
+/// Ends a [`Watch`] or [`Events`] from another thread (its `next` then
+/// returns `None`).
 #[derive(Clone)]
 pub struct WatchCloser {
     writer: Arc<Mutex<Box<dyn DuplexStream>>>,
@@ -480,7 +509,7 @@ impl Watch {
 
     /// A handle that ends the watch from another thread.
     pub fn closer(&self) -> WatchCloser {
-        self.closer.clone()
+        self.events.closer()
     }
 }
 
@@ -488,31 +517,7 @@ impl Iterator for Watch {
     type Item = io::Result<WatchEvent>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        let result = match read_frame(&mut self.reader) {
-            Ok(None) => None,
-            Ok(Some(f)) if f.kind == FrameKind::Event => match f.parse_json::<WatchEvent>() {
-                Ok(ev) => return Some(Ok(ev)),
-                Err(e) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
-            },
-            Ok(Some(f)) if f.kind == FrameKind::Error => Some(Err(io::Error::other(format!(
-                "guest agent ended the watch: {}",
-                f.text()
-            )))),
-            Ok(Some(f)) => Some(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                ProtocolError::Unexpected(f.kind),
-            ))),
-            // A connection closed by our own closer (or a stopped VM).
-            Err(ProtocolError::Closed) => None,
-            Err(ProtocolError::Io(e)) => Some(Err(e)),
-            Err(e) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
-        };
-        self.done = true;
-        self.closer.close();
-        result
+        self.events.next()
     }
 }
 
