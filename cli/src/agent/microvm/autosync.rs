@@ -36,7 +36,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystone_guest_agent::client::{ClientError, WatchCloser, WatchEvent};
+use keystone_guest_agent::client::{WatchCloser, WatchEvent};
 
 use super::super::backend::SandboxSpec;
 use super::super::config::SyncMode;
@@ -147,36 +147,22 @@ fn watch_loop(
     // One try per round (a booting guest pays for each refused try).
     let client = guest::single_try_client(uds);
     let paths = vec![GUEST_WORKSPACE.to_string()];
-    let mut last_error: Option<String> = None;
     while !stop.load(Ordering::SeqCst) {
-        let events = match client.watch(&paths, idle_ms(mode)) {
-            Ok(w) => w,
-            Err(e @ ClientError::Unsupported { .. }) => {
-                log(&format!("auto-sync is off: {e}"));
-                return;
-            }
-            Err(e) => {
-                // The guest is still booting (or rebooting), or the agent
-                // refused; each new reason is logged once.
-                let msg = e.to_string();
-                if last_error.as_deref() != Some(msg.as_str()) {
-                    log(&format!("auto-sync: no watch yet, retrying: {msg}"));
-                    last_error = Some(msg);
-                }
-                std::thread::sleep(RETRY);
-                continue;
-            }
-        };
-        *closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(events.closer());
-        if stop.load(Ordering::SeqCst) {
-            events.closer().close();
+        let Some(events) = guest::open_held(
+            "auto-sync",
+            stop,
+            closer,
+            log,
+            |_| RETRY,
+            || client.watch(&paths, idle_ms(mode)),
+            |w| w.closer(),
+        ) else {
             return;
-        }
+        };
         log(&format!(
             "auto-sync: watching {GUEST_WORKSPACE} ({} directories)",
             events.directories()
         ));
-        last_error = None;
         for event in events {
             match event {
                 Ok(ev) => {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystone_guest_agent::client::{ClientError, WatchCloser};
+use keystone_guest_agent::client::WatchCloser;
 use keystone_guest_agent::protocol::EgressAsk;
 
 use super::super::backend::SandboxSpec;
@@ -89,6 +89,13 @@ pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<EgressSe
     Some(service)
 }
 
+/// The pause after the `failures`-th refused offer: 1, 2, 4, then 8 s.
+fn backoff(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(3))
+        .min(RETRY_MAX)
+}
+
 fn offer_loop(
     uds: &Path,
     policy: &Arc<Policy>,
@@ -99,34 +106,19 @@ fn offer_loop(
     let offering = guest::single_try_client(uds);
     let client = Arc::new(guest::client(uds));
     let live = Arc::new(AtomicUsize::new(0));
-    let mut last_error: Option<String> = None;
-    let mut pause = RETRY_FIRST;
     while !stop.load(Ordering::SeqCst) {
-        let asks = match offering.egress() {
-            Ok(a) => a,
-            Err(e @ ClientError::Unsupported { .. }) => {
-                log(&format!("egress is off: {e}"));
-                return;
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if last_error.as_deref() != Some(msg.as_str()) {
-                    log(&format!("egress: not offered yet, retrying: {msg}"));
-                    last_error = Some(msg);
-                }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(RETRY_MAX);
-                continue;
-            }
-        };
-        pause = RETRY_FIRST;
-        *closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(asks.closer());
-        if stop.load(Ordering::SeqCst) {
-            asks.closer().close();
+        let Some(asks) = guest::open_held(
+            "egress",
+            stop,
+            closer,
+            log,
+            backoff,
+            || offering.egress(),
+            |a| a.closer(),
+        ) else {
             return;
-        }
+        };
         log("egress: offering outbound connections to the guest");
-        last_error = None;
         for ask in asks {
             let ask = match ask {
                 Ok(a) => a,
@@ -260,6 +252,12 @@ fn serve_ask(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offers_back_off_to_eight_seconds() {
+        let secs: Vec<u64> = (1..=6).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 8, 8]);
+    }
 
     #[test]
     fn only_names_and_ports_are_looked_up() {

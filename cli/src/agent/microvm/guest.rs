@@ -5,10 +5,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystone_guest_agent::client::{AgentClient, ClientError};
+use keystone_guest_agent::client::{AgentClient, ClientError, WatchCloser};
 use keystone_guest_agent::protocol::{
     ExecRequest, ExitStatus, RawStreamRequest, TtySize, UserSpec,
 };
@@ -75,6 +75,53 @@ pub fn client(uds: &Path) -> AgentClient {
 /// refused try costs an emulated guest time).
 pub fn single_try_client(uds: &Path) -> AgentClient {
     connector(uds.to_path_buf(), Duration::from_secs(30), false)
+}
+
+/// Opens a long-lived connection the supervisor holds while the guest runs
+/// (the auto-sync watch, the egress offer): tries `open` until it works,
+/// sleeping `pause(failures)` between tries and logging each new reason
+/// once as "`what`: not open yet". `None` once `stop` is set, or when the
+/// agent is too old for it ("`what` is off"). The opened connection's
+/// closer goes into `closer`, so that the supervisor's stop ends it.
+pub fn open_held<T>(
+    what: &str,
+    stop: &AtomicBool,
+    closer: &Mutex<Option<WatchCloser>>,
+    log: fn(&str),
+    pause: impl Fn(u32) -> Duration,
+    mut open: impl FnMut() -> Result<T, ClientError>,
+    closer_of: impl Fn(&T) -> WatchCloser,
+) -> Option<T> {
+    let mut last_error: Option<String> = None;
+    let mut failures = 0;
+    while !stop.load(Ordering::SeqCst) {
+        match open() {
+            Ok(held) => {
+                *closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer_of(&held));
+                if stop.load(Ordering::SeqCst) {
+                    closer_of(&held).close();
+                    return None;
+                }
+                return Some(held);
+            }
+            Err(e @ ClientError::Unsupported { .. }) => {
+                log(&format!("{what} is off: {e}"));
+                return None;
+            }
+            Err(e) => {
+                // The guest is still booting (or rebooting), or the agent
+                // refused.
+                let msg = e.to_string();
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    log(&format!("{what}: not open yet, retrying: {msg}"));
+                    last_error = Some(msg);
+                }
+                failures += 1;
+                std::thread::sleep(pause(failures));
+            }
+        }
+    }
+    None
 }
 
 /// A client whose every read times out after `timeout` (ping, status).
