@@ -22,7 +22,7 @@
 //! | `nested_detail` | string? | why nesting is unavailable |
 //! | `memory_mib`, `vcpus` | number | resources |
 //! | `network`, `sync_mode` | string | settings of the last start (`network` is the configured value) |
-//! | `network_available` | bool | whether the guest really has that network (`nat`: outbound connections made by the host; `bridge` is not available) |
+//! | `network_available` | bool | whether the guest gets outbound connections (made by the host; `bridge` is not available and means nat) |
 //! | `last_error` | string? | why the state is error |
 //! | `dir` | string | the sandbox's folder (config, state, logs, disk) |
 //!
@@ -98,7 +98,7 @@ fn view(
         memory_mib: s.memory_mib,
         vcpus: s.vcpus,
         network: s.network.to_string(),
-        network_available: s.network == Network::Nat && ctx.backend.network_available(),
+        network_available: s.network != Network::None && ctx.backend.network_available(),
         sync_mode: s.sync_mode.to_string(),
         last_error: record.last_error.clone(),
         dir: spec.paths.dir.display().to_string(),
@@ -217,14 +217,18 @@ fn print_status(s: &StatusView) {
     if v.network == Network::None.as_str() {
         println!("Network:    none (the guest's proxy answers that there is no network)");
     } else if v.network_available {
+        let bridge = if v.network == Network::Bridge.as_str() {
+            "bridge is not available; "
+        } else {
+            ""
+        };
         println!(
-            "Network:    {} (outbound TCP made by the host through the guest's HTTP proxy, \
-             127.0.0.1:3128; no inbound)",
-            v.network
+            "Network:    {bridge}nat (outbound TCP made by the host through the guest's HTTP \
+             proxy, 127.0.0.1:3128; no inbound)"
         );
     } else {
         println!(
-            "Network:    not available (configured: {}; only nat is)",
+            "Network:    not available (configured: {}; the guest has no network device)",
             v.network
         );
     }

@@ -56,14 +56,12 @@ impl Drop for EgressService {
     }
 }
 
-/// Starts offering outbound connections to the guest of `spec` when its
-/// network setting asks for it.
+/// Starts offering outbound connections to the guest of `spec` unless its
+/// network setting is `none`.
 pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<EgressService> {
-    if spec.settings.network != Network::Nat {
-        log(&format!(
-            "network {}: the guest's proxy answers that there is no network",
-            spec.settings.network
-        ));
+    // `bridge` is not available and means nat (start says so).
+    if spec.settings.network == Network::None {
+        log("network none: the guest's proxy answers that there is no network");
         return None;
     }
     let allow: Vec<Cidr> = spec

@@ -471,7 +471,7 @@ impl Backend for MicroVmBackend {
         if let Err(e) = Self::push_env_files(spec, &layout, progress) {
             progress(&format!("warning: {e}"));
         }
-        if spec.settings.network == Network::Nat {
+        if spec.settings.network != Network::None {
             let certs = hostca::host_certificates(Path::new(hostca::HOST_DIR));
             match hostca::import(&guest::client(&layout.vsock), &certs) {
                 Ok(0) => {}
@@ -485,18 +485,17 @@ impl Backend for MicroVmBackend {
                 )),
             }
         }
-        if let Some(kind) = opts
-            .agent
-            .filter(|_| spec.settings.network == Network::None)
-        {
-            progress(&format!(
-                "warning: --agent {kind:?} needs the network to install; this sandbox has none"
-            ));
-        } else if let Some(kind) = opts.agent {
-            progress(agents::notice(kind));
-            match agents::prepare(&guest::client(&layout.vsock), kind) {
-                Ok(line) => progress(&line),
-                Err(e) => progress(&format!("warning: {e}")),
+        if let Some(kind) = opts.agent {
+            if spec.settings.network == Network::None {
+                progress(&format!(
+                    "warning: --agent {kind:?} needs the network to install; this sandbox has none"
+                ));
+            } else {
+                progress(agents::notice(kind));
+                match agents::prepare(&guest::client(&layout.vsock), kind) {
+                    Ok(line) => progress(&line),
+                    Err(e) => progress(&format!("warning: {e}")),
+                }
             }
         }
         let (nested, nested_detail) =
