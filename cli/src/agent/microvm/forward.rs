@@ -60,7 +60,11 @@ pub fn forwards_file(layout: &Layout) -> PathBuf {
 /// The current forwards of a running sandbox; `None` when its supervisor
 /// keeps none (not started, or stopped).
 pub fn read_forwards(layout: &Layout) -> Option<Vec<PortForward>> {
-    let text = std::fs::read_to_string(forwards_file(layout)).ok()?;
+    read_file(&forwards_file(layout))
+}
+
+fn read_file(file: &Path) -> Option<Vec<PortForward>> {
+    let text = std::fs::read_to_string(file).ok()?;
     serde_json::from_str(&text).ok()
 }
 
@@ -262,30 +266,22 @@ impl PortForwarder {
         Self { stop, thread, file }
     }
 
-    /// The host ports forwarded now.
-    pub fn host_ports(&self) -> Vec<u16> {
-        std::fs::read_to_string(&self.file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<Vec<PortForward>>(&t).ok())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|f| f.host_port)
-            .collect()
-    }
-
-    /// Closes every forward (the guest is going away).
-    pub fn stop(&mut self) {
+    /// Closes every forward (the guest is going away) and returns the host
+    /// ports that were forwarded; a second call returns none.
+    pub fn stop(&mut self) -> Vec<u16> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let forwarded = read_file(&self.file).unwrap_or_default();
         let _ = std::fs::remove_file(&self.file);
+        forwarded.iter().filter_map(|f| f.host_port).collect()
     }
 }
 
 impl Drop for PortForwarder {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }
 

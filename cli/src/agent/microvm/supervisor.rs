@@ -412,10 +412,7 @@ fn watch_guest(
     loop {
         if let Some((clean, detail)) = guest.wait_end(Duration::from_millis(50))? {
             stop_autosync(auto.as_ref());
-            if forwarded.is_empty() {
-                forwarded = ports.host_ports();
-            }
-            ports.stop();
+            forwarded.extend(ports.stop());
             return Ok(Ended {
                 requested,
                 clean,
@@ -429,8 +426,7 @@ fn watch_guest(
             if let Some(e) = &egress {
                 e.stop();
             }
-            forwarded = ports.host_ports();
-            ports.stop();
+            forwarded = ports.stop();
             requested = true;
             asked_at = Some(Instant::now());
             ask_shutdown(&layout.vsock);
