@@ -22,6 +22,7 @@ use std::process::{Command, Stdio};
 use keystone_guest_agent::protocol::{RawStreamRequest, UserSpec};
 
 use super::super::backend::{BackendError, BackendResult, SandboxSpec, VscodeTarget};
+use super::super::fsutil;
 use super::engine::{Layout, GUEST_USER, GUEST_WORKSPACE};
 use super::guest;
 
@@ -77,7 +78,7 @@ pub fn prepare(spec: &SandboxSpec) -> BackendResult<VscodeTarget> {
         make_client_key(&key, &spec.name)?;
     }
     let entry = host_entry(spec, &dir, &key)?;
-    write_private(&dir.join("config"), entry.as_bytes())
+    fsutil::write_atomic_mode(&dir.join("config"), entry.as_bytes(), 0o600)
         .map_err(|e| failed("cannot write the ssh host entry in", e))?;
 
     let mut notes = Vec::new();
@@ -217,20 +218,6 @@ fn host_entry(spec: &SandboxSpec, dir: &Path, key: &Path) -> BackendResult<Strin
         config_path(key),
         config_path(&dir.join("known_hosts")),
     ))
-}
-
-/// Writes `bytes` to `path` (mode 0600) through a temporary file.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 /// Puts `Include PATTERN` at the top of the user's ssh config unless a line
