@@ -177,37 +177,44 @@ pub struct ProcProbe;
 
 impl ProcessProbe for ProcProbe {
     fn is_supervisor(&self, pid: i32, name: &str) -> bool {
-        if pid <= 0 {
-            return false;
-        }
-        // SAFETY: signal 0 only checks that the process exists and may be
-        // signalled; nothing is delivered.
-        let rc = unsafe { libc::kill(pid, 0) };
-        if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
-            return false;
-        }
-        let proc_dir = Path::new("/proc").join(pid.to_string());
-        if let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) {
-            // The state follows the parenthesised command name.
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next());
-            if matches!(state, Some('Z') | Some('X')) {
-                return false;
-            }
-        }
-        match std::fs::read(proc_dir.join("cmdline")) {
-            Ok(cmdline) => cmdline_is_supervisor(&cmdline, name),
-            Err(_) => false,
-        }
+        runs_subcommand(pid, SUPERVISOR_SUBCOMMAND, name)
     }
 }
 
-/// Whether a NUL-separated command line is `... __supervise <name> ...`.
-pub fn cmdline_is_supervisor(cmdline: &[u8], name: &str) -> bool {
+/// Whether `pid` is alive (`kill(pid, 0)`, not a zombie) and its command
+/// line is `... <subcommand> <name> ...`: one of our hidden subcommands
+/// for sandbox `name`, never a process that reused the pid.
+pub fn runs_subcommand(pid: i32, subcommand: &str, name: &str) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be
+    // signalled; nothing is delivered.
+    let rc = unsafe { libc::kill(pid, 0) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    if let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) {
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if matches!(state, Some('Z') | Some('X')) {
+            return false;
+        }
+    }
+    match std::fs::read(proc_dir.join("cmdline")) {
+        Ok(cmdline) => cmdline_runs(&cmdline, subcommand, name),
+        Err(_) => false,
+    }
+}
+
+/// Whether a NUL-separated command line is `... <subcommand> <name> ...`.
+fn cmdline_runs(cmdline: &[u8], subcommand: &str, name: &str) -> bool {
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     args.windows(2)
-        .any(|w| w[0] == SUPERVISOR_SUBCOMMAND.as_bytes() && w[1] == name.as_bytes())
+        .any(|w| w[0] == subcommand.as_bytes() && w[1] == name.as_bytes())
 }
 
 /// The per-sandbox lock: held by any command that changes a sandbox's state
@@ -233,6 +240,10 @@ mod tests {
     use super::super::fsutil::test_support::TempDir;
     use super::super::registry::SandboxStore;
     use super::*;
+
+    fn is_supervisor_cmdline(cmdline: &[u8], name: &str) -> bool {
+        cmdline_runs(cmdline, SUPERVISOR_SUBCOMMAND, name)
+    }
 
     struct FakeProbe(Option<(i32, &'static str)>);
     impl ProcessProbe for FakeProbe {
@@ -304,15 +315,15 @@ mod tests {
         assert!(!ProcProbe.is_supervisor(me, "s"));
         assert!(!ProcProbe.is_supervisor(0, "s"));
         assert!(!ProcProbe.is_supervisor(i32::MAX, "s"));
-        assert!(cmdline_is_supervisor(
+        assert!(is_supervisor_cmdline(
             b"/bin/keystone\0agent\0__supervise\0app-1\0",
             "app-1"
         ));
-        assert!(!cmdline_is_supervisor(
+        assert!(!is_supervisor_cmdline(
             b"/bin/keystone\0agent\0__supervise\0app-12\0",
             "app-1"
         ));
-        assert!(!cmdline_is_supervisor(b"/bin/sleep\0app-1\0", "app-1"));
+        assert!(!is_supervisor_cmdline(b"/bin/sleep\0app-1\0", "app-1"));
     }
 
     #[test]

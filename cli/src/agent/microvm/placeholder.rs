@@ -13,11 +13,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::super::registry::SandboxPaths;
+use super::super::state::runs_subcommand;
 
 /// The hidden subcommand that runs the placeholder.
 pub const PLACEHOLDER_SUBCOMMAND: &str = "__placeholder";
@@ -86,12 +87,7 @@ fn running_placeholder(paths: &SandboxPaths, name: &str) -> Option<i32> {
         .trim()
         .parse()
         .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ours = args
-        .windows(2)
-        .any(|w| w[0] == PLACEHOLDER_SUBCOMMAND.as_bytes() && w[1] == name.as_bytes());
-    ours.then_some(pid)
+    runs_subcommand(pid, PLACEHOLDER_SUBCOMMAND, name).then_some(pid)
 }
 
 /// Ends the sandbox's placeholder, if one runs, and waits (briefly) until
@@ -102,24 +98,13 @@ pub fn dismiss(paths: &SandboxPaths, name: &str) {
         // placeholder.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let t = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(2) {
-            if is_zombie(pid) {
-                break;
-            }
+        while runs_subcommand(pid, PLACEHOLDER_SUBCOMMAND, name)
+            && t.elapsed() < Duration::from_secs(2)
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
     let _ = std::fs::remove_file(pid_file(paths));
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
-        })
-        .unwrap_or(false)
 }
 
 /// The page for sandbox `name` on host port `port`.
@@ -218,6 +203,7 @@ pub fn run(name: &str, paths: &SandboxPaths, ports: &[u16]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn paths(dir: &Path) -> SandboxPaths {
         SandboxPaths {
