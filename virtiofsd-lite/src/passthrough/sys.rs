@@ -241,13 +241,9 @@ pub fn open_by_handle(mount_fd: RawFd, handle: &FileHandle, flags: i32) -> io::R
 /// of it: with the usual soft 1024, every node past the 512th would be
 /// re-opened from its file handle on each request.
 pub fn raise_nofile_limit() -> u64 {
-    let mut lim = MaybeUninit::<libc::rlimit>::zeroed();
-    // SAFETY: `lim` is valid for writes of one rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } != 0 {
+    let Some(lim) = nofile_rlimit() else {
         return 1024;
-    }
-    // SAFETY: getrlimit succeeded, so it initialised `lim`.
-    let mut lim = unsafe { lim.assume_init() };
+    };
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
             rlim_cur: lim.rlim_max,
@@ -255,7 +251,7 @@ pub fn raise_nofile_limit() -> u64 {
         };
         // SAFETY: setrlimit reads one valid rlimit; lowering is not asked.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim = raised;
+            return raised.rlim_cur;
         }
     }
     lim.rlim_cur
@@ -263,13 +259,17 @@ pub fn raise_nofile_limit() -> u64 {
 
 /// The soft `RLIMIT_NOFILE` of this process (1024 when it cannot be read).
 pub fn nofile_limit() -> u64 {
+    nofile_rlimit().map_or(1024, |l| l.rlim_cur)
+}
+
+fn nofile_rlimit() -> Option<libc::rlimit> {
     let mut lim = MaybeUninit::<libc::rlimit>::zeroed();
     // SAFETY: `lim` is valid for writes of one rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } != 0 {
-        return 1024;
+        return None;
     }
     // SAFETY: getrlimit succeeded, so it initialised `lim`.
-    unsafe { lim.assume_init() }.rlim_cur
+    Some(unsafe { lim.assume_init() })
 }
 
 /// While alive, the calling thread creates files as the guest's caller
