@@ -21,7 +21,7 @@ mod fsutil;
 mod inspect;
 mod lifecycle;
 mod microvm;
-mod naming;
+pub(crate) mod naming;
 mod netpolicy;
 mod registry;
 mod session;

@@ -11,6 +11,8 @@ use std::path::Path;
 
 use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
 
+use super::super::naming;
+
 /// Where the host's added authorities are.
 pub const HOST_DIR: &str = "/usr/local/share/ca-certificates";
 /// Bounds on what is carried (a real CA certificate is a few KiB).
@@ -84,7 +86,7 @@ pub fn import(
         .map(|(_, text)| text.trim())
         .collect::<Vec<_>>()
         .join("\n");
-    let name = format!("keystone-host-{:016x}.crt", fnv1a(pem.as_bytes()));
+    let name = format!("keystone-host-{:016x}.crt", naming::fnv1a(pem.as_bytes()));
     let request = ExecRequest {
         user: Some(UserSpec::Uid(0)),
         cwd: Some("/".into()),
@@ -97,13 +99,6 @@ pub fn import(
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
     Ok(certs.len())
-}
-
-/// FNV-1a, 64 bits: names a set of certificates (not a security check).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]
