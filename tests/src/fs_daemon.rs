@@ -18,7 +18,12 @@ pub struct FsDaemon {
 impl FsDaemon {
     /// Serves `dir` as `tag` on `socket`; returns once the socket listens.
     pub fn start(socket: PathBuf, dir: &Path, tag: &str) -> FsDaemon {
-        let cfg = FsConfig::new(dir, tag);
+        Self::start_with(socket, FsConfig::new(dir, tag))
+    }
+
+    /// Serves `cfg` on `socket`; returns once the socket listens.
+    pub fn start_with(socket: PathBuf, cfg: FsConfig) -> FsDaemon {
+        let tag = cfg.tag.clone();
         let s = socket.clone();
         let thread = std::thread::spawn(move || virtiofsd_lite::serve_listener(&s, cfg));
         let deadline = Instant::now() + Duration::from_secs(10);

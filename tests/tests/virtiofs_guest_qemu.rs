@@ -28,6 +28,9 @@ const MTIME_DATE: &str = "2001-02-03 04:05:06";
 const MTIME_EPOCH: i64 = 981_173_106;
 const BIG_SIZE: u64 = 8 * 1024 * 1024;
 const MANY_FILES: usize = 500;
+/// The host uid and gid the workspace daemon maps guest root to
+/// (`--translate-uid map:0:4242:1`, `--translate-gid map:0:4343:1`).
+const MAPPED_ROOT: (u32, u32) = (4242, 4343);
 
 /// Every check the guest must report `ok`.
 const EXPECTED_CHECKS: &[&str] = &[
@@ -46,6 +49,10 @@ const EXPECTED_CHECKS: &[&str] = &[
     "symlink_readlink",
     "symlink_follow",
     "chmod",
+    "owner_guest_root",
+    "owner_host_mapped",
+    "owner_host_unmapped",
+    "owner_chown_unmapped",
     "mtime_touch_d",
     "large_file_size",
     "large_file_md5",
@@ -130,6 +137,14 @@ res symlink_follow "$(cat $W/sym 2>&1)" hello-virtiofs
 echo m > $W/mode640
 chmod 640 $W/mode640
 res chmod "$(stat -c %a $W/mode640)" 640
+
+# Owners: the workspace daemon runs with map:0:@HOSTUID@:1 (gid @HOSTGID@).
+res owner_guest_root "$(stat -c %u:%g $W/hello.txt)" "0:0"
+res owner_host_mapped "$(stat -c %u:%g $W/host_mapped)" "0:0"
+res owner_host_unmapped "$(stat -c %u:%g $W/host_unmapped)" "7:8"
+echo c > $W/chowned
+chown 9:10 $W/chowned
+res owner_chown_unmapped "$(stat -c %u:%g $W/chowned)" "9:10"
 
 touch $W/mtime
 touch -d "@MTIME_DATE@" $W/mtime
@@ -230,6 +245,10 @@ fn virtiofs_conformance_in_a_tcg_guest() {
     if let Some(reason) = busybox_missing() {
         skip!("{reason}");
     }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip!("the suite gives host files to other users (the ID map checks): needs root");
+    }
     let t0 = Instant::now();
     let kernel = guest_image::kernel::ensure_kernel().expect("guest kernel");
 
@@ -264,13 +283,33 @@ fn virtiofs_conformance_in_a_tcg_guest() {
         .replace("@MTIME_DATE@", MTIME_DATE)
         .replace("@MTIME_EPOCH@", &MTIME_EPOCH.to_string())
         .replace("@BIG_SIZE@", &BIG_SIZE.to_string())
-        .replace("@MANY@", &MANY_FILES.to_string());
+        .replace("@MANY@", &MANY_FILES.to_string())
+        .replace("@HOSTUID@", &MAPPED_ROOT.0.to_string())
+        .replace("@HOSTGID@", &MAPPED_ROOT.1.to_string());
     assert!(!init.contains(&secret));
     fs::write(root.join("init"), init).unwrap();
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
 
     let root_fs = FsDaemon::start(scratch.path().join("root.sock"), &root, "root");
-    let ws_fs = FsDaemon::start(scratch.path().join("ws.sock"), &ws, "workspace");
+    // Guest root is host user 4242 in the workspace: what it makes is
+    // 4242's on the host, and 4242's files are root's in the guest.
+    let mut ws_cfg = virtiofsd_lite::FsConfig::new(&ws, "workspace");
+    let map = |host: u32| {
+        let rule = format!("map:0:{host}:1").parse().unwrap();
+        virtiofsd_lite::IdMap::new(vec![rule]).unwrap()
+    };
+    ws_cfg.ids = virtiofsd_lite::IdMaps {
+        uid: map(MAPPED_ROOT.0),
+        gid: map(MAPPED_ROOT.1),
+    };
+    let (muid, mgid) = MAPPED_ROOT;
+    fs::write(ws.join("host_mapped"), "").unwrap();
+    std::os::unix::fs::chown(ws.join("host_mapped"), Some(muid), Some(mgid)).unwrap();
+    fs::write(ws.join("host_unmapped"), "").unwrap();
+    std::os::unix::fs::chown(ws.join("host_unmapped"), Some(7), Some(8)).unwrap();
+    // The mapped root creates files as 4242 here: it needs the folder.
+    std::os::unix::fs::chown(&ws, Some(muid), Some(mgid)).unwrap();
+    let ws_fs = FsDaemon::start_with(scratch.path().join("ws.sock"), ws_cfg);
 
     let t_boot = Instant::now();
     let mut guest = QemuGuest::builder(&kernel.vmlinux)
@@ -374,6 +413,15 @@ fn virtiofs_conformance_in_a_tcg_guest() {
         Path::new("/etc/shadow")
     );
     assert_eq!(meta("mode640").mode() & 0o7777, 0o640, "{tail}");
+    let owner = |name: &str| (meta(name).uid(), meta(name).gid());
+    for name in ["hello.txt", "newdir", "newdir/inner.txt", "sym", "big"] {
+        assert_eq!(
+            owner(name),
+            MAPPED_ROOT,
+            "{name}: guest root's file\n{tail}"
+        );
+    }
+    assert_eq!(owner("chowned"), (9, 10), "{tail}");
     assert_eq!(meta("suid").mode() & 0o7777, 0o755, "setuid kept\n{tail}");
     assert_eq!(meta("mtime").mtime(), MTIME_EPOCH, "{tail}");
     let big = fs::read(ws.join("big")).unwrap();

@@ -61,6 +61,8 @@ pub struct FsConfig {
     /// Serve the directory read-only: every modifying request (and opening
     /// a file for writing) is answered `EROFS`, as virtiofsd's `--readonly`.
     pub readonly: bool,
+    /// UID/GID translation between guest and host (identity by default).
+    pub ids: crate::idmap::IdMaps,
 }
 
 impl FsConfig {
@@ -74,6 +76,7 @@ impl FsConfig {
             allow_setuid: false,
             thread_pool_size: 0,
             readonly: false,
+            ids: crate::idmap::IdMaps::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod descriptor;
 mod error;
 pub mod filesystem;
 pub mod fuse;
+pub mod idmap;
 pub mod passthrough;
 pub mod sandbox;
 pub mod server;
@@ -36,6 +37,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 pub use config::{CacheMode, FsConfig};
 pub use error::Error;
 pub use filesystem::FileSystem;
+pub use idmap::{IdMap, IdMaps, IdRule};
 pub use passthrough::PassthroughFs;
 pub use server::Server;
 pub use stats::{FsStats, MAX_PATHS_READ};
@@ -50,7 +52,7 @@ fn new_daemon(config: &FsConfig) -> Result<(Daemon, Arc<FsStats>), Error> {
 }
 
 fn new_daemon_with(fs: PassthroughFs, config: &FsConfig) -> Result<(Daemon, Arc<FsStats>), Error> {
-    let server = Arc::new(Server::new(fs));
+    let server = Arc::new(Server::new(fs).with_id_maps(config.ids.clone()));
     let stats = server.stats();
     let backend = Arc::new(vhost_user::FsBackend::new(server, REQUEST_QUEUES));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());

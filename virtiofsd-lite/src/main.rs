@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use virtiofsd_lite::sandbox::{self, Role};
-use virtiofsd_lite::{CacheMode, FsConfig};
+use virtiofsd_lite::{CacheMode, FsConfig, IdMap, IdMaps, IdRule};
 
 /// How the daemon process is isolated from the rest of the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -51,10 +51,27 @@ struct Args {
     /// namespaces with the shared directory as the root; needs root).
     #[arg(long, value_enum, default_value_t = Sandbox::None)]
     sandbox: Sandbox,
+    /// Translate UIDs between guest and host, as virtiofsd:
+    /// `<kind>:<from>:<to>:<count>` with kind guest, host, squash-guest,
+    /// squash-host or map (`map:<guest>:<host>:<count>`), or
+    /// `forbid-guest:<from>:<count>`. Repeat for more ranges.
+    #[arg(long, value_name = "MAP")]
+    translate_uid: Vec<IdRule>,
+    /// Same as --translate-uid, for GIDs.
+    #[arg(long, value_name = "MAP")]
+    translate_gid: Vec<IdRule>,
 }
 
 fn main() {
     let a = Args::parse();
+    let ids = IdMap::new(a.translate_uid).and_then(|uid| {
+        let gid = IdMap::new(a.translate_gid)?;
+        Ok(IdMaps { uid, gid })
+    });
+    let ids = ids.unwrap_or_else(|e| {
+        eprintln!("virtiofsd-lite: {e}");
+        std::process::exit(2);
+    });
     virtiofsd_lite::raise_fd_limit();
     let config = FsConfig {
         shared_dir: a.shared_dir,
@@ -64,6 +81,7 @@ fn main() {
         allow_setuid: a.allow_setuid,
         thread_pool_size: a.thread_pool_size,
         readonly: a.readonly,
+        ids,
     };
     let result = match a.sandbox {
         Sandbox::None => virtiofsd_lite::serve_listener(&a.socket_path, config),

@@ -18,9 +18,10 @@ use vm_memory::ByteValued;
 
 use crate::descriptor::{Reader, Writer};
 use crate::filesystem::{
-    attr_to_wire, Context, CopyRange, DirEntry, FileSystem, InitOptions, XattrReply,
+    attr_to_wire, Context, CopyRange, DirEntry, Entry, FileSystem, InitOptions, XattrReply,
 };
 use crate::fuse::{self, init_flags, opcode, InHeader, OutHeader};
+use crate::idmap::IdMaps;
 use crate::stats::FsStats;
 
 /// The largest WRITE payload we advertise (`max_write`).
@@ -43,6 +44,7 @@ pub struct Server<F: FileSystem> {
     fs: F,
     stats: Arc<FsStats>,
     initialized: AtomicBool,
+    ids: IdMaps,
 }
 
 impl<F: FileSystem> Server<F> {
@@ -52,6 +54,39 @@ impl<F: FileSystem> Server<F> {
             fs,
             stats: Arc::new(FsStats::new()),
             initialized: AtomicBool::new(false),
+            ids: IdMaps::default(),
+        }
+    }
+
+    /// Translates owners between guest and host with `ids` (see
+    /// [`crate::idmap`]): request credentials and SETATTR owners on the way
+    /// in, every attribute on the way out.
+    pub fn with_id_maps(mut self, ids: IdMaps) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// An attribute record with its owner as the guest sees it.
+    fn guest_attr(&self, st: &libc::stat64) -> fuse::Attr {
+        let mut a = attr_to_wire(st);
+        a.uid = self.ids.uid.to_guest(a.uid);
+        a.gid = self.ids.gid.to_guest(a.gid);
+        a
+    }
+
+    /// The wire form of an entry, its owner as the guest sees it.
+    fn entry_out(&self, e: &Entry) -> fuse::EntryOut {
+        let mut out = e.to_wire();
+        out.attr = self.guest_attr(&e.attr);
+        out
+    }
+
+    fn attr_out(&self, st: &libc::stat64, t: std::time::Duration) -> fuse::AttrOut {
+        fuse::AttrOut {
+            attr_valid: t.as_secs(),
+            attr_valid_nsec: t.subsec_nanos(),
+            dummy: 0,
+            attr: self.guest_attr(st),
         }
     }
 
@@ -93,9 +128,17 @@ impl<F: FileSystem> Server<F> {
     }
 
     fn dispatch(&self, h: &InHeader, r: &mut Reader<'_>, w: &mut Writer<'_>) -> Res<usize> {
+        let (uid, gid) = (self.ids.uid.to_host(h.uid), self.ids.gid.to_host(h.gid));
+        let creates = matches!(
+            h.opcode,
+            opcode::MKNOD | opcode::MKDIR | opcode::SYMLINK | opcode::CREATE
+        );
+        if creates && (uid.is_err() || gid.is_err()) {
+            return Err(libc::EPERM);
+        }
         let ctx = Context {
-            uid: h.uid,
-            gid: h.gid,
+            uid: uid.unwrap_or(h.uid),
+            gid: gid.unwrap_or(h.gid),
             pid: h.pid,
         };
         let (u, ino) = (h.unique, h.nodeid);
@@ -115,7 +158,7 @@ impl<F: FileSystem> Server<F> {
             opcode::LOOKUP => {
                 let body = body(r)?;
                 let e = match fs.lookup(ctx, ino, name_at(&body, 0)?) {
-                    Ok(e) => e.to_wire(),
+                    Ok(e) => self.entry_out(&e),
                     // A negative entry (node id 0) lets the kernel keep the
                     // miss: the library search paths of every exec probe
                     // many names that do not exist.
@@ -154,7 +197,7 @@ impl<F: FileSystem> Server<F> {
                 let g: fuse::GetattrIn = obj(r)?;
                 let fh = (g.getattr_flags & fuse::GETATTR_FH != 0).then_some(g.fh);
                 let (st, t) = fs.getattr(ctx, ino, fh).map_err(errno)?;
-                reply(w, u, &[attr_out(&st, t).as_slice()])
+                reply(w, u, &[self.attr_out(&st, t).as_slice()])
             }
             opcode::SETATTR => self.setattr(ctx, u, ino, r, w),
             opcode::READLINK => {
@@ -166,7 +209,7 @@ impl<F: FileSystem> Server<F> {
                 let name = name_at(&body, 0)?;
                 let target = name_at(&body, name.to_bytes_with_nul().len())?;
                 let e = fs.symlink(ctx, target, ino, name).map_err(errno)?;
-                reply(w, u, &[e.to_wire().as_slice()])
+                reply(w, u, &[self.entry_out(&e).as_slice()])
             }
             opcode::MKNOD => {
                 let m: fuse::MknodIn = obj(r)?;
@@ -174,7 +217,7 @@ impl<F: FileSystem> Server<F> {
                 let e = fs
                     .mknod(ctx, ino, name_at(&body, 0)?, m.mode, m.rdev, m.umask)
                     .map_err(errno)?;
-                reply(w, u, &[e.to_wire().as_slice()])
+                reply(w, u, &[self.entry_out(&e).as_slice()])
             }
             opcode::MKDIR => {
                 let m: fuse::MkdirIn = obj(r)?;
@@ -182,7 +225,7 @@ impl<F: FileSystem> Server<F> {
                 let e = fs
                     .mkdir(ctx, ino, name_at(&body, 0)?, m.mode, m.umask)
                     .map_err(errno)?;
-                reply(w, u, &[e.to_wire().as_slice()])
+                reply(w, u, &[self.entry_out(&e).as_slice()])
             }
             opcode::UNLINK | opcode::RMDIR => {
                 let body = body(r)?;
@@ -215,7 +258,7 @@ impl<F: FileSystem> Server<F> {
                 let e = fs
                     .link(ctx, l.oldnodeid, ino, name_at(&body, 0)?)
                     .map_err(errno)?;
-                reply(w, u, &[e.to_wire().as_slice()])
+                reply(w, u, &[self.entry_out(&e).as_slice()])
             }
             opcode::OPEN | opcode::OPENDIR => {
                 let o: fuse::OpenIn = obj(r)?;
@@ -243,7 +286,7 @@ impl<F: FileSystem> Server<F> {
                     open_flags: flags,
                     backing_id: 0,
                 };
-                reply(w, u, &[e.to_wire().as_slice(), out.as_slice()])
+                reply(w, u, &[self.entry_out(&e).as_slice(), out.as_slice()])
             }
             opcode::READ => self.read(ctx, u, ino, r, w),
             opcode::WRITE => {
@@ -457,14 +500,22 @@ impl<F: FileSystem> Server<F> {
             valid: s.valid,
             handle: (s.valid & fattr::FH != 0).then_some(s.fh),
             mode: s.mode,
-            uid: s.uid,
-            gid: s.gid,
+            uid: if s.valid & fattr::UID != 0 {
+                self.ids.uid.to_host(s.uid).map_err(|_| libc::EPERM)?
+            } else {
+                s.uid
+            },
+            gid: if s.valid & fattr::GID != 0 {
+                self.ids.gid.to_host(s.gid).map_err(|_| libc::EPERM)?
+            } else {
+                s.gid
+            },
             size: s.size,
             atime: ts(fattr::ATIME, fattr::ATIME_NOW, s.atime, s.atimensec),
             mtime: ts(fattr::MTIME, fattr::MTIME_NOW, s.mtime, s.mtimensec),
         };
         let (st, t) = self.fs.setattr(ctx, ino, req).map_err(errno)?;
-        reply(w, u, &[attr_out(&st, t).as_slice()])
+        reply(w, u, &[self.attr_out(&st, t).as_slice()])
     }
 
     fn read(
@@ -522,7 +573,7 @@ impl<F: FileSystem> Server<F> {
                 if d.name != b"." && d.name != b".." {
                     if let Ok(name) = CString::new(d.name) {
                         if let Ok(e) = fs.lookup(ctx, ino, &name) {
-                            entry = e.to_wire();
+                            entry = self.entry_out(&e);
                         }
                     }
                 }
@@ -537,15 +588,6 @@ impl<F: FileSystem> Server<F> {
         fs.readdir(ctx, ino, ri.fh, ri.offset, &mut add)
             .map_err(errno)?;
         reply(w, u, &[&buf])
-    }
-}
-
-fn attr_out(st: &libc::stat64, t: std::time::Duration) -> fuse::AttrOut {
-    fuse::AttrOut {
-        attr_valid: t.as_secs(),
-        attr_valid_nsec: t.subsec_nanos(),
-        dummy: 0,
-        attr: attr_to_wire(st),
     }
 }
 

@@ -65,7 +65,7 @@ impl Fuse {
         tweak(&mut cfg);
         let fs = PassthroughFs::new(&cfg).unwrap();
         let mut f = Fuse {
-            server: Server::new(fs),
+            server: Server::new(fs).with_id_maps(cfg.ids.clone()),
             unique: 0,
             dir,
             caller: (0, 0),
