@@ -450,7 +450,10 @@ impl<F: FileSystem> Server<F> {
             );
             return Err(libc::EPROTO);
         }
+        // ASYNC_DIO: the guest may keep several requests of one O_DIRECT
+        // aio/io_uring operation in flight instead of one at a time.
         let supported = init_flags::ASYNC_READ
+            | init_flags::ASYNC_DIO
             | init_flags::PARALLEL_DIROPS
             | init_flags::BIG_WRITES
             | init_flags::DO_READDIRPLUS

@@ -367,6 +367,19 @@ fn readdirplus_is_offered_only_when_entries_may_be_cached() {
     assert_eq!(init_flags_with("rdp-never", CacheMode::Never) & plus, 0);
 }
 
+#[test]
+fn async_direct_io_is_offered_as_virtiofsd_does() {
+    use virtiofsd_lite::CacheMode;
+    for (name, cache) in [
+        ("adio-never", CacheMode::Never),
+        ("adio-auto", CacheMode::Auto),
+    ] {
+        let flags = init_flags_with(name, cache);
+        assert_ne!(flags & fuse::init_flags::ASYNC_DIO, 0, "{cache:?}");
+        assert_ne!(flags & fuse::init_flags::ASYNC_READ, 0, "{cache:?}");
+    }
+}
+
 impl T {
     fn call_noreply(&mut self, op: u32, nodeid: u64, arg: &[u8]) {
         self.unique += 1;
