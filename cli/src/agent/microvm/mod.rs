@@ -178,8 +178,9 @@ impl MicroVmBackend {
         text.push_str("\n# keystone: worktrees of the sandbox\n/.worktrees/\n");
         let _ = std::fs::create_dir_all(layout.workspace.join(".git/info"));
         std::fs::write(&exclude, text).map_err(|e| io_failed("writing info/exclude", e))?;
-        // virtiofsd-lite passes host ownership through: the guest user
-        // (uid 1000) must own its workspace. Only root can arrange that.
+        // The guest user (uid 1000) must own its workspace. Root gives it
+        // the files; otherwise the workspace daemon's ID map shows this
+        // user's files as the guest user's (`share_config`).
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             let owner = format!("{GUEST_UID}:{GUEST_UID}");

@@ -209,6 +209,16 @@ fn share_config(
     let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
     cfg.readonly = readonly;
     cfg.cache = virtiofsd_lite::CacheMode::Always;
+    // SAFETY: getuid/getgid/geteuid have no preconditions.
+    let (uid, gid, euid) = unsafe { (libc::getuid(), libc::getgid(), libc::geteuid()) };
+    if tag == "workspace" && euid != 0 {
+        // A daemon that is not root cannot give files to the guest user
+        // (root chowns the workspace to it instead, in `prepare`): it shows
+        // its user's files as the guest user's and makes every guest owner
+        // its user, so the agent owns its workspace (git's ownership check
+        // passes) and its `chown`s succeed.
+        cfg.ids = virtiofsd_lite::IdMaps::unprivileged(uid, gid, GUEST_UID, GUEST_UID);
+    }
     cfg
 }
 
