@@ -4,7 +4,6 @@
 //! boot timeline measured by the VMM.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -266,12 +265,10 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
                 format!("root directory {} not found", root.display()),
             ));
         }
-        let (vmm_end, daemon_end) = UnixStream::pair().context("cannot create a socket pair")?;
         let config = virtiofsd_lite::FsConfig::new(root, "root");
-        fs_daemon = Some(
-            virtiofsd_lite::spawn_on_stream(daemon_end, config)
-                .context("cannot start virtiofsd-lite for --root-dir")?,
-        );
+        let (vmm_end, daemon) = virtiofsd_lite::spawn_paired(config)
+            .context("cannot start virtiofsd-lite for --root-dir")?;
+        fs_daemon = Some(daemon);
         builder = builder.vhost_user_fs(vmm_end, "root");
         if args.agent {
             cmdline.push_str(" keystone.root=root");

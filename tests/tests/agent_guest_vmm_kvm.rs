@@ -11,7 +11,6 @@
 //! and a 600 s budget.
 
 use std::fs;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,17 +67,12 @@ fn agent_over_vsock_on_our_vmm() {
     fs::create_dir_all(&ws).unwrap();
     fs::write(ws.join("from-host.txt"), "written by the host\n").unwrap();
 
-    let (root_vmm, root_daemon) = UnixStream::pair().unwrap();
-    let _root_fs = virtiofsd_lite::spawn_on_stream(
-        root_daemon,
-        FsConfig {
-            readonly: true,
-            ..FsConfig::new(&rootfs.dir, "root")
-        },
-    )
+    let (root_vmm, _root_fs) = virtiofsd_lite::spawn_paired(FsConfig {
+        readonly: true,
+        ..FsConfig::new(&rootfs.dir, "root")
+    })
     .expect("virtiofsd-lite for the root");
-    let (ws_vmm, ws_daemon) = UnixStream::pair().unwrap();
-    let ws_fs = virtiofsd_lite::spawn_on_stream(ws_daemon, FsConfig::new(&ws, "workspace"))
+    let (ws_vmm, ws_fs) = virtiofsd_lite::spawn_paired(FsConfig::new(&ws, "workspace"))
         .expect("virtiofsd-lite for the workspace");
 
     let uds = scratch.path().join("vsock.sock");

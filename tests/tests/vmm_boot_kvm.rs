@@ -9,7 +9,6 @@
 //! One boot, many checks: on a trap-and-emulate KVM this boot takes a minute
 //! or more of emulated kernel time.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,12 +39,9 @@ fn boots_to_userspace_on_a_virtiofs_root() {
     )
     .expect("lay out the root directory");
 
-    let (vmm_end, daemon_end) = UnixStream::pair().unwrap();
-    let daemon = virtiofsd_lite::spawn_on_stream(
-        daemon_end,
-        virtiofsd_lite::FsConfig::new(root.path(), "root"),
-    )
-    .expect("start virtiofsd-lite");
+    let (vmm_end, daemon) =
+        virtiofsd_lite::spawn_paired(virtiofsd_lite::FsConfig::new(root.path(), "root"))
+            .expect("start virtiofsd-lite");
 
     let vm = VmBuilder::new(&kernel.vmlinux)
         .cmdline("console=ttyS0 earlyprintk=ttyS0 root=root rootfstype=virtiofs rw init=/init")

@@ -19,9 +19,9 @@ pub enum Error {
     /// The socket path for `serve_listener` is unusable.
     #[error("cannot listen on vhost-user socket {path}: {reason}; check that its directory exists and is writable")]
     Listen { path: PathBuf, reason: String },
-    /// The in-process connection (socket pair bridge) could not be set up.
+    /// The in-process connection could not be set up.
     #[error("cannot set up the in-process vhost-user connection: {0}; check that the temporary directory is writable")]
-    Bridge(io::Error),
+    Connect(io::Error),
     /// A thread could not be spawned.
     #[error("cannot spawn the virtiofsd-lite thread: {0}")]
     Spawn(io::Error),

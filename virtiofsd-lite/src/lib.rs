@@ -7,12 +7,9 @@
 //! backend ([`vhost_user::FsBackend`]). Two front doors:
 //! - [`serve_listener`]: listen on a Unix socket path and serve one
 //!   frontend connection until it disconnects (the binary);
-//! - [`spawn_on_stream`]: serve an already connected stream (one end of a
-//!   socket pair held by the in-process VMM) on background threads. The
-//!   pinned `VhostUserDaemon` cannot take a stream, so this relays it through
-//!   a private listener (see `bridge.rs`).
+//! - [`spawn_paired`]: serve the in-process VMM on background threads,
+//!   returning the frontend's end of a private connection.
 
-mod bridge;
 pub mod config;
 pub mod descriptor;
 mod error;
@@ -20,6 +17,7 @@ pub mod filesystem;
 pub mod fuse;
 pub mod idmap;
 pub mod passthrough;
+mod rendezvous;
 pub mod sandbox;
 pub mod server;
 mod stats;
@@ -31,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use config::{CacheMode, FsConfig};
@@ -137,7 +135,7 @@ fn serve_daemon(mut daemon: Daemon, mut listener: Listener) -> Result<(), Error>
 /// A daemon serving a connected stream on background threads.
 pub struct FsDaemonHandle {
     stats: Arc<FsStats>,
-    stream: UnixStream,
+    shutdown: ShutdownHandle,
     thread: Option<JoinHandle<Result<(), Error>>>,
 }
 
@@ -154,7 +152,7 @@ impl FsDaemonHandle {
 
     /// Disconnects the frontend and waits for the daemon to stop.
     pub fn stop(mut self) -> Result<(), Error> {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.shutdown.shutdown();
         self.join_inner()
     }
 
@@ -169,45 +167,47 @@ impl FsDaemonHandle {
 impl Drop for FsDaemonHandle {
     fn drop(&mut self) {
         if self.thread.is_some() {
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            self.shutdown.shutdown();
         }
     }
 }
 
-/// Serves the vhost-user protocol on `stream`, an already connected socket
-/// whose peer is the frontend (the VMM), on background threads.
+/// Serves one vhost-user frontend on background threads and returns the
+/// frontend's end of the connection, to hand to the VMM's vhost-user device,
+/// with the daemon's handle.
 ///
-/// `VhostUserDaemon` cannot be given a connected stream, so the stream is
-/// relayed (bytes and passed descriptors) to a connection the daemon
-/// accepts from a private listener; see the `bridge` module.
-pub fn spawn_on_stream(stream: UnixStream, config: FsConfig) -> Result<FsDaemonHandle, Error> {
+/// `VhostUserDaemon` only accepts connections from a listener, so the
+/// connection is made through one in a fresh private (0700) temporary
+/// directory whose path is removed as soon as the connection is pending
+/// (see `rendezvous.rs`): no other process can reach the daemon, and the two
+/// ends then talk directly.
+pub fn spawn_paired(config: FsConfig) -> Result<(UnixStream, FsDaemonHandle), Error> {
     let (mut daemon, stats) = new_daemon(&config)?;
-    let (listener, inner) = bridge::private_listener().map_err(Error::Bridge)?;
+    let (listener, frontend) = rendezvous::private_listener().map_err(Error::Connect)?;
     let mut listener = Listener::from(listener);
     daemon
         .start(&mut listener)
         .map_err(|e| Error::Daemon(e.to_string()))?;
     drop(listener);
-    let control = stream.try_clone().map_err(Error::Bridge)?;
-    let relays = bridge::relay(stream, inner).map_err(Error::Bridge)?;
+    let shutdown = daemon
+        .shutdown_handle()
+        .ok_or_else(|| Error::Daemon("no connection after start".into()))?;
     let thread = std::thread::Builder::new()
         .name("virtiofsd-lite".into())
         .spawn(move || {
             let result = daemon.wait();
             stop_workers(&daemon);
             daemon.request_shutdown();
-            for r in relays {
-                let _ = r.join();
-            }
             match result {
                 Err(e) if !is_disconnect(&e) => Err(Error::Daemon(e.to_string())),
                 _ => Ok(()),
             }
         })
         .map_err(Error::Spawn)?;
-    Ok(FsDaemonHandle {
+    let handle = FsDaemonHandle {
         stats,
-        stream: control,
+        shutdown,
         thread: Some(thread),
-    })
+    };
+    Ok((frontend, handle))
 }

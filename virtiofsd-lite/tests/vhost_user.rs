@@ -1,19 +1,18 @@
-//! The whole vhost-user path in one process: `spawn_on_stream` on one end
-//! of a socket pair, vhost's `Frontend` on the other, a memfd as guest
+//! The whole vhost-user path in one process: `spawn_paired`'s daemon on
+//! one end of its private connection, vhost's `Frontend` on the other, a memfd as guest
 //! memory and a small guest-side split virtqueue that places FUSE requests
 //! in descriptor chains (INIT, LOOKUP, OPEN, READ) and reads the replies.
 
 use std::fs::File;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtiofsd_lite::fuse::{self, opcode};
-use virtiofsd_lite::{spawn_on_stream, FsConfig};
+use virtiofsd_lite::{spawn_paired, FsConfig};
 use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -280,8 +279,7 @@ fn fuse_over_vhost_user_socketpair() {
     let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(dir.join("init"), &content).unwrap();
 
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let handle = spawn_on_stream(theirs, FsConfig::new(&dir, "root")).unwrap();
+    let (ours, handle) = spawn_paired(FsConfig::new(&dir, "root")).unwrap();
     let stats = handle.stats();
 
     let mut fe = Frontend::from_stream(ours, 2);
@@ -301,16 +299,14 @@ fn fuse_over_vhost_user_socketpair() {
 fn stop_ends_an_idle_daemon() {
     let dir = std::env::temp_dir().join(format!("vfsd-lite-vu-stop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (_ours, theirs) = UnixStream::pair().unwrap();
-    let handle = spawn_on_stream(theirs, FsConfig::new(&dir, "t")).unwrap();
+    let (_ours, handle) = spawn_paired(FsConfig::new(&dir, "t")).unwrap();
     handle.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_shared_dir_is_a_clear_error() {
-    let (_ours, theirs) = UnixStream::pair().unwrap();
-    let err = spawn_on_stream(theirs, FsConfig::new("/nonexistent/vfsd-lite", "t"))
+    let err = spawn_paired(FsConfig::new("/nonexistent/vfsd-lite", "t"))
         .err()
         .unwrap();
     assert!(err.to_string().contains("/nonexistent/vfsd-lite"), "{err}");

@@ -13,7 +13,6 @@
 //! the host's 127.0.0.1 (`forward.rs`).
 
 use std::fs::OpenOptions;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -339,10 +338,9 @@ fn run_vmm(
     let mut daemons = Vec::new();
     for (tag, readonly) in SHARES {
         let cfg = share_config(tag, readonly, rootfs, layout);
-        let (vmm_end, daemon_end) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
         // virtiofsd-lite creates each file as the guest user who asked.
-        let daemon = virtiofsd_lite::spawn_on_stream(daemon_end, cfg)
-            .map_err(|e| format!("virtiofsd-lite {tag}: {e}"))?;
+        let (vmm_end, daemon) =
+            virtiofsd_lite::spawn_paired(cfg).map_err(|e| format!("virtiofsd-lite {tag}: {e}"))?;
         daemons.push(daemon);
         builder = builder.vhost_user_fs(vmm_end, tag);
     }
