@@ -42,6 +42,33 @@ impl FromStr for CacheMode {
     }
 }
 
+/// When nodes past the descriptor budget use kernel file handles
+/// (virtiofsd's `--inode-file-handles`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FileHandles {
+    /// Never: nodes past the budget are re-opened by their parent and name.
+    Never,
+    /// Where the file system and our capabilities allow; by name elsewhere.
+    #[default]
+    Prefer,
+    /// Always: the daemon refuses to start where handles do not work.
+    Mandatory,
+}
+
+impl FromStr for FileHandles {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(FileHandles::Never),
+            "prefer" | "fallback" => Ok(FileHandles::Prefer),
+            "mandatory" => Ok(FileHandles::Mandatory),
+            other => Err(format!(
+                "unknown file handle mode {other:?}: use never, prefer or mandatory"
+            )),
+        }
+    }
+}
+
 /// Configuration of one daemon instance.
 #[derive(Clone, Debug)]
 pub struct FsConfig {
@@ -63,6 +90,8 @@ pub struct FsConfig {
     pub readonly: bool,
     /// UID/GID translation between guest and host (identity by default).
     pub ids: crate::idmap::IdMaps,
+    /// Whether nodes past the descriptor budget use file handles.
+    pub file_handles: FileHandles,
 }
 
 impl FsConfig {
@@ -77,6 +106,7 @@ impl FsConfig {
             thread_pool_size: 0,
             readonly: false,
             ids: crate::idmap::IdMaps::default(),
+            file_handles: FileHandles::Prefer,
         }
     }
 }

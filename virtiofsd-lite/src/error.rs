@@ -10,6 +10,9 @@ pub enum Error {
     /// The shared directory cannot be opened.
     #[error("cannot open shared directory {path}: {source}; check that it exists, is a directory and is readable")]
     SharedDir { path: PathBuf, source: io::Error },
+    /// `--inode-file-handles mandatory` where file handles do not work.
+    #[error("file handles do not work on {path}: {source}; they need CAP_DAC_READ_SEARCH and a file system that exports them (use --inode-file-handles prefer)")]
+    FileHandles { path: PathBuf, source: io::Error },
     /// `/proc/self/fd` cannot be opened.
     #[error("cannot open /proc/self/fd: {0}; virtiofsd-lite needs /proc mounted")]
     ProcFd(io::Error),

@@ -32,7 +32,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-pub use config::{CacheMode, FsConfig};
+pub use config::{CacheMode, FileHandles, FsConfig};
 pub use error::Error;
 pub use filesystem::FileSystem;
 pub use idmap::{IdMap, IdMaps, IdRule};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use virtiofsd_lite::sandbox::{self, Role};
-use virtiofsd_lite::{CacheMode, FsConfig, IdMap, IdMaps, IdRule};
+use virtiofsd_lite::{CacheMode, FileHandles, FsConfig, IdMap, IdMaps, IdRule};
 
 /// How the daemon process is isolated from the rest of the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -60,6 +60,12 @@ struct Args {
     /// Same as --translate-uid, for GIDs.
     #[arg(long, value_name = "MAP")]
     translate_gid: Vec<IdRule>,
+    /// Nodes past the descriptor budget (half the open-file limit) keep a
+    /// kernel file handle: "prefer" where that works, else their parent and
+    /// name; "never" always by name; "mandatory" refuses to start without
+    /// file handles.
+    #[arg(long, default_value = "prefer", value_name = "never|prefer|mandatory")]
+    inode_file_handles: FileHandles,
 }
 
 fn main() {
@@ -82,6 +88,7 @@ fn main() {
         thread_pool_size: a.thread_pool_size,
         readonly: a.readonly,
         ids,
+        file_handles: a.inode_file_handles,
     };
     let result = match a.sandbox {
         Sandbox::None => virtiofsd_lite::serve_listener(&a.socket_path, config),

@@ -170,6 +170,19 @@ fn run(dir: &std::path::Path) {
     let last = nodes[FILES - 1];
     std::fs::rename(dir.join(format!("f{}", FILES - 1)), dir.join("sub/moved")).unwrap();
     assert_eq!(fs.call(opcode::GETATTR, last, &[&[0u8; 16]]).0, 0);
+    // Replaced on the host (the new file may get the old inode number): the
+    // old node is stale and a new lookup is a new node with the new file.
+    let i = FILES - 2;
+    std::fs::remove_file(dir.join(format!("f{i}"))).unwrap();
+    std::fs::write(dir.join(format!("f{i}")), b"replaced\n").unwrap();
+    assert_eq!(
+        fs.call(opcode::GETATTR, nodes[i], &[&[0u8; 16]]).0,
+        -libc::ESTALE
+    );
+    let fresh = fs.lookup(1, &format!("f{i}"));
+    assert_ne!(fresh.nodeid, nodes[i]);
+    assert_eq!(fresh.attr.size, 9);
+    fs.forget(fresh.nodeid, 1);
 
     // FORGET is exact: each node was looked up once (f0 and the last twice).
     for (i, &ino) in nodes.iter().enumerate() {

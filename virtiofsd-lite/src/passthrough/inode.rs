@@ -14,17 +14,27 @@
 //! any size never exhausts `RLIMIT_NOFILE`. Handles are only made by the
 //! daemon from descriptors that are already confined, never taken from the
 //! guest. Where handles do not work (no `CAP_DAC_READ_SEARCH`, a file system
-//! without export support, another mount below the shared directory) the
-//! node keeps its descriptor past the budget and a warning is logged once.
+//! without export support, another mount below the shared directory, or
+//! `--inode-file-handles never`), a node that is not a directory keeps its
+//! parent node and its name instead, and each request re-opens it with
+//! `openat2(parent, name, O_PATH | O_NOFOLLOW, RESOLVE_BENEATH)` and checks
+//! that the result is still the same inode (`ESTALE` otherwise: the host
+//! removed or replaced it). RENAME through the daemon moves the recorded
+//! name with the file; a hard link removed under the recorded name makes
+//! the node stale although other names remain. Directories (and nodes
+//! whose name is not known) keep their descriptor past the budget, and a
+//! warning is logged once; a tree has far fewer directories than files.
 
 use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::sys::{self, FileHandle};
+use crate::config::FileHandles;
 use crate::fuse::ROOT_ID;
 
 /// `(st_dev, st_ino)` of a host inode.
@@ -41,6 +51,18 @@ enum HostRef {
     Fd(OwnedFd),
     /// A file handle on the shared directory's mount (re-opened per request).
     Handle(FileHandle),
+    /// A name in a directory node (re-opened and checked per request).
+    Name(Mutex<NameRef>),
+}
+
+/// Where a node without descriptor or handle lives: a name in a directory.
+struct NameRef {
+    /// The directory node; its `Arc` keeps its descriptor or handle alive.
+    parent: Arc<InodeData>,
+    name: CString,
+    /// `sys::identity_fd` when recorded: a file the host put in its place
+    /// may reuse the inode number, not the birth time too.
+    identity: (u64, u64, i64, u32),
 }
 
 /// One inode the guest knows about.
@@ -66,7 +88,23 @@ impl InodeData {
         self.file_type == libc::S_IFDIR
     }
 
-    /// Whether this node holds an open descriptor (else a file handle).
+    /// Whether `fd` is this node's inode. A held descriptor pins its inode,
+    /// so its number cannot have been reused; a handle or name is checked.
+    fn is_same_inode(&self, fd: &OwnedFd) -> bool {
+        match &self.host {
+            HostRef::Fd(_) => true,
+            HostRef::Handle(h) => {
+                sys::name_to_handle(fd.as_raw_fd()).is_ok_and(|(new, _)| new == *h)
+            }
+            HostRef::Name(at) => {
+                let at = at.lock().unwrap_or_else(|p| p.into_inner());
+                sys::identity_fd(fd.as_raw_fd()).is_ok_and(|id| id == at.identity)
+            }
+        }
+    }
+
+    /// Whether this node holds an open descriptor (else a file handle or a
+    /// name).
     pub fn holds_fd(&self) -> bool {
         matches!(self.host, HostRef::Fd(_))
     }
@@ -81,12 +119,17 @@ pub struct Node {
 }
 
 impl Node {
+    /// The node's shared data, to record as a parent.
+    pub fn data(&self) -> &Arc<InodeData> {
+        &self.data
+    }
+
     /// The `O_PATH` descriptor of the node.
     pub fn raw_fd(&self) -> RawFd {
         match (&self.reopened, &self.data.host) {
             (Some(fd), _) | (None, HostRef::Fd(fd)) => fd.as_raw_fd(),
-            // `Node::new` always re-opens handle-backed nodes.
-            (None, HostRef::Handle(_)) => -1,
+            // `InodeStore::node` always re-opens the other kinds.
+            (None, _) => -1,
         }
     }
 }
@@ -110,6 +153,8 @@ struct Maps {
     by_key: HashMap<InodeKey, u64>,
     /// Nodes holding a descriptor, root included.
     open_fds: usize,
+    /// Nodes reached by name.
+    named: usize,
 }
 
 /// The shared directory's mount, for `open_by_handle_at`.
@@ -131,13 +176,19 @@ pub struct InodeStore {
 
 impl InodeStore {
     /// A store holding only the root, `fd` being the shared directory.
-    pub fn new(root_fd: OwnedFd, st: &libc::stat64) -> Self {
-        let mount = match probe_handles(&root_fd) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                log::info!("file handles unavailable ({e}); every node keeps a descriptor");
-                None
-            }
+    /// `handles` says whether nodes past the budget may use file handles;
+    /// `Mandatory` fails where they do not work.
+    pub fn new(root_fd: OwnedFd, st: &libc::stat64, handles: FileHandles) -> io::Result<Self> {
+        let mount = match handles {
+            FileHandles::Never => None,
+            FileHandles::Prefer => match probe_handles(&root_fd) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    log::info!("file handles unavailable ({e}); nodes past the budget are re-opened by name");
+                    None
+                }
+            },
+            FileHandles::Mandatory => Some(probe_handles(&root_fd)?),
         };
         let limit = usize::try_from(sys::nofile_limit()).unwrap_or(usize::MAX);
         let store = InodeStore {
@@ -160,7 +211,7 @@ impl InodeStore {
             m.by_id.insert(ROOT_ID, root);
             m.open_fds = 1;
         }
-        store
+        Ok(store)
     }
 
     /// The most node descriptors kept open (half the soft `RLIMIT_NOFILE`,
@@ -184,6 +235,11 @@ impl InodeStore {
         self.read().open_fds
     }
 
+    /// How many nodes are reached by parent and name.
+    pub fn named(&self) -> usize {
+        self.read().named
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, Maps> {
         self.maps.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -203,34 +259,79 @@ impl InodeStore {
         let data = self
             .get(inode)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
-        let reopened = match (&data.host, &self.mount) {
-            (HostRef::Fd(_), _) => None,
-            (HostRef::Handle(h), Some(m)) => Some(sys::open_by_handle(
-                m.fd.as_raw_fd(),
-                h,
-                libc::O_PATH | libc::O_NOFOLLOW,
-            )?),
-            (HostRef::Handle(_), None) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+        let reopened = match &data.host {
+            HostRef::Fd(_) => None,
+            HostRef::Handle(h) => Some(self.open_handle(h)?),
+            HostRef::Name(at) => {
+                let (parent, name, identity) = {
+                    let at = at.lock().unwrap_or_else(|p| p.into_inner());
+                    (at.parent.clone(), at.name.clone(), at.identity)
+                };
+                // Only non-directories are named, so the parent is not.
+                let opened;
+                let dir = match &parent.host {
+                    HostRef::Fd(fd) => fd.as_raw_fd(),
+                    HostRef::Handle(h) => {
+                        opened = self.open_handle(h)?;
+                        opened.as_raw_fd()
+                    }
+                    HostRef::Name(_) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                };
+                let fd = sys::openat2(
+                    dir,
+                    &name,
+                    libc::O_PATH | libc::O_NOFOLLOW,
+                    libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+                )
+                .map_err(|_| io::Error::from_raw_os_error(libc::ESTALE))?;
+                if sys::identity_fd(fd.as_raw_fd())? != identity {
+                    return Err(io::Error::from_raw_os_error(libc::ESTALE));
+                }
+                Some(fd)
+            }
         };
         Ok(Node { data, reopened })
     }
 
+    fn open_handle(&self, h: &FileHandle) -> io::Result<OwnedFd> {
+        let m = self
+            .mount
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+        sys::open_by_handle(m.fd.as_raw_fd(), h, libc::O_PATH | libc::O_NOFOLLOW)
+    }
+
     /// Records one more lookup of the host inode described by `st`, opened
-    /// as `fd`; returns the (possibly pre-existing) node.
-    pub fn add_lookup(&self, fd: OwnedFd, st: &libc::stat64) -> Arc<InodeData> {
+    /// as `fd` and found as `name` in `parent` where known; returns the
+    /// (possibly pre-existing) node.
+    pub fn add_lookup(
+        &self,
+        fd: OwnedFd,
+        st: &libc::stat64,
+        at: Option<(&Arc<InodeData>, &CStr)>,
+    ) -> Arc<InodeData> {
         let key = (st.st_dev, st.st_ino);
         let mut m = self.write();
         if let Some(existing) = m.by_key.get(&key).and_then(|id| m.by_id.get(id)) {
-            existing.refcount.fetch_add(1, Ordering::Relaxed);
-            return existing.clone();
+            if existing.is_same_inode(&fd) {
+                existing.refcount.fetch_add(1, Ordering::Relaxed);
+                return existing.clone();
+            }
+            // The host replaced a file the node reached by handle or name,
+            // and the new one got the old inode number: the old node stays
+            // (stale) until the guest forgets it; the new file gets its own.
+            m.by_key.remove(&key);
         }
         let host = if m.open_fds < self.fd_budget() {
             HostRef::Fd(fd)
         } else {
-            self.handle_for(fd)
+            let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            self.handle_for(fd, at.filter(|_| !dir))
         };
-        if let HostRef::Fd(_) = host {
-            m.open_fds += 1;
+        match host {
+            HostRef::Fd(_) => m.open_fds += 1,
+            HostRef::Name(_) => m.named += 1,
+            HostRef::Handle(_) => {}
         }
         let inode = self.next.fetch_add(1, Ordering::Relaxed);
         let data = Arc::new(InodeData {
@@ -245,18 +346,28 @@ impl InodeStore {
         data
     }
 
-    /// A file handle for `fd` (closing it), or `fd` itself when the
-    /// handle cannot be made or would not re-open on our mount.
-    fn handle_for(&self, fd: OwnedFd) -> HostRef {
+    /// A file handle for `fd` (closing it); else the name `at`, when given
+    /// (a non-directory); else `fd` itself.
+    fn handle_for(&self, fd: OwnedFd, at: Option<(&Arc<InodeData>, &CStr)>) -> HostRef {
         let why = match (&self.mount, sys::name_to_handle(fd.as_raw_fd())) {
             (Some(m), Ok((h, id))) if id == m.id => return HostRef::Handle(h),
             (None, _) => "file handles are unavailable".to_string(),
             (Some(_), Ok(_)) => "a node lies on another mount".to_string(),
             (Some(_), Err(e)) => format!("name_to_handle_at failed: {e}"),
         };
+        if let Some((parent, name)) = at {
+            let identity = sys::identity_fd(fd.as_raw_fd());
+            if let (false, Ok(identity)) = (matches!(parent.host, HostRef::Name(_)), identity) {
+                return HostRef::Name(Mutex::new(NameRef {
+                    parent: parent.clone(),
+                    name: name.to_owned(),
+                    identity,
+                }));
+            }
+        }
         if !self.warned.swap(true, Ordering::Relaxed) {
             log::warn!(
-                "over the descriptor budget of {} and {why}: keeping descriptors open",
+                "over the descriptor budget of {} and {why}: keeping directory descriptors open",
                 self.fd_budget()
             );
         }
@@ -282,8 +393,10 @@ impl InodeStore {
         data.refcount.store(left, Ordering::Relaxed);
         if left == 0 {
             let key = data.key;
-            if data.holds_fd() {
-                m.open_fds -= 1;
+            match data.host {
+                HostRef::Fd(_) => m.open_fds -= 1,
+                HostRef::Name(_) => m.named -= 1,
+                HostRef::Handle(_) => {}
             }
             m.by_id.remove(&inode);
             if m.by_key.get(&key) == Some(&inode) {
@@ -299,6 +412,28 @@ impl InodeStore {
         let root_key = m.by_id.get(&ROOT_ID).map(|r| r.key);
         m.by_key.retain(|k, _| Some(*k) == root_key);
         m.open_fds = 1;
+        m.named = 0;
+    }
+
+    /// After a rename through the daemon: the node of the inode now at
+    /// `name` in `parent`, if reached by name, is recorded there.
+    pub fn moved(&self, parent: &Arc<InodeData>, name: &CStr, st: &libc::stat64) {
+        if self.read().named == 0 {
+            return;
+        }
+        let Some(data) = self.get_by_key((st.st_dev, st.st_ino)) else {
+            return;
+        };
+        if let HostRef::Name(at) = &data.host {
+            let mut at = at.lock().unwrap_or_else(|p| p.into_inner());
+            at.parent = parent.clone();
+            at.name = name.to_owned();
+        }
+    }
+
+    fn get_by_key(&self, key: InodeKey) -> Option<Arc<InodeData>> {
+        let m = self.read();
+        m.by_key.get(&key).and_then(|id| m.by_id.get(id)).cloned()
     }
 
     /// How many nodes are held, root included.

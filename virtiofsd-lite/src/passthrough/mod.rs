@@ -82,7 +82,12 @@ impl PassthroughFs {
         .map_err(Error::ProcFd)?;
         Ok(PassthroughFs {
             root_key: (st.st_dev, st.st_ino),
-            inodes: InodeStore::new(root_fd, &st),
+            inodes: InodeStore::new(root_fd, &st, cfg.file_handles).map_err(|e| {
+                Error::FileHandles {
+                    path: path.clone(),
+                    source: e,
+                }
+            })?,
             handles: HandleStore::default(),
             proc_self_fd,
             root_path,
@@ -143,13 +148,13 @@ impl PassthroughFs {
         // one moved out later no longer leads anywhere new (see confine.rs).
         self.check_beneath_root(parent)?;
         let st = sys::stat_fd(fd.as_raw_fd())?;
-        let data = self.inodes.add_lookup(fd, &st);
+        let data = self.inodes.add_lookup(fd, &st, Some((parent.data(), name)));
         Ok(self.entry(data.inode, st))
     }
 
     /// Registers an inode from an already open (confined) descriptor, as
-    /// CREATE does, and takes one lookup reference.
-    fn lookup_fd(&self, fd: &OwnedFd) -> io::Result<Entry> {
+    /// CREATE does with `name` in `parent`, and takes one lookup reference.
+    fn lookup_fd(&self, fd: &OwnedFd, parent: &Node, name: &CStr) -> io::Result<Entry> {
         let path_fd = sys::openat(
             self.proc_self_fd.as_raw_fd(),
             &sys::fd_name(fd),
@@ -157,7 +162,9 @@ impl PassthroughFs {
             0,
         )?;
         let st = sys::stat_fd(path_fd.as_raw_fd())?;
-        let data = self.inodes.add_lookup(path_fd, &st);
+        let data = self
+            .inodes
+            .add_lookup(path_fd, &st, Some((parent.data(), name)));
         Ok(self.entry(data.inode, st))
     }
 

@@ -298,7 +298,20 @@ impl FileSystem for PassthroughFs {
         let (o, n) = (self.inode(olddir)?, self.inode(newdir)?);
         self.check_beneath_root(&o)?;
         self.check_beneath_root(&n)?;
-        sys::renameat2(o.raw_fd(), oldname, n.raw_fd(), newname, flags)
+        sys::renameat2(o.raw_fd(), oldname, n.raw_fd(), newname, flags)?;
+        // Nodes reached by name follow their file (both, for an exchange).
+        if self.inodes.named() > 0 {
+            let mut moved = vec![(&n, newname)];
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                moved.push((&o, oldname));
+            }
+            for (dir, name) in moved {
+                if let Ok(st) = sys::stat_at(dir.raw_fd(), name) {
+                    self.inodes.moved(dir.data(), name, &st);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn link(
@@ -372,7 +385,7 @@ impl FileSystem for PassthroughFs {
                 libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, oflags & !libc::O_NONBLOCK)
             })?;
         }
-        let entry = self.lookup_fd(&fd)?;
+        let entry = self.lookup_fd(&fd, &p, name)?;
         let h = self.handles.insert(entry.inode, fd);
         Ok((entry, Some(h), self.fopen_flags(false)))
     }

@@ -66,16 +66,46 @@ pub fn openat(dirfd: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<Ow
 
 /// `fstatat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: the inode behind `fd`.
 pub fn stat_fd(fd: RawFd) -> io::Result<libc::stat64> {
-    let mut st = MaybeUninit::<libc::stat64>::zeroed();
-    // SAFETY: `st` is valid for writes of one stat64 and the path is "".
+    fstatat(fd, EMPTY, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// `fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW)`: the inode `name` in `dirfd`
+/// names (a single component, symlinks not followed).
+pub fn stat_at(dirfd: RawFd, name: &CStr) -> io::Result<libc::stat64> {
+    fstatat(dirfd, name, libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// The identity of the inode behind `fd` that survives the reuse of its
+/// inode number: `(st_dev, st_ino, birth time)`, the birth time 0 where the
+/// file system does not record one.
+pub fn identity_fd(fd: RawFd) -> io::Result<(u64, u64, i64, u32)> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `stx` is valid for writes of one statx and the path is "".
     check(unsafe {
-        libc::fstatat64(
+        libc::statx(
             fd,
             EMPTY.as_ptr(),
-            st.as_mut_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_INO | libc::STATX_BTIME,
+            stx.as_mut_ptr(),
         )
     })?;
+    // SAFETY: statx succeeded, so it initialised `stx`.
+    let stx = unsafe { stx.assume_init() };
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    let (sec, nsec) = if stx.stx_mask & libc::STATX_BTIME != 0 {
+        (stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec)
+    } else {
+        (0, 0)
+    };
+    Ok((dev, stx.stx_ino, sec, nsec))
+}
+
+fn fstatat(dirfd: RawFd, name: &CStr, flags: i32) -> io::Result<libc::stat64> {
+    let mut st = MaybeUninit::<libc::stat64>::zeroed();
+    // SAFETY: `st` is valid for writes of one stat64 and `name` is
+    // NUL-terminated; fstatat64 retains neither.
+    check(unsafe { libc::fstatat64(dirfd, name.as_ptr(), st.as_mut_ptr(), flags) })?;
     // SAFETY: fstatat64 succeeded, so it initialised `st`.
     Ok(unsafe { st.assume_init() })
 }
@@ -177,7 +207,7 @@ struct RawFileHandle {
 
 /// A kernel file handle (`name_to_handle_at(2)`): names an inode of one
 /// mount without holding a descriptor.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileHandle {
     handle_type: i32,
     bytes: Box<[u8]>,

@@ -85,6 +85,25 @@ impl Fuse {
     }
 
     pub fn call(&mut self, op: u32, nodeid: u64, args: &[&[u8]]) -> Reply {
+        let (n, out) = self.send(op, nodeid, args);
+        assert!(n >= 16, "no reply to opcode {op}");
+        let oh: fuse::OutHeader = fuse::read_struct(&out).unwrap();
+        assert_eq!(oh.unique, self.unique);
+        Reply {
+            error: oh.error,
+            body: out[16..n].to_vec(),
+        }
+    }
+
+    /// FORGET `nlookup` lookups of `nodeid` (a request without reply).
+    pub fn forget(&mut self, nodeid: u64, nlookup: u64) {
+        let f = fuse::ForgetIn { nlookup };
+        let (n, _) = self.send(opcode::FORGET, nodeid, &[f.as_slice()]);
+        assert_eq!(n, 0, "FORGET takes no reply");
+    }
+
+    /// One request; the reply's length and buffer.
+    fn send(&mut self, op: u32, nodeid: u64, args: &[&[u8]]) -> (usize, Vec<u8>) {
         self.unique += 1;
         let body: Vec<u8> = args.concat();
         let h = fuse::InHeader {
@@ -102,13 +121,7 @@ impl Fuse {
             Reader::from_slices(vec![(&mut req[..]).into()]),
             Writer::from_slices(vec![(&mut out[..]).into()]),
         );
-        assert!(n >= 16, "no reply to opcode {op}");
-        let oh: fuse::OutHeader = fuse::read_struct(&out).unwrap();
-        assert_eq!(oh.unique, self.unique);
-        Reply {
-            error: oh.error,
-            body: out[16..n].to_vec(),
-        }
+        (n, out)
     }
 
     /// The errno of a reply (0 on success).
