@@ -11,12 +11,15 @@ echo "kernel: $kernel_dir"
 echo "== guest root file system (cached by recipe hash)"
 rootfs_dir=$(guest-image/rootfs/build.sh)
 echo "rootfs: $rootfs_dir"
+echo "== pjdfstest (cached by version)"
+pjdfstest_bin=$(scripts/pjdfstest.sh)
+echo "pjdfstest: $pjdfstest_bin"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== cargo test"
-KEYSTONE_KERNEL_DIR="$kernel_dir" KEYSTONE_ROOTFS_DIR="$rootfs_dir" cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.log
+KEYSTONE_KERNEL_DIR="$kernel_dir" KEYSTONE_ROOTFS_DIR="$rootfs_dir" KEYSTONE_PJDFSTEST="$pjdfstest_bin" cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.log
 echo "== skipped tests (counted as skipped, not passed)"
 grep -h "^SKIP:" target/test-output.log | sort | uniq -c || echo "none"
 # cargo's harness has no skip state: a test that printed SKIP returned

@@ -3,6 +3,7 @@
 
 pub mod fs_daemon;
 pub mod guest_agent;
+pub mod pjdfstest;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};

@@ -8,10 +8,11 @@
 //!
 //! One boot, then checks in order: exec (`uname -r`, exit codes), 50 MiB
 //! through stdin/stdout, an interactive shell on a PTY with a resize, files
-//! in /workspace both ways, a guest `git commit` fetched on the host through
-//! the `git upload-pack` raw stream, a pushed `.env` read back through
-//! direnv, that no guest process can open a vsock connection to the host,
-//! and a clean shutdown.
+//! in /workspace both ways, git on 3000 files, pjdfstest on /workspace and
+//! on a share cached as keystone caches workspaces, a guest `git commit`
+//! fetched on the host through the `git upload-pack` raw stream, a pushed
+//! `.env` read back through direnv, that no guest process can open a vsock
+//! connection to the host, and a clean shutdown.
 
 use std::fs;
 use std::io::Cursor;
@@ -28,6 +29,7 @@ use keystone_tests::guest_agent::{
     self, compile_vsock_probe, fetch_from_guest, fnv64, host_git, pseudo_random, step,
     wait_for_agent, GUEST_CID,
 };
+use keystone_tests::pjdfstest;
 use keystone_tests::qemu::{qemu_missing, QemuGuest};
 use keystone_tests::{skip, ScratchDir};
 use virtiofsd_lite::FsConfig;
@@ -66,6 +68,71 @@ fn start_fs(
     let thread = std::thread::spawn(move || virtiofsd_lite::serve_listener(&s, cfg));
     wait_socket(&socket, &thread, &format!("virtiofsd-lite {tag}"));
     (socket, thread)
+}
+
+/// Runs pjdfstest as root in `<mount>/pjdfstest` of the guest, where
+/// `host` is the shared directory behind `mount`, and checks its report.
+fn run_pjdfstest(client: &AgentClient, host: &Path, mount: &str, bin: &Path) {
+    let dir = host.join(".pjdfstest");
+    fs::create_dir_all(host.join("pjdfstest")).unwrap();
+    fs::create_dir_all(&dir).unwrap();
+    fs::copy(bin, dir.join("pjdfstest")).unwrap();
+    fs::write(dir.join("config.toml"), pjdfstest::CONFIG).unwrap();
+    let started = Instant::now();
+    let out = client
+        .exec_request_output(ExecRequest {
+            user: Some(UserSpec::Uid(0)),
+            ..ExecRequest::new(&[
+                &format!("{mount}/.pjdfstest/pjdfstest"),
+                "-c",
+                &format!("{mount}/.pjdfstest/config.toml"),
+                "-p",
+                &format!("{mount}/pjdfstest"),
+            ])
+        })
+        .expect("pjdfstest in the guest");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let cases = pjdfstest::parse_report(&report);
+    let count =
+        |want: fn(&pjdfstest::Verdict) -> bool| cases.iter().filter(|(_, v)| want(v)).count();
+    let passed = count(|v| *v == pjdfstest::Verdict::Ok);
+    let skipped: Vec<String> = cases
+        .iter()
+        .filter_map(|(n, v)| match v {
+            pjdfstest::Verdict::Skipped(why) => Some(format!("{n} ({why})")),
+            _ => None,
+        })
+        .collect();
+    let mut expected = Vec::new();
+    let mut unexpected = Vec::new();
+    for (name, v) in &cases {
+        if let pjdfstest::Verdict::Failed(why) = v {
+            match pjdfstest::expected_failure(name) {
+                Some(policy) => expected.push(format!("{name} ({policy})")),
+                None => unexpected.push(format!("{name}: {why}")),
+            }
+        }
+    }
+    eprintln!(
+        "pjdfstest {} on virtiofsd-lite ({mount}) under TCG: {passed} passed, {} failed as \
+         the policy says, {} failed otherwise, {} skipped, in {:?}",
+        pjdfstest::VERSION,
+        expected.len(),
+        unexpected.len(),
+        skipped.len(),
+        started.elapsed()
+    );
+    for s in &skipped {
+        eprintln!("pjdfstest skipped: {s}");
+    }
+    for s in &expected {
+        eprintln!("pjdfstest failed by policy: {s}");
+    }
+    assert!(
+        passed > 300 && unexpected.is_empty(),
+        "pjdfstest on {mount}: {passed} passed; unexpected failures: {unexpected:#?}\nstderr: {stderr}"
+    );
 }
 
 fn exec(client: &AgentClient, argv: &[&str]) -> (i32, String, String) {
@@ -112,6 +179,17 @@ fn agent_over_vsock_under_qemu() {
         scratch.path().join("ws.sock"),
         FsConfig::new(&ws, "workspace"),
     );
+    // A second share as the keystone supervisor serves workspaces (names
+    // and attributes cached for long), for pjdfstest.
+    let cached = scratch.path().join("cached");
+    fs::create_dir_all(&cached).unwrap();
+    let (cached_sock, cached_thread) = start_fs(
+        scratch.path().join("cached.sock"),
+        FsConfig {
+            cache: virtiofsd_lite::CacheMode::Always,
+            ..FsConfig::new(&cached, "cached")
+        },
+    );
     let vsock_sock = scratch.path().join("vsock-vhost.sock");
     let uds = scratch.path().join("vsock.sock");
     let vsock_thread = {
@@ -133,6 +211,7 @@ fn agent_over_vsock_under_qemu() {
         .initrd(&initrd)
         .vhost_user_fs(&root_sock, "root")
         .vhost_user_fs(&ws_sock, "workspace")
+        .vhost_user_fs(&cached_sock, "cached")
         .append("keystone.root=root keystone.workspace=workspace keystone.hostname=ks-agent-qemu")
         .qemu_args([
             "-chardev".to_string(),
@@ -354,6 +433,33 @@ fn agent_over_vsock_under_qemu() {
         );
     });
 
+    // pjdfstest as root on /workspace (`--cache auto`) and on a share
+    // served as keystone serves workspaces (`--cache always`): every case
+    // it runs passes, but those the daemon's policy refuses (each with its
+    // reason in `pjdfstest.rs`).
+    match pjdfstest::binary() {
+        Err(why) => println!("SKIP: pjdfstest on virtio-fs: {why}"),
+        Ok(bin) => {
+            let c = client.clone();
+            let (ws3, cached3) = (ws.clone(), cached.clone());
+            step("pjdfstest", Duration::from_secs(900), move || {
+                run_pjdfstest(&c, &ws3, "/workspace", &bin);
+                let out = c
+                    .exec_request_output(ExecRequest {
+                        user: Some(UserSpec::Uid(0)),
+                        ..ExecRequest::new(&[
+                            "sh",
+                            "-c",
+                            "mkdir -p /mnt/cached && mount -t virtiofs cached /mnt/cached",
+                        ])
+                    })
+                    .expect("mount the cached share");
+                assert!(out.status.success(), "{out:?}");
+                run_pjdfstest(&c, &cached3, "/mnt/cached", &bin);
+            });
+        }
+    }
+
     // A commit in the guest, outside /workspace, fetched by the host.
     let c = client.clone();
     let guest_head = step("git-commit", STEP, move || {
@@ -491,7 +597,11 @@ fn agent_over_vsock_under_qemu() {
     let tail = guest.console_tail(40);
     drop(guest);
     assert!(status.success(), "QEMU exit {status}:\n{tail}");
-    for (name, t) in [("root", root_thread), ("workspace", ws_thread)] {
+    for (name, t) in [
+        ("root", root_thread),
+        ("workspace", ws_thread),
+        ("cached", cached_thread),
+    ] {
         let r = t.join().expect("virtiofsd-lite thread");
         assert!(r.is_ok(), "virtiofsd-lite {name}: {r:?}");
     }
