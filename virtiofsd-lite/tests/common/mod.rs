@@ -242,6 +242,11 @@ impl Fuse {
         Ok(fuse::read_struct::<fuse::OpenOut>(&r.body).unwrap().fh)
     }
 
+    /// Ends the server (forgetting every node) and keeps the directory.
+    pub fn into_dir(self) -> Scratch {
+        self.dir
+    }
+
     /// The host `(st_dev, st_ino)` behind a node id.
     pub fn host_key(&self, nodeid: u64) -> (u64, u64) {
         self.server.fs().inodes().get(nodeid).unwrap().key
