@@ -33,12 +33,15 @@
 //! `/work/.cache-virtiofsd/bin/virtiofsd`), `VIRTIOFSD_LITE_BIN` (default:
 //! `virtiofsd-lite` in this example's profile folder), `BENCH_SEQ_MIB` (1024),
 //! `BENCH_RAND_OPS` (20000), `BENCH_FILES` (10000), `BENCH_GIT_FILES`
-//! (10000), `BENCH_GIT_RUNS` (5), `BENCH_SEGMENTS` (5), `KEYSTONE_KERNEL_DIR`,
+//! (10000), `BENCH_GIT_RUNS` (5), `BENCH_GIT_COLD_RUNS` (3), `BENCH_SEGMENTS`
+//! (5), `KEYSTONE_KERNEL_DIR`,
 //! `KEYSTONE_ROOTFS_DIR`.
 //!
 //! Under TCG every guest instruction is emulated, so the guest side takes
 //! most of each request's time and the ratios understate the daemons'
 //! own differences; the JSON says so.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -48,21 +51,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::{
+    cpu_ns, json_str, lower_is_better, rss_kib, summary, wait_for_socket, DAEMON_OPTS, LITE, VFSD,
+};
 use virtiofsd_lite::{CacheMode, FsConfig};
 
 const GUEST_SRC: &str = include_str!("bench_guest.c");
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
-const LITE: &str = "virtiofsd-lite";
-const VFSD: &str = "virtiofsd-1.14";
-/// The options both daemons get (besides the socket and the directory).
-const DAEMON_OPTS: [&str; 4] = ["--cache", "never", "--sandbox", "none"];
 /// Guest parameters (kernel command line -> the guest init's environment).
-const PARAMS: [(&str, &str); 6] = [
+const PARAMS: [(&str, &str); 7] = [
     ("BENCH_SEQ_MIB", "1024"),
     ("BENCH_RAND_OPS", "20000"),
     ("BENCH_FILES", "10000"),
     ("BENCH_GIT_FILES", "10000"),
     ("BENCH_GIT_RUNS", "5"),
+    ("BENCH_GIT_COLD_RUNS", "3"),
     ("BENCH_SEGMENTS", "5"),
 ];
 
@@ -93,33 +96,6 @@ impl Setup {
             .find(|(k, _)| k == name)
             .map_or("", |(_, v)| v.as_str())
     }
-}
-
-/// `RssAnon + RssFile` of `pid` in KiB, if it is alive.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    Some(field("RssAnon:") + field("RssFile:"))
-}
-
-fn wait_for_socket(path: &Path, daemon: &mut Child) -> Result<(), String> {
-    let start = Instant::now();
-    while !path.exists() {
-        if let Ok(Some(s)) = daemon.try_wait() {
-            return Err(format!("daemon exited early: {s}"));
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            return Err(format!("no socket at {} after 20 s", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<(), String> {
@@ -179,14 +155,13 @@ fn make_repo(dir: &Path, files: usize) -> Result<(), String> {
     git(&["commit", "-q", "-m", "10k files"])
 }
 
-fn qemu_args(setup: &Setup, boot: usize, devices: &[(PathBuf, String)]) -> Vec<String> {
+fn qemu_args(setup: &Setup, devices: &[(PathBuf, String)]) -> Vec<String> {
     let mut append = String::from(
         "console=ttyS0 quiet lpj=5000000 tsc=reliable reboot=t panic=-1 nokaslr rdinit=/init",
     );
     for (k, v) in &setup.params {
         append.push_str(&format!(" {k}={v}"));
     }
-    append.push_str(&format!(" BENCH_BOOT={boot}"));
     let mut a: Vec<String> = [
         "-M",
         "microvm,x-option-roms=off,rtc=off,pit=on,pic=on,acpi=off,memory-backend=mem",
@@ -248,18 +223,6 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// CPU time of every thread of `pid`, in nanoseconds (schedstat).
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// `/proc` clock ticks per second.
@@ -392,7 +355,7 @@ fn run_boot(
 
     let start = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(qemu_args(setup, boot, &devices))
+        .args(qemu_args(setup, &devices))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -472,28 +435,6 @@ fn run_boot(
         out.push((d.label, r));
     }
     Ok((out, wall_s))
-}
-
-fn json_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// Median, min and max of `v` (not empty).
-fn summary(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    (median, s[0], s[n - 1])
-}
-
-/// Whether a smaller value is the better one for this unit.
-fn lower_is_better(unit: &str) -> bool {
-    matches!(unit, "ms" | "us" | "MiB" | "s")
 }
 
 /// Every metric name with its unit, in the order the guest prints them.
@@ -694,24 +635,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn setup() -> Result<(Setup, String, String), String> {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let default_lite = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|p| p.join("virtiofsd-lite"))
-        .unwrap_or_else(|| PathBuf::from("virtiofsd-lite"));
-    let lite = std::env::var("VIRTIOFSD_LITE_BIN").map_or(default_lite, PathBuf::from);
-    if !lite.is_file() {
-        return Err(format!(
-            "{} not found: cargo build -p virtiofsd-lite --release --bins",
-            lite.display()
-        ));
-    }
-    let vfsd = std::env::var("VIRTIOFSD_BIN")
-        .unwrap_or_else(|_| "/work/.cache-virtiofsd/bin/virtiofsd".into());
-    if !Path::new(&vfsd).is_file() {
-        return Err(format!("{vfsd} not found: cargo install virtiofsd --version 1.14.0 --root /work/.cache-virtiofsd (needs libseccomp-dev libcap-ng-dev)"));
-    }
+    let (lite, vfsd) = support::daemon_binaries()?;
     let kernel = guest_image::kernel::ensure_kernel()
         .map_err(|e| format!("no guest kernel: {e}"))?
         .vmlinux;
@@ -737,7 +661,7 @@ fn setup() -> Result<(Setup, String, String), String> {
         work,
         params,
     };
-    Ok((setup, lite.display().to_string(), vfsd))
+    Ok((setup, lite, vfsd))
 }
 
 fn main() {
@@ -748,12 +672,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let cmd = |bin: &str| -> Vec<String> {
-        std::iter::once(bin.to_string())
-            .chain(DAEMON_OPTS.iter().map(|s| s.to_string()))
-            .collect()
-    };
-    let daemons = [(LITE, cmd(&lite)), (VFSD, cmd(&vfsd))];
+    let daemons = support::daemon_commands(&lite, &vfsd);
     let mut results = Vec::new();
     let mut walls = Vec::new();
     let mut errors = Vec::new();

@@ -1,0 +1,110 @@
+//! What the two virtiofsd comparisons share: finding the two daemons,
+//! watching a daemon process (RSS, CPU time) and summarising figures.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+pub const LITE: &str = "virtiofsd-lite";
+pub const VFSD: &str = "virtiofsd-1.14";
+/// The options both daemons get (besides the socket and the directory).
+pub const DAEMON_OPTS: [&str; 4] = ["--cache", "never", "--sandbox", "none"];
+
+/// The two daemon binaries: `VIRTIOFSD_LITE_BIN` (default: `virtiofsd-lite`
+/// in this example's profile folder) and `VIRTIOFSD_BIN` (default
+/// `/work/.cache-virtiofsd/bin/virtiofsd`).
+pub fn daemon_binaries() -> Result<(String, String), String> {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let default_lite = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("virtiofsd-lite"))
+        .unwrap_or_else(|| PathBuf::from("virtiofsd-lite"));
+    let lite = std::env::var("VIRTIOFSD_LITE_BIN").map_or(default_lite, PathBuf::from);
+    if !lite.is_file() {
+        return Err(format!(
+            "{} not found: cargo build -p virtiofsd-lite --release --bins",
+            lite.display()
+        ));
+    }
+    let vfsd = std::env::var("VIRTIOFSD_BIN")
+        .unwrap_or_else(|_| "/work/.cache-virtiofsd/bin/virtiofsd".into());
+    if !Path::new(&vfsd).is_file() {
+        return Err(format!("{vfsd} not found: cargo install virtiofsd --version 1.14.0 --root /work/.cache-virtiofsd (needs libseccomp-dev libcap-ng-dev)"));
+    }
+    Ok((lite.display().to_string(), vfsd))
+}
+
+/// Each daemon's command line: the binary and [`DAEMON_OPTS`].
+pub fn daemon_commands(lite: &str, vfsd: &str) -> [(&'static str, Vec<String>); 2] {
+    let cmd = |bin: &str| -> Vec<String> {
+        std::iter::once(bin.to_string())
+            .chain(DAEMON_OPTS.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    [(LITE, cmd(lite)), (VFSD, cmd(vfsd))]
+}
+
+/// `RssAnon + RssFile` of `pid` in KiB, if it is alive.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Some(field("RssAnon:") + field("RssFile:"))
+}
+
+/// Waits for a daemon's socket to appear (20 s at most).
+pub fn wait_for_socket(path: &Path, daemon: &mut Child) -> Result<(), String> {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Ok(Some(s)) = daemon.try_wait() {
+            return Err(format!("daemon exited early: {s}"));
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(format!("no socket at {} after 20 s", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// CPU time of every thread of `pid`, in nanoseconds (schedstat).
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A JSON string literal.
+pub fn json_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Median, min and max of `v` (not empty).
+pub fn summary(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
+}
+
+/// Whether a smaller value is the better one for this unit.
+pub fn lower_is_better(unit: &str) -> bool {
+    matches!(unit, "ms" | "us" | "MiB" | "s")
+}
