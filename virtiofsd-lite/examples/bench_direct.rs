@@ -36,12 +36,12 @@ use std::fs::File;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{cpu_ns, json_str, lower_is_better, rss_kib, summary, wait_for_socket, LITE, VFSD};
+use support::{cpu_ns, json_str, lower_is_better, rss_kib, summary, LITE, VFSD};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -113,19 +113,7 @@ impl Daemon {
         sock: &Path,
         shared: &Path,
     ) -> Result<Self, String> {
-        let mut child = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .args(["--socket-path", &sock.display().to_string()])
-            .args(["--shared-dir", &shared.display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
-        if let Err(e) = wait_for_socket(sock, &mut child) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
+        let child = support::spawn_daemon(cmd, sock, shared, Stdio::null())?;
         let mut fe = vu("connect", Frontend::connect(sock, 2))?;
         let offered = vu("get_features", fe.get_features())?;
         let want = (1u64 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)

@@ -51,9 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{
-    cpu_ns, json_str, lower_is_better, rss_kib, summary, wait_for_socket, DAEMON_OPTS, LITE, VFSD,
-};
+use support::{cpu_ns, json_str, lower_is_better, rss_kib, summary, DAEMON_OPTS, LITE, VFSD};
 use virtiofsd_lite::{CacheMode, FsConfig};
 
 const GUEST_SRC: &str = include_str!("bench_guest.c");
@@ -275,19 +273,7 @@ fn start_daemon(
     shared: &Path,
     stop: &Arc<AtomicBool>,
 ) -> Result<UnderTest, String> {
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .args(["--socket-path", &sock.display().to_string()])
-        .args(["--shared-dir", &shared.display().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
-    if let Err(e) = wait_for_socket(sock, &mut child) {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
+    let child = support::spawn_daemon(cmd, sock, shared, Stdio::inherit())?;
     let samples = Arc::new(Samples::default());
     let sampler = sampler(child.id(), stop.clone(), samples.clone());
     Ok(UnderTest {

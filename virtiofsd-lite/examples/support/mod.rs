@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const LITE: &str = "virtiofsd-lite";
@@ -57,6 +57,30 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
             .unwrap_or(0)
     };
     Some(field("RssAnon:") + field("RssFile:"))
+}
+
+/// Starts `cmd` serving `shared` on `sock` and waits for its socket; the
+/// daemon's log goes to `stderr`.
+pub fn spawn_daemon(
+    cmd: &[String],
+    sock: &Path,
+    shared: &Path,
+    stderr: Stdio,
+) -> Result<Child, String> {
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args(["--socket-path", &sock.display().to_string()])
+        .args(["--shared-dir", &shared.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
+    if let Err(e) = wait_for_socket(sock, &mut child) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
 }
 
 /// Waits for a daemon's socket to appear (20 s at most).
