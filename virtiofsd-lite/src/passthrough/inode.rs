@@ -355,9 +355,9 @@ impl InodeStore {
             (Some(_), Ok(_)) => "a node lies on another mount".to_string(),
             (Some(_), Err(e)) => format!("name_to_handle_at failed: {e}"),
         };
+        // Only non-directories are named, so `parent` never is.
         if let Some((parent, name)) = at {
-            let identity = sys::identity_fd(fd.as_raw_fd());
-            if let (false, Ok(identity)) = (matches!(parent.host, HostRef::Name(_)), identity) {
+            if let Ok(identity) = sys::identity_fd(fd.as_raw_fd()) {
                 return HostRef::Name(Mutex::new(NameRef {
                     parent: parent.clone(),
                     name: name.to_owned(),
