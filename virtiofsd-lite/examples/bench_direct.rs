@@ -32,21 +32,20 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{cpu_ns, json_str, lower_is_better, rss_kib, summary, LITE, VFSD};
+use support::frontend::SharedMemory;
+use support::{cpu_ns, json_str, lower_is_better, summary, Samples, LITE, VFSD};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::VhostBackend;
 use virtiofsd_lite::fuse::{self, opcode};
-use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_BASE: u64 = 0x10_0000;
@@ -95,7 +94,7 @@ struct Daemon {
     avail_idx: u16,
     used_seen: u16,
     unique: u64,
-    rss_max_kib: Arc<AtomicU64>,
+    samples: Arc<Samples>,
     stop: Arc<AtomicBool>,
     sampler: Option<std::thread::JoinHandle<()>>,
 }
@@ -127,75 +126,20 @@ impl Daemon {
             fe.set_protocol_features(proto & VhostUserProtocolFeatures::MQ),
         )?;
 
-        // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"bench-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        vu("memfd size", file.set_len(MEM_SIZE as u64))?;
-        let clone = vu("memfd dup", file.try_clone())?;
-        let mem = vu(
-            "guest memory",
-            GuestMemoryMmap::<()>::from_ranges_with_files(&[(
-                GuestAddress(MEM_BASE),
-                MEM_SIZE,
-                Some(FileOffset::new(clone, 0)),
-            )]),
-        )?;
-        let host = mem
-            .get_host_address(GuestAddress(MEM_BASE))
-            .map_err(|e| e.to_string())? as u64;
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: MEM_BASE,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: host,
-            mmap_offset: 0,
-            mmap_handle: file.as_raw_fd(),
-        };
-        vu("set_mem_table", fe.set_mem_table(&[region]))?;
-        let q = 1;
-        vu("set_vring_num", fe.set_vring_num(q, QSIZE))?;
-        vu(
-            "set_vring_addr",
-            fe.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: QSIZE,
-                    queue_size: QSIZE,
-                    flags: 0,
-                    desc_table_addr: host + (DESC - MEM_BASE),
-                    used_ring_addr: host + (USED - MEM_BASE),
-                    avail_ring_addr: host + (AVAIL - MEM_BASE),
-                    log_addr: None,
-                },
-            ),
-        )?;
-        vu("set_vring_base", fe.set_vring_base(q, 0))?;
+        let shared = SharedMemory::new(MEM_BASE, MEM_SIZE)?;
+        shared.share(&mut fe)?;
         // A blocking call eventfd: the frontend sleeps on it as a vCPU
         // halts until its interrupt.
         let call = vu("eventfd", EventFd::new(0))?;
         let kick = vu("eventfd", EventFd::new(libc::EFD_NONBLOCK))?;
-        vu("set_vring_call", fe.set_vring_call(q, &call))?;
-        vu("set_vring_kick", fe.set_vring_kick(q, &kick))?;
-        vu("set_vring_enable", fe.set_vring_enable(q, true))?;
+        shared.enable_queue(&mut fe, 1, QSIZE, (DESC, AVAIL, USED), &call, &kick)?;
+        let mem = shared.into_memory();
         let payload: Vec<u8> = (0..BLOCK).map(|i| (i * 7 % 251) as u8).collect();
         vu("payload", mem.write_slice(&payload, GuestAddress(DATA)))?;
 
         let stop = Arc::new(AtomicBool::new(false));
-        let rss_max_kib = Arc::new(AtomicU64::new(0));
-        let sampler = {
-            let (pid, stop, rss) = (child.id(), stop.clone(), rss_max_kib.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(k) = rss_kib(pid) {
-                        rss.fetch_max(k, Ordering::Relaxed);
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        };
+        let samples = Arc::new(Samples::default());
+        let sampler = support::sampler(child.id(), stop.clone(), samples.clone());
         let mut d = Daemon {
             label,
             child,
@@ -206,7 +150,7 @@ impl Daemon {
             avail_idx: 0,
             used_seen: 0,
             unique: 0,
-            rss_max_kib,
+            samples,
             stop,
             sampler: Some(sampler),
         };
@@ -460,7 +404,7 @@ impl Daemon {
         if let Some(s) = self.sampler.take() {
             let _ = s.join();
         }
-        self.rss_max_kib.load(Ordering::Relaxed)
+        self.samples.rss_max_kib.load(Ordering::Relaxed)
     }
 }
 

@@ -47,11 +47,13 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{cpu_ns, json_str, lower_is_better, rss_kib, summary, DAEMON_OPTS, LITE, VFSD};
+use support::{
+    cpu_ns, json_str, lower_is_better, sampler, summary, Samples, DAEMON_OPTS, LITE, VFSD,
+};
 use virtiofsd_lite::{CacheMode, FsConfig};
 
 const GUEST_SRC: &str = include_str!("bench_guest.c");
@@ -213,16 +215,6 @@ fn watchdog(pid: u32, finished: Arc<AtomicBool>) -> std::thread::JoinHandle<()> 
     })
 }
 
-/// User plus system CPU time of `pid` in clock ticks, if it is alive.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name: state is the first,
-    // utime the 12th and stime the 13th.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 /// `/proc` clock ticks per second.
 fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf only reads a system constant.
@@ -232,29 +224,6 @@ fn clock_ticks_per_s() -> f64 {
     } else {
         100.0
     }
-}
-
-/// What the sampler saw of one daemon process.
-#[derive(Default)]
-struct Samples {
-    rss_max_kib: AtomicU64,
-    cpu_ticks: AtomicU64,
-}
-
-/// Samples the RSS (keeping the largest) and CPU time of `pid` every
-/// 100 ms until `stop` is set.
-fn sampler(pid: u32, stop: Arc<AtomicBool>, out: Arc<Samples>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(k) = rss_kib(pid) {
-                out.rss_max_kib.fetch_max(k, Ordering::Relaxed);
-            }
-            if let Some(t) = cpu_ticks(pid) {
-                out.cpu_ticks.fetch_max(t, Ordering::Relaxed);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    })
 }
 
 /// One daemon under test, running as its own process.

@@ -3,18 +3,21 @@
 //! memory and a small guest-side split virtqueue that places FUSE requests
 //! in descriptor chains (INIT, LOOKUP, OPEN, READ) and reads the replies.
 
-use std::fs::File;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::VhostBackend;
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::{spawn_paired, FsConfig};
-use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+#[path = "../examples/support/frontend.rs"]
+mod frontend;
+
+use frontend::SharedMemory;
 
 const MEM_BASE: u64 = 0x10_0000;
 const MEM_SIZE: usize = 0x40_0000;
@@ -152,49 +155,15 @@ fn exercise(fe: &mut Frontend, content: &[u8]) {
     fe.set_protocol_features(proto).unwrap();
     assert_eq!(fe.get_queue_num().unwrap(), 2);
 
-    // SAFETY: memfd_create with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd was just created and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
-        GuestAddress(MEM_BASE),
-        MEM_SIZE,
-        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-    )])
-    .unwrap();
-    let host = mem.get_host_address(GuestAddress(MEM_BASE)).unwrap() as u64;
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: MEM_BASE,
-        memory_size: MEM_SIZE as u64,
-        userspace_addr: host,
-        mmap_offset: 0,
-        mmap_handle: file.as_raw_fd(),
-    };
-    fe.set_mem_table(&[region]).unwrap();
-
-    let q = 1; // the first request queue
-    fe.set_vring_num(q, QSIZE).unwrap();
-    fe.set_vring_addr(
-        q,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host + (DESC - MEM_BASE),
-            used_ring_addr: host + (USED - MEM_BASE),
-            avail_ring_addr: host + (AVAIL - MEM_BASE),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(q, 0).unwrap();
+    let shared = SharedMemory::new(MEM_BASE, MEM_SIZE).unwrap();
+    shared.share(fe).unwrap();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(q, &call).unwrap();
-    fe.set_vring_kick(q, &kick).unwrap();
-    fe.set_vring_enable(q, true).unwrap();
+    let q = 1; // the first request queue
+    shared
+        .enable_queue(fe, q, QSIZE, (DESC, AVAIL, USED), &call, &kick)
+        .unwrap();
+    let mem = shared.into_memory();
 
     let mut gq = GuestQueue {
         mem,

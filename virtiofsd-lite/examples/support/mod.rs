@@ -2,8 +2,12 @@
 //! watching a daemon process (RSS, CPU time) and summarising figures.
 #![allow(dead_code)]
 
+pub mod frontend;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const LITE: &str = "virtiofsd-lite";
@@ -96,6 +100,39 @@ pub fn wait_for_socket(path: &Path, daemon: &mut Child) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// User plus system CPU time of `pid` in clock ticks, if it is alive.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is the first,
+    // utime the 12th and stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// What the sampler saw of one daemon process.
+#[derive(Default)]
+pub struct Samples {
+    pub rss_max_kib: AtomicU64,
+    pub cpu_ticks: AtomicU64,
+}
+
+/// Samples the RSS (keeping the largest) and CPU time of `pid` every
+/// 100 ms until `stop` is set.
+pub fn sampler(pid: u32, stop: Arc<AtomicBool>, out: Arc<Samples>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(k) = rss_kib(pid) {
+                out.rss_max_kib.fetch_max(k, Ordering::Relaxed);
+            }
+            if let Some(t) = cpu_ticks(pid) {
+                out.cpu_ticks.fetch_max(t, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
 }
 
 /// CPU time of every thread of `pid`, in nanoseconds (schedstat).
