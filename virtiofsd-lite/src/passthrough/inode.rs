@@ -283,7 +283,7 @@ impl InodeStore {
                     libc::O_PATH | libc::O_NOFOLLOW,
                     libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
                 )
-                .map_err(|_| io::Error::from_raw_os_error(libc::ESTALE))?;
+                .map_err(stale_if_gone)?;
                 if sys::identity_fd(fd.as_raw_fd())? != identity {
                     return Err(io::Error::from_raw_os_error(libc::ESTALE));
                 }
@@ -450,6 +450,19 @@ impl InodeStore {
     pub fn lookup_count(&self, inode: u64) -> u64 {
         self.get(inode)
             .map_or(0, |d| d.refcount.load(Ordering::Relaxed))
+    }
+}
+
+/// The error of re-opening a node by its name: `ESTALE` when the name no
+/// longer leads to a file of ours (removed, or replaced by a symlink);
+/// anything else (`EMFILE`, `ENOMEM`, `EACCES`) as the host said it, since
+/// the file is still there and the request may succeed later.
+fn stale_if_gone(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV) | None => {
+            io::Error::from_raw_os_error(libc::ESTALE)
+        }
+        Some(_) => e,
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -424,7 +424,16 @@ impl FileSystem for PassthroughFs {
         let h = self.handles.get(handle, inode)?;
         let mut done = 0usize;
         while done < size as usize {
-            let n = r.read_to_file_at(h.raw_fd(), size as usize - done, offset + done as u64)?;
+            let n = match r.read_to_file_at(h.raw_fd(), size as usize - done, offset + done as u64)
+            {
+                Ok(n) => n,
+                // As write(2): bytes already written are the answer (a full
+                // disk or a size limit reached mid-way); the error comes
+                // with the next request, which starts where this one ended.
+                // An error answer would hide data that is on the host.
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 break;
             }
@@ -444,10 +453,17 @@ impl FileSystem for PassthroughFs {
     fn flush(&self, _ctx: Context, inode: Inode, handle: Handle) -> io::Result<()> {
         // Closing a duplicate gives the host file system its close-time
         // semantics (NFS flushes, POSIX lock release) without closing ours.
+        // What that close reports (a network file system's deferred
+        // ENOSPC or EDQUOT) is what the guest's close(2) reports.
         let h = self.handles.get(handle, inode)?;
         let dup: OwnedFd = h.fd().try_clone()?;
-        drop(dup);
-        Ok(())
+        // SAFETY: closes the duplicate we own; `into_raw_fd` gave up its
+        // ownership, so it is closed exactly once.
+        match sys::cvt(unsafe { libc::close(dup.into_raw_fd()) }) {
+            // Linux closes the descriptor even when close is interrupted.
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            r => r,
+        }
     }
 
     fn fsync(&self, _ctx: Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
