@@ -3,6 +3,12 @@
 //! SET/REMOVE answer ENOTSUP, LISTXATTR filters), and never on symlinks.
 //! The calls go through `/proc/self/fd/N` of the node's confined `O_PATH`
 //! descriptor, since the `f*xattr` calls do not accept `O_PATH`.
+//!
+//! The size the guest asks for is clamped to Linux's own limits
+//! ([`XATTR_SIZE_MAX`], [`XATTR_LIST_MAX`]) before anything is allocated,
+//! as the `getxattr`/`listxattr` system calls clamp theirs: a request for
+//! 4 GiB costs 64 KiB. What does not fit answers `ERANGE`, or `E2BIG` when
+//! even the largest buffer would not do, as those calls answer.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -12,6 +18,21 @@ use crate::filesystem::{Inode, XattrReply};
 
 fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
+}
+
+/// The largest extended attribute value Linux reads or writes.
+const XATTR_SIZE_MAX: u32 = 65536;
+/// The largest list of names `listxattr` returns.
+const XATTR_LIST_MAX: u32 = 65536;
+
+/// The errno for a value or list longer than the buffer: `E2BIG` when the
+/// buffer already had the largest size allowed, `ERANGE` otherwise.
+fn too_long(asked: u32, max: u32) -> io::Error {
+    err(if asked >= max {
+        libc::E2BIG
+    } else {
+        libc::ERANGE
+    })
 }
 
 fn is_user_xattr(name: &CStr) -> bool {
@@ -62,7 +83,7 @@ impl PassthroughFs {
         if !is_user_xattr(name) || symlink {
             return Err(err(libc::ENODATA));
         }
-        let mut buf = vec![0u8; size as usize];
+        let mut buf = vec![0u8; size.min(XATTR_SIZE_MAX) as usize];
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes (a null-sized query when 0).
         let n = unsafe {
             libc::getxattr(
@@ -73,7 +94,11 @@ impl PassthroughFs {
             )
         };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ERANGE) => too_long(size, XATTR_SIZE_MAX),
+                _ => e,
+            });
         }
         if size == 0 {
             return Ok(XattrReply::Count(n as u32));
@@ -92,7 +117,9 @@ impl PassthroughFs {
             if need < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let mut buf = vec![0u8; need as usize];
+            // No list is longer than XATTR_LIST_MAX: for a longer one the
+            // host's listxattr answers E2BIG, which is passed on.
+            let mut buf = vec![0u8; (need as usize).min(XATTR_LIST_MAX as usize)];
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
             let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
@@ -106,6 +133,9 @@ impl PassthroughFs {
         }
         if size == 0 {
             return Ok(XattrReply::Count(names.len() as u32));
+        }
+        if names.len() > size.min(XATTR_LIST_MAX) as usize {
+            return Err(too_long(size, XATTR_LIST_MAX));
         }
         Ok(XattrReply::Value(names))
     }
