@@ -1,7 +1,11 @@
-//! Agent configuration: `agent.toml`, environment overrides, flags.
+//! Agent configuration: two `agent.toml` files, environment overrides,
+//! flags.
 //!
-//! The file is `$XDG_CONFIG_HOME/keystone/agent.toml` (or
-//! `~/.config/keystone/agent.toml`):
+//! The system-wide file is `/etc/keystone/agent.toml` (`KEYSTONE_SYSTEM_CONFIG`
+//! names another one, e.g. for tests; the NixOS module writes this file). The
+//! user's own file is `$XDG_CONFIG_HOME/keystone/agent.toml` (or
+//! `~/.config/keystone/agent.toml`). A missing file is skipped. Both take the
+//! same keys:
 //!
 //! ```toml
 //! [defaults]
@@ -19,6 +23,11 @@
 //! share_proto = "virtiofs"
 //! engine = "auto"        # auto | vmm | qemu
 //!
+//! [backend.kubernetes]   # accepted; the backend reports "not implemented"
+//! context = "prod"       # kubeconfig context
+//! namespace = "agents"
+//! storage_class = "fast-ssd"
+//!
 //! [proxy]
 //! enable = true
 //! domain = "sandbox.local"
@@ -27,26 +36,29 @@
 //! allow = ["10.1.0.0/16"]  # private blocks outbound connections may reach
 //! ```
 //!
-//! Precedence, lowest first: built-in defaults, the file,
-//! `KEYSTONE_AGENT_BACKEND` / `KEYSTONE_AGENT_MEMORY` /
-//! `KEYSTONE_AGENT_VCPUS` / `KEYSTONE_AGENT_SYNC_MODE`, then flags.
+//! Precedence, lowest first: built-in defaults, the system-wide file, the
+//! user's file, `KEYSTONE_AGENT_BACKEND` / `KEYSTONE_AGENT_MEMORY` /
+//! `KEYSTONE_AGENT_VCPUS` / `KEYSTONE_AGENT_SYNC_MODE`, then flags. A key
+//! the user's file leaves out keeps the system-wide file's value.
 //!
 //! That resolves the settings of a sandbox's first start (or a `--fresh`
 //! one). A later start keeps what the sandbox saved in its `config.json`
 //! (memory, vCPUs, nesting, network, sync mode) unless a flag overrides it
 //! (and is saved in turn); see [`for_existing`].
 //!
-//! An unknown key or a bad value is an error naming the file, the line and
-//! the key. SPEC.md has no exit code for an invalid configuration; it is
-//! not "invalid state" (2, a sandbox's state) nor a failed operation, so it
-//! exits 1, as a missing or unusable input does.
+//! An unknown key or a bad value, in either file, is an error naming that
+//! file, the line and the key (`file.rs` reads a file). SPEC.md has no exit
+//! code for an invalid configuration; it is not "invalid state" (2, a
+//! sandbox's state) nor a failed operation, so it exits 1, as a missing or
+//! unusable input does.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use toml::Spanned;
+
+mod file;
 
 /// Declares a string-valued setting: an enum with its spellings.
 macro_rules! choice {
@@ -121,6 +133,34 @@ pub struct Settings {
     /// (see `netpolicy`), as written (each parses as a `Cidr`).
     #[serde(default)]
     pub network_allow: Vec<String>,
+    /// `[backend.kubernetes]`: where the Kubernetes backend would run.
+    #[serde(default)]
+    pub kubernetes: KubernetesTarget,
+}
+
+/// `[backend.kubernetes]`: the cluster, namespace and storage class the
+/// Kubernetes backend is to use; each is unset unless a file sets it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesTarget {
+    pub context: Option<String>,
+    pub namespace: Option<String>,
+    pub storage_class: Option<String>,
+}
+
+impl KubernetesTarget {
+    /// The keys that are set, as `key = "value"` joined by ", "; `None`
+    /// when none is.
+    pub fn describe(&self) -> Option<String> {
+        let set: Vec<String> = [
+            ("context", &self.context),
+            ("namespace", &self.namespace),
+            ("storage_class", &self.storage_class),
+        ]
+        .into_iter()
+        .filter_map(|(key, v)| v.as_ref().map(|v| format!("{key} = {v:?}")))
+        .collect();
+        (!set.is_empty()).then(|| set.join(", "))
+    }
 }
 
 impl Default for Settings {
@@ -138,6 +178,7 @@ impl Default for Settings {
             proxy_enable: true,
             proxy_domain: "sandbox.local".into(),
             network_allow: Vec::new(),
+            kubernetes: KubernetesTarget::default(),
         }
     }
 }
@@ -162,7 +203,18 @@ pub struct FlagOverrides {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// The default location of `agent.toml`.
+/// Where the system-wide file is unless `KEYSTONE_SYSTEM_CONFIG` says.
+pub const SYSTEM_PATH: &str = "/etc/keystone/agent.toml";
+
+/// The location of the system-wide `agent.toml`: `KEYSTONE_SYSTEM_CONFIG`
+/// when set and not empty, else [`SYSTEM_PATH`].
+pub fn system_path(var: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    var("KEYSTONE_SYSTEM_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(SYSTEM_PATH), PathBuf::from)
+}
+
+/// The default location of the user's `agent.toml`.
 pub fn default_path(var: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
     let nonempty = |k: &str| var(k).filter(|v| !v.is_empty());
     if let Some(dir) = nonempty("XDG_CONFIG_HOME") {
@@ -171,31 +223,48 @@ pub fn default_path(var: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
     nonempty("HOME").map(|home| PathBuf::from(home).join(".config/keystone/agent.toml"))
 }
 
-/// Resolves settings from the process environment, the default file (if it
-/// exists) and `flags`.
-pub fn load(flags: &FlagOverrides) -> Result<Settings, ConfigError> {
-    let var = |k: &str| std::env::var(k).ok();
-    let file = match default_path(&var) {
-        Some(path) => match std::fs::read_to_string(&path) {
-            Ok(text) => Some((path, text)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(ConfigError(format!("cannot read {}: {e}", path.display()))),
-        },
-        None => None,
-    };
-    let file = file.as_ref().map(|(p, t)| (p.as_path(), t.as_str()));
-    resolve(file, &var, flags)
+/// The contents of the file at `path`, or `None` if there is none.
+fn read_if_present(path: PathBuf) -> Result<Option<(PathBuf, String)>, ConfigError> {
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some((path, text))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ConfigError(format!(
+            "cannot read {}: {e}; fix its permissions or remove it",
+            path.display()
+        ))),
+    }
 }
 
-/// The pure core of [`load`]: defaults < `file` < environment < `flags`.
+/// Resolves settings from the process environment, the system-wide and
+/// user files (those that exist) and `flags`.
+pub fn load(flags: &FlagOverrides) -> Result<Settings, ConfigError> {
+    let var = |k: &str| std::env::var(k).ok();
+    let mut files = Vec::new();
+    if let Some(found) = read_if_present(system_path(&var))? {
+        files.push(found);
+    }
+    if let Some(path) = default_path(&var) {
+        if let Some(found) = read_if_present(path)? {
+            files.push(found);
+        }
+    }
+    let files: Vec<(&Path, &str)> = files
+        .iter()
+        .map(|(p, t)| (p.as_path(), t.as_str()))
+        .collect();
+    resolve(&files, &var, flags)
+}
+
+/// The pure core of [`load`]: defaults < each of `files` in order (the
+/// system-wide file, then the user's) < environment < `flags`.
 pub fn resolve(
-    file: Option<(&Path, &str)>,
+    files: &[(&Path, &str)],
     var: &dyn Fn(&str) -> Option<String>,
     flags: &FlagOverrides,
 ) -> Result<Settings, ConfigError> {
     let mut s = Settings::default();
-    if let Some((path, text)) = file {
-        apply_file(&mut s, path, text)?;
+    for (path, text) in files {
+        file::apply_file(&mut s, path, text)?;
     }
     apply_env(&mut s, var)?;
     apply_flags(&mut s, flags)?;
@@ -288,256 +357,6 @@ fn apply_env(s: &mut Settings, var: &dyn Fn(&str) -> Option<String>) -> Result<(
     Ok(())
 }
 
-// ---- the file ----
-
-type Value = Option<Spanned<toml::Value>>;
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    defaults: Option<RawDefaults>,
-    backend: Option<RawBackend>,
-    proxy: Option<RawProxy>,
-    network: Option<RawNetwork>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawNetwork {
-    allow: Value,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDefaults {
-    memory: Value,
-    vcpus: Value,
-    nested_virt: Value,
-    network: Value,
-    sync_mode: Value,
-    persist: Value,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawBackend {
-    #[serde(rename = "type")]
-    kind: Value,
-    microvm: Option<RawMicroVm>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawMicroVm {
-    share_proto: Value,
-    engine: Value,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawProxy {
-    enable: Value,
-    domain: Value,
-}
-
-/// Reads values out of the file, turning problems into located errors.
-struct FileReader<'a> {
-    path: &'a Path,
-    text: &'a str,
-}
-
-impl FileReader<'_> {
-    /// `1`-based line and column of a byte offset.
-    fn line_col(&self, offset: usize) -> (usize, usize) {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-        (line, col)
-    }
-
-    fn error_at(&self, offset: usize, message: impl fmt::Display) -> ConfigError {
-        let (line, col) = self.line_col(offset);
-        ConfigError(format!("{}:{line}:{col}: {message}", self.path.display()))
-    }
-
-    /// The table path in force at `offset`, as `table.` (or ""): the part
-    /// of a `[a.b]` header before the offset if the offset is in a header,
-    /// else the last header above it.
-    fn table_at(&self, offset: usize) -> String {
-        let offset = offset.min(self.text.len());
-        let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let this_line = self.text[line_start..offset].trim_start();
-        if let Some(inside) = this_line.strip_prefix('[') {
-            let inside = inside.trim_start_matches('[').trim();
-            return inside.to_string();
-        }
-        self.text[..line_start]
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with('['))
-            .map(|l| {
-                l.trim_start_matches('[')
-                    .split(']')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-            })
-            .map(|t| format!("{t}."))
-            .unwrap_or_default()
-    }
-
-    /// Turns a serde/toml error into a located one naming the key.
-    fn parse_error(&self, err: toml::de::Error) -> ConfigError {
-        let message = err.message().trim().to_string();
-        let Some(span) = err.span() else {
-            return ConfigError(format!("{}: {message}", self.path.display()));
-        };
-        if let Some(rest) = message.strip_prefix("unknown field `") {
-            let key = rest.split('`').next().unwrap_or(rest);
-            let expected = rest.split_once(", expected ").map(|(_, e)| e);
-            let key = format!("{}{key}", self.table_at(span.start));
-            let hint = expected
-                .map(|e| format!(" (expected {e})"))
-                .unwrap_or_default();
-            return self.error_at(span.start, format!("unknown key `{key}`{hint}"));
-        }
-        self.error_at(span.start, message)
-    }
-
-    fn bad_value(&self, key: &str, v: &Spanned<toml::Value>, wanted: &str) -> ConfigError {
-        self.error_at(
-            v.span().start,
-            format!(
-                "invalid value for `{key}`: expected {wanted}, got {}",
-                v.get_ref()
-            ),
-        )
-    }
-
-    fn u32_in(
-        &self,
-        key: &str,
-        v: &Spanned<toml::Value>,
-        range: (u32, u32),
-    ) -> Result<u32, ConfigError> {
-        let wanted = format!("a whole number from {} to {}", range.0, range.1);
-        match v.get_ref() {
-            toml::Value::Integer(n) if (i64::from(range.0)..=i64::from(range.1)).contains(n) => {
-                Ok(*n as u32)
-            }
-            _ => Err(self.bad_value(key, v, &wanted)),
-        }
-    }
-
-    fn bool(&self, key: &str, v: &Spanned<toml::Value>) -> Result<bool, ConfigError> {
-        v.get_ref()
-            .as_bool()
-            .ok_or_else(|| self.bad_value(key, v, "true or false"))
-    }
-
-    fn choice<T: FromStr>(
-        &self,
-        key: &str,
-        v: &Spanned<toml::Value>,
-        choices: &[&str],
-    ) -> Result<T, ConfigError> {
-        v.get_ref()
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                let quoted: Vec<_> = choices.iter().map(|c| format!("\"{c}\"")).collect();
-                self.bad_value(key, v, &format!("one of {}", quoted.join(", ")))
-            })
-    }
-
-    fn cidrs(&self, key: &str, v: &Spanned<toml::Value>) -> Result<Vec<String>, ConfigError> {
-        let what = "a list of IP addresses or CIDR blocks such as [\"10.1.0.0/16\"]";
-        let list = v
-            .get_ref()
-            .as_array()
-            .ok_or_else(|| self.bad_value(key, v, what))?;
-        list.iter()
-            .map(|item| match item.as_str() {
-                Some(text) => match text.parse::<super::netpolicy::Cidr>() {
-                    Ok(_) => Ok(text.trim().to_string()),
-                    Err(e) => Err(self.bad_value(key, v, &format!("{what} ({e})"))),
-                },
-                None => Err(self.bad_value(key, v, what)),
-            })
-            .collect()
-    }
-
-    fn domain(&self, key: &str, v: &Spanned<toml::Value>) -> Result<String, ConfigError> {
-        match v.get_ref().as_str() {
-            Some(d)
-                if !d.is_empty()
-                    && d.split('.').all(|label| {
-                        !label.is_empty()
-                            && label
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    }) =>
-            {
-                Ok(d.to_ascii_lowercase())
-            }
-            _ => Err(self.bad_value(key, v, "a DNS domain such as \"sandbox.local\"")),
-        }
-    }
-}
-
-fn apply_file(s: &mut Settings, path: &Path, text: &str) -> Result<(), ConfigError> {
-    let r = FileReader { path, text };
-    let raw: RawFile = toml::from_str(text).map_err(|e| r.parse_error(e))?;
-    if let Some(d) = raw.defaults {
-        if let Some(v) = &d.memory {
-            s.memory_mib = r.u32_in("defaults.memory", v, MEMORY_MIB)?;
-        }
-        if let Some(v) = &d.vcpus {
-            s.vcpus = r.u32_in("defaults.vcpus", v, VCPUS)?;
-        }
-        if let Some(v) = &d.nested_virt {
-            s.nested_virt = r.bool("defaults.nested_virt", v)?;
-        }
-        if let Some(v) = &d.network {
-            s.network = r.choice("defaults.network", v, Network::CHOICES)?;
-        }
-        if let Some(v) = &d.sync_mode {
-            s.sync_mode = r.choice("defaults.sync_mode", v, SyncMode::CHOICES)?;
-        }
-        if let Some(v) = &d.persist {
-            s.persist = r.bool("defaults.persist", v)?;
-        }
-    }
-    if let Some(b) = raw.backend {
-        if let Some(v) = &b.kind {
-            s.backend = r.choice("backend.type", v, BackendKind::CHOICES)?;
-        }
-        if let Some(m) = b.microvm {
-            if let Some(v) = &m.share_proto {
-                s.share_proto = r.choice("backend.microvm.share_proto", v, ShareProto::CHOICES)?;
-            }
-            if let Some(v) = &m.engine {
-                s.engine = r.choice("backend.microvm.engine", v, Engine::CHOICES)?;
-            }
-        }
-    }
-    if let Some(p) = raw.proxy {
-        if let Some(v) = &p.enable {
-            s.proxy_enable = r.bool("proxy.enable", v)?;
-        }
-        if let Some(v) = &p.domain {
-            s.proxy_domain = r.domain("proxy.domain", v)?;
-        }
-    }
-    if let Some(n) = raw.network {
-        if let Some(v) = &n.allow {
-            s.network_allow = r.cidrs("network.allow", v)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,17 +370,9 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
-    fn from_file(text: &str) -> Result<Settings, ConfigError> {
-        resolve(
-            Some((Path::new("/cfg/agent.toml"), text)),
-            &env(&[]),
-            &FlagOverrides::default(),
-        )
-    }
-
     #[test]
     fn defaults_match_the_spec() {
-        let s = resolve(None, &env(&[]), &FlagOverrides::default()).unwrap();
+        let s = resolve(&[], &env(&[]), &FlagOverrides::default()).unwrap();
         assert_eq!(s, Settings::default());
         assert_eq!(
             (s.memory_mib, s.vcpus, s.nested_virt, s.persist),
@@ -575,43 +386,6 @@ mod tests {
     }
 
     #[test]
-    fn a_full_file_is_read() {
-        let s = from_file(
-            r#"
-[defaults]
-memory = 4096
-vcpus = 2
-nested_virt = false
-network = "none"
-sync_mode = "auto-idle"
-persist = false
-
-[backend]
-type = "kubernetes"
-
-[backend.microvm]
-share_proto = "virtiofs"
-engine = "qemu"
-
-[proxy]
-enable = false
-domain = "Dev.Test"
-"#,
-        )
-        .unwrap();
-        assert_eq!(
-            (s.memory_mib, s.vcpus, s.nested_virt, s.persist),
-            (4096, 2, false, false)
-        );
-        assert_eq!(s.network, Network::None);
-        assert_eq!(s.sync_mode, SyncMode::AutoIdle);
-        assert_eq!(s.backend, BackendKind::Kubernetes);
-        assert_eq!(s.engine, Engine::Qemu);
-        assert!(!s.proxy_enable);
-        assert_eq!(s.proxy_domain, "dev.test");
-    }
-
-    #[test]
     fn precedence_is_file_then_env_then_flags() {
         let file = "[defaults]\nmemory = 1024\nvcpus = 2\nsync_mode = \"auto-commit\"\n";
         let path = Path::new("/cfg/agent.toml");
@@ -620,7 +394,7 @@ domain = "Dev.Test"
             ("KEYSTONE_AGENT_SYNC_MODE", "auto-idle"),
             ("KEYSTONE_AGENT_BACKEND", "kubernetes"),
         ]);
-        let s = resolve(Some((path, file)), &vars, &FlagOverrides::default()).unwrap();
+        let s = resolve(&[(path, file)], &vars, &FlagOverrides::default()).unwrap();
         assert_eq!((s.memory_mib, s.vcpus), (2048, 2));
         assert_eq!(s.sync_mode, SyncMode::AutoIdle);
         assert_eq!(s.backend, BackendKind::Kubernetes);
@@ -632,7 +406,7 @@ domain = "Dev.Test"
             nested_virt: Some(false),
             network: Some(Network::Bridge),
         };
-        let s = resolve(Some((path, file)), &vars, &flags).unwrap();
+        let s = resolve(&[(path, file)], &vars, &flags).unwrap();
         assert_eq!((s.memory_mib, s.vcpus, s.nested_virt), (512, 8, false));
         assert_eq!(s.sync_mode, SyncMode::Manual);
         assert_eq!(s.network, Network::Bridge);
@@ -641,13 +415,13 @@ domain = "Dev.Test"
     #[test]
     fn empty_env_values_are_ignored_and_bad_ones_named() {
         let s = resolve(
-            None,
+            &[],
             &env(&[("KEYSTONE_AGENT_VCPUS", "")]),
             &FlagOverrides::default(),
         );
         assert_eq!(s.unwrap().vcpus, 4);
         let err = resolve(
-            None,
+            &[],
             &env(&[("KEYSTONE_AGENT_VCPUS", "many")]),
             &FlagOverrides::default(),
         )
@@ -655,103 +429,13 @@ domain = "Dev.Test"
         .to_string();
         assert!(err.contains("KEYSTONE_AGENT_VCPUS"), "{err}");
         let err = resolve(
-            None,
+            &[],
             &env(&[("KEYSTONE_AGENT_BACKEND", "docker")]),
             &FlagOverrides::default(),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("microvm, kubernetes"), "{err}");
-    }
-
-    #[test]
-    fn unknown_keys_name_file_line_and_key() {
-        let err = from_file("[defaults]\nmemory = 1024\nmemroy = 2048\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("/cfg/agent.toml:3:1: unknown key `defaults.memroy`"),
-            "{err}"
-        );
-        let err = from_file("[backend.microvm]\nengine = \"vmm\"\nturbo = true\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(":3:1: unknown key `backend.microvm.turbo`"),
-            "{err}"
-        );
-        let err = from_file("\n[netwrk]\nmode = 1\n").unwrap_err().to_string();
-        assert!(
-            err.contains("/cfg/agent.toml:2:2: unknown key `netwrk`"),
-            "{err}"
-        );
-        let err = from_file("\n[network]\nmode = 1\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("/cfg/agent.toml:3:1: unknown key `network.mode` (expected `allow`)"),
-            "{err}"
-        );
-        let err = from_file("[backend]\ntype = \"microvm\"\n[defaults.extra]\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(":3:11: unknown key `defaults.extra`"), "{err}");
-    }
-
-    #[test]
-    fn network_allow_takes_address_blocks() {
-        let s = from_file("[network]\nallow = [\"10.1.0.0/16\", \"fd00::/8\", \"192.168.1.5\"]\n")
-            .unwrap();
-        assert_eq!(s.network_allow, ["10.1.0.0/16", "fd00::/8", "192.168.1.5"]);
-        for bad in [
-            "allow = \"10.0.0.0/8\"",
-            "allow = [\"10.0.0.0/40\"]",
-            "allow = [\"lan\"]",
-            "allow = [1]",
-        ] {
-            let err = from_file(&format!("[network]\n{bad}\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("`network.allow`") && err.contains(":2:"),
-                "{bad}: {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn bad_values_name_file_line_and_key() {
-        let err = from_file("[defaults]\nvcpus = 4\nmemory = \"lots\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("/cfg/agent.toml:3:10: invalid value for `defaults.memory`"),
-            "{err}"
-        );
-        let err = from_file("[backend]\ntype = \"docker\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(":2:8: invalid value for `backend.type`"),
-            "{err}"
-        );
-        assert!(err.contains("\"microvm\", \"kubernetes\""), "{err}");
-        let err = from_file("[defaults]\nvcpus = 0\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`defaults.vcpus`"), "{err}");
-        let err = from_file("[proxy]\ndomain = \"a..b\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`proxy.domain`"), "{err}");
-    }
-
-    #[test]
-    fn syntax_errors_are_located() {
-        let err = from_file("[defaults]\nmemory = \n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("/cfg/agent.toml:2:"), "{err}");
     }
 
     #[test]
@@ -793,7 +477,7 @@ domain = "Dev.Test"
             vcpus: Some(0),
             ..Default::default()
         };
-        let err = resolve(None, &env(&[]), &flags).unwrap_err().to_string();
+        let err = resolve(&[], &env(&[]), &flags).unwrap_err().to_string();
         assert!(err.contains("--vcpus"), "{err}");
     }
 
@@ -803,5 +487,104 @@ domain = "Dev.Test"
         assert_eq!(p.unwrap(), PathBuf::from("/x/keystone/agent.toml"));
         let p = default_path(&env(&[("XDG_CONFIG_HOME", ""), ("HOME", "/h")]));
         assert_eq!(p.unwrap(), PathBuf::from("/h/.config/keystone/agent.toml"));
+    }
+
+    const SYSTEM: &str = "/etc/keystone/agent.toml";
+    const USER: &str = "/home/u/.config/keystone/agent.toml";
+
+    fn from_files(system: &str, user: Option<&str>) -> Result<Settings, ConfigError> {
+        let mut files = vec![(Path::new(SYSTEM), system)];
+        if let Some(user) = user {
+            files.push((Path::new(USER), user));
+        }
+        resolve(&files, &env(&[]), &FlagOverrides::default())
+    }
+
+    #[test]
+    fn a_value_from_the_system_file_applies() {
+        let s = from_files(
+            "[defaults]\nmemory = 4096\nsync_mode = \"auto-commit\"\n\
+             [backend.microvm]\nengine = \"qemu\"\n[network]\nallow = [\"10.1.0.0/16\"]\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.memory_mib, 4096);
+        assert_eq!(s.sync_mode, SyncMode::AutoCommit);
+        assert_eq!(s.engine, Engine::Qemu);
+        assert_eq!(s.network_allow, ["10.1.0.0/16"]);
+        assert_eq!(s.vcpus, 4, "keys the file leaves out keep the defaults");
+    }
+
+    #[test]
+    fn the_user_file_overrides_the_system_file() {
+        let system = "[defaults]\nmemory = 4096\nvcpus = 2\n[backend.microvm]\nengine = \"qemu\"\n";
+        let user = "[defaults]\nmemory = 1024\n[backend.microvm]\nengine = \"vmm\"\n";
+        let s = from_files(system, Some(user)).unwrap();
+        assert_eq!(s.memory_mib, 1024);
+        assert_eq!(s.engine, Engine::Vmm);
+        assert_eq!(
+            s.vcpus, 2,
+            "a key the user's file leaves out keeps the system value"
+        );
+        // The environment and flags still come above both files.
+        let s = resolve(
+            &[(Path::new(SYSTEM), system), (Path::new(USER), user)],
+            &env(&[("KEYSTONE_AGENT_MEMORY", "2048")]),
+            &FlagOverrides {
+                vcpus: Some(3),
+                ..FlagOverrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((s.memory_mib, s.vcpus), (2048, 3));
+    }
+
+    #[test]
+    fn an_error_in_the_system_file_names_that_file() {
+        let err = from_files("[defaults]\nvcpus = 2\nmemroy = 1\n", Some("[defaults]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{SYSTEM}:3:1: unknown key `defaults.memroy`")),
+            "{err}"
+        );
+        let err = from_files("[defaults]\n\nvcpus = \"two\"\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{SYSTEM}:3:9: invalid value for `defaults.vcpus`")),
+            "{err}"
+        );
+        let err = from_files("[defaults]\nvcpus = 2\n", Some("[defaults]\nvcpus = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(&format!("{USER}:2:9:")), "{err}");
+    }
+
+    #[test]
+    fn system_path_honours_its_variable() {
+        assert_eq!(system_path(&env(&[])), PathBuf::from(SYSTEM_PATH));
+        assert_eq!(
+            system_path(&env(&[("KEYSTONE_SYSTEM_CONFIG", "")])),
+            PathBuf::from("/etc/keystone/agent.toml")
+        );
+        assert_eq!(
+            system_path(&env(&[("KEYSTONE_SYSTEM_CONFIG", "/t/agent.toml")])),
+            PathBuf::from("/t/agent.toml")
+        );
+    }
+
+    #[test]
+    fn kubernetes_target_describes_what_is_set() {
+        assert_eq!(KubernetesTarget::default().describe(), None);
+        let t = KubernetesTarget {
+            context: Some("prod".into()),
+            namespace: None,
+            storage_class: Some("fast".into()),
+        };
+        assert_eq!(
+            t.describe().unwrap(),
+            "context = \"prod\", storage_class = \"fast\""
+        );
     }
 }
