@@ -172,9 +172,15 @@ pub struct BackendStatus {
 /// Backend failures, each with its SPEC.md exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The backend exists in config but not in code (exit 4).
-    #[error("the {backend} backend is not implemented yet; set [backend] type = \"microvm\"")]
-    NotImplemented { backend: &'static str },
+    /// The backend exists in config but not in code (exit 4). `detail`
+    /// names the backend's settings from the config, if any.
+    #[error(
+        "the {backend} backend is not implemented yet{detail}; set [backend] type = \"microvm\""
+    )]
+    NotImplemented {
+        backend: &'static str,
+        detail: String,
+    },
     /// This build has no working implementation of the backend (exit 3).
     #[error("the micro-VM backend is not wired in this build (cannot {operation})")]
     NotWired { operation: &'static str },
@@ -280,21 +286,31 @@ pub trait Backend {
     fn supervise(&self, sandbox: &SandboxSpec) -> BackendResult<i32>;
 }
 
-/// The backend for a kind.
-pub fn for_kind(kind: BackendKind) -> Box<dyn Backend> {
-    match kind {
+/// The backend the settings select.
+pub fn for_kind(settings: &Settings) -> Box<dyn Backend> {
+    match settings.backend {
         BackendKind::MicroVm => Box::new(super::microvm::MicroVmBackend),
-        BackendKind::Kubernetes => Box::new(KubernetesBackend),
+        BackendKind::Kubernetes => Box::new(KubernetesBackend {
+            target: settings.kubernetes.describe(),
+        }),
     }
 }
 
 /// Kubernetes: accepted by config, not implemented (SPEC user story 7).
-pub struct KubernetesBackend;
+/// `target` is its `[backend.kubernetes]` settings, for the message.
+pub struct KubernetesBackend {
+    target: Option<String>,
+}
 
 impl KubernetesBackend {
     fn no<T>(&self) -> BackendResult<T> {
         Err(BackendError::NotImplemented {
             backend: "kubernetes",
+            detail: self
+                .target
+                .as_ref()
+                .map(|t| format!(" (asked for [backend.kubernetes] {t})"))
+                .unwrap_or_default(),
         })
     }
 }
@@ -352,14 +368,26 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_spec() {
-        let k8s = for_kind(BackendKind::Kubernetes);
-        let err = k8s.check_available().unwrap_err();
+        let mut settings = Settings {
+            backend: BackendKind::Kubernetes,
+            ..Settings::default()
+        };
+        let err = for_kind(&settings).check_available().unwrap_err();
         assert_eq!(err.exit_code(), 4);
         assert_eq!(
             err.to_string(),
             "the kubernetes backend is not implemented yet; set [backend] type = \"microvm\""
         );
-        let vm = for_kind(BackendKind::MicroVm);
+        settings.kubernetes.namespace = Some("agents".into());
+        settings.kubernetes.storage_class = Some("fast".into());
+        let err = for_kind(&settings).check_available().unwrap_err();
+        assert_eq!(err.exit_code(), 4);
+        assert_eq!(
+            err.to_string(),
+            "the kubernetes backend is not implemented yet (asked for [backend.kubernetes] \
+             namespace = \"agents\", storage_class = \"fast\"); set [backend] type = \"microvm\""
+        );
+        let vm = for_kind(&Settings::default());
         vm.check_available().unwrap();
         // No guest behind the sandbox's socket: a clean failure, exit 3.
         let err = vm.ssh_for_test().unwrap_err();

@@ -348,7 +348,7 @@ impl Context {
     fn with_flags(flags: &config::FlagOverrides) -> anyhow::Result<Self> {
         let settings = config::load(flags)
             .map_err(|e| CodedError::error(exit_code::NOT_FOUND, e.to_string()))?;
-        let backend = backend::for_kind(settings.backend);
+        let backend = backend::for_kind(&settings);
         backend
             .check_available()
             .map_err(backend::BackendError::coded)?;
