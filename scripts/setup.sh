@@ -10,7 +10,7 @@ set -euo pipefail
 packages=(
 	linux-source-6.12 bc bison flex libelf-dev cpio lz4 xz-utils make gcc patch
 	qemu-system-x86 busybox-static git ca-certificates debootstrap file rsync
-	openssh-client iproute2
+	openssh-client iproute2 nix-bin
 )
 missing=()
 for p in "${packages[@]}"; do
