@@ -1,9 +1,10 @@
 # `nix develop`: what building and testing Keystone needs (the Debian
 # equivalent is scripts/setup.sh). The Rust toolchain, the host tools the
 # CLI runs (git, rsync, ssh, QEMU for the software-emulation engine), the
-# network test's iproute2, a static busybox for minimal guest roots, and
-# the guest kernel's build dependencies. guest-image/kernel/build.sh reads
-# nixpkgs' Linux 6.12 tarball through KEYSTONE_LINUX_SOURCE.
+# network test's iproute2, a static busybox for minimal guest roots, the
+# guest kernel's build dependencies and debootstrap for the root file
+# system. guest-image/kernel/build.sh reads nixpkgs' Linux 6.12 tarball
+# through KEYSTONE_LINUX_SOURCE.
 {
   mkShell,
   cargo,
@@ -31,6 +32,7 @@
   perl,
   file,
   util-linux,
+  debootstrap,
   linux_6_12,
 }:
 let
@@ -66,6 +68,7 @@ mkShell {
     perl
     file
     util-linux
+    debootstrap
   ];
   KEYSTONE_LINUX_SOURCE = "${linux_6_12.src}";
 }
