@@ -157,14 +157,18 @@ pub fn parse_packet(bytes: &[u8]) -> Result<(VsockHeader, &[u8]), PacketError> {
 
 /// Reads the readable part of a TX chain (at most one header and
 /// [`MAX_PAYLOAD`] bytes) into `scratch` and parses it.
+///
+/// On an error `scratch` holds only bytes of this chain (none when the
+/// chain is not valid memory), so a header decoded from it to answer the
+/// chain is never an earlier packet's.
 pub fn read_tx_packet<'s>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     scratch: &'s mut Vec<u8>,
 ) -> Result<(VsockHeader, &'s [u8]), PacketError> {
+    scratch.clear();
     let mut reader: Reader<'_, ()> = chain.reader(mem).map_err(|_| PacketError::BadChain)?;
     let want = reader.available_bytes().min(HDR_LEN + MAX_PAYLOAD);
-    scratch.clear();
     scratch.resize(want, 0);
     reader
         .read_exact(scratch)
@@ -257,6 +261,52 @@ mod tests {
             parse_packet(&big.encode()),
             Err(PacketError::PayloadTooLarge(MAX_PAYLOAD as u32 + 1))
         );
+    }
+
+    /// A one-descriptor TX chain whose buffer is (`addr`, `len`).
+    fn pop_chain(mem: &GuestMemoryMmap, addr: u64, len: u32) -> DescriptorChain<&GuestMemoryMmap> {
+        use virtio_queue::{Queue, QueueOwnedT, QueueT};
+        use vm_memory::{Bytes, GuestAddress};
+        let (desc, avail, used) = (0x0u64, 0x100u64, 0x200u64);
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&d, GuestAddress(desc)).unwrap();
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+        q.set_ready(true);
+        q.iter(mem).unwrap().next().unwrap()
+    }
+
+    #[test]
+    fn unreadable_chain_leaves_no_earlier_header_to_answer() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem =
+            crate::vstate::memory::create_memfd_memory(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let bytes = VsockHeader { len: 0, ..sample() }.encode();
+        mem.write_slice(&bytes, GuestAddress(0x1000)).unwrap();
+        let mut scratch = Vec::new();
+        let chain = pop_chain(&mem, 0x1000, HDR_LEN as u32);
+        assert_eq!(
+            read_tx_packet(&mem, chain, &mut scratch)
+                .unwrap()
+                .0
+                .src_port,
+            1234
+        );
+        // Next, a chain whose buffer lies outside guest memory: the
+        // backend answers a bad chain with the header left in `scratch`,
+        // which must not be the previous packet's.
+        let chain = pop_chain(&mem, 0x20000, HDR_LEN as u32);
+        assert_eq!(
+            read_tx_packet(&mem, chain, &mut scratch),
+            Err(PacketError::BadChain)
+        );
+        assert!(VsockHeader::decode(&scratch).is_err(), "{scratch:?}");
     }
 
     #[test]
