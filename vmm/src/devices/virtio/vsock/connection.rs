@@ -128,6 +128,12 @@ impl Connection {
         !self.to_host.is_empty()
     }
 
+    /// Host-bound bytes waiting for the Unix stream (our `OK` line
+    /// included): at most [`CONN_BUF_SIZE`] plus that line.
+    pub fn host_backlog_len(&self) -> usize {
+        self.to_host.len()
+    }
+
     /// Queues our `OK <port>\n` line for the host.
     pub fn push_ok_line(&mut self) {
         let line = format!("OK {}\n", self.local_port);

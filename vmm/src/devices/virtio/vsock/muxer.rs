@@ -30,7 +30,7 @@ use super::packet::{op, shutdown, VsockHeader, HOST_CID, TYPE_STREAM};
 /// Most connections served at once; further host clients are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Most RST packets waiting for RX buffers; beyond it they are dropped.
-const MAX_RST_QUEUE: usize = 1024;
+pub const MAX_RST_QUEUE: usize = 1024;
 const FIRST_LOCAL_PORT: u32 = 1024;
 const LISTENER_TOKEN: u64 = u64::MAX;
 
@@ -77,6 +77,13 @@ impl Muxer {
     /// Number of live connections (including ones still reading their line).
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Host-bound bytes held for all connections (what the guest sent that
+    /// the host programs have not read yet): at most
+    /// [`CONN_BUF_SIZE`] and an `OK` line per connection.
+    pub fn host_backlog_bytes(&self) -> usize {
+        self.conns.values().map(Connection::host_backlog_len).sum()
     }
 
     /// Whether [`Muxer::pop_rx`] may have a packet for the guest.
