@@ -1,13 +1,18 @@
 //! Small file-system helpers the sandbox store is built on: atomic writes
 //! (temporary file, fsync, rename, fsync of the directory) so a crash never
-//! leaves a half-written `state.json`, `flock(2)` locks, and UTC timestamps
-//! in RFC 3339 form without a date crate.
+//! leaves a half-written `state.json`, `flock(2)` locks, UTC timestamps
+//! in RFC 3339 form without a date crate, and [`remove_tree`] for the
+//! trees a guest wrote (any depth, any names, any modes).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+mod remove_tree;
+
+pub use remove_tree::remove_tree;
 
 /// Writes `bytes` to `path` atomically: readers see the old file or the new
 /// one, never a mix, even across a crash or power loss.

@@ -223,7 +223,7 @@ fn discard_state(paths: &SandboxPaths) -> Result<()> {
         )),
         _ => Ok(()),
     };
-    gone(std::fs::remove_dir_all(&paths.disk), &paths.disk)?;
+    gone(fsutil::remove_tree(&paths.disk), &paths.disk)?;
     gone(std::fs::remove_file(&paths.state), &paths.state)?;
     gone(std::fs::remove_file(&paths.config), &paths.config)
 }

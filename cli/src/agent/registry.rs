@@ -188,10 +188,12 @@ impl SandboxStore {
     }
 
     /// Removes the sandbox's folder; with `keep_disk`, everything but `disk/`.
+    /// The guest wrote much of it: [`fsutil::remove_tree`] takes any depth,
+    /// name or mode it left there.
     pub fn remove_dirs(&self, name: &str, keep_disk: bool) -> Result<(), StoreError> {
         let paths = self.paths(name);
         if !keep_disk {
-            return match std::fs::remove_dir_all(&paths.dir) {
+            return match fsutil::remove_tree(&paths.dir) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&paths.dir)(e)),
                 _ => Ok(()),
             };
@@ -209,7 +211,7 @@ impl SandboxStore {
             }
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
             let removed = if is_dir {
-                std::fs::remove_dir_all(&path)
+                fsutil::remove_tree(&path)
             } else {
                 std::fs::remove_file(&path)
             };

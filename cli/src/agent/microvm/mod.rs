@@ -153,7 +153,8 @@ impl MicroVmBackend {
             return Ok(());
         }
         if layout.workspace.exists() {
-            std::fs::remove_dir_all(&layout.workspace)
+            // What the guest left there: any depth, names and modes.
+            crate::agent::fsutil::remove_tree(&layout.workspace)
                 .map_err(|e| io_failed(&layout.workspace.display().to_string(), e))?;
         }
         progress(&format!(
