@@ -153,7 +153,7 @@ fn host_len(fs: &Fuse, name: &str) -> u64 {
 fn a_full_share_answers_enospc_and_short_writes() {
     let dir = Scratch::new("errno-full");
     // 64 pages of data and 16 inodes (the root is one).
-    let Some(_mount) = Tmpfs::mount(&dir, "size=256k,nr_inodes=16,mode=0755") else {
+    let Some(_mount) = Tmpfs::mount(&dir, "size=256k,nr_inodes=16,huge=never,mode=0755") else {
         return;
     };
     let mut fs = Fuse::serve(dir, |_| {});
