@@ -34,6 +34,9 @@
 //!
 //! [network]
 //! allow = ["10.1.0.0/16"]  # private blocks outbound connections may reach
+//!
+//! [sync]
+//! artifacts = ["dist"]   # `sync --artifacts` writes these in place
 //! ```
 //!
 //! Precedence, lowest first: built-in defaults, the system-wide file, the
@@ -136,6 +139,10 @@ pub struct Settings {
     /// `[backend.kubernetes]`: where the Kubernetes backend would run.
     #[serde(default)]
     pub kubernetes: KubernetesTarget,
+    /// `[sync] artifacts`: project paths (plain relative components) that
+    /// `sync --artifacts` writes in place; other artifacts are staged.
+    #[serde(default)]
+    pub sync_artifacts: Vec<String>,
 }
 
 /// `[backend.kubernetes]`: the cluster, namespace and storage class the
@@ -179,6 +186,7 @@ impl Default for Settings {
             proxy_domain: "sandbox.local".into(),
             network_allow: Vec::new(),
             kubernetes: KubernetesTarget::default(),
+            sync_artifacts: Vec::new(),
         }
     }
 }

@@ -23,6 +23,13 @@ struct RawFile {
     backend: Option<RawBackend>,
     proxy: Option<RawProxy>,
     network: Option<RawNetwork>,
+    sync: Option<RawSync>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    artifacts: Value,
 }
 
 #[derive(Deserialize, Default)]
@@ -252,6 +259,36 @@ impl FileReader<'_> {
         }
     }
 
+    /// Project paths: relative, of plain components (no `.`, `..` or
+    /// empty one, no control character), outside `.git`; a trailing `/`
+    /// is dropped.
+    fn project_paths(
+        &self,
+        key: &str,
+        v: &Spanned<toml::Value>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let what = "a list of folders in the project such as [\"dist\", \"build/out\"]";
+        let list = v
+            .get_ref()
+            .as_array()
+            .ok_or_else(|| self.bad_value(key, v, what))?;
+        list.iter()
+            .map(|item| {
+                let path = item.as_str().map(|p| p.trim_end_matches('/')).unwrap_or("");
+                let plain = !path.is_empty()
+                    && !path.chars().any(char::is_control)
+                    && path
+                        .split('/')
+                        .all(|c| !matches!(c, "" | "." | "..") && !c.eq_ignore_ascii_case(".git"));
+                if plain {
+                    Ok(path.to_string())
+                } else {
+                    Err(self.bad_value(key, v, &format!("{what}, relative and outside .git")))
+                }
+            })
+            .collect()
+    }
+
     /// A kubeconfig context name: any printable text up to 253 bytes.
     fn context(&self, key: &str, v: &Spanned<toml::Value>) -> Result<String, ConfigError> {
         match v.get_ref().as_str() {
@@ -330,6 +367,11 @@ pub(super) fn apply_file(s: &mut Settings, path: &Path, text: &str) -> Result<()
     if let Some(n) = raw.network {
         if let Some(v) = &n.allow {
             s.network_allow = r.cidrs("network.allow", v)?;
+        }
+    }
+    if let Some(y) = raw.sync {
+        if let Some(v) = &y.artifacts {
+            s.sync_artifacts = r.project_paths("sync.artifacts", v)?;
         }
     }
     Ok(())
@@ -414,6 +456,32 @@ domain = "Dev.Test"
             .unwrap_err()
             .to_string();
         assert!(err.contains(":3:11: unknown key `defaults.extra`"), "{err}");
+    }
+
+    #[test]
+    fn sync_artifacts_takes_project_paths() {
+        let s = from_file("[sync]\nartifacts = [\"dist\", \"build/out/\"]\n").unwrap();
+        assert_eq!(s.sync_artifacts, ["dist", "build/out"]);
+        for bad in [
+            "\"/etc\"",
+            "\"../x\"",
+            "\"a//b\"",
+            "\".git/hooks\"",
+            "\"\"",
+            "1",
+        ] {
+            let err = from_file(&format!("\n[sync]\nartifacts = [{bad}]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("/cfg/agent.toml:3:13: invalid value for `sync.artifacts`"),
+                "{bad}: {err}"
+            );
+        }
+        let err = from_file("[sync]\nartifact = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2:1: unknown key `sync.artifact`"), "{err}");
     }
 
     #[test]
