@@ -81,10 +81,6 @@ pub enum AgentCommand {
     /// `git upload-pack /workspace` in the guest).
     #[command(name = "__git-upload-pack", hide = true)]
     GitUploadPack(SuperviseArgs),
-    /// Internal: rsync's remote shell for `sync --artifacts` (runs
-    /// `rsync --server ...` in the guest's /workspace over vsock).
-    #[command(name = "__rsync-shell", hide = true)]
-    RsyncShell(RsyncShellArgs),
     /// Internal: the ssh `ProxyCommand` of `open-vscode` (one `sshd -i` in
     /// the guest on stdin/stdout).
     #[command(name = "__ssh-proxy", hide = true)]
@@ -211,15 +207,18 @@ pub struct SyncArgs {
     #[arg(help = NAME_HELP)]
     pub name: Option<String>,
     /// Also copy the sandbox's files that git does not track (build
-    /// outputs, generated files) into the project, with rsync (needed on
-    /// the host).
+    /// outputs, generated files) to the host, where nothing runs them.
     ///
-    /// A path git tracks on the host or in the sandbox is never written
-    /// (it moves as a commit); .git, /.worktrees/ and the top-level .env*
-    /// files are never copied; nothing on the host is deleted. Any other
-    /// file that differs is copied, overwriting an untracked host file of
-    /// the same path. No owners, devices, setuid bits or links pointing
-    /// out of the tree come across. With --dry-run, lists what would move.
+    /// They land in the sandbox's staging folder
+    /// (~/.local/state/keystone/sandboxes/NAME/artifacts/, mirroring the
+    /// workspace), or in place in the project under the paths listed in
+    /// agent.toml's `[sync] artifacts = ["dist"]`, overwriting what is
+    /// there. Only plain files and folders come across, as mode 0644 and
+    /// 0755; links, devices and bad names are refused and listed; nothing
+    /// is written through a symbolic link, inside .git, .husky or the
+    /// hooks folder (core.hooksPath), or as a .env* file; paths git tracks
+    /// (they move as commits) are skipped; nothing on the host is deleted.
+    /// With --dry-run, lists what would move and where.
     #[arg(long)]
     pub artifacts: bool,
     /// Show what would move without changing anything.
@@ -296,15 +295,6 @@ pub struct SuperviseArgs {
     pub name: String,
 }
 
-/// `__rsync-shell NAME HOST CMD...`, as rsync's `-e` calls it.
-#[derive(Args, Debug)]
-pub struct RsyncShellArgs {
-    pub name: String,
-    /// rsync's host word (ignored), then the command for the guest.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-    pub command: Vec<String>,
-}
-
 /// Runs an agent subcommand; returns the process exit code.
 pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
     let ctx = Context::from_env()?;
@@ -322,7 +312,6 @@ pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
         AgentCommand::OpenVscode(args) => session::open_vscode(&ctx, args),
         AgentCommand::Supervise(args) => session::supervise(&ctx, args),
         AgentCommand::GitUploadPack(args) => session::git_upload_pack(&ctx, args),
-        AgentCommand::RsyncShell(args) => microvm::rsync_shell(&ctx, args),
         AgentCommand::SshProxy(args) => session::ssh_proxy(&ctx, args),
         AgentCommand::Placeholder(args) => {
             let (name, entry) = ctx.resolve(Some(&args.name))?;

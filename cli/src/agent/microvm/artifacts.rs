@@ -1,386 +1,354 @@
-//! `sync --artifacts`: copies the files of the sandbox's `/workspace` that
-//! git does not track (build outputs, generated files) into the host
-//! project, after the commits (`sync.rs`).
+//! `sync --artifacts`: after the commits (`sync.rs`), copies the files of
+//! the sandbox's `/workspace` that git does not track (build outputs,
+//! generated files) to the host, where nothing on the host runs them.
 //!
-//! The host runs rsync and pulls: the guest's `rsync --server --sender` is
-//! reached through rsync's remote-shell contract, with `-e "keystone agent
-//! __rsync-shell NAME"` as the shell; that command ignores rsync's host
-//! word and pipes its stdin/stdout to the rest of its arguments run in the
-//! guest over the agent's raw stream (`guest::pipe_stdio`, as
-//! `__git-upload-pack` does). The guest opens no connection to the host.
+//! The host asks the guest agent for two lists (`git ls-files -z`, tracked,
+//! and `git ls-files -z --others`, the candidates, both as the agent user),
+//! judges every candidate (`policy.rs`), and sends the paths it wants to
+//! `tar --create --format=pax` run in `/workspace` as the agent user over
+//! the agent's raw stream. The host parses that stream itself
+//! (`tarcheck.rs`): the guest may lie about everything, so every entry is
+//! checked again (type, name, size, and that it was asked for). The guest
+//! opens no connection to the host; one time limit covers the whole
+//! transfer, and every connection is shut down when it passes.
 //!
-//! The rule (also in `keystone agent sync --help`):
-//! - a path that git tracks on the host (`git ls-files` in the project) or
-//!   in the sandbox (`git ls-files` in `/workspace`, run in the guest: the
-//!   host never runs git in the sandbox's repository, whose config it does
-//!   not trust) is never written; those move as commits;
-//! - `.git`, `/.worktrees/` (the sandbox's worktrees) and the top-level
-//!   `.env*` files (they go host -> sandbox only) are never copied;
-//! - nothing on the host is deleted (no `--delete`);
-//! - everything else that differs is copied, as `rsync -rlpt` would: a
-//!   host file that git does not track is overwritten by the sandbox's.
-//!
-//! The sandbox is not trusted: no owners or groups (files belong to whoever
-//! runs `sync`), no devices or special files, no set-user/group-ID bits,
-//! and `--safe-links` drops symbolic links that point out of the tree.
-//! rsync 3.2.5 and newer also check, as the receiver, that the sender sent
-//! only what the filter rules allow.
+//! Files land (`landing.rs`) in the sandbox's staging folder
+//! (`<sandbox folder>/artifacts/`, mirroring the workspace paths), or in
+//! place in the project under the paths `[sync] artifacts` lists; always
+//! as plain files of mode 0644, never through a symbolic link, never
+//! deleting anything. `--dry-run` reads the same stream and writes nothing.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod landing;
+#[cfg(test)]
+mod landing_tests;
+mod link;
+mod policy;
+#[cfg(test)]
+mod stream_tests;
+mod tarcheck;
+mod tarheader;
+#[cfg(test)]
+mod testkit;
 
-use keystone_guest_agent::protocol::{RawStreamRequest, UserSpec};
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::path::Path;
+use std::process::Command;
 
 use super::super::backend::{BackendError, BackendResult, SandboxSpec, SyncOptions, SyncReport};
-use super::super::{Context, RsyncShellArgs};
-use super::engine::{Layout, GUEST_USER, GUEST_WORKSPACE};
-use super::{guest, sync};
+use super::super::config;
+use super::engine::Layout;
+use super::sync;
+use landing::{Landed, Tree};
+use link::Link;
+use policy::{Dest, Policy, Verdict};
+use tarcheck::{check_name, Limits, Refusal, Sink};
 
-/// The hidden subcommand rsync runs as its remote shell.
-pub const RSYNC_SHELL_SUBCOMMAND: &str = "__rsync-shell";
+/// The staging folder's name in the sandbox's folder.
+pub const STAGING: &str = "artifacts";
 
-/// Marks our `--out-format` lines in rsync's output.
-const LINE_TAG: &str = "KS";
+/// Most refusals reported one by one.
+const MAX_REFUSAL_LINES: usize = 100;
 
-/// Rules that hold whatever git says (see the module documentation).
-const FIXED_EXCLUDES: [&str; 3] = [".git", "/.worktrees/", "/.env*"];
+/// What moved (or, in a dry run, would move).
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub staged: Vec<String>,
+    pub staged_bytes: u64,
+    pub in_place: Vec<String>,
+    pub in_place_bytes: u64,
+    /// `NAME: why`, at most [`MAX_REFUSAL_LINES`] of them.
+    pub refused: Vec<String>,
+    pub refused_count: u64,
+}
 
-/// What rsync moved (or, with `-n`, would move).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// Paths relative to the project; symbolic links end with ` -> link`.
-    pub paths: Vec<String>,
-    /// Regular files among `paths`.
-    pub files: u64,
-    /// Symbolic links among `paths`.
-    pub links: u64,
-    /// The size of the regular files.
-    pub bytes: u64,
+impl Outcome {
+    fn changed(&self) -> bool {
+        !self.staged.is_empty() || !self.in_place.is_empty()
+    }
+}
+
+/// Takes the checked stream's entries: judges them and lands them.
+pub struct Receiver<'a> {
+    policy: &'a Policy,
+    staging: &'a Tree,
+    project: &'a Tree,
+    dry_run: bool,
+    asked: HashSet<String>,
+    seen: HashSet<String>,
+    pub outcome: Outcome,
+}
+
+impl<'a> Receiver<'a> {
+    pub fn new(policy: &'a Policy, staging: &'a Tree, project: &'a Tree, dry_run: bool) -> Self {
+        Self {
+            policy,
+            staging,
+            project,
+            dry_run,
+            asked: HashSet::new(),
+            seen: HashSet::new(),
+            outcome: Outcome::default(),
+        }
+    }
+
+    fn refuse(&mut self, name: &[u8], why: impl std::fmt::Display) {
+        self.outcome.refused_count += 1;
+        if self.outcome.refused.len() < MAX_REFUSAL_LINES {
+            self.outcome.refused.push(format!("{}: {why}", shown(name)));
+        }
+    }
+
+    /// Judges the sandbox's `git ls-files -z --others` output; returns the
+    /// paths to ask for (and remembers them: nothing else is taken).
+    pub fn ask(&mut self, listing: &[u8], limits: &Limits) -> Result<Vec<String>, String> {
+        let mut asked = Vec::new();
+        for name in listing.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            // git lists a nested repository as its folder, with a slash.
+            let (bare, nested) = match name.strip_suffix(b"/") {
+                Some(bare) => (bare, true),
+                None => (name, false),
+            };
+            let path = match check_name(bare, limits.max_path) {
+                Ok(path) => path,
+                Err(e) => {
+                    self.refuse(name, Refusal::Name(e));
+                    continue;
+                }
+            };
+            match self.policy.judge(path) {
+                Verdict::Take(_) if nested => self.refuse(name, "a nested git repository"),
+                Verdict::Take(_) => asked.push(path.to_string()),
+                Verdict::Quiet(_) => {}
+                Verdict::Refuse(why) => self.refuse(name, why),
+            }
+            if asked.len() as u64 > limits.max_entries {
+                return Err(format!(
+                    "the sandbox has more than {} files to copy; delete some there first",
+                    limits.max_entries
+                ));
+            }
+        }
+        self.asked = asked.iter().cloned().collect();
+        Ok(asked)
+    }
+
+    /// Where an entry of the stream goes, or why it does not.
+    fn destination(&mut self, path: &str) -> Result<Dest, String> {
+        let dest = match self.policy.judge(path) {
+            Verdict::Take(dest) => dest,
+            Verdict::Quiet(why) => return Err(why.into()),
+            Verdict::Refuse(why) => return Err(why),
+        };
+        if !self.asked.contains(path) {
+            return Err("not one of the paths asked for".into());
+        }
+        if !self.seen.insert(path.to_string()) {
+            return Err("sent twice".into());
+        }
+        Ok(dest)
+    }
+
+    fn tree(&self, dest: Dest) -> &'a Tree {
+        match dest {
+            Dest::Staging => self.staging,
+            Dest::InPlace => self.project,
+        }
+    }
+}
+
+impl Sink for Receiver<'_> {
+    fn file(&mut self, path: &str, size: u64, data: &mut dyn Read) -> io::Result<()> {
+        let dest = match self.destination(path) {
+            Ok(dest) => dest,
+            Err(why) => {
+                self.refuse(path.as_bytes(), why);
+                return Ok(());
+            }
+        };
+        match self.tree(dest).put_file(path, size, data, self.dry_run)? {
+            Landed::Written => {
+                let (list, bytes) = match dest {
+                    Dest::Staging => (&mut self.outcome.staged, &mut self.outcome.staged_bytes),
+                    Dest::InPlace => (&mut self.outcome.in_place, &mut self.outcome.in_place_bytes),
+                };
+                list.push(path.to_string());
+                *bytes += size;
+            }
+            Landed::Unchanged => {}
+            Landed::Refused(why) => self.refuse(path.as_bytes(), why),
+        }
+        Ok(())
+    }
+
+    fn dir(&mut self, path: &str) -> io::Result<()> {
+        match self.destination(path) {
+            Ok(dest) => {
+                if let Landed::Refused(why) = self.tree(dest).put_dir(path, self.dry_run)? {
+                    self.refuse(path.as_bytes(), why);
+                }
+            }
+            Err(why) => self.refuse(path.as_bytes(), why),
+        }
+        Ok(())
+    }
+
+    fn refused(&mut self, name: &[u8], why: Refusal) {
+        self.refuse(name, why);
+    }
+}
+
+/// A name from the sandbox as it may be printed: printable ASCII and
+/// letters or digits as they are, anything else escaped; at most 300
+/// characters.
+pub fn shown(name: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_ascii_graphic() || c == ' ' || (!c.is_ascii() && c.is_alphanumeric()) {
+                out.push(c);
+            } else {
+                out.extend(c.escape_unicode());
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    if out.chars().count() > 300 {
+        out = out.chars().take(300).collect::<String>() + "...";
+    }
+    out
+}
+
+/// The lines that say what moved and where.
+pub fn summary(outcome: &Outcome, staging: &Path, listed: &[String], dry_run: bool) -> Vec<String> {
+    let verb = if dry_run { "would be copied" } else { "copied" };
+    let mut lines: Vec<String> = outcome
+        .refused
+        .iter()
+        .map(|r| format!("refused artifact {r}"))
+        .collect();
+    if outcome.refused_count > outcome.refused.len() as u64 {
+        lines.push(format!(
+            "refused {} more artifact(s)",
+            outcome.refused_count - outcome.refused.len() as u64
+        ));
+    }
+    if !outcome.staged.is_empty() || outcome.in_place.is_empty() {
+        lines.push(format!(
+            "artifacts: {} file(s), {} bytes {verb} to the staging folder {} \
+             (nothing on the host runs from there: copy out what you need)",
+            outcome.staged.len(),
+            outcome.staged_bytes,
+            staging.display()
+        ));
+    }
+    if !outcome.in_place.is_empty() {
+        lines.push(format!(
+            "artifacts: {} file(s), {} bytes {verb} in place under {} ([sync] artifacts)",
+            outcome.in_place.len(),
+            outcome.in_place_bytes,
+            listed.join(", ")
+        ));
+    }
+    if dry_run {
+        lines.push("artifacts: dry run, nothing changed".into());
+    }
+    lines
+}
+
+/// The report's per-file lines.
+fn moved_paths(outcome: &Outcome) -> Vec<String> {
+    let staged = outcome
+        .staged
+        .iter()
+        .map(|p| format!("{} (staged)", shown(p.as_bytes())));
+    let in_place = outcome
+        .in_place
+        .iter()
+        .map(|p| format!("{} (in place)", shown(p.as_bytes())));
+    staged.chain(in_place).collect()
 }
 
 /// `keystone agent sync --artifacts`: the commits, then the artifacts.
 /// "Nothing to sync" (exit 2) only when neither has anything.
 pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport> {
-    check_rsync()?;
     let (mut report, up_to_date) = match sync::sync(spec, opts) {
         Ok(report) => (report, None),
         Err(BackendError::InvalidState(msg)) => (SyncReport::default(), Some(msg)),
         Err(e) => return Err(e),
     };
-    let mut tracked = host_tracked(spec)?;
-    tracked.extend(guest_tracked(spec)?);
-    let moved = rsync(spec, opts.dry_run, &tracked)?;
-    if moved.paths.is_empty() {
+    let listed = config::load(&config::FlagOverrides::default())
+        .map_err(|e| BackendError::NotFound(e.to_string()))?
+        .sync_artifacts;
+    let mut policy = Policy::new(listed, policy::host_hooks(&spec.project));
+    policy.add_tracked(&host_tracked(&spec.project)?);
+    let limits = Limits::default();
+    let link = Link::open(&Layout::new(&spec.paths).vsock, limits.time);
+    policy.add_tracked(&link.git_list(&["ls-files", "-z"])?);
+    let listing = link.git_list(&["ls-files", "-z", "--others"])?;
+
+    let host_dir = |path: &Path, e: io::Error| {
+        BackendError::Failed(format!("cannot open {}: {e}", path.display()))
+    };
+    let project = Tree::open(&spec.project).map_err(|e| host_dir(&spec.project, e))?;
+    let staging = Tree::open(&spec.paths.dir)
+        .and_then(|dir| dir.subtree(STAGING, opts.dry_run))
+        .map_err(|e| host_dir(&spec.paths.dir.join(STAGING), e))?;
+    let mut receiver = Receiver::new(&policy, &staging, &project, opts.dry_run);
+    let asked = receiver
+        .ask(&listing, &limits)
+        .map_err(BackendError::Failed)?;
+    let copied = match asked.is_empty() {
+        true => Ok(Vec::new()),
+        false => link.tar(&asked, &limits, &mut receiver),
+    };
+    link.close();
+    let warnings = copied.map_err(|e| {
+        let so_far = summary(
+            &receiver.outcome,
+            staging.path(),
+            policy.listed(),
+            opts.dry_run,
+        );
+        BackendError::Failed(format!(
+            "copying artifacts from the sandbox: {e}; what was written stays:\n{}",
+            so_far.join("\n")
+        ))
+    })?;
+    let outcome = receiver.outcome;
+    let lines = summary(&outcome, staging.path(), policy.listed(), opts.dry_run);
+    if !outcome.changed() {
         if let Some(msg) = up_to_date {
-            return Err(BackendError::InvalidState(format!(
-                "{msg}, and no artifacts differ"
-            )));
+            let refused: Vec<&String> = lines.iter().filter(|l| l.starts_with("refused")).collect();
+            let mut msg = format!("{msg}, and no artifacts differ");
+            for line in refused {
+                msg.push('\n');
+                msg.push_str(line);
+            }
+            return Err(BackendError::InvalidState(msg));
         }
     }
-    report.details.push(summary(&moved, opts.dry_run));
-    report.artifacts = moved.paths;
+    report.details.extend(warnings);
+    report.details.extend(lines);
+    report.artifacts = moved_paths(&outcome);
     Ok(report)
 }
 
-/// Exit 4 without rsync on the host.
-fn check_rsync() -> BackendResult<()> {
-    match Command::new("rsync").arg("--version").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(BackendError::Requirements(format!(
-            "rsync --version failed ({}); install rsync (apt-get install rsync)",
-            out.status
-        ))),
-        Err(e) => Err(BackendError::Requirements(format!(
-            "sync --artifacts needs rsync on the host ({e}); install rsync (apt-get install rsync)"
-        ))),
-    }
-}
-
-/// NUL-separated `git ls-files -z` output as paths.
-fn split_z(bytes: &[u8]) -> Vec<Vec<u8>> {
-    bytes
-        .split(|b| *b == 0)
-        .filter(|p| !p.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect()
-}
-
-/// The paths git tracks in the host project.
-fn host_tracked(spec: &SandboxSpec) -> BackendResult<Vec<Vec<u8>>> {
+/// The paths git tracks in the host project (`git ls-files -z`).
+fn host_tracked(project: &Path) -> BackendResult<Vec<u8>> {
     let out = Command::new("git")
         .args(["ls-files", "-z"])
-        .current_dir(&spec.project)
+        .current_dir(project)
         .output()
         .map_err(|e| BackendError::Failed(format!("cannot run git: {e}")))?;
     if !out.status.success() {
         return Err(BackendError::Failed(format!(
             "git ls-files in {} failed: {}",
-            spec.project.display(),
+            project.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(split_z(&out.stdout))
-}
-
-/// The paths git tracks in the sandbox's `/workspace` (run in the guest).
-fn guest_tracked(spec: &SandboxSpec) -> BackendResult<Vec<Vec<u8>>> {
-    let argv = ["git", "-C", GUEST_WORKSPACE, "ls-files", "-z"]
-        .map(String::from)
-        .to_vec();
-    let out = guest::client(&Layout::new(&spec.paths).vsock)
-        .exec_request_output(guest::request(argv, GUEST_WORKSPACE, None))
-        .map_err(|e| guest::agent_err("git ls-files in the sandbox", e))?;
-    if !out.status.success() {
-        return Err(BackendError::Failed(format!(
-            "git ls-files in the sandbox failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(split_z(&out.stdout))
-}
-
-/// An rsync exclude rule matching exactly the path `rel` (relative to the
-/// transfer root), whatever its type. rsync reads a backslash as an escape
-/// only in patterns that hold a wildcard, so escape only those.
-pub fn exclude_rule(rel: &[u8]) -> Vec<u8> {
-    let wild = rel.iter().any(|b| matches!(b, b'*' | b'?' | b'['));
-    let mut rule = Vec::with_capacity(rel.len() + 2);
-    rule.push(b'/');
-    for &b in rel {
-        if wild && matches!(b, b'*' | b'?' | b'[' | b'\\') {
-            rule.push(b'\\');
-        }
-        rule.push(b);
-    }
-    rule
-}
-
-/// A word for rsync's `-e`, which splits on spaces and honours single and
-/// double quotes (not backslashes).
-pub fn rsh_quote(word: &str) -> Option<String> {
-    if !word.is_empty() && !word.contains([' ', '\'', '"']) {
-        Some(word.to_string())
-    } else if !word.contains('\'') {
-        Some(format!("'{word}'"))
-    } else if !word.contains('"') {
-        Some(format!("\"{word}\""))
-    } else {
-        None
-    }
-}
-
-/// rsync's arguments, up to the source and destination.
-pub fn rsync_args(rsh: &str, dry_run: bool) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--recursive",
-        "--links",
-        "--perms",
-        "--times",
-        "--safe-links",
-        "--chmod=ug-s",
-        "--from0",
-        "--exclude-from=-",
-    ]
-    .map(String::from)
-    .to_vec();
-    if dry_run {
-        args.push("--dry-run".into());
-    }
-    args.extend(FIXED_EXCLUDES.iter().map(|p| format!("--exclude={p}")));
-    args.push(format!("--out-format={LINE_TAG}\t%i\t%l\t%n%L"));
-    args.push("-e".into());
-    args.push(rsh.into());
-    args.push(format!("keystone:{GUEST_WORKSPACE}/"));
-    args.push("./".into());
-    args
-}
-
-/// Parses our `--out-format` lines: `KS <%i> <%l> <%n%L>`.
-pub fn parse_moved(out: &str) -> Moved {
-    let mut moved = Moved::default();
-    for line in out.lines() {
-        let mut fields = line.splitn(4, '\t');
-        if fields.next() != Some(LINE_TAG) {
-            continue;
-        }
-        let (Some(item), Some(len), Some(name)) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if item.starts_with(">f") {
-            moved.files += 1;
-            moved.bytes += len.parse::<u64>().unwrap_or(0);
-        } else if item.starts_with("cL") {
-            moved.links += 1;
-        } else {
-            continue;
-        }
-        moved.paths.push(name.to_string());
-    }
-    moved
-}
-
-/// `N file(s), B bytes`, copied or to copy.
-pub fn summary(moved: &Moved, dry_run: bool) -> String {
-    let links = match moved.links {
-        0 => String::new(),
-        n => format!(" and {n} symbolic link(s)"),
-    };
-    let verb = if dry_run {
-        "would be copied (dry run: nothing changed)"
-    } else {
-        "copied"
-    };
-    format!(
-        "artifacts: {} file(s){links}, {} bytes {verb}",
-        moved.files, moved.bytes
-    )
-}
-
-/// Runs rsync from the guest's `/workspace/` into the project, excluding
-/// `tracked`.
-fn rsync(spec: &SandboxSpec, dry_run: bool, tracked: &[Vec<u8>]) -> BackendResult<Moved> {
-    let exe = std::env::current_exe()
-        .map_err(|e| BackendError::Failed(format!("cannot find the keystone binary: {e}")))?;
-    let exe = exe.display().to_string();
-    let rsh = match (rsh_quote(&exe), rsh_quote(&spec.name)) {
-        (Some(exe), Some(name)) => format!("{exe} agent {RSYNC_SHELL_SUBCOMMAND} {name}"),
-        _ => {
-            return Err(BackendError::Failed(format!(
-                "cannot pass {exe:?} to rsync -e (it holds both kinds of quotes)"
-            )))
-        }
-    };
-    let mut rules = Vec::new();
-    for path in tracked {
-        rules.extend(exclude_rule(path));
-        rules.push(0);
-    }
-    let mut child = Command::new("rsync")
-        .args(rsync_args(&rsh, dry_run))
-        .current_dir(&spec.project)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| BackendError::Failed(format!("cannot run rsync: {e}")))?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let writer = std::thread::spawn(move || stdin.write_all(&rules));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| BackendError::Failed(format!("rsync: {e}")))?;
-    let _ = writer.join();
-    if !out.status.success() {
-        return Err(BackendError::Failed(format!(
-            "rsync from the sandbox failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(parse_moved(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// `keystone agent __rsync-shell NAME HOST CMD...`: rsync's remote shell.
-/// Ignores HOST and pipes stdin/stdout to CMD (which must be `rsync
-/// --server ...`) run in the guest's `/workspace` as the agent user.
-pub fn rsync_shell(ctx: &Context, args: RsyncShellArgs) -> anyhow::Result<i32> {
-    let (name, entry) = ctx.resolve(Some(&args.name))?;
-    let spec = ctx.spec(&name, &entry)?;
-    let argv = guest_command(&args.command).map_err(BackendError::coded)?;
-    let request = RawStreamRequest {
-        argv,
-        cwd: Some(GUEST_WORKSPACE.into()),
-        env: Vec::new(),
-        user: Some(UserSpec::Name(GUEST_USER.into())),
-    };
-    guest::pipe_stdio(
-        &Layout::new(&spec.paths).vsock,
-        request,
-        "rsync in the sandbox",
-    )
-    .map_err(BackendError::coded)
-}
-
-/// The guest command from rsync's `HOST CMD...` (`-l USER HOST CMD...`
-/// too); only an rsync server may run.
-pub fn guest_command(words: &[String]) -> BackendResult<Vec<String>> {
-    let rest = match words.first().map(String::as_str) {
-        Some("-l") => words.get(3..),
-        Some(_) => words.get(1..),
-        None => None,
-    }
-    .unwrap_or_default();
-    if rest.first().map(String::as_str) != Some("rsync") || !rest.iter().any(|w| w == "--server") {
-        return Err(BackendError::NotFound(format!(
-            "{RSYNC_SHELL_SUBCOMMAND} runs only `rsync --server ...` (got {rest:?})"
-        )));
-    }
-    Ok(rest.to_vec())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rules_match_exactly_one_path() {
-        assert_eq!(exclude_rule(b"README"), b"/README");
-        assert_eq!(exclude_rule(b"a b/c\\d"), b"/a b/c\\d");
-        assert_eq!(exclude_rule(b"x/*[1]?\\"), b"/x/\\*\\[1]\\?\\\\");
-        assert_eq!(split_z(b"a\0b c\0"), vec![b"a".to_vec(), b"b c".to_vec()]);
-    }
-
-    #[test]
-    fn rsh_words_are_quoted() {
-        assert_eq!(rsh_quote("/usr/bin/keystone").unwrap(), "/usr/bin/keystone");
-        assert_eq!(rsh_quote("/a b/k").unwrap(), "'/a b/k'");
-        assert_eq!(rsh_quote("/a'b").unwrap(), "\"/a'b\"");
-        assert!(rsh_quote("/a'\"b").is_none());
-    }
-
-    #[test]
-    fn args_never_delete_and_dry_run_is_rsync_n() {
-        let args = rsync_args("ks agent __rsync-shell s", false);
-        assert!(!args.iter().any(|a| a.starts_with("--delete")));
-        assert!(!args.iter().any(|a| a == "--dry-run" || a == "-n"));
-        assert!(args.contains(&"--exclude=.git".to_string()));
-        assert_eq!(args[args.len() - 2], "keystone:/workspace/");
-        assert!(rsync_args("x", true).contains(&"--dry-run".to_string()));
-    }
-
-    #[test]
-    fn out_format_lines_count_files_and_bytes() {
-        let out = "KS\tcd+++++++++\t4096\tbuild/\n\
-                   KS\t>f+++++++++\t10\tbuild/out.bin\n\
-                   KS\t>f.st......\t5\tdist/app.txt\n\
-                   KS\tcL+++++++++\t0\tdist/cur -> app.txt\n\
-                   KS\t.d..t......\t4096\tdist/\n\
-                   noise\n";
-        let m = parse_moved(out);
-        assert_eq!(
-            m.paths,
-            ["build/out.bin", "dist/app.txt", "dist/cur -> app.txt"]
-        );
-        assert_eq!((m.files, m.links, m.bytes), (2, 1, 15));
-        assert_eq!(
-            summary(&m, false),
-            "artifacts: 2 file(s) and 1 symbolic link(s), 15 bytes copied"
-        );
-    }
-
-    #[test]
-    fn the_shell_runs_only_an_rsync_server() {
-        let w = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            guest_command(&w(&["keystone", "rsync", "--server", "--sender", "."])).unwrap(),
-            w(&["rsync", "--server", "--sender", "."])
-        );
-        assert_eq!(
-            guest_command(&w(&["-l", "u", "h", "rsync", "--server"])).unwrap(),
-            w(&["rsync", "--server"])
-        );
-        assert!(guest_command(&w(&["h", "sh", "-c", "x"])).is_err());
-        assert!(guest_command(&w(&["h", "rsync", "-a"])).is_err());
-        assert!(guest_command(&[]).is_err());
-    }
+    Ok(out.stdout)
 }

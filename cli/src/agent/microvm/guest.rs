@@ -162,7 +162,7 @@ pub fn request(argv: Vec<String>, cwd: &str, user: Option<&str>) -> ExecRequest 
 
 /// Runs `request` in the guest as a byte pipe between this process's stdin
 /// and stdout: the transport command of git's `ext::` URLs
-/// (`__git-upload-pack`) and of rsync's `-e` (`__rsync-shell`). Returns
+/// (`__git-upload-pack`). Returns
 /// the guest process's exit code (its stderr is copied to ours when it
 /// fails), or 3 when our stdout closes early. `what` names it in errors.
 pub fn pipe_stdio(

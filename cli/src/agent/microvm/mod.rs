@@ -11,7 +11,7 @@
 //! - `web.rs`: `attach --web` (Zellij's web client, forwarded);
 //! - `guest.rs`: agent connections and interactive terminals;
 //! - `sync.rs`: `sync` and the `__git-upload-pack` bridge;
-//! - `artifacts.rs`: `sync --artifacts` (rsync) and the `__rsync-shell` bridge.
+//! - `artifacts.rs`: `sync --artifacts` (the sandbox's tar stream, checked on the host).
 
 mod agents;
 mod artifacts;
@@ -738,7 +738,6 @@ impl Backend for MicroVmBackend {
     }
 }
 
-pub use artifacts::rsync_shell;
 pub use vscode::ssh_proxy;
 
 /// `keystone agent __placeholder NAME PORT...`.
