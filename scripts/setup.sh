@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Installs what Keystone needs on a Debian 12 host (run as root): the guest
 # kernel's build dependencies and source, QEMU (the software-emulation
-# engine and test peer), a static busybox for minimal guest roots, rsync
-# (`keystone agent sync --artifacts`), OpenSSH's client (`open-vscode`),
-# iproute2 (the network test's namespace) and a Rust toolchain check. Safe
-# to run again.
+# engine and test peer), a static busybox for minimal guest roots,
+# OpenSSH's client (`open-vscode`), iproute2 (the network test's
+# namespace) and a Rust toolchain check. Safe to run again.
 set -euo pipefail
 
 packages=(
 	linux-source-6.12 bc bison flex libelf-dev cpio lz4 xz-utils make gcc patch
-	qemu-system-x86 busybox-static git ca-certificates debootstrap file rsync
+	qemu-system-x86 busybox-static git ca-certificates debootstrap file
 	openssh-client iproute2 nix-bin
 )
 missing=()
