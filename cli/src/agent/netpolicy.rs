@@ -2,19 +2,48 @@
 //!
 //! The guest's programs reach the outside only through connections the
 //! host makes for them (see `microvm::egress`); this is the host's rule for
-//! each target address. Allowed: public unicast addresses. Refused unless
-//! `[network] allow` lists them: private and shared ranges (RFC 1918,
-//! 100.64/10, fc00::/7), since a developer's LAN and corporate services are
-//! not the sandbox's business by default. Refused always: the host itself
-//! (loopback, any address of its own interfaces), link-local (which holds
-//! the cloud metadata service, 169.254.169.254, and its credentials),
-//! unspecified, multicast and broadcast addresses. A name is resolved on
-//! the host and every address it resolves to is checked, so DNS cannot
-//! smuggle a refused address past the rule.
+//! each target address.
+//!
+//! - Allowed: public unicast addresses.
+//! - Refused unless `[network] allow` lists them: private and shared
+//!   ranges (RFC 1918, 100.64/10, fc00::/7, the deprecated site-local
+//!   fec0::/10), and the host's on-link networks (the network of each of
+//!   its interface addresses, from the address's prefix length: a public
+//!   IPv4 LAN, a global IPv6 /64), since a developer's LAN and corporate
+//!   services are not the sandbox's business by default.
+//! - Refused always: the host itself (loopback, any address of its own
+//!   interfaces, and a point-to-point link's peer counts as on-link),
+//!   link-local (which holds the cloud metadata service, 169.254.169.254,
+//!   and its credentials), unspecified, multicast, broadcast and reserved
+//!   addresses.
+//!
+//! The host's addresses and networks are read from its interfaces when an
+//! address is checked (at most once a second, see [`host`]), so an address
+//! the host gains later (an IPv6 temporary address, a VPN, a new DHCP
+//! lease) is refused from then on.
+//!
+//! IPv6 addresses that carry an IPv4 address get the IPv4 rule as well as
+//! their own: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
+//! (`::a.b.c.d`), IPv4-translated (`::ffff:0:a.b.c.d`), the well-known
+//! NAT64 prefix (`64:ff9b::/96`), 6to4 (`2002:AABB:CCDD::/48`) and ISATAP
+//! interface identifiers (`…:0:5efe:a.b.c.d`, `…:200:5efe:a.b.c.d`); the
+//! address is refused when either the IPv6 address or the IPv4 one it
+//! carries is. Refused outright, since which IPv4 address they lead to is
+//! not in the address alone: Teredo (`2001::/32`, a relay's address and an
+//! obscured client's) and the local-use NAT64 prefix (`64:ff9b:1::/48`,
+//! whose IPv4 position is each network's choice). A NAT64 gateway with a
+//! network-specific prefix cannot be told from any other IPv6 network.
+//!
+//! A name is resolved on the host and every address it resolves to is
+//! checked, so DNS cannot smuggle a refused address past the rule.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+
+pub mod host;
+
+use host::{HostNetworks, HostView};
 
 /// An address block, `10.0.0.0/8` or `2001:db8::/32`; a bare address is
 /// a block of one.
@@ -58,7 +87,7 @@ impl fmt::Display for Cidr {
 
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, canonical(ip)) {
+        match (self.network, mapped(ip)) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
@@ -76,8 +105,9 @@ impl Cidr {
     }
 }
 
-/// IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
+/// IPv4-mapped IPv6 addresses are the IPv4 address they carry (a
+/// dual-stack socket's way of writing one).
+fn mapped(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -87,73 +117,171 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// What a refused address is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Loopback,
+    Unspecified,
+    LinkLocal,
+    Reserved,
+    HostItself,
+    Private,
+    Shared,
+    SpecialPurpose,
+    UniqueLocal,
+    SiteLocal,
+    OnLink,
+    Teredo,
+    LocalNat64,
+}
+
+impl Kind {
+    /// Whether listing its network in `[network] allow` permits it.
+    pub fn allowable(self) -> bool {
+        matches!(
+            self,
+            Kind::Private
+                | Kind::Shared
+                | Kind::SpecialPurpose
+                | Kind::UniqueLocal
+                | Kind::SiteLocal
+                | Kind::OnLink
+        )
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Loopback => "the host's loopback",
+            Kind::Unspecified => "an unspecified address",
+            Kind::LinkLocal => "a link-local address (where cloud metadata services answer)",
+            Kind::Reserved => "a multicast, broadcast or reserved address",
+            Kind::HostItself => "an address of the host itself",
+            Kind::Private => "a private address",
+            Kind::Shared => "a shared (carrier-grade NAT) address",
+            Kind::SpecialPurpose => "a special-purpose address",
+            Kind::UniqueLocal => "a private (unique local) address",
+            Kind::SiteLocal => "a private (site-local) address",
+            Kind::OnLink => "an address on the host's own network",
+            Kind::Teredo => "a Teredo address (whose IPv4 target cannot be checked)",
+            Kind::LocalNat64 => "a local-use NAT64 address (whose IPv4 target cannot be checked)",
+        }
+    }
+}
+
+/// Why an address is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: Kind,
+    /// Found in the IPv4 address an IPv6 address carries.
+    pub embedded: bool,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.describe())?;
+        if self.embedded {
+            f.write_str(" (carried in an IPv6 address)")?;
+        }
+        Ok(())
+    }
+}
+
 /// The host's decision for one address.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allowed,
-    /// Refused, with what the address is ("a private address", ...).
-    Refused(&'static str),
+    Refused(Refusal),
 }
 
 /// The rule of one sandbox.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug)]
 pub struct Policy {
     /// `[network] allow`: private blocks the sandbox may reach.
-    pub allow: Vec<Cidr>,
-    /// The host's own interface addresses (never reachable).
-    pub own: Vec<IpAddr>,
+    allow: Vec<Cidr>,
+    host: HostView,
 }
 
 impl Policy {
-    /// The rule with the host's current interface addresses.
+    /// The rule with the host's interfaces as they are at each check.
     pub fn new(allow: Vec<Cidr>) -> Self {
         Policy {
             allow,
-            own: own_addresses(),
+            host: HostView::live(),
+        }
+    }
+
+    /// The rule with a fixed view of the host's interfaces.
+    #[cfg(test)]
+    pub fn with_host(allow: Vec<Cidr>, host: HostNetworks) -> Self {
+        Policy {
+            allow,
+            host: HostView::fixed(host),
         }
     }
 
     pub fn check(&self, ip: IpAddr) -> Verdict {
-        let ip = canonical(ip);
-        if let Some(always) = always_refused(ip) {
-            return Verdict::Refused(always);
+        let ip = mapped(ip);
+        let refused = |kind, embedded| Verdict::Refused(Refusal { kind, embedded });
+        if let IpAddr::V6(v6) = ip {
+            if let Some(kind) = unknown_target(v6) {
+                return refused(kind, false);
+            }
         }
-        if self.own.iter().any(|o| canonical(*o) == ip) {
-            return Verdict::Refused("an address of the host itself");
+        let host = self.host.current();
+        if let Some(kind) = self.refusal(ip, &host) {
+            return refused(kind, false);
         }
-        if let Some(private) = private(ip) {
-            if !self.allow.iter().any(|c| c.contains(ip)) {
-                return Verdict::Refused(private);
+        if let Some(v4) = carried_ipv4(ip) {
+            if let Some(kind) = self.refusal(IpAddr::V4(v4), &host) {
+                return refused(kind, true);
             }
         }
         Verdict::Allowed
     }
+
+    /// The rule for `ip` itself (not what it carries).
+    fn refusal(&self, ip: IpAddr, host: &HostNetworks) -> Option<Kind> {
+        if let Some(always) = always_refused(ip) {
+            return Some(always);
+        }
+        if host.addresses.iter().any(|o| mapped(*o) == ip) {
+            return Some(Kind::HostItself);
+        }
+        let listed = self.allow.iter().any(|c| c.contains(ip));
+        if let Some(private) = private(ip).filter(|_| !listed) {
+            return Some(private);
+        }
+        if !listed && host.networks.iter().any(|n| n.contains(ip)) {
+            return Some(Kind::OnLink);
+        }
+        None
+    }
 }
 
-fn always_refused(ip: IpAddr) -> Option<&'static str> {
+fn always_refused(ip: IpAddr) -> Option<Kind> {
     match ip {
         IpAddr::V4(a) => {
             if a.is_loopback() {
-                Some("the host's loopback")
+                Some(Kind::Loopback)
             } else if a.is_unspecified() || a.octets()[0] == 0 {
-                Some("an unspecified address")
+                Some(Kind::Unspecified)
             } else if a.is_link_local() {
-                Some("a link-local address (where cloud metadata services answer)")
+                Some(Kind::LinkLocal)
             } else if a.is_multicast() || a.is_broadcast() || a.octets()[0] >= 240 {
-                Some("a multicast, broadcast or reserved address")
+                Some(Kind::Reserved)
             } else {
                 None
             }
         }
         IpAddr::V6(a) => {
             if a.is_loopback() {
-                Some("the host's loopback")
+                Some(Kind::Loopback)
             } else if a.is_unspecified() {
-                Some("an unspecified address")
+                Some(Kind::Unspecified)
             } else if a.segments()[0] & 0xffc0 == 0xfe80 {
-                Some("a link-local address (where cloud metadata services answer)")
+                Some(Kind::LinkLocal)
             } else if a.is_multicast() {
-                Some("a multicast address")
+                Some(Kind::Reserved)
             } else {
                 None
             }
@@ -161,148 +289,58 @@ fn always_refused(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-fn private(ip: IpAddr) -> Option<&'static str> {
+fn private(ip: IpAddr) -> Option<Kind> {
     match ip {
         IpAddr::V4(a) => {
             let [x, y, ..] = a.octets();
             if a.is_private() {
-                Some("a private address")
+                Some(Kind::Private)
             } else if x == 100 && (64..128).contains(&y) {
-                Some("a shared (carrier-grade NAT) address")
+                Some(Kind::Shared)
             } else if a == Ipv4Addr::new(192, 0, 0, 170) || a == Ipv4Addr::new(192, 0, 0, 171) {
-                Some("a special-purpose address")
+                Some(Kind::SpecialPurpose)
             } else {
                 None
             }
         }
-        IpAddr::V6(a) => {
-            if a.segments()[0] & 0xfe00 == 0xfc00 {
-                Some("a private (unique local) address")
-            } else if a.segments()[0] == 0x64 && a.segments()[1] == 0xff9b {
-                // NAT64 prefixes embed IPv4 targets that were not checked.
-                Some("a NAT64 address")
-            } else {
-                None
-            }
-        }
+        IpAddr::V6(a) => match a.segments()[0] {
+            s if s & 0xfe00 == 0xfc00 => Some(Kind::UniqueLocal),
+            s if s & 0xffc0 == 0xfec0 => Some(Kind::SiteLocal),
+            _ => None,
+        },
     }
 }
 
-/// Every address of the host's interfaces.
-pub fn own_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list freed below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return out;
+/// IPv6 forms whose IPv4 target is not in the address alone.
+fn unknown_target(a: Ipv6Addr) -> Option<Kind> {
+    match a.segments() {
+        [0x2001, 0, ..] => Some(Kind::Teredo),
+        [0x64, 0xff9b, 1, ..] => Some(Kind::LocalNat64),
+        _ => None,
     }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned; its
-        // address, when not null, points to a sockaddr of the family it
-        // names.
-        unsafe {
-            let sa = (*cur).ifa_addr;
-            if !sa.is_null() {
-                match i32::from((*sa).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*(sa as *const libc::sockaddr_in);
-                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                            sin.sin_addr.s_addr,
-                        ))));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(sa as *const libc::sockaddr_in6);
-                        out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-                    }
-                    _ => {}
-                }
-            }
-            cur = (*cur).ifa_next;
-        }
+}
+
+/// The IPv4 address an IPv6 address carries, for the forms that carry
+/// one in a known place (the IPv4-mapped form is already IPv4 here).
+fn carried_ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
+    let IpAddr::V6(a) = ip else { return None };
+    let s = a.segments();
+    let low = Ipv4Addr::from(u128::from(a) as u32);
+    match s {
+        // IPv4-compatible (`::` and `::1` are refused before this).
+        [0, 0, 0, 0, 0, 0, ..] => Some(low),
+        // IPv4-translated.
+        [0, 0, 0, 0, 0xffff, 0, ..] => Some(low),
+        // The well-known NAT64 prefix.
+        [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(low),
+        // 6to4: the IPv4 address follows the prefix.
+        [0x2002, hi, lo, ..] => Some(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))),
+        // ISATAP: an interface identifier of [00|02]00:5efe:a.b.c.d (with
+        // either value of the group bit).
+        [_, _, _, _, iid, 0x5efe, ..] if iid & 0xfcff == 0 => Some(low),
+        _ => None,
     }
-    // SAFETY: the list came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn blocks_parse_and_match() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        assert!(c.contains(ip("10.1.200.3")));
-        assert!(!c.contains(ip("10.2.0.1")));
-        assert!(
-            c.contains(ip("::ffff:10.1.0.9")),
-            "IPv4-mapped counts as IPv4"
-        );
-        let one: Cidr = "192.168.1.5".parse().unwrap();
-        assert!(one.contains(ip("192.168.1.5")) && !one.contains(ip("192.168.1.6")));
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(ip("8.8.8.8")));
-        let v6: Cidr = "fd00::/8".parse().unwrap();
-        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
-        for bad in ["10.0.0.0/33", "fd00::/129", "example.com", "10.0.0/8", ""] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn the_rule() {
-        let p = Policy {
-            allow: vec!["10.20.0.0/16".parse().unwrap()],
-            own: vec![ip("192.0.2.2")],
-        };
-        assert_eq!(p.check(ip("93.184.216.34")), Verdict::Allowed);
-        assert_eq!(p.check(ip("2606:4700::1111")), Verdict::Allowed);
-        for refused in [
-            "127.0.0.1",
-            "127.8.9.1",
-            "::1",
-            "::ffff:127.0.0.1",
-            "0.0.0.0",
-            "169.254.169.254",
-            "fe80::1",
-            "224.0.0.1",
-            "255.255.255.255",
-            "192.0.2.2",
-            "::ffff:192.0.2.2",
-            "10.0.0.1",
-            "172.16.5.5",
-            "192.168.0.1",
-            "100.64.0.1",
-            "fd00::1",
-            "64:ff9b::7f00:1",
-        ] {
-            assert!(
-                matches!(p.check(ip(refused)), Verdict::Refused(_)),
-                "{refused} was allowed"
-            );
-        }
-        assert_eq!(
-            p.check(ip("10.20.3.4")),
-            Verdict::Allowed,
-            "listed in allow"
-        );
-        let loopback_listed = Policy {
-            allow: vec!["127.0.0.0/8".parse().unwrap()],
-            own: vec![],
-        };
-        assert!(
-            matches!(loopback_listed.check(ip("127.0.0.1")), Verdict::Refused(_)),
-            "the host's loopback cannot be allowed"
-        );
-    }
-
-    #[test]
-    fn the_host_has_addresses() {
-        assert!(own_addresses().iter().any(|a| a.is_loopback()));
-    }
-}
+mod tests;

@@ -140,11 +140,30 @@ fn offer_loop(
     }
 }
 
+/// Why an ask is refused: what the guest's program reads, and what the
+/// supervisor log keeps (with the addresses a name resolved to, which the
+/// guest is not told).
+#[derive(Debug)]
+pub struct Refused {
+    pub guest: String,
+    pub log: String,
+}
+
+impl Refused {
+    /// A reason that names nothing the guest does not know already.
+    fn plain(reason: String) -> Self {
+        Refused {
+            log: reason.clone(),
+            guest: reason,
+        }
+    }
+}
+
 /// Where `host:port` may be reached: the allowed addresses, or why none.
-pub fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+pub fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<SocketAddr>, Refused> {
     let addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .map_err(|e| Refused::plain(format!("cannot resolve {host}: {e}")))?
         .collect();
     let mut refused = None;
     let allowed: Vec<SocketAddr> = addrs
@@ -160,30 +179,40 @@ pub fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<SocketAddr>
         .collect();
     match (allowed.is_empty(), refused) {
         (false, _) => Ok(allowed),
-        (true, Some((ip, why))) => Err(format!(
-            "the sandbox may not connect to {host}:{port}: {ip} is {why}{}",
-            if why.starts_with("a private") || why.starts_with("a shared") {
-                " (list it in [network] allow in agent.toml to permit it)"
-            } else {
-                ""
-            }
-        )),
-        (true, None) => Err(format!("{host} has no address")),
+        (true, Some((ip, why))) => Err(Refused {
+            guest: format!(
+                "refused by the sandbox's network policy: {host} resolves to {why}{}",
+                if why.kind.allowable() {
+                    "; add its network to [network] allow in agent.toml (the supervisor log \
+                     names the address)"
+                } else {
+                    ", which a sandbox may never reach"
+                }
+            ),
+            log: format!("{host}:{port}: {ip} is {why}"),
+        }),
+        (true, None) => Err(Refused::plain(format!("{host} has no address"))),
     }
 }
 
-fn connect(addrs: &[SocketAddr], host: &str, port: u16) -> Result<TcpStream, String> {
+/// A connection to the first of `addrs` that answers.
+fn connect(addrs: &[SocketAddr], host: &str, port: u16) -> Result<TcpStream, Refused> {
     let mut errors = Vec::new();
+    let mut last = None;
     for a in addrs {
         match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
             Ok(s) => return Ok(s),
-            Err(e) => errors.push(format!("{a}: {e}")),
+            Err(e) => {
+                errors.push(format!("{a}: {e}"));
+                last = Some(e);
+            }
         }
     }
-    Err(format!(
-        "cannot connect to {host}:{port} ({})",
-        errors.join(", ")
-    ))
+    let last = last.map(|e| e.to_string()).unwrap_or_default();
+    Err(Refused {
+        guest: format!("cannot connect to {host}:{port}: {last}"),
+        log: format!("cannot connect to {host}:{port} ({})", errors.join(", ")),
+    })
 }
 
 /// The guest is not trusted to have checked the name it asks for: a host
@@ -216,18 +245,18 @@ fn serve_ask(
     let checked = check_target(&host, port);
     let counted = checked.is_ok();
     let target = if let Err(e) = checked {
-        Err(e)
+        Err(Refused::plain(e))
     } else if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-        Err(format!(
+        Err(Refused::plain(format!(
             "the sandbox has {MAX_CONNECTIONS} outbound connections open already"
-        ))
+        )))
     } else {
         resolve(policy, &host, port).and_then(|addrs| connect(&addrs, &host, port))
     };
     match target {
-        Err(reason) => {
-            log(&format!("egress refused: {reason}"));
-            if let Err(e) = client.egress_attach(id, Some(reason)) {
+        Err(refused) => {
+            log(&format!("egress refused: {}", refused.log));
+            if let Err(e) = client.egress_attach(id, Some(refused.guest)) {
                 log(&format!("egress: answering the guest failed: {e}"));
             }
         }
@@ -249,7 +278,13 @@ fn serve_ask(
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::netpolicy::host::HostNetworks;
     use super::*;
+
+    fn policy(allow: &[&str]) -> Policy {
+        let allow = allow.iter().map(|c| c.parse().unwrap()).collect();
+        Policy::with_host(allow, HostNetworks::default())
+    }
 
     #[test]
     fn offers_back_off_to_eight_seconds() {
@@ -270,24 +305,52 @@ mod tests {
 
     #[test]
     fn names_resolve_to_what_the_policy_allows() {
-        let p = Policy {
-            allow: vec![],
-            own: vec![],
-        };
+        let p = policy(&[]);
         let err = resolve(&p, "localhost", 80).unwrap_err();
-        assert!(err.contains("the host's loopback"), "{err}");
+        assert!(err.guest.contains("the host's loopback"), "{err:?}");
+        assert!(err.guest.contains("may never reach"), "{err:?}");
         let err = resolve(&p, "10.1.2.3", 80).unwrap_err();
-        assert!(err.contains("[network] allow"), "{err}");
+        assert!(err.guest.contains("[network] allow"), "{err:?}");
+        assert!(
+            err.log.contains("10.1.2.3:80: 10.1.2.3 is a private"),
+            "{err:?}"
+        );
         let err = resolve(&p, "169.254.169.254", 80).unwrap_err();
-        assert!(err.contains("metadata"), "{err}");
+        assert!(err.guest.contains("metadata"), "{err:?}");
+        let err = resolve(&p, "2002:a01:203::1", 80).unwrap_err();
+        assert!(
+            err.guest.contains("private address (carried in an IPv6"),
+            "{err:?}"
+        );
         assert_eq!(
             resolve(&p, "93.184.216.34", 443).unwrap(),
             vec!["93.184.216.34:443".parse::<SocketAddr>().unwrap()]
         );
-        let open = Policy {
-            allow: vec!["10.0.0.0/8".parse().unwrap()],
-            own: vec![],
-        };
-        assert!(resolve(&open, "10.1.2.3", 80).is_ok());
+        assert!(resolve(&policy(&["10.0.0.0/8"]), "10.1.2.3", 80).is_ok());
+    }
+
+    #[test]
+    fn the_guest_is_not_told_where_a_refused_name_points() {
+        let p = Policy::new(vec![]);
+        let mut names = vec!["localhost".to_string()];
+        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            names.push(h.trim().to_string());
+        }
+        for name in names {
+            let Ok(addrs) = (name.as_str(), 80).to_socket_addrs() else {
+                continue;
+            };
+            let Err(refused) = resolve(&p, &name, 80) else {
+                continue;
+            };
+            assert!(refused
+                .guest
+                .starts_with("refused by the sandbox's network policy: "));
+            for a in addrs {
+                let a = a.ip().to_string();
+                assert!(!refused.guest.contains(&a), "{refused:?} names {a}");
+                assert!(refused.log.contains(&a) || refused.log.contains(&name));
+            }
+        }
     }
 }
