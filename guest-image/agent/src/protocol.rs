@@ -300,11 +300,13 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, Protocol
         return Err(ProtocolError::FrameTooLarge(len));
     }
     let kind = FrameKind::from_u8(header[4])?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
-        _ => ProtocolError::Io(e),
-    })?;
+    // Grown as the bytes arrive: a claimed length costs nothing until the
+    // peer sends it.
+    let mut payload = Vec::with_capacity(len.min(STREAM_CHUNK));
+    Read::take(&mut *r, len as u64).read_to_end(&mut payload)?;
+    if payload.len() < len {
+        return Err(ProtocolError::Closed);
+    }
     Ok(Some(Frame { kind, payload }))
 }
 
@@ -698,6 +700,32 @@ mod tests {
             br#"{"protocol":1,"agent_version":"0.0.1"}"#.to_vec(),
         );
         assert_eq!(f.parse_json::<Hello>().unwrap().minor, 0);
+    }
+
+    /// A stream that notes the largest buffer it is asked to fill.
+    struct Measuring<'a> {
+        bytes: &'a [u8],
+        largest: usize,
+    }
+
+    impl Read for Measuring<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.largest = self.largest.max(buf.len());
+            self.bytes.read(buf)
+        }
+    }
+
+    #[test]
+    fn claimed_length_is_not_allocated_before_it_arrives() {
+        let mut wire = (MAX_PAYLOAD as u32).to_le_bytes().to_vec();
+        wire.push(FrameKind::Stdout as u8);
+        wire.extend_from_slice(b"ten bytes!");
+        let mut r = Measuring {
+            bytes: &wire,
+            largest: 0,
+        };
+        assert!(matches!(read_frame(&mut r), Err(ProtocolError::Closed)));
+        assert!(r.largest <= STREAM_CHUNK, "a {}-byte buffer", r.largest);
     }
 
     #[test]
