@@ -534,12 +534,13 @@ pub struct ExitStatus {
 }
 
 impl ExitStatus {
-    /// The shell's view: the code, or 128 + signal.
+    /// The shell's view: the code, or 128 + signal (255 when there is
+    /// neither, or the signal is not one: 1 to 127).
     pub fn code_or_signal(&self) -> i32 {
         match (self.code, self.signal) {
             (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => 255,
+            (None, Some(s)) if (1..=127).contains(&s) => 128 + s,
+            (None, _) => 255,
         }
     }
 
@@ -700,6 +701,19 @@ mod tests {
             br#"{"protocol":1,"agent_version":"0.0.1"}"#.to_vec(),
         );
         assert_eq!(f.parse_json::<Hello>().unwrap().minor, 0);
+    }
+
+    #[test]
+    fn exit_status_from_any_signal_number() {
+        let killed = |signal| ExitStatus {
+            code: None,
+            signal: Some(signal),
+        };
+        assert_eq!(killed(9).code_or_signal(), 137);
+        // A lying guest's numbers neither overflow nor read as success.
+        for signal in [0, -128, i32::MIN, 128, i32::MAX - 100, i32::MAX] {
+            assert_eq!(killed(signal).code_or_signal(), 255, "signal {signal}");
+        }
     }
 
     /// A stream that notes the largest buffer it is asked to fill.
