@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
-    expect_frame, read_frame, write_frame, write_raw, EgressAsk, ExecRequest, ExitStatus, Frame,
-    FrameKind, Hello, ListeningPort, ProtocolError, PushFileRequest, RawStreamRequest, Request,
-    Response, TtySize, MINOR_EGRESS, MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
+    expect_frame, printable, read_frame, write_frame, write_raw, EgressAsk, ExecRequest,
+    ExitStatus, Frame, FrameKind, Hello, ListeningPort, ProtocolError, PushFileRequest,
+    RawStreamRequest, Request, Response, TtySize, MINOR_EGRESS, MINOR_TCP_CONNECT, MINOR_WATCH,
+    STREAM_CHUNK,
 };
 use crate::relay::{relay, RelayTotals};
 use crate::transport::DuplexStream;
@@ -132,7 +133,7 @@ impl AgentClient {
                 let _ = conn.writer.shutdown_both();
                 return Err(ClientError::Unsupported {
                     what,
-                    agent_version: theirs.agent_version,
+                    agent_version: printable(theirs.agent_version.as_bytes()),
                     minor: theirs.minor,
                     needs,
                 });

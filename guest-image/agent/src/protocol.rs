@@ -207,9 +207,10 @@ impl Frame {
 
     /// Decodes the JSON payload.
     pub fn parse_json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtocolError> {
+        // The message may quote the peer's strings.
         serde_json::from_slice(&self.payload).map_err(|e| ProtocolError::BadPayload {
             kind: self.kind,
-            detail: e.to_string(),
+            detail: printable(e.to_string().as_bytes()),
         })
     }
 
@@ -245,9 +246,10 @@ impl Frame {
         }
     }
 
-    /// The payload of an `Error` frame as text.
+    /// The payload of an `Error` frame as text fit for a terminal (see
+    /// [`printable`]).
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.payload).into_owned()
+        printable(&self.payload)
     }
 
     fn bad(&self, detail: &str) -> ProtocolError {
@@ -256,6 +258,35 @@ impl Frame {
             detail: detail.to_string(),
         }
     }
+}
+
+/// The most characters of a peer's text that [`printable`] keeps.
+pub const MAX_SHOWN_TEXT: usize = 4096;
+
+/// A peer's bytes as text that is safe to show on a terminal: invalid
+/// UTF-8 replaced, control characters escaped (`\u{1b}`), at most
+/// [`MAX_SHOWN_TEXT`] characters followed by how many bytes were left out.
+pub fn printable(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    let (mut shown, mut used) = (0, 0);
+    for chunk in bytes.utf8_chunks() {
+        let replaced = (!chunk.invalid().is_empty()).then_some(('\u{fffd}', chunk.invalid().len()));
+        let chars = chunk.valid().chars().map(|c| (c, c.len_utf8()));
+        for (c, len) in chars.chain(replaced) {
+            if shown == MAX_SHOWN_TEXT {
+                out.push_str(&format!("... ({} more bytes)", bytes.len() - used));
+                return out;
+            }
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+            shown += 1;
+            used += len;
+        }
+    }
+    out
 }
 
 /// Writes one frame with a single `write_all` (header and payload together,
@@ -701,6 +732,26 @@ mod tests {
             br#"{"protocol":1,"agent_version":"0.0.1"}"#.to_vec(),
         );
         assert_eq!(f.parse_json::<Hello>().unwrap().minor, 0);
+    }
+
+    #[test]
+    fn peer_text_is_shown_escaped_and_bounded() {
+        let f = Frame::new(
+            FrameKind::Error,
+            b"\x1b[2Jgone\n\xffok \xe2\x9c\x93".to_vec(),
+        );
+        assert_eq!(f.text(), "\\u{1b}[2Jgone\\n\u{fffd}ok \u{2713}");
+        let long = Frame::new(FrameKind::Error, vec![0xff; MAX_PAYLOAD]);
+        let text = long.text();
+        assert!(text.len() < 4 * MAX_SHOWN_TEXT, "{} bytes", text.len());
+        assert!(text.ends_with(&format!("({} more bytes)", MAX_PAYLOAD - MAX_SHOWN_TEXT)));
+        // serde's messages quote the peer's strings.
+        let bad = Frame::new(
+            FrameKind::Response,
+            br#"{"type":"\u001b]0;owned\u0007"}"#.to_vec(),
+        );
+        let msg = bad.parse_json::<Response>().unwrap_err().to_string();
+        assert!(!msg.chars().any(char::is_control), "{msg:?}");
     }
 
     #[test]
