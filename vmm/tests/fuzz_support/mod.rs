@@ -1,5 +1,6 @@
-//! What the vsock fuzz tests share: a small deterministic PRNG, byte
-//! mutations, and the run budget.
+//! What the fuzz tests share: a small deterministic PRNG, byte mutations,
+//! and the run budget. The vsock tests here and the agent protocol tests
+//! (`guest-image/agent/tests/`, which include this file) use it.
 //!
 //! Every run is reproducible from its seed. By default a run uses a fixed
 //! seed and stops after a fixed number of iterations or a time cap,
