@@ -13,12 +13,11 @@
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keystone_guest_agent::client::WatchCloser;
-use keystone_guest_agent::protocol::EgressAsk;
 
 use super::super::backend::SandboxSpec;
 use super::super::config::Network;
@@ -102,8 +101,7 @@ fn offer_loop(
     log: fn(&str),
 ) {
     let offering = guest::single_try_client(uds);
-    let client = Arc::new(guest::client(uds));
-    let live = Arc::new(AtomicUsize::new(0));
+    let asks_pool = AskPool::new(uds, Arc::clone(policy), log);
     while !stop.load(Ordering::SeqCst) {
         let Some(asks) = guest::open_held(
             "egress",
@@ -118,20 +116,13 @@ fn offer_loop(
         };
         log("egress: offering outbound connections to the guest");
         for ask in asks {
-            let ask = match ask {
-                Ok(a) => a,
+            match ask {
+                Ok(ask) => asks_pool.submit(ask),
                 Err(e) => {
-                    log(&format!("egress: the offer ended: {e}"));
+                    let e = printable(&e.to_string());
+                    asks_pool.log(&format!("egress: the offer ended: {e}"));
                     break;
                 }
-            };
-            let (client, policy, live) =
-                (Arc::clone(&client), Arc::clone(policy), Arc::clone(&live));
-            let spawned = std::thread::Builder::new()
-                .name("egress-conn".into())
-                .spawn(move || serve_ask(&client, &policy, &live, ask, log));
-            if let Err(e) = spawned {
-                log(&format!("egress: cannot start a connection thread: {e}"));
             }
         }
         if !stop.load(Ordering::SeqCst) {
@@ -139,6 +130,11 @@ fn offer_loop(
         }
     }
 }
+
+mod answer;
+mod pool;
+
+use pool::{printable, AskPool, Pending, Shared};
 
 /// Why an ask is refused: what the guest's program reads, and what the
 /// supervisor log keeps (with the addresses a name resolved to, which the
@@ -234,45 +230,55 @@ fn check_target(host: &str, port: u16) -> Result<(), String> {
     }
 }
 
-fn serve_ask(
-    client: &keystone_guest_agent::AgentClient,
-    policy: &Policy,
-    live: &AtomicUsize,
-    ask: EgressAsk,
-    log: fn(&str),
-) {
-    let EgressAsk { id, host, port } = ask;
-    let checked = check_target(&host, port);
-    let counted = checked.is_ok();
-    let target = if let Err(e) = checked {
-        Err(Refused::plain(e))
-    } else if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-        Err(Refused::plain(format!(
-            "the sandbox has {MAX_CONNECTIONS} outbound connections open already"
-        )))
-    } else {
-        resolve(policy, &host, port).and_then(|addrs| connect(&addrs, &host, port))
-    };
-    match target {
+/// Serves one ask, on a worker of the pool: takes a connection slot,
+/// resolves and connects, and answers the guest with the connection
+/// (relayed from a thread of its own while the slot is held) or with the
+/// reason it will not.
+fn serve_ask(shared: &Arc<Shared>, ask: Pending) {
+    let Pending { id, target, .. } = ask;
+    let connected = target.map_err(Refused::plain).and_then(|(host, port)| {
+        let slot = shared.take_slot().ok_or_else(|| {
+            Refused::plain(format!(
+                "the sandbox has {MAX_CONNECTIONS} outbound connections open already"
+            ))
+        })?;
+        let addrs = resolve(&shared.policy, &host, port)?;
+        Ok((connect(&addrs, &host, port)?, slot, host, port))
+    });
+    let (tcp, slot, host, port) = match connected {
+        Ok(c) => c,
         Err(refused) => {
-            log(&format!("egress refused: {}", refused.log));
-            if let Err(e) = client.egress_attach(id, Some(refused.guest)) {
-                log(&format!("egress: answering the guest failed: {e}"));
+            let why = printable(&refused.log);
+            shared.log.line(&format!("egress refused: {why}"));
+            if let Err(e) = answer::answer(&shared.uds, id, Some(refused.guest), &shared.closed) {
+                let e = printable(&e.to_string());
+                shared
+                    .log
+                    .line(&format!("egress: answering ask {id} failed: {e}"));
             }
+            return;
         }
-        Ok(tcp) => {
-            let _ = tcp.set_nodelay(true);
-            match client.egress_attach(id, None) {
-                Ok(Some(tunnel)) => {
-                    let _ = tunnel.relay(Box::new(tcp));
-                }
-                Ok(None) => {}
-                Err(e) => log(&format!("egress to {host}:{port}: {e}")),
-            }
+    };
+    let _ = tcp.set_nodelay(true);
+    let tunnel = match answer::answer(&shared.uds, id, None, &shared.closed) {
+        Ok(Some(tunnel)) => tunnel,
+        Ok(None) => return,
+        Err(e) => {
+            let e = printable(&e.to_string());
+            shared.log.line(&format!("egress to {host}:{port}: {e}"));
+            return;
         }
-    }
-    if counted {
-        live.fetch_sub(1, Ordering::SeqCst);
+    };
+    let relayed = std::thread::Builder::new()
+        .name("egress-relay".into())
+        .spawn(move || {
+            let _slot = slot;
+            let _ = tunnel.relay(Box::new(tcp));
+        });
+    if let Err(e) = relayed {
+        shared.log.line(&format!(
+            "egress to {host}:{port}: cannot start its relay: {e}"
+        ));
     }
 }
 
@@ -354,3 +360,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fake_agent_tests;

@@ -1,0 +1,342 @@
+//! The host's answer to one ask: a connection of its own to the guest
+//! agent carrying `EgressAttach`, which a guest that never answers cannot
+//! hold.
+//!
+//! The connection is tried once (a refused one is not retried: the ask is
+//! simply not answered). Connecting to the VMM's socket, the `CONNECT`
+//! handshake, the hellos and the agent's answer must all be done within
+//! [`ANSWER_DEADLINE`] of the start; every wait is cut into slices of
+//! [`SLICE`] so that a service being stopped ends it at once; and at most
+//! [`PREAMBLE_BYTES`] are read before the answer. Once the agent has
+//! accepted the attach, the limits are lifted and the connection is a
+//! plain relay.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keystone_guest_agent::client::{AgentClient, ClientError, TcpTunnel};
+use keystone_guest_agent::transport::DuplexStream;
+
+use super::super::engine::AGENT_PORT;
+
+/// How long the agent has to take an answer, from the first connect try.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest single wait: how soon a stopped service ends one.
+const SLICE: Duration = Duration::from_millis(200);
+/// The bytes the agent may send before its answer (handshake, hello,
+/// response and a server's first bytes).
+const PREAMBLE_BYTES: usize = 64 << 10;
+
+/// What an answer's connection may still use.
+struct Limits {
+    deadline: Instant,
+    bytes_left: AtomicUsize,
+    /// The attach was accepted: no limits any more.
+    lifted: AtomicBool,
+    /// The service ended.
+    closed: Arc<AtomicBool>,
+}
+
+impl Limits {
+    /// The next wait, or why there is none.
+    fn slice(&self) -> io::Result<Duration> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::other("the egress service stopped"));
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the guest agent did not take the answer within {} s",
+                    ANSWER_DEADLINE.as_secs()
+                ),
+            ));
+        }
+        Ok(left.min(SLICE))
+    }
+}
+
+/// The connection, within its [`Limits`] until they are lifted.
+struct Bounded {
+    stream: UnixStream,
+    limits: Arc<Limits>,
+}
+
+fn waiting(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.limits.lifted.load(Ordering::SeqCst) {
+            return self.stream.read(buf);
+        }
+        let left = self.limits.bytes_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the guest agent sent more than {PREAMBLE_BYTES} bytes before its answer"),
+            ));
+        }
+        let want = buf.len().min(left);
+        loop {
+            self.stream.set_read_timeout(Some(self.limits.slice()?))?;
+            match self.stream.read(&mut buf[..want]) {
+                Ok(n) => {
+                    self.limits.bytes_left.fetch_sub(n, Ordering::SeqCst);
+                    return Ok(n);
+                }
+                Err(e) if waiting(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.limits.lifted.load(Ordering::SeqCst) {
+            return self.stream.write(buf);
+        }
+        loop {
+            self.stream.set_write_timeout(Some(self.limits.slice()?))?;
+            match self.stream.write(buf) {
+                Err(e) if waiting(&e) => {}
+                done => return done,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl DuplexStream for Bounded {
+    fn try_clone_box(&self) -> io::Result<Box<dyn DuplexStream>> {
+        Ok(Box::new(Bounded {
+            stream: self.stream.try_clone()?,
+            limits: Arc::clone(&self.limits),
+        }))
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Write)
+    }
+    fn shutdown_both(&self) -> io::Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Both)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        // Reads that bypass `read` (a relay's splice) only once lifted.
+        self.limits
+            .lifted
+            .load(Ordering::SeqCst)
+            .then(|| self.stream.as_raw_fd())
+    }
+}
+
+/// Answers the ask `id` on a connection of its own: with `refused`, the
+/// refusal (`Ok(None)`), without, the guest end of the program's
+/// connection to relay (`Ok(Some)`). `closed` ends the wait early.
+pub fn answer(
+    uds: &Path,
+    id: u64,
+    refused: Option<String>,
+    closed: &Arc<AtomicBool>,
+) -> Result<Option<TcpTunnel>, ClientError> {
+    let limits = Arc::new(Limits {
+        deadline: Instant::now() + ANSWER_DEADLINE,
+        bytes_left: AtomicUsize::new(PREAMBLE_BYTES),
+        lifted: AtomicBool::new(false),
+        closed: Arc::clone(closed),
+    });
+    let opened: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+    let client = {
+        let (uds, limits, opened) = (uds.to_path_buf(), Arc::clone(&limits), Arc::clone(&opened));
+        AgentClient::new(Box::new(move || {
+            let stream = open(&uds, &limits)?;
+            *opened.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
+            Ok(Box::new(Bounded {
+                stream,
+                limits: Arc::clone(&limits),
+            }) as Box<dyn DuplexStream>)
+        }))
+    };
+    let answered = client.egress_attach(id, refused)?;
+    if answered.is_some() {
+        limits.lifted.store(true, Ordering::SeqCst);
+        if let Some(stream) = opened.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            stream
+                .set_read_timeout(None)
+                .and_then(|()| stream.set_write_timeout(None))
+                .map_err(ClientError::Connect)?;
+        }
+    }
+    Ok(answered)
+}
+
+/// Connects to the VMM's socket and does the `CONNECT` handshake for the
+/// agent's port, within `limits`.
+fn open(uds: &Path, limits: &Arc<Limits>) -> io::Result<UnixStream> {
+    let stream = connect(uds, limits)?;
+    let mut bounded = Bounded {
+        stream: stream.try_clone()?,
+        limits: Arc::clone(limits),
+    };
+    bounded.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 128 {
+        match bounded.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "the guest agent is not listening on vsock port {AGENT_PORT} (answer {:?})",
+                String::from_utf8_lossy(&line)
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
+/// Connects to the Unix socket `path`, trying again while its backlog is
+/// full, within `limits` (a blocking connect would wait for a place in the
+/// backlog with no limit).
+fn connect(path: &Path, limits: &Limits) -> io::Result<UnixStream> {
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_un is valid; it is filled in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the socket path {} is too long", path.display()),
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    loop {
+        // SAFETY: `addr` is an initialised sockaddr_un whose first `len`
+        // bytes hold the family and the NUL-terminated path.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => {
+                std::thread::sleep(limits.slice()?.min(Duration::from_millis(10)));
+            }
+            Some(libc::EISCONN) => break,
+            _ => return Err(e),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn limits(deadline: Duration) -> Limits {
+        Limits {
+            deadline: Instant::now() + deadline,
+            bytes_left: AtomicUsize::new(PREAMBLE_BYTES),
+            lifted: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    #[test]
+    fn a_full_backlog_ends_the_connect_at_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("ks-answer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+        // Fill the listener's backlog (nobody accepts).
+        let mut held = Vec::new();
+        let t0 = Instant::now();
+        let outcome = loop {
+            match connect(&path, &limits(Duration::from_millis(300))) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "the backlog never filled");
+        };
+        let took = t0.elapsed();
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
+        if outcome.raw_os_error() == Some(libc::EMFILE) {
+            eprintln!("SKIP: the descriptor limit is below the listener's backlog");
+            return;
+        }
+        assert_eq!(outcome.kind(), io::ErrorKind::TimedOut, "{outcome}");
+        assert!(took < Duration::from_secs(30), "{took:?}");
+    }
+
+    #[test]
+    fn a_silent_agent_is_given_up_on_when_the_service_stops() {
+        let dir = std::env::temp_dir().join(format!("ks-answer-silent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let stopper = {
+            let closed = Arc::clone(&closed);
+            std::thread::spawn(move || {
+                let held = listener.accept();
+                std::thread::sleep(Duration::from_millis(300));
+                closed.store(true, Ordering::SeqCst);
+                held
+            })
+        };
+        let t0 = Instant::now();
+        let outcome = answer(&path, 7, Some("no".into()), &closed);
+        let took = t0.elapsed();
+        let _ = stopper.join();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(outcome.is_err());
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+}
