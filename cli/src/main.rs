@@ -7,6 +7,7 @@ mod agent;
 mod embedded;
 mod exit_code;
 mod terminal;
+mod vm_check;
 mod vm_run;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,9 @@ enum VmCommand {
     Run(vm_run::RunArgs),
     /// Lay out a minimal busybox root directory for `vm run --root-dir`.
     MakeRoot(vm_run::MakeRootArgs),
+    /// Check this host's KVM: its kind, nested virtualization, and a
+    /// self-test VM run (exit 0 when it works).
+    Check(vm_check::CheckArgs),
 }
 
 fn main() {
@@ -62,6 +66,7 @@ fn main() {
     let result = match cli.command {
         Command::Vm(VmCommand::Run(args)) => vm_run::run(args, process_start_ns),
         Command::Vm(VmCommand::MakeRoot(args)) => vm_run::make_root(args),
+        Command::Vm(VmCommand::Check(args)) => vm_check::run(args),
         Command::Agent(command) => agent::run(command),
     };
     match result {

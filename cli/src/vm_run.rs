@@ -157,6 +157,21 @@ pub fn vmm_memory() -> VmmMemory {
 
 /// The boot timeline as JSON: absolute CLOCK_MONOTONIC ns per event, and
 /// milliseconds since the process started (or since `Vm::start`).
+/// The shape of `--timings-json` (bumped when it changes).
+pub const TIMINGS_SCHEMA: u32 = 2;
+
+/// The SHA-256 of a file, in hex.
+fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 pub fn timeline_json(t: &BootTimeline) -> serde_json::Value {
     let origin = t
         .get(BootEvent::ProcessStart)
@@ -331,6 +346,19 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
     print_timeline(&timeline);
     if let Some(path) = &args.timings_json {
         let mut doc = timeline_json(&timeline);
+        // Schema 2: the run's identity (kernel, command line, size, nesting).
+        doc["schema"] = TIMINGS_SCHEMA.into();
+        doc["kernel"] = serde_json::json!({
+            "path": args.kernel.display().to_string(),
+            "sha256": file_sha256(&args.kernel).ok(),
+        });
+        doc["cmdline"] = info.cmdline.clone().into();
+        doc["vcpus"] = info.vcpus.into();
+        doc["memory_mib"] = info.memory_mib.into();
+        doc["nested"] = serde_json::json!({
+            "enabled": info.nested.enabled.map(|e| format!("{e:?}").to_uppercase()),
+            "warning": info.nested.warning,
+        });
         doc["exit"] = reason.to_string().into();
         doc["clean_exit"] = reason.is_clean().into();
         doc["kvm"] = info.kvm_kind.name().into();

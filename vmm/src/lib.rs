@@ -21,6 +21,7 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod machine;
+pub mod probe;
 pub mod vstate;
 
 pub use arch::x86_64::cpuid::{CpuTemplate, VirtExtension};

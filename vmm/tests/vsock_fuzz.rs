@@ -241,12 +241,7 @@ fn still_serves(rig: &mut Rig, rng: &mut Rng) {
 
 #[test]
 fn mutated_guest_packets_never_break_the_connection_table() {
-    let budget = Budget::from_env(
-        "vsock_fuzz",
-        0x5eed_f5ca,
-        150_000,
-        Duration::from_secs(20),
-    );
+    let budget = Budget::from_env("vsock_fuzz", 0x5eed_f5ca, 150_000, Duration::from_secs(20));
     let mut rng = Rng::new(budget.seed);
     let mut rig = Rig::new("vsock-fuzz");
     let mut done = 0u64;

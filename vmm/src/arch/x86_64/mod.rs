@@ -7,3 +7,4 @@ pub mod kernel_image;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod tsc;
