@@ -1,6 +1,6 @@
 # `nix develop`: what building and testing Keystone needs (the Debian
 # equivalent is scripts/setup.sh). The Rust toolchain, the host tools the
-# CLI runs (git, rsync, ssh, QEMU for the software-emulation engine), the
+# CLI runs (git, ssh, QEMU for the software-emulation engine), the
 # network test's iproute2, a static busybox for minimal guest roots, the
 # guest kernel's build dependencies and debootstrap for the root file
 # system. guest-image/kernel/build.sh reads nixpkgs' Linux 6.12 tarball
@@ -14,7 +14,6 @@
   glibc,
   qemu_kvm,
   git,
-  rsync,
   openssh,
   iproute2,
   pkgsStatic,
@@ -51,7 +50,6 @@ mkShell {
     glibc.static
     qemu_kvm
     git
-    rsync
     openssh
     iproute2
     busybox

@@ -131,7 +131,6 @@ in
     environment.systemPackages = [
       cfg.package
       pkgs.git
-      pkgs.rsync
       pkgs.openssh
       pkgs.qemu_kvm
     ];

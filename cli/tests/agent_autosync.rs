@@ -5,6 +5,12 @@
 //! commit is ever made. The supervisor opens the watch connection; the
 //! guest opens none.
 //!
+//! `start` returns only once the watch is open, so a commit made the
+//! moment it returns is synced; and a watch that opens catches up on
+//! commits made before it (checked by starting in manual mode, committing,
+//! and restarting in auto-commit). The race rounds repeat
+//! `KEYSTONE_RACE_ROUNDS` times (3 unless set).
+//!
 //! Skips (printing `SKIP: <reason>`) without /dev/kvm, qemu-system-x86_64
 //! or a guest kernel and rootfs. The setup is `common::setup`, shared with
 //! `agent_e2e.rs`.
@@ -15,11 +21,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{setup, text, Env};
+use common::{setup, text, Env, ONE_GUEST_AT_A_TIME};
 
 const NAME: &str = "autosync";
-/// How long a guest commit may take to show up on the host.
-const SYNC_WAIT: Duration = Duration::from_secs(20);
+/// How long a guest commit may take to show up on the host (generous:
+/// it is polled, and the time it took is printed).
+const SYNC_WAIT: Duration = Duration::from_secs(120);
 
 /// The supervisor log(s) under the temporary state folder.
 fn supervisor_log(env: &Env) -> String {
@@ -38,9 +45,9 @@ fn supervisor_log(env: &Env) -> String {
     text
 }
 
-/// The supervisor log once it contains `needle` (or after 10 s).
+/// The supervisor log once it contains `needle` (or after 60 s).
 fn wait_for_log(env: &Env, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let log = supervisor_log(env);
         if log.contains(needle) || Instant::now() > deadline {
@@ -97,8 +104,76 @@ fn guest_commit(env: &Env, repo: &Path, file: &str, msg: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// How many start/commit rounds the race tests make.
+fn race_rounds() -> usize {
+    std::env::var("KEYSTONE_RACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+#[test]
+fn a_commit_right_after_start_reaches_the_host() {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let Some(env) = setup("autosync-race", "autosync-race") else {
+        return;
+    };
+    let repo = env.path("proj");
+    for round in 1..=race_rounds() {
+        // The sandbox keeps its sync mode; naming it each time is harmless.
+        let out = env.start(&repo, &["--sync-mode", "auto-commit"]);
+        assert!(
+            common::stdout(&out).contains("auto-sync watch"),
+            "start names the watch among the services it waited for: {}",
+            text(&out)
+        );
+        // No pause: the commit is the first thing after start returns.
+        let head = guest_commit(&env, &repo, &format!("r{round}"), &format!("round{round}"));
+        let took = wait_for_ref(&repo, "refs/heads/main", &head, &env);
+        eprintln!(
+            "round {round}: the commit made right after start reached the host in {took:.2?}"
+        );
+        let out = env.run(&["stop", env.name], &repo);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+}
+
+#[test]
+fn a_watch_that_opens_catches_up_on_earlier_commits() {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let Some(env) = setup("autosync-catchup", "autosync-catchup") else {
+        return;
+    };
+    let repo = env.path("proj");
+    // In manual mode nothing is synced by itself.
+    env.start(&repo, &[]);
+    let head = guest_commit(&env, &repo, "early", "early");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_ne!(
+        rev(&repo, "refs/heads/main").as_deref(),
+        Some(head.as_str())
+    );
+    let out = env.run(&["stop", env.name], &repo);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The watch that opens now finds the commit ahead of the host.
+    env.start(&repo, &["--sync-mode", "auto-commit"]);
+    let took = wait_for_ref(&repo, "refs/heads/main", &head, &env);
+    eprintln!("the earlier commit reached the host {took:.2?} after start returned");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("early")).unwrap(),
+        "early\n"
+    );
+}
+
 #[test]
 fn auto_commit_fast_forwards_the_host_and_never_merges() {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("autosync", NAME) else {
         return;
     };

@@ -32,6 +32,8 @@ impl Sandbox {
             }
         }
         cmd.env("HOME", self.path("home"))
+            // The host's own /etc/keystone/agent.toml must not change results.
+            .env("KEYSTONE_SYSTEM_CONFIG", self.path("no-system-config.toml"))
             .env("XDG_CONFIG_HOME", self.path("config"))
             .env("XDG_STATE_HOME", self.path("state"))
             .env("GIT_CEILING_DIRECTORIES", &self.root)
@@ -335,11 +337,11 @@ fn a_live_supervisor_means_running_and_a_dead_one_error() {
     let repo = s.git_repo("proj");
     // A stand-in whose command line looks like a supervisor's.
     let mut fake = Command::new("sh")
-        .args(["-c", "sleep 60; true", "__supervise", "proj-3"])
+        .args(["-c", "sleep 600; true", "__supervise", "proj-3"])
         .spawn()
         .unwrap();
     s.register("proj-3", &repo, "running", Some(fake.id()));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut status = json(&s.run(&["status", "proj-3", "--json"]));
     while status["state"] != "running" && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));

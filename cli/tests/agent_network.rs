@@ -10,8 +10,12 @@
 //! the server once `[network] allow` lists its block, and are refused
 //! (HTTP 403, with the reason) before; the host's loopback, the host's own
 //! address and the cloud metadata address are refused whatever the
-//! configuration; `--network none` answers 503. Each refusal is in the
-//! supervisor log.
+//! configuration; `--network none` answers 503 saying so. Each refusal is
+//! in the supervisor log.
+//!
+//! `start` returns only once the host offers connections: a request made
+//! the moment it returns goes through (repeated `KEYSTONE_RACE_ROUNDS`
+//! times, 3 unless set).
 //!
 //! Skips (printing `SKIP: <reason>`) without /dev/kvm, qemu-system-x86_64
 //! or a guest kernel and rootfs.
@@ -266,7 +270,56 @@ fn outbound_connections_follow_the_hosts_policy() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let (code, body) = guest_curl(&env, &repo, &[], "http://93.184.216.34/");
     assert_eq!(code, "503", "{body}");
-    assert!(body.contains("no network"), "{body}");
+    assert!(body.contains("started with --network none"), "{body}");
     let status = env.status_json(&repo);
     assert_eq!(status["network"], "none", "{status}");
+}
+
+#[test]
+fn a_request_right_after_start_goes_through() {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let Some(env) = setup("network-race", "net-race") else {
+        return;
+    };
+    let repo = env.path("proj");
+    let outside = match Outside::start(&env.root) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIP: a request right after start: {e}");
+            return;
+        }
+    };
+    let config = env.path("config/keystone/agent.toml");
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str("\n[network]\nallow = [\"10.213.0.0/16\"]\n");
+    std::fs::write(&config, toml).unwrap();
+    let url = format!("http://{}:8080/hello.txt", outside.address);
+    let rounds = std::env::var("KEYSTONE_RACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for round in 1..=rounds {
+        let started = env.start(&repo, &[]);
+        assert!(
+            stdout(&started).contains("network"),
+            "start names the network among the services it waited for: {}",
+            text(&started)
+        );
+        // No pause: the request is the first thing after start returns.
+        let t = std::time::Instant::now();
+        let (code, body) = guest_curl(&env, &repo, &[], &url);
+        eprintln!(
+            "round {round}: the request right after start took {:.2?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            (code.as_str(), body.as_str()),
+            ("200", "hello from outside\n"),
+            "round {round}"
+        );
+        let out = env.run(&["stop"], &repo);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
 }

@@ -140,7 +140,7 @@ fn a_guest_server_is_reachable_from_the_host() {
     // addresses (root), which stays in the guest.
     start_echo(&env, &repo, "127.0.0.1", 4321, "agent");
     start_echo(&env, &repo, "0.0.0.0", 81, "root");
-    let entry = wait_port(&env, &repo, 4321, Duration::from_secs(30), |e| {
+    let entry = wait_port(&env, &repo, 4321, Duration::from_secs(120), |e| {
         e.is_some_and(|e| e["host_port"].is_u64())
     })
     .unwrap();
@@ -151,7 +151,7 @@ fn a_guest_server_is_reachable_from_the_host() {
         "{entry}"
     );
     assert_eq!(entry["guest_address"], "127.0.0.1", "{entry}");
-    let system = wait_port(&env, &repo, 81, Duration::from_secs(10), |e| e.is_some()).unwrap();
+    let system = wait_port(&env, &repo, 81, Duration::from_secs(120), |e| e.is_some()).unwrap();
     assert_eq!(system["host_port"], serde_json::Value::Null, "{system}");
     assert!(
         system["note"].as_str().unwrap_or("").contains("below 1024"),
@@ -194,7 +194,7 @@ fn a_guest_server_is_reachable_from_the_host() {
         &repo,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    wait_port(&env, &repo, 4321, Duration::from_secs(15), |e| e.is_none());
+    wait_port(&env, &repo, 4321, Duration::from_secs(120), |e| e.is_none());
     assert!(
         TcpStream::connect(("127.0.0.1", host_port)).is_err(),
         "127.0.0.1:{host_port} still accepts connections"
@@ -202,7 +202,7 @@ fn a_guest_server_is_reachable_from_the_host() {
 
     // A new server is picked up again; a stopped sandbox forwards nothing.
     start_echo(&env, &repo, "0.0.0.0", 4322, "agent");
-    let entry = wait_port(&env, &repo, 4322, Duration::from_secs(30), |e| {
+    let entry = wait_port(&env, &repo, 4322, Duration::from_secs(120), |e| {
         e.is_some_and(|e| e["host_port"].is_u64())
     })
     .unwrap();
@@ -225,7 +225,7 @@ fn a_guest_server_is_reachable_from_the_host() {
         "127.0.0.1:{port2} still answers after start"
     );
     start_echo(&env, &repo, "127.0.0.1", 4322, "agent");
-    let entry = wait_port(&env, &repo, 4322, Duration::from_secs(30), |e| {
+    let entry = wait_port(&env, &repo, 4322, Duration::from_secs(120), |e| {
         e.is_some_and(|e| e["host_port"].is_u64())
     })
     .unwrap();
@@ -508,7 +508,7 @@ fn latency() {
 
     // Proxy: one echo server, three ways to reach it.
     start_echo(&env, &repo, "127.0.0.1", 4400, "agent");
-    let entry = wait_port(&env, &repo, 4400, Duration::from_secs(30), |e| {
+    let entry = wait_port(&env, &repo, 4400, Duration::from_secs(120), |e| {
         e.is_some_and(|e| e["host_port"].is_u64())
     })
     .unwrap();
@@ -516,9 +516,11 @@ fn latency() {
     let mut s = TcpStream::connect(("127.0.0.1", host_port)).unwrap();
     s.set_nodelay(true).unwrap();
     let dir = PathBuf::from(env.status_json(&repo)["dir"].as_str().unwrap());
-    let client = keystone_guest_agent::AgentClient::new(
-        keystone_guest_agent::hybrid_vsock_connector(dir.join("vsock.sock"), 1024),
-    );
+    let client =
+        keystone_guest_agent::AgentClient::new(keystone_guest_agent::hybrid_vsock_connector(
+            dir.join("vsock.sock"),
+            keystone_guest_agent::protocol::AGENT_VSOCK_PORT,
+        ));
     let mut tunnel = client.tcp_connect(4400).unwrap();
     ping_pong(&mut s, 64, 20);
     ping_pong(&mut tunnel, 64, 20);

@@ -309,7 +309,7 @@ fn the_module_sets_up_the_host() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(packages, ["keystone", "git", "rsync", "openssh", "qemu"]);
+    assert_eq!(packages, ["keystone", "git", "openssh", "qemu"]);
     assert_eq!(
         config["boot"]["extraModprobeConfig"],
         "options kvm_intel nested=1\noptions kvm_amd nested=1\n"

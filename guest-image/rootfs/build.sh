@@ -89,6 +89,10 @@ in_root dpkg-query -W -f='${Package}\t${Version}\t${Architecture}\n' | sort > "$
 # Users: root stays root; `agent` (uid 1000) is the unprivileged user, no password.
 in_root useradd --create-home --uid 1000 --user-group --shell /bin/bash --home-dir /home/agent agent
 in_root passwd --delete agent >/dev/null
+# With nested virtualization the agent runs VMs of its own: the guest
+# agent gives /dev/kvm to the kvm group at boot (there is no udev).
+in_root sh -c 'getent group kvm >/dev/null || groupadd --system kvm'
+in_root usermod --append --groups kvm agent
 
 # Identity and name resolution (no host resolv.conf inside the image).
 echo sandbox > "$root/etc/hostname"

@@ -61,52 +61,85 @@ fn pad4(out: &mut Vec<u8>) {
     }
 }
 
-/// Builds the archive bytes around an agent binary's contents.
-pub fn agent_initramfs_bytes(agent: &[u8]) -> Vec<u8> {
-    let dir = |name| Entry {
-        name,
-        mode: S_IFDIR | 0o755,
-        rdev: (0, 0),
-        data: &[],
-    };
-    let entries = [
-        dir("dev"),
-        Entry {
-            name: "dev/console",
-            mode: S_IFCHR | 0o600,
-            rdev: (5, 1),
-            data: &[],
-        },
-        dir("proc"),
-        dir("sys"),
-        dir("run"),
-        Entry {
-            mode: S_IFDIR | 0o1777,
-            ..dir("tmp")
-        },
-        Entry {
-            name: "init",
-            mode: S_IFREG | 0o755,
-            rdev: (0, 0),
-            data: agent,
-        },
-    ];
-    let mut out = Vec::with_capacity(agent.len() + 4096);
-    for (i, e) in entries.iter().enumerate() {
-        write_entry(&mut out, i as u32 + 1, e);
-    }
-    write_entry(&mut out, 0, &dir("TRAILER!!!").with_mode(0));
-    // Pad to 512 bytes like cpio(1) does.
-    while out.len() % 512 != 0 {
-        out.push(0);
-    }
-    out
+/// A `newc` archive being built, entry by entry.
+#[derive(Default)]
+pub struct Archive {
+    out: Vec<u8>,
+    entries: u32,
 }
 
-impl Entry<'_> {
-    fn with_mode(self, mode: u32) -> Self {
-        Self { mode, ..self }
+impl Archive {
+    pub fn new() -> Self {
+        Self::default()
     }
+
+    fn add(&mut self, e: &Entry<'_>) -> &mut Self {
+        self.entries += 1;
+        write_entry(&mut self.out, self.entries, e);
+        self
+    }
+
+    /// A directory with permission bits `perm`.
+    pub fn dir(&mut self, name: &str, perm: u32) -> &mut Self {
+        self.add(&Entry {
+            name,
+            mode: S_IFDIR | perm,
+            rdev: (0, 0),
+            data: &[],
+        })
+    }
+
+    /// A regular file with permission bits `perm`.
+    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> &mut Self {
+        self.add(&Entry {
+            name,
+            mode: S_IFREG | perm,
+            rdev: (0, 0),
+            data,
+        })
+    }
+
+    /// A character device node.
+    pub fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> &mut Self {
+        self.add(&Entry {
+            name,
+            mode: S_IFCHR | perm,
+            rdev: (major, minor),
+            data: &[],
+        })
+    }
+
+    /// The archive: the trailer, then zeros to a multiple of 512 bytes
+    /// (as cpio(1) pads).
+    pub fn finish(mut self) -> Vec<u8> {
+        write_entry(
+            &mut self.out,
+            0,
+            &Entry {
+                name: "TRAILER!!!",
+                mode: 0,
+                rdev: (0, 0),
+                data: &[],
+            },
+        );
+        while self.out.len() % 512 != 0 {
+            self.out.push(0);
+        }
+        self.out
+    }
+}
+
+/// Builds the archive bytes around an agent binary's contents.
+pub fn agent_initramfs_bytes(agent: &[u8]) -> Vec<u8> {
+    let mut a = Archive::new();
+    a.dir("dev", 0o755)
+        .char_dev("dev/console", 0o600, 5, 1)
+        .dir("proc", 0o755)
+        .dir("sys", 0o755)
+        .dir("run", 0o755)
+        .dir("tmp", 0o1777)
+        .file("init", 0o755, agent);
+    a.finish()
 }
 
 /// Writes an initramfs with `agent_binary` as `/init` to `out`.

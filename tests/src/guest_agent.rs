@@ -74,7 +74,7 @@ pub fn agent_initramfs(dir: &Path) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// A client of the agent on guest port 1024 behind the hybrid socket `uds`.
+/// A client of the agent on its guest port behind the hybrid socket `uds`.
 pub fn client(uds: &Path) -> AgentClient {
     AgentClient::new(hybrid_vsock_connector(
         uds,
@@ -320,10 +320,63 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// A guest program that tries, for `argv[2]` milliseconds (at least
+/// once), to bind vsock port `argv[1]` on any CID, as whoever runs it:
+/// prints `BOUND` and exits 1 the first time a bind succeeds, else prints
+/// how many tries failed with which errno and exits 0.
+pub const VSOCK_BIND_PROBE_C: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+static long long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: vsock-bind-probe PORT MS\n"); return 3; }
+    unsigned port = (unsigned)strtoul(argv[1], 0, 10);
+    long long until = now_ms() + atoll(argv[2]);
+    long tries = 0, eacces = 0, eaddrinuse = 0, other = 0;
+    do {
+        int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+        if (fd < 0) { printf("socket: errno=%d\n", errno); return 2; }
+        struct sockaddr_vm sa;
+        memset(&sa, 0, sizeof sa);
+        sa.svm_family = AF_VSOCK;
+        sa.svm_cid = VMADDR_CID_ANY;
+        sa.svm_port = port;
+        tries++;
+        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            printf("BOUND port %u after %ld tries\n", port, tries);
+            return 1;
+        }
+        if (errno == EACCES) eacces++; else if (errno == EADDRINUSE) eaddrinuse++; else other++;
+        close(fd);
+        usleep(1000);
+    } while (now_ms() < until);
+    printf("tries=%ld eacces=%ld eaddrinuse=%ld other=%ld\n", tries, eacces, eaddrinuse, other);
+    return 0;
+}
+"#;
+
 /// Compiles [`VSOCK_PROBE_C`] statically with the host's `gcc` into `out`.
 pub fn compile_vsock_probe(out: &Path) -> Result<(), String> {
+    compile_static(VSOCK_PROBE_C, out)
+}
+
+/// Compiles the C program `source` statically with the host's `gcc` into
+/// `out`.
+pub fn compile_static(source: &str, out: &Path) -> Result<(), String> {
     let src = out.with_extension("c");
-    std::fs::write(&src, VSOCK_PROBE_C).map_err(|e| e.to_string())?;
+    std::fs::write(&src, source).map_err(|e| e.to_string())?;
     let res = Command::new("gcc")
         .args(["-static", "-O2", "-o"])
         .arg(out)

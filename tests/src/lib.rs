@@ -5,6 +5,7 @@ pub mod fs_daemon;
 pub mod guest_agent;
 pub mod pjdfstest;
 pub mod qemu;
+pub mod rig;
 
 use std::path::{Path, PathBuf};
 

@@ -168,6 +168,10 @@ fn agent_over_vsock_under_qemu() {
     fs::write(ws.join("from-host.txt"), "written by the host\n").unwrap();
     let probe = ws.join("vsock-probe");
     let probe_built = compile_vsock_probe(&probe);
+    let bind_probe_built = guest_agent::compile_static(
+        guest_agent::VSOCK_BIND_PROBE_C,
+        &ws.join("vsock-bind-probe"),
+    );
 
     let (root_sock, root_thread) = start_fs(
         scratch.path().join("root.sock"),
@@ -583,6 +587,47 @@ fn agent_over_vsock_under_qemu() {
             });
         }
         Err(e) => eprintln!("SKIP: vsock-to-host probe: {e}"),
+    }
+
+    // The agent's vsock port is never anyone else's: a privileged port no
+    // guest user may bind, whose listener PID 1 holds even while it
+    // restarts a dead agent server (root's bind then finds it in use).
+    match &bind_probe_built {
+        Ok(()) => {
+            let c = client.clone();
+            step("agent-port-held", STEP, move || {
+                let port = keystone_guest_agent::protocol::AGENT_VSOCK_PORT.to_string();
+                let mut as_agent = ExecRequest::new(&["/workspace/vsock-bind-probe", &port, "0"]);
+                as_agent.user = Some(UserSpec::Uid(1000));
+                let out = c
+                    .exec_request_output(as_agent)
+                    .expect("bind probe as the agent user");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                assert!(
+                    out.status.success(),
+                    "the agent user bound the agent's port: {text}"
+                );
+                assert!(text.contains("eacces=1"), "a privileged port: {text}");
+                // Kill the server (the parent of this command) while root
+                // tries to bind its port for 3 s.
+                let script = format!(
+                    "/workspace/vsock-bind-probe {port} 3000 > /tmp/held.out 2>&1 & \
+                     sleep 0.3; kill -9 $PPID"
+                );
+                let _ = c.exec_output(&["sh", "-c", &script]);
+                // The client retries while PID 1 starts the server again.
+                let (code, out, err) = exec(&c, &["sh", "-c", "sleep 4; cat /tmp/held.out"]);
+                eprintln!("root's bind tries while the agent server restarted: {out}{err}");
+                assert_eq!(code, 0, "{out}{err}");
+                assert!(
+                    !out.contains("BOUND"),
+                    "the port was free while the server restarted: {out}"
+                );
+                assert!(out.contains("eaddrinuse="), "{out}");
+                assert!(!out.contains("eaddrinuse=0 "), "{out}");
+            });
+        }
+        Err(e) => eprintln!("SKIP: agent-port-held: {e}"),
     }
 
     // The agent still answers; then a clean shutdown ends QEMU.

@@ -241,7 +241,11 @@ fn print_status(s: &StatusView) {
     println!("Created:    {}", v.created_at);
     println!("Started:    {}", or_never(&v.started_at));
     println!("Last sync:  {}", or_never(&v.last_sync));
-    println!("Folder:     {}", v.dir);
+    println!(
+        "Folder:     {} (the sandbox's own files: its disk/workspace holds the guest's .git, \
+         config and hooks included; do not open a shell or editor there)",
+        v.dir
+    );
     if let Some(live) = &s.live {
         for p in &live.ports {
             let guest = format!("guest {}:{}", p.guest_address, p.guest_port);

@@ -10,7 +10,7 @@ use super::backend::{
 };
 use super::config::{self, FlagOverrides, Network, Settings};
 use super::registry::{read_json, write_json, RegistryEntry, SandboxPaths};
-use super::state::{ProcProbe, SandboxLock, SandboxState, StateRecord};
+use super::state::{NestedStatus, ProcProbe, SandboxLock, SandboxState, StateRecord};
 use super::{fsutil, naming, project_top, store_err, Context, DestroyArgs, StartArgs, StopArgs};
 use super::{CANCELLED, INVALID_STATE};
 use crate::exit_code::{self, CodedError};
@@ -186,7 +186,9 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
             record.nested = Some(outcome.nested);
             record.nested_detail = outcome.nested_detail.clone();
             record.save(&paths).map_err(store_err)?;
-            if let Some(detail) = &outcome.nested_detail {
+            if let (NestedStatus::Unavailable, Some(detail)) =
+                (outcome.nested, &outcome.nested_detail)
+            {
                 eprintln!(
                     "keystone: note: nested virtualization is {}: {detail}",
                     outcome.nested.as_str()

@@ -37,6 +37,8 @@ impl Env {
             }
         }
         cmd.env("XDG_CONFIG_HOME", self.path("config"))
+            // The host's own /etc/keystone/agent.toml must not change results.
+            .env("KEYSTONE_SYSTEM_CONFIG", self.path("no-system-config.toml"))
             .env("XDG_STATE_HOME", self.path("state"))
             .env("XDG_CACHE_HOME", &self.cache)
             .env("KEYSTONE_KERNEL_DIR", &self.kernel_dir)

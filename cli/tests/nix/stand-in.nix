@@ -110,7 +110,6 @@ let
         };
       };
     git.name = "git";
-    rsync.name = "rsync";
     openssh.name = "openssh";
     qemu_kvm.name = "qemu";
   };

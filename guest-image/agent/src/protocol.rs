@@ -115,8 +115,11 @@ const _: () = assert!(
         && MINOR_TCP_CONNECT <= PROTOCOL_MINOR
         && MINOR_EGRESS <= PROTOCOL_MINOR
 );
-/// The guest vsock port the agent listens on.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The guest vsock port the agent listens on: a privileged one (below
+/// 1024), so that no guest user but root may bind it, and its listener is
+/// made and held by PID 1, so that it stays taken while a dead agent
+/// server is restarted.
+pub const AGENT_VSOCK_PORT: u32 = 1023;
 /// The largest payload a frame may carry (16 MiB).
 pub const MAX_PAYLOAD: usize = 16 << 20;
 /// The chunk size used for stream data frames.

@@ -62,7 +62,7 @@ fn start_agent_with(tweak: impl FnOnce(&mut AgentConfig)) -> Harness {
     let listener = AgentListener::unix(&socket).unwrap();
     let mut cfg = config(workspace.clone());
     tweak(&mut cfg);
-    std::thread::spawn(move || agent::serve(listener, cfg));
+    std::thread::spawn(move || agent::serve(&listener, cfg));
     Harness {
         client: AgentClient::new(unix_connector(&socket)),
         dir,
@@ -147,7 +147,6 @@ fn fifty_mib_through_cat() {
     assert_eq!(out.len(), 50 << 20);
     assert_eq!(fnv(&out), expected);
     assert!(err.is_empty());
-    assert!(took < Duration::from_secs(60), "50 MiB took {took:?}");
     eprintln!("50 MiB through cat: {took:?}");
 }
 
@@ -170,16 +169,21 @@ fn signal_reaches_the_process() {
     assert_eq!(status.code_or_signal(), 128 + libc::SIGTERM);
 }
 
+/// The command's exit is its answer, even with a background job still
+/// running (and holding no pipe of ours open).
 #[test]
 fn background_job_does_not_hold_exit() {
     let h = start_agent();
-    let start = Instant::now();
     let out = h
         .client
-        .exec_output(&["sh", "-c", "sleep 30 & echo started"])
+        .exec_output(&["sh", "-c", "sleep 600 </dev/null >/dev/null 2>&1 & echo $!"])
         .unwrap();
-    assert_eq!(out.stdout, b"started\n");
-    assert!(start.elapsed() < Duration::from_secs(10));
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // SAFETY: signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    // SAFETY: ends the test's own background job.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(alive, "exec returned while its background job ran on");
 }
 
 #[test]
@@ -526,7 +530,7 @@ fn a_retrying_client_waits_for_a_restarting_agent() {
         let listener = AgentListener::unix(&fresh).unwrap();
         std::fs::rename(&fresh, &s).unwrap();
         drop(dying);
-        agent::serve(listener, config(ws))
+        agent::serve(&listener, config(ws))
     });
     let retrying = AgentClient::new(unix_connector(&socket)).retrying(Duration::from_secs(10));
     let t0 = Instant::now();
@@ -692,22 +696,24 @@ fn through_proxy(proxy: std::net::SocketAddr, head: &str, then: &[u8]) -> String
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The guest programs' way out: with no `Egress` connection the proxy says
-/// the sandbox has no network; with one, each CONNECT or plain HTTP
+/// The guest programs' way out: before the host offers connections the
+/// proxy says the sandbox is starting; with an offer, each CONNECT or plain HTTP
 /// request is asked of the host, which refuses (the program reads why) or
 /// makes the connection (bytes go both ways, the head of a plain request
 /// reaches the server without proxy headers); commands get the proxy in
-/// their environment.
+/// their environment; once the host withdraws its offer the proxy says the
+/// network is down.
 #[test]
 fn egress_through_the_host() {
-    use keystone_guest_agent::agent::egress::Egress;
-    let egress = Egress::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    use keystone_guest_agent::agent::egress::{Egress, NetworkSetting};
+    let egress = Egress::listen("127.0.0.1:0".parse().unwrap(), NetworkSetting::Nat).unwrap();
     let proxy: std::net::SocketAddr = egress.proxy_url()["http://".len()..].parse().unwrap();
     let h = start_agent_with(|c| c.egress = Some(egress));
 
     let out = through_proxy(proxy, "CONNECT example.com:443 HTTP/1.1\r\n\r\n", b"");
     assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
-    assert!(out.contains("no network"), "{out}");
+    assert!(out.contains("is starting"), "{out}");
+    assert!(!out.contains("--network none"), "{out}");
 
     // "The internet": an echo server and an HTTP server that returns the
     // head it got.
@@ -742,6 +748,7 @@ fn egress_through_the_host() {
 
     // The host: connects what it allows, refuses the rest with a reason.
     let asks = h.client.egress().unwrap();
+    let offer = asks.closer();
     let host_client = std::sync::Arc::new(AgentClient::new(unix_connector(&h.socket)));
     std::thread::spawn(move || {
         for ask in asks {
@@ -803,5 +810,41 @@ fn egress_through_the_host() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("http://{proxy} localhost,127.0.0.1,::1")
+    );
+
+    // The host withdraws its offer (its supervisor stops).
+    offer.close();
+    let t0 = std::time::Instant::now();
+    let out = loop {
+        let out = through_proxy(proxy, "CONNECT example.com:443 HTTP/1.1\r\n\r\n", b"");
+        if out.contains("network is down") || t0.elapsed() > Duration::from_secs(30) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+    assert!(out.contains("stopped offering"), "{out}");
+}
+
+/// A sandbox started with `--network none` says so, at once and for good.
+#[test]
+fn egress_without_network_says_so() {
+    use keystone_guest_agent::agent::egress::{Egress, NetworkSetting};
+    let egress = Egress::listen("127.0.0.1:0".parse().unwrap(), NetworkSetting::None).unwrap();
+    let proxy: std::net::SocketAddr = egress.proxy_url()["http://".len()..].parse().unwrap();
+    let out = through_proxy(proxy, "CONNECT example.com:443 HTTP/1.1\r\n\r\n", b"");
+    assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+    assert!(out.contains("started with --network none"), "{out}");
+    assert_eq!(
+        NetworkSetting::from_cmdline("console=ttyS0 keystone.network=none quiet"),
+        NetworkSetting::None
+    );
+    assert_eq!(
+        NetworkSetting::from_cmdline("keystone.network=nat"),
+        NetworkSetting::Nat
+    );
+    assert_eq!(
+        NetworkSetting::from_cmdline("console=ttyS0"),
+        NetworkSetting::Unknown
     );
 }

@@ -27,7 +27,7 @@ fn start_agent() -> (AgentClient, std::path::PathBuf) {
         workspace_root: dir.clone(),
         ..AgentConfig::default()
     };
-    std::thread::spawn(move || agent::serve(listener, cfg));
+    std::thread::spawn(move || agent::serve(&listener, cfg));
     (AgentClient::new(unix_connector(&socket)), dir)
 }
 

@@ -74,7 +74,7 @@ fn start_agent() -> Harness {
         workspace_root: workspace.clone(),
         ..AgentConfig::default()
     };
-    std::thread::spawn(move || agent::serve(listener, cfg));
+    std::thread::spawn(move || agent::serve(&listener, cfg));
     Harness {
         client: AgentClient::new(unix_connector(&socket)),
         dir,

@@ -32,7 +32,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use super::super::backend::SandboxSpec;
 use super::super::config::SyncMode;
 use super::engine::GUEST_WORKSPACE;
 use super::guest;
+use super::readiness::{Readiness, Service};
 use super::sync::{decide, fetch_into, git, is_ancestor, remote_ns, rev, short, Decision};
 
 /// `auto-idle`: seconds without a file change in `/workspace` before a
@@ -49,10 +50,23 @@ use super::sync::{decide, fetch_into, git, is_ancestor, remote_ns, rev, short, D
 pub const IDLE_SECONDS: u64 = 30;
 /// Pause between attempts to (re)open the watch.
 const RETRY: Duration = Duration::from_secs(1);
+/// Targets queued between the watch and the worker (the watch waits when
+/// the worker is this far behind: the guest's events wait in its socket).
+const QUEUE: usize = 64;
+/// Distinct targets merged into one round; past it the round syncs every
+/// branch instead ([`Target::CatchUp`]), so a guest that names endless
+/// branches costs the host a bounded set.
+const MAX_ROUND: usize = 256;
+/// Divergences remembered (each logged once per sandbox tip).
+const MAX_REPORTED: usize = 1024;
 
 /// What one event asks the worker to sync.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
+    /// Whatever the sandbox has ahead of the host: every branch the host
+    /// has too in `auto-commit`, the checked-out one in `auto-idle`. Queued
+    /// each time the watch opens, for what happened before it.
+    CatchUp,
     /// A branch that moved in the sandbox.
     Branch(String),
     /// The branch checked out on the host.
@@ -96,7 +110,12 @@ fn idle_ms(mode: SyncMode) -> u64 {
 
 /// Starts auto-sync for `spec` when its sync mode asks for it; `log`
 /// writes a line to the supervisor log.
-pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<AutoSync> {
+pub fn start(
+    spec: &SandboxSpec,
+    vsock: &Path,
+    ready: &Arc<Readiness>,
+    log: fn(&str),
+) -> Option<AutoSync> {
     let mode = spec.settings.sync_mode;
     if mode == SyncMode::Manual {
         return None;
@@ -105,21 +124,30 @@ pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<AutoSync
         stop: Arc::new(AtomicBool::new(false)),
         closer: Arc::new(Mutex::new(None)),
     };
-    let (tx, rx) = channel::<Target>();
+    let (tx, rx) = sync_channel::<Target>(QUEUE);
     let worker_spec = spec.clone();
     let spawned = std::thread::Builder::new()
         .name("autosync".into())
-        .spawn(move || worker(&worker_spec, &rx, log));
+        .spawn(move || worker(&worker_spec, mode, &rx, log));
     if let Err(e) = spawned {
         log(&format!("auto-sync: cannot start its thread: {e}"));
         return None;
     }
     let stop = Arc::clone(&auto.stop);
     let closer = Arc::clone(&auto.closer);
-    let uds = vsock.to_path_buf();
+    let (uds, ready) = (vsock.to_path_buf(), Arc::clone(ready));
     let spawned = std::thread::Builder::new()
         .name("autosync-watch".into())
-        .spawn(move || watch_loop(mode, &uds, &stop, &closer, &tx, log));
+        .spawn(move || {
+            let held = guest::Held {
+                service: Service::AutoSync,
+                stop: &stop,
+                closer: &closer,
+                ready: &ready,
+                log,
+            };
+            watch_loop(mode, &uds, &held, &tx)
+        });
     if let Err(e) = spawned {
         log(&format!("auto-sync: cannot start its watch thread: {e}"));
         return None;
@@ -136,23 +164,15 @@ pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<AutoSync
 }
 
 /// Keeps a watch open while the supervisor runs, forwarding targets.
-fn watch_loop(
-    mode: SyncMode,
-    uds: &Path,
-    stop: &AtomicBool,
-    closer: &Mutex<Option<WatchCloser>>,
-    tx: &std::sync::mpsc::Sender<Target>,
-    log: fn(&str),
-) {
-    // One try per round (a booting guest pays for each refused try).
+/// Each time the watch opens, what the guest did before it (a commit made
+/// while the guest booted, or while the watch was down) is caught up on.
+fn watch_loop(mode: SyncMode, uds: &Path, held: &guest::Held<'_>, tx: &SyncSender<Target>) {
+    let (stop, log) = (held.stop, held.log);
+    // One try per round (a guest that reboots pays for each refused try).
     let client = guest::single_try_client(uds);
     let paths = vec![GUEST_WORKSPACE.to_string()];
     while !stop.load(Ordering::SeqCst) {
-        let Some(events) = guest::open_held(
-            "auto-sync",
-            stop,
-            closer,
-            log,
+        let Some(events) = held.open(
             |_| RETRY,
             || client.watch(&paths, idle_ms(mode)),
             |w| w.closer(),
@@ -163,6 +183,9 @@ fn watch_loop(
             "auto-sync: watching {GUEST_WORKSPACE} ({} directories)",
             events.directories()
         ));
+        if tx.send(Target::CatchUp).is_err() {
+            return;
+        }
         for event in events {
             match event {
                 Ok(ev) => {
@@ -184,17 +207,26 @@ fn watch_loop(
     }
 }
 
+/// Adds `t` to a round, collapsing the round into one catch-up past
+/// [`MAX_ROUND`] targets.
+fn add_to_round(round: &mut BTreeSet<Target>, t: Target) {
+    if round.len() >= MAX_ROUND && !round.contains(&t) {
+        round.clear();
+        round.insert(Target::CatchUp);
+        return;
+    }
+    round.insert(t);
+}
+
 /// Runs syncs one at a time, merging the targets that queued up meanwhile.
-fn worker(spec: &SandboxSpec, rx: &Receiver<Target>, log: fn(&str)) {
+fn worker(spec: &SandboxSpec, mode: SyncMode, rx: &Receiver<Target>, log: fn(&str)) {
     let mut reported: HashMap<String, String> = HashMap::new();
     while let Ok(first) = rx.recv() {
-        let mut targets = BTreeSet::from([first]);
+        let mut round = BTreeSet::from([first]);
         // A burst of commits (a rebase, a script) becomes one fetch.
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(t) => {
-                    targets.insert(t);
-                }
+                Ok(t) => add_to_round(&mut round, t),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -203,23 +235,23 @@ fn worker(spec: &SandboxSpec, rx: &Receiver<Target>, log: fn(&str)) {
             log(&format!("auto-sync: fetching from the sandbox failed: {e}"));
             continue;
         }
-        for t in targets {
-            let branch = match t {
-                Target::Branch(b) => b,
-                Target::HostHead => match git(
-                    &spec.project,
-                    &["symbolic-ref", "--quiet", "--short", "HEAD"],
-                ) {
-                    Ok(b) => b,
-                    Err(_) => {
-                        log(
-                            "auto-sync: the host checkout is on a detached HEAD: nothing \
-                             synced (run `keystone agent sync --branch B`)",
-                        );
-                        continue;
-                    }
-                },
-            };
+        let mut branches = BTreeSet::new();
+        for t in round {
+            match t {
+                Target::Branch(b) => {
+                    branches.insert(b);
+                }
+                Target::HostHead => branches.extend(host_head(&spec.project, log)),
+                Target::CatchUp if mode == SyncMode::AutoIdle => {
+                    branches.extend(host_head(&spec.project, log));
+                }
+                Target::CatchUp => branches.extend(shared_branches(&spec.project, &spec.name)),
+            }
+        }
+        if reported.len() > MAX_REPORTED {
+            reported.clear();
+        }
+        for branch in branches {
             match fast_forward(&spec.project, &spec.name, &branch) {
                 Ok(Some(line)) => log(&format!("auto-sync: {line}")),
                 Ok(None) => {}
@@ -239,6 +271,33 @@ fn worker(spec: &SandboxSpec, rx: &Receiver<Target>, log: fn(&str)) {
             }
         }
     }
+}
+
+/// The branch checked out on the host, if any.
+fn host_head(project: &Path, log: fn(&str)) -> Option<String> {
+    let head = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
+    if head.is_none() {
+        log(
+            "auto-sync: the host checkout is on a detached HEAD: nothing synced \
+             (run `keystone agent sync --branch B`)",
+        );
+    }
+    head
+}
+
+/// The fetched sandbox branches that the host has too.
+fn shared_branches(project: &Path, name: &str) -> Vec<String> {
+    let ns = remote_ns(name);
+    let listed = git(
+        project,
+        &["for-each-ref", "--format=%(refname)", &format!("{ns}/")],
+    )
+    .unwrap_or_default();
+    listed
+        .lines()
+        .filter_map(|r| r.strip_prefix(&format!("{ns}/")).map(str::to_string))
+        .filter(|b| rev(project, &format!("refs/heads/{b}")).is_some())
+        .collect()
 }
 
 /// Why a fast-forward did not happen.

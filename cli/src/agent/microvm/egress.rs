@@ -23,6 +23,7 @@ use super::super::backend::SandboxSpec;
 use super::super::config::Network;
 use super::super::netpolicy::{Cidr, Policy, Verdict};
 use super::guest;
+use super::readiness::{Readiness, Service};
 
 /// How long one connect to a target may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,7 +58,12 @@ impl Drop for EgressService {
 
 /// Starts offering outbound connections to the guest of `spec` unless its
 /// network setting is `none`.
-pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<EgressService> {
+pub fn start(
+    spec: &SandboxSpec,
+    vsock: &Path,
+    ready: &Arc<Readiness>,
+    log: fn(&str),
+) -> Option<EgressService> {
     // `bridge` is not available and means nat (start says so).
     if spec.settings.network == Network::None {
         log("network none: the guest's proxy answers that there is no network");
@@ -75,10 +81,10 @@ pub fn start(spec: &SandboxSpec, vsock: &Path, log: fn(&str)) -> Option<EgressSe
         closer: Arc::new(Mutex::new(None)),
     };
     let (stop, closer) = (Arc::clone(&service.stop), Arc::clone(&service.closer));
-    let uds = vsock.to_path_buf();
+    let (uds, ready) = (vsock.to_path_buf(), Arc::clone(ready));
     let spawned = std::thread::Builder::new()
         .name("egress".into())
-        .spawn(move || offer_loop(&uds, &policy, &stop, &closer, log));
+        .spawn(move || offer_loop(&uds, &policy, &stop, &closer, &ready, log));
     if let Err(e) = spawned {
         log(&format!("egress: cannot start its thread: {e}"));
         return None;
@@ -98,20 +104,20 @@ fn offer_loop(
     policy: &Arc<Policy>,
     stop: &AtomicBool,
     closer: &Mutex<Option<WatchCloser>>,
+    ready: &Readiness,
     log: fn(&str),
 ) {
+    let held = guest::Held {
+        service: Service::Egress,
+        stop,
+        closer,
+        ready,
+        log,
+    };
     let offering = guest::single_try_client(uds);
     let asks_pool = AskPool::new(uds, Arc::clone(policy), log);
     while !stop.load(Ordering::SeqCst) {
-        let Some(asks) = guest::open_held(
-            "egress",
-            stop,
-            closer,
-            log,
-            backoff,
-            || offering.egress(),
-            |a| a.closer(),
-        ) else {
+        let Some(asks) = held.open(backoff, || offering.egress(), |a| a.closer()) else {
             return;
         };
         log("egress: offering outbound connections to the guest");

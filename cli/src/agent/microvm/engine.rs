@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 
 use vmm::KvmKind;
 
-use super::super::config::Engine;
+use super::super::config::{Engine, Network};
 use super::super::registry::SandboxPaths;
 use super::super::state::NestedStatus;
 
 /// QEMU's system emulator (engine `qemu`).
 pub const QEMU: &str = "qemu-system-x86_64";
-/// The guest agent's vsock port.
-pub const AGENT_PORT: u32 = 1024;
+/// The guest agent's vsock port (the protocol's one constant).
+pub use keystone_guest_agent::protocol::AGENT_VSOCK_PORT as AGENT_PORT;
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
 /// The guest user commands run as by default (uid/gid 1000 in the rootfs).
@@ -134,32 +134,50 @@ pub fn choose(requested: Engine, host: &HostFacts) -> Result<EngineChoice, Strin
     }
 }
 
-/// Whether the guest gets nested virtualization, and why not.
-pub fn nested_status(
-    wanted: bool,
-    engine: EngineKind,
-    host: &HostFacts,
-) -> (NestedStatus, Option<String>) {
-    if !wanted {
-        return (NestedStatus::Disabled, None);
+/// QEMU's CPU model for a guest with nested virtualization: TCG emulates
+/// AMD SVM with nested paging.
+pub const QEMU_NESTED_CPU: &str = "max";
+/// QEMU's CPU model with nested virtualization hidden.
+pub const QEMU_PLAIN_CPU: &str = "max,-svm";
+
+/// What the QEMU engine gives the guest: TCG emulates AMD SVM with nested
+/// paging ([`QEMU_NESTED_CPU`]), on any host; `--no-nested` hides it.
+pub fn qemu_nested(wanted: bool) -> (NestedStatus, String) {
+    if wanted {
+        (
+            NestedStatus::Enabled,
+            format!(
+                "SVM emulated by QEMU's TCG (-cpu {QEMU_NESTED_CPU}); /dev/kvm in the guest, \
+                 for the kvm group"
+            ),
+        )
+    } else {
+        (
+            NestedStatus::Disabled,
+            format!("SVM hidden from the guest (-cpu {QEMU_PLAIN_CPU})"),
+        )
     }
-    let unavailable = |why: &str| (NestedStatus::Unavailable, Some(why.to_string()));
-    match (engine, host.kvm) {
-        (EngineKind::Qemu, _) => unavailable("QEMU's software emulation (TCG) offers no VMX/SVM"),
-        (EngineKind::Vmm, Some(KvmKind::Pvm)) => {
-            unavailable("this host's KVM is paravirtual (kvm_pvm) and cannot nest")
-        }
-        (EngineKind::Vmm, _) => {
-            let on = ["kvm_intel", "kvm_amd"].iter().any(|m| {
-                std::fs::read_to_string(format!("/sys/module/{m}/parameters/nested"))
-                    .is_ok_and(|v| matches!(v.trim(), "Y" | "1"))
-            });
-            if on {
-                (NestedStatus::Enabled, None)
-            } else {
-                unavailable("the host's kvm module has nested=0")
-            }
-        }
+}
+
+/// What our VMM gave the guest, as it reported it.
+pub fn vmm_nested(wanted: bool, got: &vmm::NestedStatus) -> (NestedStatus, String) {
+    match (&got.enabled, &got.warning) {
+        (Some(ext), _) => (
+            NestedStatus::Enabled,
+            format!(
+                "{} from the host's KVM; /dev/kvm in the guest, for the kvm group",
+                format!("{ext:?}").to_uppercase()
+            ),
+        ),
+        (None, Some(why)) => (NestedStatus::Unavailable, why.clone()),
+        (None, None) if wanted => (
+            NestedStatus::Unavailable,
+            "the VMM gave the guest no VMX/SVM".to_string(),
+        ),
+        (None, None) => (
+            NestedStatus::Disabled,
+            "VMX/SVM cleared from the guest's CPUID".to_string(),
+        ),
     }
 }
 
@@ -237,15 +255,33 @@ pub const QEMU_BASE_CMDLINE: &str =
     "console=ttyS0 lpj=5000000 tsc=reliable reboot=t panic=-1 nokaslr";
 
 /// The guest kernel command line for `engine`. Our VMM adds its own host
-/// options (`reboot=k`, the kvm_pvm workarounds) to it.
-pub fn guest_cmdline(engine: EngineKind, hostname: &str) -> String {
+/// options (`reboot=k`, the kvm_pvm workarounds) to it. `keystone.network`
+/// lets the guest agent's proxy tell a sandbox without network from one
+/// whose network is not up yet. `tsc_khz` (the host's TSC frequency, which
+/// is the guest's under QEMU's TCG) spares the guest a calibration that
+/// fails on a loaded host and leaves it with no TSC, and then with a KVM
+/// whose every KVM_RUN hangs (see `vmm::arch::x86_64::tsc`).
+pub fn guest_cmdline(
+    engine: EngineKind,
+    hostname: &str,
+    network: Network,
+    tsc_khz: Option<u32>,
+) -> String {
     let base = match engine {
         EngineKind::Qemu => QEMU_BASE_CMDLINE,
         EngineKind::Vmm => "console=ttyS0",
     };
+    let tsc = tsc_khz
+        .map(|khz| format!(" tsc_early_khz={khz}"))
+        .unwrap_or_default();
+    // `bridge` is not available and means nat (start says so).
+    let network = match network {
+        Network::None => "none",
+        Network::Nat | Network::Bridge => "nat",
+    };
     format!(
-        "{base} quiet keystone.root=root keystone.state=state keystone.workspace=workspace \
-         keystone.hostname={hostname}"
+        "{base}{tsc} quiet keystone.root=root keystone.state=state \
+         keystone.workspace=workspace keystone.hostname={hostname} keystone.network={network}"
     )
 }
 
@@ -256,6 +292,8 @@ pub struct QemuPlan {
     pub initrd: PathBuf,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// Whether the guest sees SVM (see [`qemu_nested`]).
+    pub nested: bool,
     pub cmdline: String,
     /// (vhost-user socket, tag) per virtio-fs share.
     pub shares: Vec<(PathBuf, String)>,
@@ -271,7 +309,11 @@ pub fn qemu_args(plan: &QemuPlan) -> Vec<String> {
         "-accel",
         "tcg",
         "-cpu",
-        "max",
+        if plan.nested {
+            QEMU_NESTED_CPU
+        } else {
+            QEMU_PLAIN_CPU
+        },
         "-smp",
         &plan.vcpus.to_string(),
         "-m",
@@ -368,27 +410,34 @@ mod tests {
     }
 
     #[test]
-    fn nested_follows_engine_and_host() {
-        let pvm = HostFacts {
-            kvm: Some(KvmKind::Pvm),
-            qemu: true,
+    fn nested_is_what_the_engine_set() {
+        assert_eq!(qemu_nested(true).0, NestedStatus::Enabled);
+        assert!(qemu_nested(true).1.contains("TCG"));
+        assert_eq!(qemu_nested(false).0, NestedStatus::Disabled);
+        let svm = vmm::NestedStatus {
+            enabled: Some(vmm::VirtExtension::Svm),
+            warning: None,
         };
-        assert_eq!(
-            nested_status(false, EngineKind::Vmm, &pvm).0,
-            NestedStatus::Disabled
-        );
-        let (s, why) = nested_status(true, EngineKind::Qemu, &pvm);
+        let (s, how) = vmm_nested(true, &svm);
+        assert_eq!(s, NestedStatus::Enabled);
+        assert!(how.starts_with("SVM from the host's KVM"), "{how}");
+        let none = vmm::NestedStatus {
+            enabled: None,
+            warning: Some("this host's KVM (pvm) offers no VMX/SVM to guests".into()),
+        };
+        let (s, how) = vmm_nested(true, &none);
         assert_eq!(s, NestedStatus::Unavailable);
-        assert!(why.unwrap().contains("TCG"));
-        assert_eq!(
-            nested_status(true, EngineKind::Vmm, &pvm).0,
-            NestedStatus::Unavailable
-        );
+        assert!(how.contains("pvm"), "{how}");
+        let off = vmm::NestedStatus {
+            enabled: None,
+            warning: None,
+        };
+        assert_eq!(vmm_nested(false, &off).0, NestedStatus::Disabled);
     }
 
     #[test]
     fn cmdlines_name_the_shares_and_hostname() {
-        let q = guest_cmdline(EngineKind::Qemu, "app-1");
+        let q = guest_cmdline(EngineKind::Qemu, "app-1", Network::Nat, Some(2_600_000));
         for want in [
             "reboot=t",
             "lpj=5000000",
@@ -396,10 +445,15 @@ mod tests {
             "keystone.state=state",
             "keystone.workspace=workspace",
             "keystone.hostname=app-1",
+            "keystone.network=nat",
+            "tsc_early_khz=2600000",
         ] {
             assert!(q.contains(want), "{q} lacks {want}");
         }
-        let v = guest_cmdline(EngineKind::Vmm, "app-1");
+        let v = guest_cmdline(EngineKind::Vmm, "app-1", Network::None, None);
+        assert!(v.contains("keystone.network=none"), "{v}");
+        assert!(guest_cmdline(EngineKind::Vmm, "a", Network::Bridge, None)
+            .contains("keystone.network=nat"));
         assert!(!v.contains("reboot=t") && v.contains("keystone.root=root"));
     }
 
@@ -410,6 +464,7 @@ mod tests {
             initrd: "/k/initrd".into(),
             memory_mib: 1024,
             vcpus: 2,
+            nested: true,
             cmdline: "console=ttyS0".into(),
             shares: vec![("/r/fs-root.sock".into(), "root".into())],
             vsock_socket: "/r/vsock-vhost.sock".into(),
@@ -418,6 +473,7 @@ mod tests {
         let a = qemu_args(&plan).join(" ");
         for want in [
             "-accel tcg",
+            "-cpu max ",
             "-smp 2",
             "-m 1024M",
             "memory-backend-memfd,id=mem,size=1024M,share=on",
@@ -433,6 +489,12 @@ mod tests {
         ] {
             assert!(a.contains(want), "{a} lacks {want}");
         }
+        let hidden = qemu_args(&QemuPlan {
+            nested: false,
+            ..plan
+        })
+        .join(" ");
+        assert!(hidden.contains("-cpu max,-svm "), "{hidden}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use super::super::backend::PortForward;
 use super::super::fsutil;
 use super::engine::Layout;
 use super::guest;
+use super::readiness::{Readiness, Service};
 
 /// How often the guest's listening ports are read, at the most.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -242,8 +243,9 @@ pub struct PortForwarder {
 }
 
 impl PortForwarder {
-    /// Starts polling the guest of `sandbox` through `vsock`.
-    pub fn start(sandbox: &str, layout: &Layout, log: fn(&str)) -> Self {
+    /// Starts polling the guest of `sandbox` through `vsock` once its agent
+    /// is up; the first answer reports the port watch up in `ready`.
+    pub fn start(sandbox: &str, layout: &Layout, ready: &Arc<Readiness>, log: fn(&str)) -> Self {
         let file = forwards_file(layout);
         write_file(&file, &[], log);
         let stop = Arc::new(AtomicBool::new(false));
@@ -252,9 +254,14 @@ impl PortForwarder {
             let sandbox = sandbox.to_string();
             let vsock = layout.vsock.clone();
             let file = file.clone();
+            let ready = Arc::clone(ready);
             std::thread::Builder::new()
                 .name("port-forwarder".into())
-                .spawn(move || poll_loop(&sandbox, &vsock, &file, &stop, log))
+                .spawn(move || {
+                    if ready.wait_up(Service::Agent, &stop) {
+                        poll_loop(&sandbox, &vsock, &file, &stop, &ready, log);
+                    }
+                })
         };
         let thread = match thread {
             Ok(t) => Some(t),
@@ -386,7 +393,14 @@ fn poll_interval(took: Duration) -> Duration {
     (took * POLL_SHARE).clamp(POLL_INTERVAL, MAX_POLL_INTERVAL)
 }
 
-fn poll_loop(sandbox: &str, vsock: &Path, file: &Path, stop: &AtomicBool, log: fn(&str)) {
+fn poll_loop(
+    sandbox: &str,
+    vsock: &Path,
+    file: &Path,
+    stop: &AtomicBool,
+    ready: &Readiness,
+    log: fn(&str),
+) {
     let mut fwd = Forwarder {
         sandbox,
         vsock,
@@ -411,6 +425,7 @@ fn poll_loop(sandbox: &str, vsock: &Path, file: &Path, stop: &AtomicBool, log: f
                         write_file(file, &view, log);
                         written = view;
                     }
+                    ready.up(Service::Ports);
                 }
                 Err(e) if reached && !failing => {
                     failing = true;
@@ -524,7 +539,7 @@ mod tests {
         let vsock = dir.path().join("vsock.sock");
         let inner = dir.path().join("agent.sock");
         let listener = AgentListener::unix(&inner).unwrap();
-        std::thread::spawn(move || agent::serve(listener, AgentConfig::default()));
+        std::thread::spawn(move || agent::serve(&listener, AgentConfig::default()));
         let front = std::os::unix::net::UnixListener::bind(&vsock).unwrap();
         std::thread::spawn(move || {
             for s in front.incoming() {

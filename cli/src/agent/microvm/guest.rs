@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use keystone_guest_agent::client::{AgentClient, ClientError, WatchCloser};
 use keystone_guest_agent::protocol::{
-    ExecRequest, ExitStatus, RawStreamRequest, TtySize, UserSpec,
+    ExecRequest, ExitStatus, RawStreamRequest, TtySize, UserSpec, AGENT_VSOCK_PORT,
 };
 use keystone_guest_agent::transport::DuplexStream;
 
 use super::super::backend::BackendError;
-use super::engine::{AGENT_PORT, GUEST_USER};
+use super::engine::GUEST_USER;
+use super::readiness::{Readiness, Service};
 use crate::terminal::RawMode;
 
 /// Opens `uds` and performs the `CONNECT <port>\n` / `OK <n>\n` handshake,
@@ -56,7 +57,7 @@ pub fn connect(
 
 fn connector(uds: PathBuf, handshake: Duration, keep_timeout: bool) -> AgentClient {
     AgentClient::new(Box::new(move || {
-        let s = connect(&uds, AGENT_PORT, handshake, keep_timeout)?;
+        let s = connect(&uds, AGENT_VSOCK_PORT, handshake, keep_timeout)?;
         Ok(Box::new(s) as Box<dyn DuplexStream>)
     }))
 }
@@ -77,51 +78,68 @@ pub fn single_try_client(uds: &Path) -> AgentClient {
     connector(uds.to_path_buf(), Duration::from_secs(30), false)
 }
 
-/// Opens a long-lived connection the supervisor holds while the guest runs
-/// (the auto-sync watch, the egress offer): tries `open` until it works,
-/// sleeping `pause(failures)` between tries and logging each new reason
-/// once as "`what`: not open yet". `None` once `stop` is set, or when the
-/// agent is too old for it ("`what` is off"). The opened connection's
-/// closer goes into `closer`, so that the supervisor's stop ends it.
-pub fn open_held<T>(
-    what: &str,
-    stop: &AtomicBool,
-    closer: &Mutex<Option<WatchCloser>>,
-    log: fn(&str),
-    pause: impl Fn(u32) -> Duration,
-    mut open: impl FnMut() -> Result<T, ClientError>,
-    closer_of: impl Fn(&T) -> WatchCloser,
-) -> Option<T> {
-    let mut last_error: Option<String> = None;
-    let mut failures = 0;
-    while !stop.load(Ordering::SeqCst) {
-        match open() {
-            Ok(held) => {
-                *closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer_of(&held));
-                if stop.load(Ordering::SeqCst) {
-                    closer_of(&held).close();
+/// A long-lived connection the supervisor holds while the guest runs (the
+/// auto-sync watch, the egress offer), and what opening it needs.
+pub struct Held<'a> {
+    /// The service it is, for readiness and log lines.
+    pub service: Service,
+    /// Set when the supervisor stops.
+    pub stop: &'a AtomicBool,
+    /// Receives the opened connection's closer, so that a stop ends it.
+    pub closer: &'a Mutex<Option<WatchCloser>>,
+    pub ready: &'a Readiness,
+    pub log: fn(&str),
+}
+
+impl Held<'_> {
+    /// Opens the connection with `open`: first once the guest agent is up
+    /// (no try is made while the guest boots), then until it works,
+    /// sleeping `pause(failures)` between tries and logging each new reason
+    /// once as "<service>: not open yet". Reports the service up when it
+    /// opens, or unavailable when the agent is too old for it. `None` once
+    /// `stop` is set, or when the agent is too old.
+    pub fn open<T>(
+        &self,
+        pause: impl Fn(u32) -> Duration,
+        mut open: impl FnMut() -> Result<T, ClientError>,
+        closer_of: impl Fn(&T) -> WatchCloser,
+    ) -> Option<T> {
+        let what = self.service.describe();
+        if !self.ready.wait_up(Service::Agent, self.stop) {
+            return None;
+        }
+        let mut last_error: Option<String> = None;
+        let mut failures = 0;
+        while !self.stop.load(Ordering::SeqCst) {
+            match open() {
+                Ok(held) => {
+                    *self.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer_of(&held));
+                    if self.stop.load(Ordering::SeqCst) {
+                        closer_of(&held).close();
+                        return None;
+                    }
+                    self.ready.up(self.service);
+                    return Some(held);
+                }
+                Err(e @ ClientError::Unsupported { .. }) => {
+                    (self.log)(&format!("{what} is off: {e}"));
+                    self.ready.unavailable(self.service, &e.to_string());
                     return None;
                 }
-                return Some(held);
-            }
-            Err(e @ ClientError::Unsupported { .. }) => {
-                log(&format!("{what} is off: {e}"));
-                return None;
-            }
-            Err(e) => {
-                // The guest is still booting (or rebooting), or the agent
-                // refused.
-                let msg = e.to_string();
-                if last_error.as_deref() != Some(msg.as_str()) {
-                    log(&format!("{what}: not open yet, retrying: {msg}"));
-                    last_error = Some(msg);
+                Err(e) => {
+                    // The guest is rebooting, or the agent refused.
+                    let msg = e.to_string();
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        (self.log)(&format!("{what}: not open yet, retrying: {msg}"));
+                        last_error = Some(msg);
+                    }
+                    failures += 1;
+                    std::thread::sleep(pause(failures));
                 }
-                failures += 1;
-                std::thread::sleep(pause(failures));
             }
         }
+        None
     }
-    None
 }
 
 /// A client whose every read times out after `timeout` (ping, status).

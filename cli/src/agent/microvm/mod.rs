@@ -16,21 +16,22 @@
 mod agents;
 mod artifacts;
 mod autosync;
+mod boot;
 mod egress;
 mod engine;
 mod forward;
 mod guest;
 mod hostca;
 mod placeholder;
+mod readiness;
 mod supervisor;
 mod sync;
 mod vscode;
 mod web;
 
 use std::io::IsTerminal;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
@@ -41,11 +42,9 @@ use super::backend::{
     WorktreeInfo, WorktreeOp,
 };
 use super::config::{BackendKind, Network};
-use super::state::{ProcProbe, ProcessProbe, StateRecord, SUPERVISOR_SUBCOMMAND};
-use engine::{EngineKind, HostFacts, Layout, GUEST_UID, GUEST_WORKSPACE, MAX_SOCKET_PATH};
+use super::state::{NestedStatus, ProcProbe, ProcessProbe, StateRecord};
+use engine::{HostFacts, Layout, GUEST_UID, GUEST_WORKSPACE, MAX_SOCKET_PATH};
 
-/// How long `start` waits for the guest agent.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long `stop` waits for the supervisor before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -54,13 +53,6 @@ pub struct MicroVmBackend;
 
 fn io_failed(what: &str, e: impl std::fmt::Display) -> BackendError {
     BackendError::Failed(format!("{what}: {e}"))
-}
-
-/// The last `n` lines of a log file, for error messages.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The guest directory of a worktree (or the workspace).
@@ -255,105 +247,6 @@ impl MicroVmBackend {
         Ok(())
     }
 
-    fn spawn_supervisor(
-        spec: &SandboxSpec,
-        layout: &Layout,
-        engine: EngineKind,
-        kernel: &Path,
-        rootfs: &Path,
-        initrd: &Path,
-    ) -> BackendResult<std::process::Child> {
-        let exe =
-            std::env::current_exe().map_err(|e| io_failed("cannot find the keystone binary", e))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&layout.supervisor_log)
-            .map_err(|e| io_failed(&layout.supervisor_log.display().to_string(), e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| io_failed("supervisor log", e))?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["agent", SUPERVISOR_SUBCOMMAND, &spec.name])
-            .env(supervisor::ENV_ENGINE, engine.as_str())
-            .env(supervisor::ENV_KERNEL, kernel)
-            .env(supervisor::ENV_ROOTFS, rootfs)
-            .env(supervisor::ENV_INITRD, initrd)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        // SAFETY: setsid is async-signal-safe; the supervisor leaves this
-        // terminal's session so it outlives `start`.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        cmd.spawn()
-            .map_err(|e| io_failed("cannot start the supervisor", e))
-    }
-
-    /// Waits until the agent answers a ping.
-    fn wait_ready(
-        spec: &SandboxSpec,
-        layout: &Layout,
-        child: &mut std::process::Child,
-        progress: &mut dyn FnMut(&str),
-    ) -> BackendResult<()> {
-        let t0 = Instant::now();
-        let mut next_note = Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(BackendError::Failed(format!(
-                    "the sandbox supervisor exited during boot ({status}).\nsupervisor log ({}):\n{}\nconsole ({}):\n{}",
-                    layout.supervisor_log.display(),
-                    tail(&layout.supervisor_log, 15),
-                    layout.console_log.display(),
-                    tail(&layout.console_log, 15)
-                )));
-            }
-            if layout.vsock.exists() {
-                let client = guest::quick_client(&layout.vsock, Duration::from_secs(3));
-                if client.ping().is_ok() {
-                    progress(&format!(
-                        "guest agent ready after {:.1} s",
-                        t0.elapsed().as_secs_f64()
-                    ));
-                    return Ok(());
-                }
-            }
-            if t0.elapsed() > BOOT_TIMEOUT {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-                let _ = child.wait();
-                return Err(BackendError::Failed(format!(
-                    "the guest agent did not answer within {} s; stopped the VM. console ({}):\n{}",
-                    BOOT_TIMEOUT.as_secs(),
-                    layout.console_log.display(),
-                    tail(&layout.console_log, 20)
-                )));
-            }
-            if t0.elapsed() > next_note {
-                progress(&format!(
-                    "waiting for the guest agent of {} ({} s)",
-                    spec.name,
-                    t0.elapsed().as_secs()
-                ));
-                next_note += Duration::from_secs(10);
-            }
-            // Each try that the guest answers with a reset costs guest
-            // kernel time, which is dear where KVM emulates the kernel and
-            // the boot takes a minute or more: after a few seconds, try
-            // once a second.
-            std::thread::sleep(if t0.elapsed() < Duration::from_secs(5) {
-                Duration::from_millis(100)
-            } else {
-                Duration::from_secs(1)
-            });
-        }
-    }
-
     fn run_exec(spec: &SandboxSpec, req: ExecRequest) -> BackendResult<i32> {
         let client = guest::client(&Self::layout(spec).vsock);
         let status = client
@@ -452,21 +345,20 @@ impl Backend for MicroVmBackend {
             spec.settings.memory_mib,
             spec.settings.vcpus
         ));
-        let mut child = Self::spawn_supervisor(
-            spec,
-            &layout,
-            choice.engine,
-            &kernel.vmlinux,
-            &rootfs.dir,
-            &initrd,
-        )?;
+        let images = boot::Images {
+            kernel: &kernel.vmlinux,
+            rootfs: &rootfs.dir,
+            initrd: &initrd,
+        };
+        let mut boot = boot::Boot::launch(spec, &layout, choice.engine, &images)?;
         // Record the supervisor at once, so `status` and `stop` see a live
         // `starting` sandbox rather than one with no supervisor.
         if let Ok(mut record) = StateRecord::load(&spec.paths) {
-            record.supervisor_pid = Some(child.id() as i32);
+            record.supervisor_pid = Some(boot.pid());
             let _ = record.save(&spec.paths);
         }
-        Self::wait_ready(spec, &layout, &mut child, progress)?;
+        boot.wait_agent(progress)?;
+        // The steps below run while the supervisor opens the services.
         if let Err(e) = Self::set_guest_clock(&layout) {
             progress(&format!("warning: cannot set the guest clock: {e}"));
         }
@@ -500,15 +392,22 @@ impl Backend for MicroVmBackend {
                 }
             }
         }
-        let (nested, nested_detail) =
-            engine::nested_status(spec.settings.nested_virt, choice.engine, &host);
+        boot.wait_services(progress)?;
+        let services = boot::describe_services(boot.services_up());
+        if !services.is_empty() {
+            progress(&format!("services up: {services}"));
+        }
+        let (nested, how) = boot.nested().cloned().unwrap_or((
+            NestedStatus::Unavailable,
+            "the engine did not report it".to_string(),
+        ));
         progress(&format!(
-            "ready in {:.1} s: {} MiB, {} vCPU(s), nested virtualization {}",
+            "ready in {:.1} s: {} MiB, {} vCPU(s)",
             t0.elapsed().as_secs_f64(),
             spec.settings.memory_mib,
             spec.settings.vcpus,
-            nested.as_str()
         ));
+        progress(&format!("nested virtualization {}: {how}", nested.as_str()));
         progress(&format!(
             "engine {}: {}",
             choice.engine.as_str(),
@@ -524,16 +423,20 @@ impl Backend for MicroVmBackend {
             "sync mode {}: `keystone agent sync {}` fetches the sandbox's commits",
             spec.settings.sync_mode, spec.name
         ));
+        // The clone's host folder is not named: it holds the guest's .git
+        // (its config and hooks), which a git-aware shell prompt opened
+        // there would run. `status --json` gives it to scripts.
         progress(&format!(
-            "workspace: /workspace in the guest ({} on the host); logs in {}",
-            layout.workspace.display(),
+            "workspace: /workspace in the guest (a private clone; work on the host stays in {}); \
+             logs in {}",
+            spec.project.display(),
             spec.paths.logs.display()
         ));
         Ok(StartOutcome {
-            supervisor_pid: child.id() as i32,
+            supervisor_pid: boot.into_pid(),
             engine: choice.engine.as_str().to_string(),
             nested,
-            nested_detail,
+            nested_detail: Some(how),
         })
     }
 

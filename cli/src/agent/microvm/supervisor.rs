@@ -11,21 +11,29 @@
 //!
 //! While the guest runs it forwards the guest's listening TCP ports to
 //! the host's 127.0.0.1 (`forward.rs`).
+//!
+//! It tells `start` when the sandbox is ready, service by service
+//! (`readiness.rs`): it pings the guest agent until it answers, then each
+//! service reports when it is established.
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm::{NestedMode, SerialOutput, VmBuilder};
 
 use super::super::backend::{BackendError, BackendResult, SandboxSpec};
+use super::super::config::{Network, SyncMode};
 use super::super::state::{SandboxState, StateRecord};
 use super::engine::{
-    guest_cmdline, qemu_args, EngineKind, Layout, QemuPlan, GUEST_CID, GUEST_UID, QEMU, SHARES,
+    guest_cmdline, qemu_args, qemu_nested, vmm_nested, EngineKind, Layout, QemuPlan, GUEST_CID,
+    GUEST_UID, QEMU, SHARES,
 };
+use super::readiness::{Readiness, Service};
 use super::{autosync, forward, guest};
 use super::{egress, placeholder};
 
@@ -66,6 +74,19 @@ fn prepare_workspace_run(layout: &Layout) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     Ok(())
+}
+
+/// The services `start` waits for with `spec`'s settings.
+pub fn expected_services(spec: &SandboxSpec) -> Vec<Service> {
+    let mut v = vec![Service::Agent, Service::Ports];
+    // `bridge` is not available and means nat (start says so).
+    if spec.settings.network != Network::None {
+        v.push(Service::Egress);
+    }
+    if spec.settings.sync_mode != SyncMode::Manual {
+        v.push(Service::AutoSync);
+    }
+    v
 }
 
 /// How the guest ended.
@@ -117,9 +138,14 @@ pub fn supervise(spec: &SandboxSpec) -> BackendResult<i32> {
         engine.as_str(),
         std::process::id()
     ));
+    let ready = Arc::new(Readiness::new(
+        Readiness::inherited_pipe(),
+        &expected_services(spec),
+        log,
+    ));
     let result = match engine {
-        EngineKind::Qemu => run_qemu(spec, &layout, &kernel, &rootfs, &initrd),
-        EngineKind::Vmm => run_vmm(spec, &layout, &kernel, &rootfs, &initrd),
+        EngineKind::Qemu => run_qemu(spec, &layout, &kernel, &rootfs, &initrd, &ready),
+        EngineKind::Vmm => run_vmm(spec, &layout, &kernel, &rootfs, &initrd, &ready),
     };
     let (state, error) = match &result {
         Ok(e) if e.requested || e.clean => (SandboxState::Stopped, None),
@@ -240,6 +266,7 @@ fn run_qemu(
     kernel: &Path,
     rootfs: &Path,
     initrd: &Path,
+    ready: &Arc<Readiness>,
 ) -> Result<Ended, String> {
     std::fs::create_dir_all(&layout.run).map_err(|e| format!("{}: {e}", layout.run.display()))?;
     prepare_workspace_run(layout)?;
@@ -280,6 +307,8 @@ fn run_qemu(
             })
             .map_err(|e| format!("cannot start the vsock thread: {e}"))?;
     }
+    // Measured while the daemons start listening.
+    let tsc_khz = vmm::arch::x86_64::tsc::host_khz();
     let mut wanted: Vec<PathBuf> = shares.iter().map(|(s, _)| s.clone()).collect();
     wanted.push(vhost_vsock.clone());
     wait_for_sockets(&wanted)?;
@@ -289,7 +318,8 @@ fn run_qemu(
         initrd: initrd.to_path_buf(),
         memory_mib: spec.settings.memory_mib,
         vcpus: spec.settings.vcpus,
-        cmdline: guest_cmdline(EngineKind::Qemu, &spec.name),
+        nested: spec.settings.nested_virt,
+        cmdline: guest_cmdline(EngineKind::Qemu, &spec.name, spec.settings.network, tsc_khz),
         shares,
         vsock_socket: vhost_vsock,
         console_log: layout.console_log.clone(),
@@ -307,7 +337,9 @@ fn run_qemu(
     }
     let child = cmd.spawn().map_err(|e| format!("cannot run {QEMU}: {e}"))?;
     let _ = std::fs::write(layout.qemu_pid(), child.id().to_string());
-    watch_guest(spec, layout, &mut QemuChild(child))
+    let (nested, how) = qemu_nested(spec.settings.nested_virt);
+    ready.engine(nested, &how);
+    watch_guest(spec, layout, &mut QemuChild(child), ready)
 }
 
 fn run_vmm(
@@ -316,6 +348,7 @@ fn run_vmm(
     kernel: &Path,
     rootfs: &Path,
     initrd: &Path,
+    ready: &Arc<Readiness>,
 ) -> Result<Ended, String> {
     let _ = std::fs::remove_file(&layout.vsock);
     let console = OpenOptions::new()
@@ -334,7 +367,12 @@ fn run_vmm(
         })
         .initrd(initrd)
         .serial(SerialOutput::Writer(Box::new(console)))
-        .cmdline(guest_cmdline(EngineKind::Vmm, &spec.name));
+        .cmdline(guest_cmdline(
+            EngineKind::Vmm,
+            &spec.name,
+            spec.settings.network,
+            None,
+        ));
     let mut daemons = Vec::new();
     for (tag, readonly) in SHARES {
         let cfg = share_config(tag, readonly, rootfs, layout);
@@ -352,7 +390,9 @@ fn run_vmm(
     let vm = builder
         .start()
         .map_err(|e| format!("cannot start the VM: {e}"))?;
-    watch_guest(spec, layout, &mut VmGuest(vm))
+    let (nested, how) = vmm_nested(spec.settings.nested_virt, &vm.info().nested);
+    ready.engine(nested, &how);
+    watch_guest(spec, layout, &mut VmGuest(vm), ready)
 }
 
 /// A guest the supervisor watches: QEMU as a child process, or our VMM in
@@ -401,6 +441,38 @@ impl RunningGuest for VmGuest {
     }
 }
 
+/// Pings the guest agent until it answers, then reports it up. Each try
+/// that a booting guest answers with a reset costs it kernel time (dear
+/// where KVM emulates the kernel and the boot takes a minute): after a
+/// few seconds, one try a second.
+fn probe_agent(vsock: &Path, ready: &Readiness, stop: &AtomicBool) {
+    let t0 = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        if vsock.exists()
+            && guest::quick_client(vsock, Duration::from_secs(3))
+                .ping()
+                .is_ok()
+        {
+            ready.up(Service::Agent);
+            return;
+        }
+        std::thread::sleep(if t0.elapsed() < Duration::from_secs(5) {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_secs(1)
+        });
+    }
+}
+
+/// Ends the agent prober when dropped.
+struct ProbeStop(Arc<AtomicBool>);
+
+impl Drop for ProbeStop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Runs the sandbox's host-side services (auto sync, port forwarding)
 /// while `guest` runs, and turns a stop request (SIGTERM) into a guest
 /// shutdown, forced after [`SHUTDOWN_GRACE`].
@@ -408,12 +480,25 @@ fn watch_guest(
     spec: &SandboxSpec,
     layout: &Layout,
     guest: &mut dyn RunningGuest,
+    ready: &Arc<Readiness>,
 ) -> Result<Ended, String> {
-    let auto = autosync::start(spec, &layout.vsock, log);
+    let probe = ProbeStop(Arc::new(AtomicBool::new(false)));
+    {
+        let (vsock, ready, stop) = (
+            layout.vsock.clone(),
+            Arc::clone(ready),
+            Arc::clone(&probe.0),
+        );
+        std::thread::Builder::new()
+            .name("agent-probe".into())
+            .spawn(move || probe_agent(&vsock, &ready, &stop))
+            .map_err(|e| format!("cannot start the agent prober: {e}"))?;
+    }
+    let auto = autosync::start(spec, &layout.vsock, ready, log);
     // Outbound connections for the guest's programs; ended on return.
-    let egress = egress::start(spec, &layout.vsock, log);
+    let egress = egress::start(spec, &layout.vsock, ready, log);
     // Forwards guest ports while the guest runs; dropped (all closed) on return.
-    let mut ports = forward::PortForwarder::start(&spec.name, layout, log);
+    let mut ports = forward::PortForwarder::start(&spec.name, layout, ready, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
     let mut forwarded = Vec::new();

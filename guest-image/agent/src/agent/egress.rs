@@ -10,14 +10,17 @@
 //! and waits for the host's `EgressAttach`: a refusal (the host's policy
 //! said no, or the target did not answer) becomes an HTTP error with the
 //! host's reason, an attach becomes the program's tunnel. The agent never
-//! opens a connection to the host and dials nothing itself; with no
-//! `Egress` connection (a sandbox started with `--network none`) the proxy
-//! answers 503 saying so.
+//! opens a connection to the host and dials nothing itself. With no
+//! `Egress` connection the proxy answers 503 with the reason, from the
+//! kernel command line's `keystone.network` ([`NetworkSetting`]) and
+//! whether the host ever offered: a sandbox started with `--network none`,
+//! one whose network is still starting, or one whose supervisor withdrew
+//! its offer.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +40,47 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the host has to answer an ask (its connect timeout is shorter).
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(40);
 
+/// What the host set up for the sandbox's network
+/// (`keystone.network=nat|none` on the kernel command line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkSetting {
+    /// Outbound connections through the host: an offer is expected.
+    Nat,
+    /// No network at all.
+    None,
+    /// Not said (an older host).
+    Unknown,
+}
+
+impl NetworkSetting {
+    /// The setting named on a kernel command line.
+    pub fn from_cmdline(cmdline: &str) -> Self {
+        match super::init::cmdline_value(cmdline, "keystone.network") {
+            Some("nat") => Self::Nat,
+            Some("none") => Self::None,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Why there is no connection to offer, as the program reads it.
+    fn no_offer_reason(self, offered_before: bool) -> &'static str {
+        match (self, offered_before) {
+            (Self::None, _) => "this sandbox has no network: it was started with --network none",
+            (Self::Nat, false) => {
+                "this sandbox is starting: its network is not up yet; try again in a moment"
+            }
+            (Self::Nat, true) => {
+                "this sandbox's network is down: its supervisor stopped offering connections \
+                 (the sandbox may be stopping)"
+            }
+            (Self::Unknown, _) => {
+                "this sandbox has no network: it was started with --network none, or its \
+                 supervisor is not offering connections"
+            }
+        }
+    }
+}
+
 /// The guest end of a connection the host made for an ask, with bytes
 /// that came with it, or the host's reason for refusing.
 type Attach = Result<(Box<dyn DuplexStream>, Vec<u8>), String>;
@@ -44,6 +88,9 @@ type Attach = Result<(Box<dyn DuplexStream>, Vec<u8>), String>;
 /// The proxy and its link to the host.
 pub struct Egress {
     address: SocketAddr,
+    network: NetworkSetting,
+    /// The host has offered connections since the agent started.
+    offered: AtomicBool,
     /// The current `Egress` connection: (its number, its writer).
     control: Mutex<Option<(u64, Box<dyn DuplexStream>)>>,
     /// Asks waiting for the host's attach, by id.
@@ -58,10 +105,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Egress {
     /// Listens on `address` (the guest's 127.0.0.1:[`PROXY_PORT`]) and
     /// serves the proxy from a thread.
-    pub fn listen(address: SocketAddr) -> io::Result<Arc<Self>> {
+    pub fn listen(address: SocketAddr, network: NetworkSetting) -> io::Result<Arc<Self>> {
         let listener = TcpListener::bind(address)?;
         let egress = Arc::new(Egress {
             address: listener.local_addr()?,
+            network,
+            offered: AtomicBool::new(false),
             control: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -98,6 +147,7 @@ impl Egress {
         )?;
         let number = self.next_id.fetch_add(1, Ordering::Relaxed);
         *lock(&self.control) = Some((number, writer));
+        self.offered.store(true, Ordering::SeqCst);
         log::info!("egress: the host offers outbound connections");
         // The host sends nothing more; its end of stream ends the offer.
         while let Ok(Some(_)) = read_frame(&mut reader) {}
@@ -175,13 +225,10 @@ impl Egress {
         };
         if !self.ask(&ask) {
             lock(&self.pending).remove(&id);
-            return http_error(
-                &mut client,
-                503,
-                "Service Unavailable",
-                "this sandbox has no network: it was started with --network none, or its \
-                 supervisor is not offering connections",
-            );
+            let reason = self
+                .network
+                .no_offer_reason(self.offered.load(Ordering::SeqCst));
+            return http_error(&mut client, 503, "Service Unavailable", reason);
         }
         let t0 = Instant::now();
         let attach = match rx.recv_timeout(ATTACH_TIMEOUT) {

@@ -233,6 +233,33 @@ pub fn set_hostname(name: &str) {
     }
 }
 
+/// The gid of `name` in a `/etc/group` text.
+fn group_id(groups: &str, name: &str) -> Option<libc::gid_t> {
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next() == Some(name))
+            .then(|| fields.nth(1).and_then(|gid| gid.parse().ok()))
+            .flatten()
+    })
+}
+
+/// Gives `/dev/kvm` to the `kvm` group, mode 0660, as udev does on a host:
+/// the guest has no udev, and devtmpfs makes the node root's alone, so the
+/// agent user (a member of `kvm` in the image) could not run VMs in a
+/// sandbox with nested virtualization. Returns whether it did (false: no
+/// `/dev/kvm`, the guest has no VMX/SVM; or no `kvm` group).
+pub fn share_kvm(group_file: &Path, dev: &Path) -> io::Result<bool> {
+    if !dev.exists() {
+        return Ok(false);
+    }
+    let Some(gid) = group_id(&std::fs::read_to_string(group_file)?, "kvm") else {
+        return Ok(false);
+    };
+    std::os::unix::fs::chown(dev, Some(0), Some(gid))?;
+    std::fs::set_permissions(dev, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    Ok(true)
+}
+
 /// Brings the loopback interface up.
 pub fn loopback_up() {
     // SAFETY: a plain datagram socket used only for interface ioctls.
@@ -409,6 +436,32 @@ pub fn shutdown(reboot: bool) -> ! {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kvm_goes_to_the_kvm_group() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("ks-share-kvm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (group, dev) = (dir.join("group"), dir.join("kvm"));
+        std::fs::write(&group, "root:x:0:\nkvm:x:993:agent\nagent:x:1000:\n").unwrap();
+        assert!(
+            !super::share_kvm(&group, &dev).unwrap(),
+            "no device, nothing to do"
+        );
+        std::fs::write(&dev, "").unwrap();
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(super::share_kvm(&group, &dev).unwrap());
+            let meta = std::fs::metadata(&dev).unwrap();
+            assert_eq!((meta.gid(), meta.mode() & 0o777), (993, 0o660));
+        } else {
+            println!("SKIP: giving a file to another group needs root");
+        }
+        std::fs::write(&group, "root:x:0:\n").unwrap();
+        assert!(!super::share_kvm(&group, &dev).unwrap(), "no kvm group");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -75,7 +75,7 @@ impl Default for AgentConfig {
 }
 
 /// Accepts connections forever, one thread per connection.
-pub fn serve(listener: AgentListener, config: AgentConfig) -> io::Result<()> {
+pub fn serve(listener: &AgentListener, config: AgentConfig) -> io::Result<()> {
     let config = Arc::new(config);
     loop {
         let stream = match listener.accept() {

@@ -1,15 +1,17 @@
 //! The guest agent binary: `/init` of the guest's initramfs.
 //!
 //! As PID 1 it does the init duties ([`keystone_guest_agent::agent::init`])
-//! and serves on vsock port 1024; otherwise it only serves, which is how
-//! tests and debugging use it:
+//! and serves on vsock port [`AGENT_VSOCK_PORT`]: PID 1 binds it and keeps
+//! the listener for the agent servers it starts, so the port is never free
+//! for another guest program to take. Otherwise it only serves, which is
+//! how tests and debugging use it:
 //!
 //! ```text
 //! keystone-guest-agent [--listen vsock[:PORT] | --listen unix:PATH] [--workspace DIR]
 //! keystone-guest-agent --version
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use keystone_guest_agent::agent::{self, init, logger, AgentConfig};
@@ -29,6 +31,16 @@ struct Options {
 }
 
 static OPTIONS: OnceLock<Options> = OnceLock::new();
+/// The listener PID 1 made before starting the agent server (inherited by
+/// each server it forks).
+static LISTENER: OnceLock<AgentListener> = OnceLock::new();
+
+fn bind(listen: &Listen) -> std::io::Result<AgentListener> {
+    match listen {
+        Listen::Vsock(port) => AgentListener::vsock(*port),
+        Listen::Unix(path) => AgentListener::unix(path),
+    }
+}
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
@@ -75,9 +87,13 @@ fn parse_args() -> Result<Options, String> {
 /// Binds, tells the boot timer (as PID 1) and serves forever.
 fn serve() -> std::io::Result<()> {
     let opts = OPTIONS.get().cloned().ok_or(std::io::ErrorKind::NotFound)?;
-    let listener = match &opts.listen {
-        Listen::Vsock(port) => AgentListener::vsock(*port)?,
-        Listen::Unix(path) => AgentListener::unix(path)?,
+    let bound;
+    let listener = match LISTENER.get() {
+        Some(held) => held,
+        None => {
+            bound = bind(&opts.listen)?;
+            &bound
+        }
     };
     let pid1 = std::os::unix::process::parent_id() == 1 && is_init_child();
     if let Err(e) = agent::crash::install() {
@@ -93,7 +109,9 @@ fn serve() -> std::io::Result<()> {
     if pid1 {
         // The guest programs' way out, whose connections the host makes.
         let proxy = std::net::SocketAddr::from(([127, 0, 0, 1], agent::egress::PROXY_PORT));
-        match agent::egress::Egress::listen(proxy) {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let network = agent::egress::NetworkSetting::from_cmdline(&cmdline);
+        match agent::egress::Egress::listen(proxy, network) {
             Ok(egress) => config.egress = Some(egress),
             Err(e) => log::warn!("no egress proxy on {proxy}: {e}"),
         }
@@ -141,7 +159,19 @@ fn main() {
         if let Some(name) = init::cmdline_value(&cmdline, "keystone.hostname") {
             init::set_hostname(name);
         }
+        match init::share_kvm(Path::new("/etc/group"), Path::new("/dev/kvm")) {
+            Ok(true) => log::info!("/dev/kvm: group kvm, mode 0660"),
+            Ok(false) => {}
+            Err(e) => log::warn!("/dev/kvm: cannot give it to the kvm group: {e}"),
+        }
         init::loopback_up();
+        match OPTIONS.get().map(|o| bind(&o.listen)) {
+            Some(Ok(listener)) => {
+                let _ = LISTENER.set(listener);
+            }
+            Some(Err(e)) => log::error!("cannot listen for the host: {e}; each server tries again"),
+            None => {}
+        }
         let _ = IS_INIT_CHILD.set(true);
         init::supervise(serve);
     }

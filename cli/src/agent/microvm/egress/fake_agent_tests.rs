@@ -180,7 +180,8 @@ fn egress_threads() -> usize {
         .count()
 }
 
-/// The service of a sandbox in `dir` (network nat), offering to `agent`.
+/// The service of a sandbox in `dir` (network nat), offering to `agent`
+/// once it is up.
 fn start_against(dir: &Path, agent: &FakeAgent, log: fn(&str)) -> EgressService {
     let spec = SandboxSpec {
         name: "t".into(),
@@ -188,7 +189,13 @@ fn start_against(dir: &Path, agent: &FakeAgent, log: fn(&str)) -> EgressService 
         paths: SandboxStore::at(dir).paths("t"),
         settings: Settings::default(),
     };
-    start(&spec, &agent.path, log).unwrap()
+    let ready = Arc::new(Readiness::new(
+        None,
+        &[Service::Agent, Service::Egress],
+        log,
+    ));
+    ready.up(Service::Agent);
+    start(&spec, &agent.path, &ready, log).unwrap()
 }
 
 /// The tests count this process's threads: one runs at a time.

@@ -1,0 +1,387 @@
+//! When a sandbox is ready: the supervisor tells `start`, service by
+//! service, over a pipe.
+//!
+//! A sandbox is ready when every service it was started with is
+//! established, not when its guest agent first answers: a command run the
+//! moment `start` returns must find the network up, and a commit made
+//! then must reach the host in the auto-sync modes. The services are
+//! [`Service`]: the guest agent, the egress offer (network `nat`), the
+//! auto-sync watch (`auto-commit`, `auto-idle`) and the port watch.
+//!
+//! `start` makes a pipe and gives its write end to the supervisor as
+//! descriptor [`READY_FD`]. The supervisor writes one JSON object per
+//! line ([`ReadyEvent`]): `up` when a service is first established,
+//! `unavailable` when one cannot be (it is then reported, not awaited),
+//! and `ready` once every expected service has settled; then it closes its
+//! end. Before those it says what the engine set up (`engine`: nested
+//! virtualization as the engine actually configured it). `start` reads the lines with a deadline; the end of the pipe
+//! before `ready` means the supervisor died.
+//!
+//! The services wait for the agent to be up before their first try
+//! ([`Readiness::wait_up`]): one prober per boot (the supervisor's ping)
+//! instead of one per service, each refused try costing a booting guest
+//! kernel time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::super::state::NestedStatus;
+
+/// The supervisor's descriptor for the write end of the readiness pipe.
+pub const READY_FD: RawFd = 3;
+/// The longest event line `start` reads.
+const MAX_LINE: u64 = 4096;
+
+/// A service of a running sandbox that `start` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Service {
+    /// The guest agent answers.
+    Agent,
+    /// The supervisor offers outbound connections to the guest's proxy.
+    Egress,
+    /// The auto-sync watch on `/workspace` is open.
+    AutoSync,
+    /// The guest's listening ports have been read once.
+    Ports,
+}
+
+impl Service {
+    /// How `start` names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Agent => "guest agent",
+            Self::Egress => "network",
+            Self::AutoSync => "auto-sync watch",
+            Self::Ports => "port watch",
+        }
+    }
+}
+
+/// One line on the readiness pipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ReadyEvent {
+    /// The engine is running the guest, with nested virtualization as
+    /// `nested`, set up as `how` says.
+    Engine { nested: NestedStatus, how: String },
+    /// `service` is established, `after_ms` after the guest was launched.
+    Up { service: Service, after_ms: u64 },
+    /// `service` cannot be established; the sandbox runs without it.
+    Unavailable {
+        service: Service,
+        after_ms: u64,
+        why: String,
+    },
+    /// Every expected service has settled.
+    Ready { after_ms: u64 },
+}
+
+struct Inner {
+    /// The pipe; `None` once `ready` was written (or there is none).
+    out: Option<File>,
+    expected: BTreeSet<Service>,
+    settled: BTreeMap<Service, Duration>,
+    up: BTreeSet<Service>,
+}
+
+/// The supervisor's side: records the services as they come up and
+/// reports them on the pipe.
+pub struct Readiness {
+    t0: Instant,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    log: fn(&str),
+}
+
+impl Readiness {
+    /// Tracks `expected`, reporting on `out` (none: only logged).
+    pub fn new(out: Option<File>, expected: &[Service], log: fn(&str)) -> Self {
+        Self {
+            t0: Instant::now(),
+            inner: Mutex::new(Inner {
+                out,
+                expected: expected.iter().copied().collect(),
+                settled: BTreeMap::new(),
+                up: BTreeSet::new(),
+            }),
+            changed: Condvar::new(),
+            log,
+        }
+    }
+
+    /// The write end `start` passed as [`READY_FD`], if there is one.
+    pub fn inherited_pipe() -> Option<File> {
+        // SAFETY: F_GETFD only reads the descriptor's flags; it fails with
+        // EBADF when the descriptor is not open.
+        if unsafe { libc::fcntl(READY_FD, libc::F_GETFD) } < 0 {
+            return None;
+        }
+        // SAFETY: `start` opened READY_FD for this process as the pipe's
+        // write end (see `spawn_supervisor`) and nothing else in this
+        // process owns it; it is taken once, at the supervisor's start.
+        Some(unsafe { File::from_raw_fd(READY_FD) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reports how the engine set the guest up.
+    pub fn engine(&self, nested: NestedStatus, how: &str) {
+        (self.log)(&format!("nested virtualization {}: {how}", nested.as_str()));
+        write_event(
+            &mut self.lock().out,
+            &ReadyEvent::Engine {
+                nested,
+                how: how.to_string(),
+            },
+        );
+    }
+
+    /// `service` is established (only its first report counts).
+    pub fn up(&self, service: Service) {
+        self.settle(service, None);
+    }
+
+    /// `service` cannot be established: `start` says why and does not
+    /// wait for it.
+    pub fn unavailable(&self, service: Service, why: &str) {
+        self.settle(service, Some(why));
+    }
+
+    fn settle(&self, service: Service, why: Option<&str>) {
+        let mut inner = self.lock();
+        if inner.settled.contains_key(&service) {
+            return;
+        }
+        let after = self.t0.elapsed();
+        inner.settled.insert(service, after);
+        if why.is_none() {
+            inner.up.insert(service);
+        }
+        let after_ms = after.as_millis() as u64;
+        let event = match why {
+            None => ReadyEvent::Up { service, after_ms },
+            Some(why) => ReadyEvent::Unavailable {
+                service,
+                after_ms,
+                why: why.to_string(),
+            },
+        };
+        (self.log)(&format!(
+            "ready: {} {} after {:.2} s",
+            service.describe(),
+            if why.is_none() { "up" } else { "unavailable" },
+            after.as_secs_f64()
+        ));
+        write_event(&mut inner.out, &event);
+        if inner.expected.iter().all(|s| inner.settled.contains_key(s)) && inner.out.is_some() {
+            write_event(&mut inner.out, &ReadyEvent::Ready { after_ms });
+            // Closing our end tells `start` that nothing more comes.
+            inner.out = None;
+            (self.log)(&format!(
+                "ready: every service settled after {:.2} s",
+                after.as_secs_f64()
+            ));
+        }
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    /// Waits until `service` is up; false when `stop` was set first.
+    pub fn wait_up(&self, service: Service, stop: &AtomicBool) -> bool {
+        let mut inner = self.lock();
+        loop {
+            if inner.up.contains(&service) {
+                return true;
+            }
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            inner = self
+                .changed
+                .wait_timeout(inner, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+fn write_event(out: &mut Option<File>, event: &ReadyEvent) {
+    let Some(file) = out.as_mut() else { return };
+    let Ok(mut line) = serde_json::to_vec(event) else {
+        return;
+    };
+    line.push(b'\n');
+    // `start` may be gone (interrupted): the sandbox runs on regardless.
+    if file.write_all(&line).is_err() {
+        *out = None;
+    }
+}
+
+/// Why [`ReadyReader::next`] returned no event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoEvent {
+    /// Nothing arrived in time.
+    Timeout,
+    /// The supervisor closed the pipe (it reported `ready`, or died).
+    Closed,
+}
+
+/// `start`'s side: the events, read by a thread from the pipe.
+pub struct ReadyReader {
+    rx: Receiver<ReadyEvent>,
+}
+
+impl ReadyReader {
+    /// Reads `pipe` (the read end) until the supervisor closes it.
+    pub fn spawn(pipe: OwnedFd) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel(16);
+        std::thread::Builder::new()
+            .name("ready-reader".into())
+            .spawn(move || {
+                let mut reader = BufReader::new(File::from(pipe));
+                loop {
+                    let mut line = String::new();
+                    match (&mut reader).take(MAX_LINE).read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    // A line we cannot read is skipped, not fatal.
+                    if let Ok(event) = serde_json::from_str::<ReadyEvent>(line.trim_end()) {
+                        if tx.send(event).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { rx })
+    }
+
+    /// The next event, waiting up to `timeout`.
+    pub fn next(&self, timeout: Duration) -> Result<ReadyEvent, NoEvent> {
+        self.rx.recv_timeout(timeout).map_err(|e| match e {
+            RecvTimeoutError::Timeout => NoEvent::Timeout,
+            RecvTimeoutError::Disconnected => NoEvent::Closed,
+        })
+    }
+}
+
+/// A pipe whose two ends are closed on exec: (read end, write end).
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two new descriptors into the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing
+    // else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet(_: &str) {}
+
+    fn pair() -> (ReadyReader, File) {
+        let (r, w) = pipe().unwrap();
+        (ReadyReader::spawn(r).unwrap(), File::from(w))
+    }
+
+    #[test]
+    fn ready_comes_once_every_expected_service_settled() {
+        let (reader, w) = pair();
+        let ready = Readiness::new(
+            Some(w),
+            &[Service::Agent, Service::Egress, Service::Ports],
+            quiet,
+        );
+        ready.up(Service::Agent);
+        ready.up(Service::Agent);
+        ready.up(Service::Ports);
+        let t = Duration::from_secs(5);
+        assert!(matches!(
+            reader.next(t),
+            Ok(ReadyEvent::Up {
+                service: Service::Agent,
+                ..
+            })
+        ));
+        assert!(matches!(
+            reader.next(t),
+            Ok(ReadyEvent::Up {
+                service: Service::Ports,
+                ..
+            })
+        ));
+        // The duplicate report of the agent wrote nothing; egress is awaited.
+        assert_eq!(
+            reader.next(Duration::from_millis(200)),
+            Err(NoEvent::Timeout)
+        );
+        ready.unavailable(Service::Egress, "agent too old");
+        assert!(matches!(
+            reader.next(t),
+            Ok(ReadyEvent::Unavailable { service: Service::Egress, ref why, .. }) if why == "agent too old"
+        ));
+        assert!(matches!(reader.next(t), Ok(ReadyEvent::Ready { .. })));
+        assert_eq!(reader.next(t), Err(NoEvent::Closed));
+        let stop = AtomicBool::new(true);
+        assert!(ready.wait_up(Service::Ports, &stop));
+        assert!(
+            !ready.wait_up(Service::Egress, &stop),
+            "unavailable is not up"
+        );
+    }
+
+    #[test]
+    fn a_supervisor_that_dies_closes_the_pipe() {
+        let (reader, w) = pair();
+        let ready = Readiness::new(Some(w), &[Service::Agent, Service::Egress], quiet);
+        ready.up(Service::Agent);
+        drop(ready);
+        assert!(matches!(
+            reader.next(Duration::from_secs(5)),
+            Ok(ReadyEvent::Up { .. })
+        ));
+        assert_eq!(reader.next(Duration::from_secs(5)), Err(NoEvent::Closed));
+    }
+
+    #[test]
+    fn services_wait_for_the_agent_or_a_stop() {
+        let ready = std::sync::Arc::new(Readiness::new(None, &[Service::Agent], quiet));
+        let stop = AtomicBool::new(false);
+        let waiter = {
+            let ready = std::sync::Arc::clone(&ready);
+            std::thread::spawn(move || ready.wait_up(Service::Agent, &AtomicBool::new(false)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        ready.up(Service::Agent);
+        assert!(waiter.join().unwrap());
+        stop.store(true, Ordering::SeqCst);
+        assert!(!ready.wait_up(Service::Egress, &stop));
+    }
+
+    #[test]
+    fn events_are_one_json_object_per_line() {
+        let e = ReadyEvent::Up {
+            service: Service::AutoSync,
+            after_ms: 12,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"up","service":"auto-sync","after_ms":12}"#
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! `keystone vm run` on a KVM with hardware semantics, one boot with many
+//! checks: the `host` CPU template and none of the kvm_pvm workarounds on
+//! the command line, 2 vCPUs, the Debian root on virtio-fs from
+//! virtiofsd-lite, the guest agent (PID 1) answering over our vsock
+//! backend, SVM or VMX given to the guest (`--nested on`) with a working
+//! `/dev/kvm` in it, a clean exit when the agent shuts the guest down, and
+//! a timings JSON that names the kernel, command line, size and nesting.
+//!
+//! Where this host's KVM is hardware it runs here; on a kvm_pvm host it
+//! runs inside the rig's L1 guest (`keystone_tests::rig`). Skips (printing
+//! `SKIP: <reason>`) when neither can run, or without a guest rootfs.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keystone_guest_agent::protocol::AGENT_VSOCK_PORT;
+use keystone_guest_agent::AgentClient;
+use keystone_tests::rig::{where_to_run, Where};
+use keystone_tests::ScratchDir;
+
+/// Reads a pipe to its end in a thread (the console must never block the
+/// VMM's serial port).
+fn drain(pipe: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut pipe = pipe;
+        let mut all = Vec::new();
+        let _ = pipe.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    })
+}
+
+/// Runs `argv` in the guest; returns (exit code, stdout).
+fn exec(client: &AgentClient, argv: &[&str]) -> (i32, String) {
+    let out = client
+        .exec_output(argv)
+        .unwrap_or_else(|e| panic!("exec {argv:?}: {e}"));
+    (
+        out.status.code_or_signal(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn vm_run_with_the_host_template_on_hardware_kvm() {
+    if let Where::Done = where_to_run("vm_run_with_the_host_template_on_hardware_kvm") {
+        return;
+    }
+    let kernel = guest_image::kernel::ensure_kernel().expect("guest kernel");
+    let rootfs = match guest_image::rootfs::ensure_rootfs() {
+        Ok(r) => r,
+        Err(e) => {
+            println!("SKIP: no guest rootfs: {e}");
+            return;
+        }
+    };
+    let scratch = ScratchDir::new("vm-run-hw");
+    let uds = scratch.path().join("vsock.sock");
+    let timings = scratch.path().join("timings.json");
+    let t0 = Instant::now();
+    let mut vm = Command::new(env!("CARGO_BIN_EXE_keystone"))
+        .args(["vm", "run", "--agent", "--vcpus", "2", "--memory", "512"])
+        .args([
+            "--cpu-template",
+            "auto",
+            "--nested",
+            "on",
+            "--timeout",
+            "900",
+        ])
+        .arg("--kernel")
+        .arg(&kernel.vmlinux)
+        .arg("--root-dir")
+        .arg(&rootfs.dir)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--timings-json")
+        .arg(&timings)
+        .env("XDG_CACHE_HOME", scratch.path().join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("keystone vm run");
+    let console = drain(vm.stdout.take().unwrap());
+    let messages = drain(vm.stderr.take().unwrap());
+    let client = AgentClient::new(keystone_guest_agent::hybrid_vsock_connector(
+        uds.clone(),
+        AGENT_VSOCK_PORT,
+    ));
+    // The agent answers once the guest is up (polled, generously).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(Some(status)) = vm.try_wait() {
+            panic!(
+                "keystone vm run ended ({status}) before the agent answered:\n{}\n{}",
+                messages.join().unwrap(),
+                console.join().unwrap()
+            );
+        }
+        if uds.exists() && client.ping().is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent did not answer");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "guest agent answered {:.2?} after keystone vm run started",
+        t0.elapsed()
+    );
+
+    let (code, cpus) = exec(&client, &["nproc"]);
+    assert_eq!((code, cpus.trim()), (0, "2"), "two vCPUs");
+    let (_, cmdline) = exec(&client, &["cat", "/proc/cmdline"]);
+    for workaround in [
+        "syscall_via_idt",
+        "no_int3_selftest",
+        "clearcpuid",
+        "noxsave",
+    ] {
+        assert!(
+            !cmdline.contains(workaround),
+            "no kvm_pvm workaround on hardware KVM: {cmdline}"
+        );
+    }
+    let (_, flags) = exec(
+        &client,
+        &["sh", "-c", "grep -cw -e svm -e vmx /proc/cpuinfo"],
+    );
+    assert_eq!(flags.trim(), "2", "VMX/SVM on both vCPUs");
+    let (code, kvm) = exec(&client, &["sh", "-c", "test -c /dev/kvm && echo present"]);
+    assert_eq!((code, kvm.trim()), (0, "present"), "the guest has /dev/kvm");
+    // The Debian root (only the virtio-fs share has it) under the agent's
+    // overlay.
+    let (_, root) = exec(&client, &["sh", "-c", "cat /etc/debian_version; mount"]);
+    assert!(root.starts_with("12."), "the Debian root: {root}");
+    assert!(
+        root.contains("overlay on / type overlay"),
+        "the root is the agent's overlay: {root}"
+    );
+
+    client.shutdown(false).expect("shutdown");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Ok(Some(status)) = vm.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not stop after the shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = messages.join().unwrap();
+    let console = console.join().unwrap();
+    assert!(
+        status.success(),
+        "keystone vm run: {status}\n{stderr}\nconsole:\n{console}"
+    );
+    assert!(
+        stderr.contains("KVM hardware, CPU template host, nested"),
+        "{stderr}"
+    );
+
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&timings).expect("timings JSON")).unwrap();
+    eprintln!("timings: {doc}");
+    assert_eq!(doc["schema"], 2, "{doc}");
+    assert_eq!(doc["kvm"], "hardware", "{doc}");
+    assert_eq!(doc["cpu_template"], "host", "{doc}");
+    assert_eq!(doc["vcpus"], 2, "{doc}");
+    assert_eq!(doc["memory_mib"], 512, "{doc}");
+    assert!(doc["nested"]["enabled"].is_string(), "{doc}");
+    assert_eq!(
+        doc["kernel"]["path"],
+        kernel.vmlinux.display().to_string(),
+        "{doc}"
+    );
+    assert_eq!(
+        doc["kernel"]["sha256"].as_str().map(str::len),
+        Some(64),
+        "{doc}"
+    );
+    assert!(Path::new(doc["kernel"]["path"].as_str().unwrap()).is_file());
+}

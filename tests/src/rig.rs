@@ -1,0 +1,385 @@
+//! A hardware-style KVM on a host that has none: the tests of our VMM on
+//! real VMX/SVM semantics (the `host` CPU template, nested
+//! virtualization, the VMM engine end to end) run inside a QEMU TCG guest
+//! whose CPU is `-cpu max` (AuthenticAMD with SVM and nested paging). Our
+//! guest kernel has kvm_amd built in, so that guest ("L1") gets a
+//! `/dev/kvm` with hardware semantics; see `shared/KVM-HERE.md`.
+//!
+//! L1 boots a busybox initramfs whose `/init` mounts this host's root
+//! read-only over virtio-fs (virtiofsd-lite here), puts fresh `/tmp`,
+//! `/run` and `/dev` mounts over it, and runs one command there as root:
+//! the test binary itself, asked to run one test (see [`run_in_l1`]). So a
+//! test reads:
+//!
+//! ```no_run
+//! # fn checks() {}
+//! #[test]
+//! fn something_on_hardware_kvm() {
+//!     match keystone_tests::rig::where_to_run("something_on_hardware_kvm") {
+//!         keystone_tests::rig::Where::Here => checks(),
+//!         keystone_tests::rig::Where::Done => {}
+//!     }
+//! }
+//! ```
+//!
+//! On a host whose KVM is hardware the checks run here; on a kvm_pvm host
+//! the test boots L1 and runs itself there, and passes when the inner run
+//! passed; where neither can run it prints `SKIP:` with the reason.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::fs_daemon::FsDaemon;
+use crate::qemu::{qemu_missing, QemuGuest};
+
+/// Set in L1 for the inner run (so it never boots another L1).
+pub const INNER_ENV: &str = "KEYSTONE_RIG_INNER";
+/// L1's CPU: AMD SVM with nested paging.
+pub const L1_CPU: &str = "max";
+
+/// L1's kernel options beyond the TCG ones: the host's TSC frequency
+/// (L1's, under TCG), without which a loaded host makes L1's TSC
+/// calibration fail and every KVM_RUN in L1 hang (see
+/// `vmm::arch::x86_64::tsc`).
+fn l1_cmdline(script: &Path) -> String {
+    let tsc = vmm::arch::x86_64::tsc::host_khz()
+        .map(|khz| format!(" tsc_early_khz={khz}"))
+        .unwrap_or_default();
+    format!("rdinit=/init quiet{tsc} rig.cmd={}", script.display())
+}
+/// The marker L1's `/init` prints once the host root is mounted.
+const UP_MARKER: &str = "RIG-L1-UP";
+/// The marker before the inner command's exit code.
+const EXIT_MARKER: &str = "RIG-EXIT ";
+
+/// How big L1 is.
+#[derive(Clone, Debug)]
+pub struct RigSize {
+    /// L1's memory, MiB (room for the sandboxes it runs).
+    pub memory_mib: u32,
+    /// L1's vCPUs (each a TCG thread on this host).
+    pub vcpus: u32,
+    /// The longest the whole L1 run may take.
+    pub timeout: Duration,
+}
+
+impl Default for RigSize {
+    fn default() -> Self {
+        Self {
+            memory_mib: 3072,
+            vcpus: 2,
+            timeout: Duration::from_secs(1500),
+        }
+    }
+}
+
+/// Where a hardware-KVM test's checks run.
+pub enum Where {
+    /// Here: this host's KVM is hardware (or this is L1).
+    Here,
+    /// Elsewhere, already done: the test ran in L1 and passed, or skipped.
+    Done,
+}
+
+/// Whether `/dev/kvm` here has hardware semantics (not kvm_pvm).
+pub fn hardware_kvm_here() -> bool {
+    crate::kvm_unusable().is_none()
+        && vmm::vstate::kvm::detect_kind(Path::new("/sys/module")) == vmm::KvmKind::Hardware
+}
+
+/// Decides where the test `name` (its path as the test harness names it)
+/// runs its checks with a default-sized L1; see [`where_to_run_with`].
+pub fn where_to_run(name: &str) -> Where {
+    where_to_run_with(name, &RigSize::default())
+}
+
+/// [`Where::Here`] when this host's KVM is hardware or this is L1;
+/// otherwise runs the test in L1 (panicking if it failed there) or skips.
+pub fn where_to_run_with(name: &str, size: &RigSize) -> Where {
+    if std::env::var_os(INNER_ENV).is_some() {
+        assert!(
+            hardware_kvm_here(),
+            "inside the rig's L1 guest, /dev/kvm should be kvm_amd: {}",
+            crate::kvm_unusable().unwrap_or_else(|| "it is paravirtual".into())
+        );
+        return Where::Here;
+    }
+    if hardware_kvm_here() {
+        return Where::Here;
+    }
+    if let Some(why) = rig_missing() {
+        println!("SKIP: {name}: no hardware KVM here, and no rig to emulate one: {why}");
+        return Where::Done;
+    }
+    let t = Instant::now();
+    let outcome = run_in_l1(name, size);
+    eprintln!("rig: {name} in L1 took {:.1?}", t.elapsed());
+    match outcome {
+        Ok(()) => Where::Done,
+        Err(e) => panic!("{name} failed inside the rig's L1 guest:\n{e}"),
+    }
+}
+
+/// Why the rig cannot run here, if it cannot.
+pub fn rig_missing() -> Option<String> {
+    if let Some(why) = qemu_missing() {
+        return Some(why);
+    }
+    if let Some(why) = crate::busybox_missing() {
+        return Some(why);
+    }
+    match guest_image::kernel::ensure_kernel() {
+        Ok(k) if k.vmlinux.is_file() => None,
+        Ok(k) => Some(format!("no guest kernel at {}", k.vmlinux.display())),
+        Err(e) => Some(format!("no guest kernel: {e}")),
+    }
+}
+
+/// The L1 `/init`: mounts the host root read-only with fresh writable
+/// mounts over it, and runs `rig.cmd` there (a script path on the host).
+const L1_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+if ! mount -t virtiofs hostroot /mnt -o ro; then echo "RIG: cannot mount the host root"; reboot -f; fi
+mount --bind /proc /mnt/proc
+mount --bind /sys /mnt/sys
+mount -t devtmpfs dev /mnt/dev
+mkdir -p /mnt/dev/pts /mnt/dev/shm
+mount -t devpts -o mode=0620,ptmxmode=0666 devpts /mnt/dev/pts
+mount -t tmpfs -o mode=1777 shm /mnt/dev/shm
+mount -t tmpfs -o mode=1777 tmp /mnt/tmp
+mount -t tmpfs -o mode=0755 run /mnt/run
+echo RIG-L1-UP
+cmd=$(sed -n 's/.*rig\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+chroot /mnt /bin/sh "$cmd"
+echo "RIG-EXIT $?"
+reboot -f
+"#;
+
+/// A folder on this host that L1 sees at the same path (L1's `/tmp` is its
+/// own).
+fn shared_scratch(name: &str) -> PathBuf {
+    let base = PathBuf::from("/var/tmp/keystone-rig");
+    let safe: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    base.join(format!("rig-{safe}-{}", std::process::id()))
+}
+
+/// Single-quotes `s` for sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Boots L1 and runs this test binary's test `name` there, with the
+/// environment the guest tests need (kernel and rootfs folders from this
+/// host, writable homes and caches in L1's `/tmp`). `Ok` when the inner
+/// run passed; the error carries L1's console tail.
+pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), String> {
+    let kernel = guest_image::kernel::ensure_kernel().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = shared_scratch(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let cleanup = Cleanup(dir.clone());
+
+    let busybox = std::fs::read(guest_image::busybox::DEFAULT_BUSYBOX)
+        .map_err(|e| format!("busybox: {e}"))?;
+    let mut archive = guest_image::initramfs::Archive::new();
+    archive
+        .dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .dir("dev", 0o755)
+        .char_dev("dev/console", 0o600, 5, 1)
+        .dir("proc", 0o755)
+        .dir("sys", 0o755)
+        .dir("mnt", 0o755)
+        .file("init", 0o755, L1_INIT.as_bytes());
+    let initrd = dir.join("l1.cpio");
+    std::fs::write(&initrd, archive.finish()).map_err(|e| e.to_string())?;
+
+    // What the inner test needs from this host's environment.
+    let mut env = vec![
+        (INNER_ENV.to_string(), "1".to_string()),
+        (
+            "PATH".into(),
+            "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
+        ),
+        ("HOME".into(), "/tmp/home".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+        ("XDG_CACHE_HOME".into(), "/tmp/cache".into()),
+        ("RUST_BACKTRACE".into(), "1".into()),
+        (
+            "KEYSTONE_KERNEL_DIR".into(),
+            kernel.dir.display().to_string(),
+        ),
+    ];
+    if let Ok(rootfs) = guest_image::rootfs::ensure_rootfs() {
+        env.push((
+            "KEYSTONE_ROOTFS_DIR".into(),
+            rootfs.dir.display().to_string(),
+        ));
+    }
+    for (key, value) in std::env::vars() {
+        let passed = key.starts_with("KEYSTONE_") && !env.iter().any(|(k, _)| *k == key);
+        if passed {
+            env.push((key, value));
+        }
+    }
+    let exports: String = env
+        .iter()
+        .map(|(k, v)| format!("export {k}={}\n", sh_quote(v)))
+        .collect();
+    let script = format!(
+        "{exports}mkdir -p /tmp/home /tmp/cache\ncd /tmp\n{} --exact {} --nocapture --test-threads=1\n",
+        sh_quote(&exe.display().to_string()),
+        sh_quote(name)
+    );
+    let script_path = dir.join("inner.sh");
+    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
+
+    let socket = dir.join("hostroot.sock");
+    let mut cfg = virtiofsd_lite::FsConfig::new(Path::new("/"), "hostroot");
+    cfg.readonly = true;
+    let daemon = FsDaemon::start_with(socket.clone(), cfg);
+    let mut guest = QemuGuest::builder(&kernel.vmlinux)
+        .memory_mib(size.memory_mib)
+        .vcpus(size.vcpus)
+        .cpu(L1_CPU)
+        .initrd(&initrd)
+        .vhost_user_fs(&socket, "hostroot")
+        .append(&l1_cmdline(&script_path))
+        .start()
+        .map_err(|e| format!("cannot start QEMU: {e}"))?;
+    let t0 = Instant::now();
+    guest.wait_for(UP_MARKER, Duration::from_secs(300))?;
+    eprintln!("rig: L1 up after {:.1?}", t0.elapsed());
+    let rest = size.timeout.saturating_sub(t0.elapsed());
+    let waited = guest.wait_for(EXIT_MARKER, rest);
+    let console = guest.console();
+    guest.kill();
+    drop(daemon);
+    drop(cleanup);
+    waited?;
+    let inner = console
+        .split_once(UP_MARKER)
+        .map(|(_, after)| after)
+        .unwrap_or(&console);
+    eprintln!("rig: L1's console:\n{inner}");
+    let code = inner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(EXIT_MARKER.trim_end()))
+        .map(str::trim)
+        .unwrap_or("?");
+    let passed = inner
+        .lines()
+        .any(|l| l.starts_with("test result: ok. 1 passed"));
+    if code == "0" && passed {
+        Ok(())
+    } else {
+        Err(format!(
+            "the inner run of {name} exited {code} (see L1's console above)"
+        ))
+    }
+}
+
+/// Boots L1 and runs the shell script `script` there as root (host root
+/// read-only, `/tmp` writable and L1's own), for work that is not one
+/// test: a benchmark, say. Returns L1's console after L1 came up (the
+/// script's output, the inner exit code on the `RIG-EXIT` line) when the
+/// script exited 0; the error carries that console too.
+pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String> {
+    let kernel = guest_image::kernel::ensure_kernel().map_err(|e| e.to_string())?;
+    let dir = shared_scratch("command");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let cleanup = Cleanup(dir.clone());
+    let busybox = std::fs::read(guest_image::busybox::DEFAULT_BUSYBOX)
+        .map_err(|e| format!("busybox: {e}"))?;
+    let mut archive = guest_image::initramfs::Archive::new();
+    archive
+        .dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox)
+        .dir("dev", 0o755)
+        .char_dev("dev/console", 0o600, 5, 1)
+        .dir("proc", 0o755)
+        .dir("sys", 0o755)
+        .dir("mnt", 0o755)
+        .file("init", 0o755, L1_INIT.as_bytes());
+    let initrd = dir.join("l1.cpio");
+    std::fs::write(&initrd, archive.finish()).map_err(|e| e.to_string())?;
+    let script_path = dir.join("command.sh");
+    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
+
+    let socket = dir.join("hostroot.sock");
+    let mut cfg = virtiofsd_lite::FsConfig::new(Path::new("/"), "hostroot");
+    cfg.readonly = true;
+    let daemon = FsDaemon::start_with(socket.clone(), cfg);
+    let mut guest = QemuGuest::builder(&kernel.vmlinux)
+        .memory_mib(size.memory_mib)
+        .vcpus(size.vcpus)
+        .cpu(L1_CPU)
+        .initrd(&initrd)
+        .vhost_user_fs(&socket, "hostroot")
+        .append(&l1_cmdline(&script_path))
+        .start()
+        .map_err(|e| format!("cannot start QEMU: {e}"))?;
+    let t0 = Instant::now();
+    let up = guest.wait_for(UP_MARKER, Duration::from_secs(300));
+    let waited = up.and_then(|()| {
+        let rest = size.timeout.saturating_sub(t0.elapsed());
+        guest.wait_for(EXIT_MARKER, rest)
+    });
+    let console = guest.console();
+    guest.kill();
+    drop(daemon);
+    drop(cleanup);
+    waited?;
+    let inner = console
+        .split_once(UP_MARKER)
+        .map_or(console.as_str(), |(_, after)| after)
+        .to_string();
+    let code = inner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(EXIT_MARKER.trim_end()))
+        .map(str::trim)
+        .unwrap_or("?")
+        .to_string();
+    if code == "0" {
+        Ok(inner)
+    } else {
+        Err(format!(
+            "the command exited {code} in L1; L1's console:\n{inner}"
+        ))
+    }
+}
+
+/// Removes a scratch folder on drop.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_is_outside_l1s_own_tmp() {
+        let d = shared_scratch("a::b c");
+        assert!(!d.starts_with("/tmp/"), "{}", d.display());
+        assert!(d
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("rig-a--b-c-"));
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+}
