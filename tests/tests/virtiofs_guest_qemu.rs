@@ -68,6 +68,10 @@ const EXPECTED_CHECKS: &[&str] = &[
     "escape_etc_shadow",
     "escape_host_made_symlinks",
     "escape_root_dotdot",
+    "enospc_dd",
+    "enospc_small_write",
+    "enospc_append",
+    "enospc_new_files",
 ];
 
 /// The guest's `/init`. `@SENT@` is the host-only sentinel's file name,
@@ -209,11 +213,42 @@ out=$(cat /../@SENT@ /../../@SENT@ 2>&1); rc=$?
 echo "ESCAPE root-dotdot: rc=$rc $out"
 cond escape_root_dotdot "rc=$rc" [ $rc -ne 0 ]
 
+# A full share (a 1 MiB tmpfs on the host, cached as the supervisor
+# serves workspaces): every write says what the host said, ENOSPC.
+S=/small
+mkdir -p $S
+if mount -t virtiofs small $S; then
+  out=$(dd if=/dev/zero of=$S/fill bs=65536 count=64 2>&1); rc=$?
+  if [ $rc -ne 0 ] && echo "$out" | grep -q "No space left"; then ok enospc_dd; else fail enospc_dd "rc=$rc $out"; fi
+  out=$( (echo x > $S/after) 2>&1 ); rc=$?
+  if [ $rc -ne 0 ] && echo "$out" | grep -q "No space left"; then ok enospc_small_write; else fail enospc_small_write "rc=$rc $out"; fi
+  out=$( (echo y >> $S/fill) 2>&1 ); rc=$?
+  if [ $rc -ne 0 ] && echo "$out" | grep -q "No space left"; then ok enospc_append; else fail enospc_append "rc=$rc $out"; fi
+  i=0; out=ok
+  while [ $i -lt 64 ]; do
+    if ! e=$( (mkdir $S/d$i) 2>&1 ); then out=$e; break; fi
+    i=$((i+1))
+  done
+  if echo "$out" | grep -q "No space left"; then ok enospc_new_files; else fail enospc_new_files "after $i: $out"; fi
+  umount $S
+else
+  fail enospc_dd "mount -t virtiofs small failed"
+fi
+
 sync
 echo SUITE-DONE
 umount $W
 reboot -f
 "#;
+
+/// Unmounts a mount point on drop.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
 
 /// A virtiofsd-lite instance serving `dir` on a Unix socket from a thread.
 /// Adds symlinks for every applet the host's busybox (the same static
@@ -310,11 +345,25 @@ fn virtiofs_conformance_in_a_tcg_guest() {
     // The mapped root creates files as 4242 here: it needs the folder.
     std::os::unix::fs::chown(&ws, Some(muid), Some(mgid)).unwrap();
     let ws_fs = FsDaemon::start_with(scratch.path().join("ws.sock"), ws_cfg);
+    // A share that fills up: 1 MiB and 32 inodes.
+    let small = scratch.path().join("small");
+    fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,nr_inodes=32", "small"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "mount a small tmpfs at {}", small.display());
+    let _unmount = Unmount(small.clone());
+    let mut small_cfg = virtiofsd_lite::FsConfig::new(&small, "small");
+    small_cfg.cache = virtiofsd_lite::CacheMode::Always;
+    let small_fs = FsDaemon::start_with(scratch.path().join("small.sock"), small_cfg);
 
     let t_boot = Instant::now();
     let mut guest = QemuGuest::builder(&kernel.vmlinux)
         .vhost_user_fs(&root_fs.socket, "root")
         .vhost_user_fs(&ws_fs.socket, "workspace")
+        .vhost_user_fs(&small_fs.socket, "small")
         .virtiofs_root("root")
         .append("init=/init")
         .start()
@@ -349,6 +398,7 @@ fn virtiofs_conformance_in_a_tcg_guest() {
     // The daemons return once QEMU disconnects.
     root_fs.assert_ended_cleanly(&tail);
     ws_fs.assert_ended_cleanly(&tail);
+    small_fs.assert_ended_cleanly(&tail);
 
     // Guest-side results.
     let mut checks: BTreeMap<String, String> = BTreeMap::new();

@@ -162,13 +162,24 @@ fn vcpu_cpuid(base: &CpuId, template: CpuTemplate, nested: bool, id: u8, count: 
     cpuid
 }
 
-fn build_cmdline(config: &VmConfig, host: &HostKvm, device_args: &[String]) -> String {
-    let mut parts = vec![
-        config.cmdline.trim().to_string(),
-        COMMON_GUEST_CMDLINE.to_string(),
-    ];
-    if config.host_cmdline_extras && !host.guest_cmdline_extras().is_empty() {
-        parts.push(host.guest_cmdline_extras().to_string());
+/// The kernel command line: the embedder's, ours, what this host's KVM
+/// needs (`host_extras`), the vCPUs' TSC frequency as KVM runs it (so the
+/// guest skips a calibration that is slow, and fails on a loaded host,
+/// leaving a guest whose own KVM cannot run: see `arch::x86_64::tsc`)
+/// unless the embedder set one, and the devices.
+fn build_cmdline(
+    user: &str,
+    host_extras: Option<&str>,
+    tsc_khz: Option<u32>,
+    device_args: &[String],
+) -> String {
+    let mut parts = vec![user.trim().to_string(), COMMON_GUEST_CMDLINE.to_string()];
+    parts.extend(host_extras.map(str::to_string));
+    let user_tsc = user
+        .split_whitespace()
+        .any(|w| w.starts_with("tsc_early_khz="));
+    if let (Some(khz), false) = (tsc_khz, user_tsc) {
+        parts.push(format!("tsc_early_khz={khz}"));
     }
     parts.extend(device_args.iter().cloned());
     parts.retain(|p| !p.is_empty());
@@ -419,7 +430,14 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
     let (kernel, initrd) = loaded?;
     step.done("waiting for the kernel load");
 
-    let cmdline = build_cmdline(&config, &host, &platform.device_args);
+    let host_extras = (config.host_cmdline_extras && !host.guest_cmdline_extras().is_empty())
+        .then(|| host.guest_cmdline_extras());
+    let tsc_khz = platform
+        .vcpu_fds
+        .first()
+        .and_then(|bsp| bsp.get_tsc_khz().ok())
+        .filter(|khz| *khz > 0);
+    let cmdline = build_cmdline(&config.cmdline, host_extras, tsc_khz, &platform.device_args);
     boot::write_cmdline(&mem, &cmdline)?;
     boot::write_boot_params(&mem, &kernel, cmdline.len(), initrd)?;
     mptable::write_mptable(&mem, config.vcpus)?;
@@ -588,6 +606,28 @@ impl Drop for VmHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cmdline_tells_the_guest_its_tsc_frequency() {
+        let devices = ["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        let c = build_cmdline("console=ttyS0", None, Some(2_600_000), &devices);
+        assert_eq!(
+            c,
+            format!(
+                "console=ttyS0 {COMMON_GUEST_CMDLINE} tsc_early_khz=2600000 \
+                 virtio_mmio.device=4K@0xd0000000:5"
+            )
+        );
+        let mine = build_cmdline(
+            "tsc_early_khz=1000000",
+            Some("nokaslr"),
+            Some(2_600_000),
+            &[],
+        );
+        assert_eq!(mine.matches("tsc_early_khz").count(), 1, "{mine}");
+        assert!(mine.contains("tsc_early_khz=1000000") && mine.contains("nokaslr"));
+        assert!(!build_cmdline("", None, None, &[]).contains("tsc_early_khz"));
+    }
 
     #[test]
     fn nested_resolution() {
