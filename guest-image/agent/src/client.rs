@@ -5,6 +5,12 @@
 //! Firecracker-style `CONNECT <port>\n` handshake on the VMM's vsock Unix
 //! socket; in tests [`unix_connector`]), says hello, sends one request and
 //! runs the conversation described in [`crate::protocol`].
+//!
+//! Everything it reads comes from the guest, which may be hostile: frames
+//! over [`MAX_GUEST_FRAME`] are refused, an agent that accepts a
+//! connection and says nothing is given up on after [`HELLO_TIMEOUT`]
+//! (unless the connector set a deadline of its own), and collected output
+//! ([`AgentClient::exec_request_output`]) stops at [`MAX_COLLECTED`].
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,10 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
-    expect_frame, printable, read_frame, write_frame, write_raw, EgressAsk, ExecRequest,
-    ExitStatus, Frame, FrameKind, Hello, ListeningPort, ProtocolError, PushFileRequest,
-    RawStreamRequest, Request, Response, TtySize, MINOR_EGRESS, MINOR_TCP_CONNECT, MINOR_WATCH,
-    STREAM_CHUNK,
+    expect_guest_frame, printable, read_frame_within, write_frame, write_raw, EgressAsk,
+    ExecRequest, ExitStatus, Frame, FrameKind, Hello, ListeningPort, ProtocolError,
+    PushFileRequest, RawStreamRequest, Request, Response, TtySize, MAX_GUEST_FRAME, MINOR_EGRESS,
+    MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
 };
 use crate::relay::{relay, RelayTotals};
 use crate::transport::DuplexStream;
@@ -38,6 +44,8 @@ pub enum ClientError {
     UnexpectedResponse(Response),
     #[error("local I/O while streaming to or from the guest: {0}")]
     LocalIo(io::Error),
+    #[error("the command's {0} passed the {MAX_COLLECTED}-byte limit of collected output")]
+    OutputTooLarge(&'static str),
     #[error(
         "the guest agent (version {agent_version}, protocol 1.{minor}) does not support {what}, \
          which needs protocol 1.{needs}: rebuild the guest image or update keystone"
@@ -66,6 +74,39 @@ impl ClientError {
     }
 }
 
+/// Collected output, refusing bytes past [`MAX_COLLECTED`] (the write
+/// error ends the command's session).
+struct Capped {
+    name: &'static str,
+    bytes: Vec<u8>,
+    over: bool,
+}
+
+impl Capped {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            bytes: Vec::new(),
+            over: false,
+        }
+    }
+}
+
+impl Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_COLLECTED {
+            self.over = true;
+            return Err(io::Error::other("collected output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The outcome of [`AgentClient::exec_output`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -78,10 +119,15 @@ pub struct ExecOutput {
 pub struct AgentClient {
     connector: Connector,
     retry_for: std::time::Duration,
+    hello_timeout: std::time::Duration,
 }
 
 /// How long to wait between two tries of a connection the agent refused.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long an agent that accepted a connection has to say hello.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The most output [`AgentClient::exec_request_output`] keeps per stream.
+pub const MAX_COLLECTED: usize = 64 << 20;
 
 impl AgentClient {
     /// A client that opens each connection with `connector`.
@@ -89,7 +135,15 @@ impl AgentClient {
         Self {
             connector,
             retry_for: std::time::Duration::ZERO,
+            hello_timeout: HELLO_TIMEOUT,
         }
+    }
+
+    /// How long an agent that accepted a connection has to say hello
+    /// ([`HELLO_TIMEOUT`] unless set; a connector's own deadline wins).
+    pub fn hello_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.hello_timeout = timeout;
+        self
     }
 
     /// Keeps trying for up to `window` when the agent refuses a connection
@@ -148,6 +202,11 @@ impl AgentClient {
     fn hello(&self) -> Result<(Connection, Frame), ClientError> {
         let stream = (self.connector)().map_err(ClientError::Connect)?;
         let writer = stream.try_clone_box().map_err(ClientError::Connect)?;
+        // A deadline for the hello unless the connector chose one.
+        let deadline_set = stream.raw_fd().is_some_and(|fd| {
+            matches!(crate::transport::read_timeout(fd), Ok(None))
+                && crate::transport::set_read_timeout(fd, Some(self.hello_timeout)).is_ok()
+        });
         let mut conn = Connection {
             reader: BufReader::with_capacity(256 << 10, stream),
             writer,
@@ -156,8 +215,13 @@ impl AgentClient {
             &mut conn.writer,
             &Frame::json(FrameKind::Hello, &Hello::current()),
         )?;
-        let hello = expect_frame(&mut conn.reader)?;
-        Ok((conn, hello))
+        let hello = expect_guest_frame(&mut conn.reader);
+        if deadline_set {
+            if let Some(fd) = conn.writer.raw_fd() {
+                crate::transport::set_read_timeout(fd, None).map_err(ClientError::Connect)?;
+            }
+        }
+        Ok((conn, hello?))
     }
 
     /// Sends a request that gets exactly one response.
@@ -240,13 +304,21 @@ impl AgentClient {
     }
 
     /// Runs a full request with empty stdin and collects its output.
+    /// Each stream keeps at most [`MAX_COLLECTED`] bytes; more ends the
+    /// command ([`ClientError::OutputTooLarge`]).
     pub fn exec_request_output(&self, request: ExecRequest) -> Result<ExecOutput, ClientError> {
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let status = self.exec(request, io::empty(), &mut stdout, &mut stderr)?;
+        let mut stdout = Capped::new("stdout");
+        let mut stderr = Capped::new("stderr");
+        let status = self.exec(request, io::empty(), &mut stdout, &mut stderr);
+        for stream in [&stdout, &stderr] {
+            if stream.over {
+                return Err(ClientError::OutputTooLarge(stream.name));
+            }
+        }
         Ok(ExecOutput {
-            status,
-            stdout,
-            stderr,
+            status: status?,
+            stdout: stdout.bytes,
+            stderr: stderr.bytes,
         })
     }
 
@@ -454,7 +526,7 @@ impl<T: serde::de::DeserializeOwned> Iterator for Events<T> {
         if self.done {
             return None;
         }
-        let result = match read_frame(&mut self.reader) {
+        let result = match read_frame_within(&mut self.reader, MAX_GUEST_FRAME) {
             Ok(None) => None,
             Ok(Some(f)) if f.kind == self.kind => match f.parse_json::<T>() {
                 Ok(item) => return Some(Ok(item)),
@@ -529,7 +601,7 @@ struct Connection {
 
 impl Connection {
     fn response(&mut self) -> Result<Response, ClientError> {
-        let frame = expect_frame(&mut self.reader)?;
+        let frame = expect_guest_frame(&mut self.reader)?;
         match frame.kind {
             FrameKind::Response => Ok(frame.parse_json()?),
             FrameKind::Error => Err(ClientError::Agent(frame.text())),
@@ -622,7 +694,7 @@ impl ExecSession {
         stderr: &mut dyn Write,
     ) -> Result<ExitStatus, ClientError> {
         loop {
-            let frame = expect_frame(&mut self.reader)?;
+            let frame = expect_guest_frame(&mut self.reader)?;
             match frame.kind {
                 FrameKind::Stdout => {
                     stdout
@@ -714,7 +786,7 @@ impl RawStreamReader {
             if self.status.is_some() {
                 return Ok(false);
             }
-            let frame = expect_frame(&mut self.reader)?;
+            let frame = expect_guest_frame(&mut self.reader)?;
             match frame.kind {
                 FrameKind::Stdout => {
                     self.buf = frame.payload;

@@ -12,7 +12,9 @@
 //!
 //! `len` counts the payload only and is at most [`MAX_PAYLOAD`]; a larger
 //! length or an unknown `kind` is a protocol error (the peer closes the
-//! connection, it never panics). Control payloads are JSON (serde); stream
+//! connection, it never panics). The host accepts at most
+//! [`MAX_GUEST_FRAME`] from a guest: the agent sends stream data in
+//! [`STREAM_CHUNK`] frames. Control payloads are JSON (serde); stream
 //! payloads are raw bytes.
 //!
 //! | kind | name       | direction    | payload                         |
@@ -134,7 +136,7 @@ pub enum ProtocolError {
     Io(#[from] io::Error),
     #[error("agent connection closed by the peer")]
     Closed,
-    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit: the peer is broken or not a keystone agent")]
+    #[error("a frame of {0} bytes is over the limit: the peer is broken or not a keystone agent")]
     FrameTooLarge(usize),
     #[error(
         "unknown frame kind {0:#04x}: the peer speaks a newer protocol or is not a keystone agent"
@@ -316,8 +318,23 @@ pub fn write_raw<W: Write + ?Sized>(
     Ok(())
 }
 
+/// The largest frame the host accepts from a guest: an honest agent sends
+/// stream data in [`STREAM_CHUNK`] frames and small JSON, so a guest that
+/// claims more is refused before it can make the host hold 16 MiB on each
+/// of its connections.
+pub const MAX_GUEST_FRAME: usize = 1 << 20;
+
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, ProtocolError> {
+    read_frame_within(r, MAX_PAYLOAD)
+}
+
+/// Reads one frame of at most `limit` payload bytes (see
+/// [`MAX_GUEST_FRAME`]); a longer one is [`ProtocolError::FrameTooLarge`].
+pub fn read_frame_within<R: Read + ?Sized>(
+    r: &mut R,
+    limit: usize,
+) -> Result<Option<Frame>, ProtocolError> {
     let mut header = [0u8; 5];
     let mut got = 0;
     while got < header.len() {
@@ -330,7 +347,7 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, Protocol
         }
     }
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if len > MAX_PAYLOAD {
+    if len > limit.min(MAX_PAYLOAD) {
         return Err(ProtocolError::FrameTooLarge(len));
     }
     let kind = FrameKind::from_u8(header[4])?;
@@ -347,6 +364,12 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Frame>, Protocol
 /// Reads one frame, treating end of stream as [`ProtocolError::Closed`].
 pub fn expect_frame<R: Read + ?Sized>(r: &mut R) -> Result<Frame, ProtocolError> {
     read_frame(r)?.ok_or(ProtocolError::Closed)
+}
+
+/// The host's read of a guest frame: one frame of at most
+/// [`MAX_GUEST_FRAME`] bytes, or an error (an end of stream too).
+pub fn expect_guest_frame<R: Read + ?Sized>(r: &mut R) -> Result<Frame, ProtocolError> {
+    read_frame_within(r, MAX_GUEST_FRAME)?.ok_or(ProtocolError::Closed)
 }
 
 /// The first frame each side sends.

@@ -25,6 +25,61 @@ pub trait DuplexStream: Read + Write + Send + 'static {
     }
 }
 
+/// A socket's receive timeout (`SO_RCVTIMEO`), read through its
+/// descriptor (a [`DuplexStream`] may be any of several socket types);
+/// `None` when reads block forever.
+pub fn read_timeout(fd: RawFd) -> io::Result<Option<std::time::Duration>> {
+    let mut tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the timeval we own
+    // and stores the length it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&mut tv as *mut libc::timeval).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let t = std::time::Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000);
+    Ok((!t.is_zero()).then_some(t))
+}
+
+/// Sets a socket's receive timeout (`None`: reads block forever).
+pub fn set_read_timeout(fd: RawFd, timeout: Option<std::time::Duration>) -> io::Result<()> {
+    let t = timeout.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        // At least a microsecond: zero would mean "forever".
+        tv_usec: if t.is_zero() && timeout.is_some() {
+            1
+        } else {
+            t.subsec_micros() as libc::suseconds_t
+        },
+    };
+    // SAFETY: setsockopt reads one timeval from the pointer we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl DuplexStream for UnixStream {
     fn try_clone_box(&self) -> io::Result<Box<dyn DuplexStream>> {
         Ok(Box::new(self.try_clone()?))
