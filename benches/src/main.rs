@@ -1,10 +1,12 @@
 //! `keystone-benches`: benchmarks for Keystone that print JSON.
 //!
-//! `keystone-benches boot` boots the same kernel and virtio-fs root with our
-//! VMM (`keystone vm run`) and with QEMU's microvm machine, side by side,
-//! and reports setup time, boot milestones, VMM memory and exit per run
-//! (see `boot/mod.rs`). The JSON goes to stdout (and `--out`), a short table
-//! to stderr.
+//! `keystone-benches boot` boots the same kernel, command line and root
+//! (virtio-fs or an initramfs) with our VMM (`keystone vm run`), QEMU's
+//! microvm machine and any peer given (Firecracker, Cloud Hypervisor,
+//! another QEMU), side by side, and reports setup time, boot milestones,
+//! agent readiness, VMM memory and exit per run (see `boot/mod.rs`); with
+//! `--rig`, inside a hardware-style KVM. The JSON goes to stdout (and
+//! `--out`), a short table to stderr.
 
 mod boot;
 
@@ -23,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot benchmark: our VMM against QEMU microvm on the same KVM.
+    /// Boot benchmark: our VMM against QEMU microvm and other peers on the same KVM.
     Boot(boot::BootArgs),
 }
 

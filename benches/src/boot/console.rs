@@ -19,6 +19,9 @@ pub const INIT_EXEC_TEXT: &str = "Run /init as init process";
 /// The kernel's line holding the final command line.
 pub const CMDLINE_TEXT: &str = "Kernel command line: ";
 const TAIL_LINES: usize = 60;
+/// The longest console line kept (the guest decides what it prints; the
+/// rest of a longer line is dropped).
+const LINE_CAP: usize = 16 << 10;
 
 /// What the console showed so far (times are CLOCK_MONOTONIC ns).
 #[derive(Debug, Default, Clone)]
@@ -42,14 +45,20 @@ pub struct Console {
 
 impl Console {
     /// Starts reading `out`; `watch` are the pids whose memory is sampled
-    /// when a line contains `marker`.
-    pub fn start(out: ChildStdout, marker: &str, watch: Vec<u32>) -> anyhow::Result<Self> {
+    /// when a line contains `marker` (`guest_mib`: the guest's memory,
+    /// left out of theirs).
+    pub fn start(
+        out: ChildStdout,
+        marker: &str,
+        watch: Vec<u32>,
+        guest_mib: u64,
+    ) -> anyhow::Result<Self> {
         let state = Arc::new(Mutex::new(ConsoleState::default()));
         let marker = marker.to_string();
         let shared = state.clone();
         let thread = std::thread::Builder::new()
             .name("console".into())
-            .spawn(move || read_loop(out, &marker, &watch, &shared))?;
+            .spawn(move || read_loop(out, &marker, &watch, guest_mib, &shared))?;
         Ok(Self {
             state,
             thread: Some(thread),
@@ -75,7 +84,13 @@ fn lock(m: &Mutex<ConsoleState>) -> MutexGuard<'_, ConsoleState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn read_loop(mut out: ChildStdout, marker: &str, watch: &[u32], state: &Mutex<ConsoleState>) {
+fn read_loop(
+    mut out: ChildStdout,
+    marker: &str,
+    watch: &[u32],
+    guest_mib: u64,
+    state: &Mutex<ConsoleState>,
+) {
     let mut buf = [0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
     loop {
@@ -91,33 +106,39 @@ fn read_loop(mut out: ChildStdout, marker: &str, watch: &[u32], state: &Mutex<Co
             if b == b'\n' {
                 let text = String::from_utf8_lossy(&line).trim_end().to_string();
                 line.clear();
-                on_text(&mut st, &text, now, marker, watch);
+                on_text(&mut st, &text, now, marker, (watch, guest_mib));
                 st.tail.push_back(text);
                 if st.tail.len() > TAIL_LINES {
                     st.tail.pop_front();
                 }
             } else {
-                line.push(b);
+                if line.len() < LINE_CAP {
+                    line.push(b);
+                }
             }
         }
         // A milestone whose line has no newline yet still counts now.
         if !line.is_empty() {
             let text = String::from_utf8_lossy(&line).to_string();
             if !text.contains(CMDLINE_TEXT) {
-                on_text(&mut st, &text, now, marker, watch);
+                on_text(&mut st, &text, now, marker, (watch, guest_mib));
             }
         }
     }
     lock(state).eof = true;
 }
 
-fn on_text(st: &mut ConsoleState, text: &str, now: u64, marker: &str, watch: &[u32]) {
+fn on_text(st: &mut ConsoleState, text: &str, now: u64, marker: &str, watch: (&[u32], u64)) {
     if st.init_exec_ns.is_none() && text.contains(INIT_EXEC_TEXT) {
         st.init_exec_ns = Some(now);
     }
     if st.marker_ns.is_none() && text.contains(marker) {
         st.marker_ns = Some(now);
-        st.marker_memory = watch.iter().map(|&pid| procmem::read(pid)).collect();
+        let (pids, guest_mib) = watch;
+        st.marker_memory = pids
+            .iter()
+            .map(|&pid| procmem::read(pid, guest_mib))
+            .collect();
     }
     if st.kernel_cmdline.is_none() {
         if let Some((_, cmd)) = text.split_once(CMDLINE_TEXT) {

@@ -1,25 +1,40 @@
-//! `keystone-benches boot`: boots the same kernel and busybox root (on
-//! virtio-fs) with our VMM and with QEMU microvm on the same KVM, one after
-//! the other in each run, and reports per VMM and run:
-//! - setup: exec to first KVM_RUN, measured the same way for both under
+//! `keystone-benches boot`: boots the same kernel, command line, vCPUs and
+//! memory with our VMM and its peers on the same KVM (QEMU's microvm
+//! machine always, Firecracker, Cloud Hypervisor or another QEMU with
+//! `--peer`), one after the other in each run, and reports per VMM and run:
+//! - setup: exec to first KVM_RUN, measured the same way for all under
 //!   strace in a separate short run (`strace.rs`); for ours also the VMM's
 //!   own first_kvm_run stamp minus the harness's spawn time (no strace);
 //! - kernel_start / init_exec / userspace: ms from the spawn to the first
 //!   serial byte, the "Run /init" line and the init's marker line, as the
-//!   harness reads the console (`console.rs`);
-//! - the VMM's RSS without guest RAM, sampled at the marker (`procmem.rs`);
+//!   harness reads the console (`console.rs`), with the busybox root on
+//!   virtio-fs or, with `--initrd`, a busybox initramfs (`initrd.rs`);
+//! - agent ready: a second boot with the guest agent as PID 1, to its
+//!   first answer over vsock (`agent.rs`), where the VMM can carry it;
+//! - the VMM's RSS without guest RAM, sampled at the milestone (`procmem.rs`);
 //! - how it exited and the wall time (`session.rs`).
 //!
 //! If QEMU cannot boot with KVM here, that is recorded and QEMU with TCG
-//! runs as the fallback peer (labelled as such).
+//! runs as the fallback peer (labelled as such). `--rig` runs all of it
+//! inside a hardware-style KVM (`rig.rs`).
 
+mod agent;
 mod child;
+mod cmdline;
 mod console;
+#[cfg(test)]
+mod fake_peers;
 mod fsd;
+mod host;
+mod initrd;
+mod launch;
+mod peers;
 mod procmem;
 mod report;
+mod rig;
 mod runs;
 mod session;
+mod setup;
 mod sides;
 mod strace;
 
@@ -27,16 +42,40 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use sides::Inputs;
+use peers::Peer;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BootArgs {
     /// Boots per VMM.
     #[arg(long, default_value_t = 1)]
     runs: u32,
-    /// Guest memory in MiB (both VMMs).
+    /// vCPUs of every guest.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB (every VMM).
     #[arg(long, default_value_t = 128)]
     memory: u64,
+    /// The base kernel command line given to every VMM (the root words and
+    /// each VMM's device entries are added); default: what `keystone vm
+    /// run` builds on this host's kind of KVM.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Boot an initramfs instead of the virtio-fs root, with every VMM:
+    /// `busybox` builds one whose /init prints the marker, or a path to
+    /// one whose /init prints KEYSTONE-USERSPACE-OK.
+    #[arg(long, value_name = "busybox|PATH")]
+    initrd: Option<String>,
+    /// A further VMM as a column: firecracker=PATH, cloud-hypervisor=PATH
+    /// or qemu=PATH (repeatable).
+    #[arg(long, value_name = "NAME=PATH", value_parser = peers::parse_peer)]
+    peer: Vec<Peer>,
+    /// Skip the agent boots.
+    #[arg(long)]
+    no_agent: bool,
+    /// Run the whole benchmark inside the rig's L1 guest (hardware-style
+    /// KVM under QEMU TCG with AMD SVM) and print the JSON from there.
+    #[arg(long)]
+    rig: bool,
     /// Also write the JSON to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -49,8 +88,9 @@ pub struct BootArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
-    /// QEMU's -cpu model.
-    #[arg(long, default_value = sides::QEMU_CPU)]
+    /// QEMU's -cpu model; auto: host on hardware KVM, a qemu64 variant
+    /// tuned to our CPUID template on kvm_pvm.
+    #[arg(long, default_value = "auto")]
     qemu_cpu: String,
     /// Guest kernel (vmlinux); default: the cached build of guest-image.
     #[arg(long)]
@@ -66,75 +106,27 @@ pub struct BootArgs {
     keep: bool,
 }
 
-fn sibling(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    Some(exe.parent()?.join(name))
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn require_file(what: &str, path: Option<PathBuf>, hint: &str) -> anyhow::Result<PathBuf> {
-    match path {
-        Some(p) if p.is_file() => Ok(p),
-        Some(p) => anyhow::bail!("{what} not found at {}; {hint}", p.display()),
-        None => anyhow::bail!("{what} not found; {hint}"),
-    }
-}
-
-fn resolve(args: &BootArgs, work: &Path) -> anyhow::Result<Inputs> {
-    let build = "build it with: cargo build -p keystone -p virtiofsd-lite (same target dir), or pass the path";
-    let keystone = require_file(
-        "keystone",
-        args.keystone.clone().or_else(|| sibling("keystone")),
-        build,
-    )?;
-    let virtiofsd = require_file(
-        "virtiofsd-lite",
-        args.virtiofsd.clone().or_else(|| sibling("virtiofsd-lite")),
-        build,
-    )?;
-    let qemu_path = if args.qemu.components().count() > 1 {
-        Some(args.qemu.clone())
-    } else {
-        find_in_path(&args.qemu.to_string_lossy())
+fn measure_here(args: &BootArgs, work: &Path) -> anyhow::Result<serde_json::Value> {
+    let t = setup::tools(args)?;
+    let (g, source) = setup::guest(args, &t, work)?;
+    let vmms = setup::columns(args, &t);
+    setup::check_columns(&vmms, &g, work)?;
+    let strace = setup::find_in_path("strace");
+    let ctx = launch::Ctx {
+        guest: &g,
+        work,
+        virtiofsd: &t.virtiofsd,
+        strace: strace.as_deref(),
     };
-    let qemu = require_file(
-        "QEMU",
-        qemu_path,
-        "install it with: apt-get install qemu-system-x86",
-    )?;
-    let kernel = match &args.kernel {
-        Some(k) => k.clone(),
-        None => guest_image::kernel::ensure_kernel()?.vmlinux,
+    let cols = runs::all(&ctx, &vmms, args.runs, !args.no_agent, args.tcg)?;
+    let set = report::Setting {
+        guest: &g,
+        runs: args.runs,
+        with_agent: !args.no_agent,
+        cmdline_source: source,
+        initrd_source: args.initrd.as_deref(),
     };
-    let kernel = require_file(
-        "the guest kernel",
-        Some(kernel),
-        "build it with guest-image/kernel/build.sh",
-    )?;
-    let root_dir = work.join("root");
-    guest_image::busybox::BusyboxRoot::create(
-        &root_dir,
-        Path::new(guest_image::busybox::DEFAULT_BUSYBOX),
-        guest_image::busybox::InitKind::BootCheck,
-        "keystone-bench",
-    )?;
-    Ok(Inputs {
-        keystone,
-        virtiofsd,
-        qemu,
-        qemu_cpu: args.qemu_cpu.clone(),
-        strace: find_in_path("strace"),
-        kernel,
-        root_dir,
-        memory_mib: args.memory,
-        timeout_s: args.timeout,
-    })
+    Ok(report::document(&set, cols))
 }
 
 /// Runs the benchmark and prints the report.
@@ -142,19 +134,35 @@ pub fn run(args: BootArgs) -> anyhow::Result<()> {
     if args.runs == 0 {
         anyhow::bail!("--runs must be at least 1");
     }
-    if !Path::new("/dev/kvm").exists() {
-        anyhow::bail!("/dev/kvm not found: this benchmark needs KVM");
+    if args.vcpus == 0 {
+        anyhow::bail!("--vcpus must be at least 1");
     }
-    let work = std::env::temp_dir().join(format!("keystone-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", work.display()))?;
-    let result = resolve(&args, &work).and_then(|inputs| runs::all(&inputs, &args, &work));
-    if args.keep {
-        eprintln!("keystone-benches: work folder kept: {}", work.display());
+    let doc = if args.rig {
+        let out = "/tmp/keystone-bench.json";
+        let argv = rig::argv(&args, &setup::tools(&args)?, out)?;
+        let boots_per_run = 3 * (2 + args.peer.len() as u32);
+        let size = rig::size_for(
+            args.vcpus,
+            args.runs,
+            boots_per_run,
+            std::time::Duration::from_secs(args.timeout),
+        );
+        rig::run(&argv, out, &size)?
     } else {
-        let _ = std::fs::remove_dir_all(&work);
-    }
-    let doc = result?;
+        if !Path::new("/dev/kvm").exists() {
+            anyhow::bail!("/dev/kvm not found: this benchmark needs KVM (or --rig)");
+        }
+        let work = std::env::temp_dir().join(format!("keystone-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&work)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", work.display()))?;
+        let result = measure_here(&args, &work);
+        if args.keep {
+            eprintln!("keystone-benches: work folder kept: {}", work.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        result?
+    };
     report::print_table(&doc);
     let text = serde_json::to_string_pretty(&doc)?;
     println!("{text}");

@@ -1,13 +1,17 @@
-//! The report: per-VMM run records, medians, the SPEC.md targets with
-//! pass/fail computed from the measurements, and a short table on stderr.
+//! The report: the schema version, date, host, guest and per-VMM run
+//! records, medians, the SPEC.md targets with pass/fail computed from the
+//! measurements, and a short table on stderr.
 
 use std::process::Command;
 
 use serde_json::{json, Value};
 
-use super::runs::{MEMORY_METHOD, MILESTONE_METHOD};
-use super::sides::Inputs;
-use super::BootArgs;
+use super::runs::{self, AGENT_METHOD, MILESTONE_METHOD};
+use super::sides::{Engine, Guest, Vmm};
+use super::{cmdline, host, procmem};
+
+/// The shape of the JSON; bumped whenever it changes.
+pub const SCHEMA: u32 = 2;
 
 /// SPEC.md "Numbers": VMM setup, exec to first KVM_RUN.
 const SETUP_TARGET_MS: f64 = 10.0;
@@ -21,6 +25,7 @@ const FIELDS: &[(&str, &str)] = &[
     ("kernel_start_ms", "/kernel_start_ms"),
     ("init_exec_ms", "/init_exec_ms"),
     ("userspace_ms", "/userspace_ms"),
+    ("agent_ready_ms", "/agent_ready_ms"),
     ("vmm_rss_kib", "/memory/vmm_rss_kib"),
     ("rss_shmem_kib", "/memory/rss_shmem_kib"),
     ("wall_ms", "/exit/wall_ms"),
@@ -72,11 +77,6 @@ fn verdicts(summary: &Value) -> Value {
     })
 }
 
-fn side(label: &str, runs: Vec<Value>) -> Value {
-    let s = summary(&runs);
-    json!({ "label": label, "targets": verdicts(&s), "summary": s, "runs": runs })
-}
-
 fn first_line(program: &std::path::Path, arg: &str) -> Value {
     Command::new(program)
         .arg(arg)
@@ -85,78 +85,115 @@ fn first_line(program: &std::path::Path, arg: &str) -> Value {
         .and_then(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
-                .next()
+                .find(|l| !l.trim().is_empty())
                 .map(str::to_string)
         })
         .into()
 }
 
+fn engine_name(e: Engine) -> &'static str {
+    match e {
+        Engine::Keystone => "keystone",
+        Engine::Qemu(_) => "qemu",
+        Engine::Firecracker => "firecracker",
+        Engine::CloudHypervisor => "cloud-hypervisor",
+    }
+}
+
+fn column(vmm: &Vmm, runs: Vec<Value>) -> Value {
+    let s = summary(&runs);
+    let cmdline = runs.first().map(|r| r["cmdline_given"].clone());
+    json!({
+        "label": vmm.label,
+        "engine": engine_name(vmm.engine),
+        "program": vmm.program.display().to_string(),
+        "version": first_line(&vmm.program, "--version"),
+        "cmdline_given": cmdline,
+        "targets": verdicts(&s),
+        "summary": s,
+        "runs": runs,
+    })
+}
+
+/// What the report says about the run besides the records.
+pub struct Setting<'a> {
+    pub guest: &'a Guest,
+    pub runs: u32,
+    pub with_agent: bool,
+    pub cmdline_source: &'a str,
+    pub initrd_source: Option<&'a str>,
+}
+
 /// The whole report.
-pub fn document(
-    i: &Inputs,
-    args: &BootArgs,
-    cmdline: &str,
-    cmdline_source: &str,
-    keystone: Vec<Value>,
-    qemu_kvm: Vec<Value>,
-    qemu_tcg: Vec<Value>,
-) -> Value {
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    let qemu_kvm_failed = qemu_kvm.iter().any(|r| !r["userspace_ms"].is_number());
+pub fn document(set: &Setting<'_>, columns: Vec<(Vmm, Vec<Value>)>) -> Value {
+    let g = set.guest;
+    let keystone_release = columns.iter().any(|(v, _)| {
+        v.engine == Engine::Keystone && v.program.components().any(|c| c.as_os_str() == "release")
+    });
+    // Whether each guest kernel saw the same words as keystone's (device
+    // entries aside), run by run.
+    let ours = columns
+        .iter()
+        .find(|(v, _)| v.engine == Engine::Keystone)
+        .and_then(|(_, r)| {
+            r.first()?["kernel_cmdline_seen"]
+                .as_str()
+                .map(cmdline::comparable_words)
+        });
     let mut vmms = serde_json::Map::new();
-    vmms.insert(
-        "keystone".into(),
-        side("keystone vm run (our VMM, KVM)", keystone),
-    );
-    vmms.insert(
-        "qemu_microvm_kvm".into(),
-        side("QEMU microvm, -accel kvm", qemu_kvm),
-    );
-    if !qemu_tcg.is_empty() {
-        let why = if qemu_kvm_failed {
-            "QEMU microvm, -accel tcg: FALLBACK PEER because QEMU with KVM did not reach user space here"
-        } else {
-            "QEMU microvm, -accel tcg (extra peer, --tcg)"
-        };
-        vmms.insert("qemu_microvm_tcg".into(), side(why, qemu_tcg));
+    for (vmm, mut records) in columns {
+        for r in records.iter_mut() {
+            let same = match (&ours, r["kernel_cmdline_seen"].as_str()) {
+                (Some(o), Some(seen)) => json!(*o == cmdline::comparable_words(seen)),
+                _ => json!(null),
+            };
+            r["kernel_cmdline_same_words_as_keystone"] = same;
+        }
+        vmms.insert(vmm.key.clone(), column(&vmm, records));
     }
     json!({
         "benchmark": "boot",
-        "host": {
-            "kvm": if pvm { "kvm_pvm (paravirtual KVM: guest kernel code is emulated, 50-100x slower)" } else { "kvm" },
-            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "schema": SCHEMA,
+        "date": host::utc_now(),
+        "host": host::describe(),
+        "guest": {
+            "kernel": host::file_identity(&g.kernel),
+            "root": match set.initrd_source {
+                None => json!("busybox root from guest-image (init boot-check), on virtio-fs tag 'root' served by virtiofsd-lite (in-process for keystone, a separate process over vhost-user for QEMU and Cloud Hypervisor)"),
+                Some(src) => json!({ "initramfs": g.initrd.as_deref().map(host::file_identity), "source": src }),
+            },
+            "vcpus": g.vcpus,
+            "memory_mib": g.memory_mib,
+            "base_cmdline": g.base_cmdline,
+            "base_cmdline_source": set.cmdline_source,
         },
         "config": {
-            "runs": args.runs,
-            "memory_mib": i.memory_mib,
-            "vcpus": 1,
-            "timeout_s_per_boot": i.timeout_s,
-            "kernel": i.kernel.display().to_string(),
-            "root": "busybox root from guest-image (init boot-check), on virtio-fs tag 'root' served by virtiofsd-lite (in-process for keystone, a separate process over vhost-user for QEMU)",
-            "keystone": i.keystone.display().to_string(),
-            "keystone_profile": if i.keystone.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug (unoptimized)" },
-            "qemu": i.qemu.display().to_string(),
-            "qemu_version": first_line(&i.qemu, "--version"),
-            "qemu_cpu": i.qemu_cpu,
-            "qemu_cpu_note": "qemu64 (vendor AuthenticAMD, like this AMD host) + SSSE3/x2APIC/TSC-deadline as in keystone's CPUID template + XSAVEERPTR (without it the guest's FXSAVE-leak workaround executes fnclex, which this KVM cannot emulate: KVM internal error). This KVM filters pni and ssse3 out (QEMU warns). No XSAVE/POPCNT/BMI2/AVX in qemu64; cx16 etc. cleared on the command line.",
-            "kernel_cmdline": cmdline,
-            "kernel_cmdline_source": cmdline_source,
-            "order": "per run: keystone strace probe, keystone boot, QEMU-KVM strace probe, QEMU-KVM boot (then QEMU-TCG if needed)",
+            "runs": set.runs,
+            "agent_boots": set.with_agent,
+            "timeout_s_per_boot": g.timeout_s,
+            "keystone_profile": if keystone_release { "release" } else { "debug (unoptimized)" },
+            "qemu_cpu": g.qemu_cpu,
+            "qemu_cpu_note": "-cpu host on hardware KVM; on kvm_pvm qemu64 (AuthenticAMD, like this AMD host) + SSSE3/x2APIC/TSC-deadline as in keystone's CPUID template + XSAVEERPTR (without it the guest's FXSAVE-leak workaround executes fnclex, which kvm_pvm cannot emulate)",
+            "order": "per run, per VMM in column order: strace probe, marker boot, agent boot (QEMU with TCG after QEMU with KVM when it ran)",
         },
         "methods": {
-            "setup_strace_ms": super::strace::METHOD,
+            "setup_strace_ms": runs::setup_method(),
+            "setup_self_reported_ms": runs::self_method(),
             "milestones_ms": MILESTONE_METHOD,
-            "memory": MEMORY_METHOD,
-            "exit": "clean = marker seen and the VMM exited by itself with status 0; killed if still running 60 s after the marker or 300 s after spawn",
+            "agent_ready_ms": AGENT_METHOD,
+            "memory": procmem::METHOD,
+            "memory_when": "at the marker line (marker boot) / at the first answered ping (agent boot)",
+            "cmdline": "every VMM gets guest.base_cmdline plus the root words (root=root rootfstype=virtiofs rw init=/init; rdinit=/init with an initramfs; keystone.root=root for the agent); each VMM adds its own device entries; keystone is given the line minus the words it adds itself (console=ttyS0 earlyprintk=ttyS0, reboot=k panic=-1 io_delay=none), with --no-host-cmdline; kernel_cmdline_seen is what the guest kernel printed",
+            "exit": "clean = milestone reached and the VMM exited by itself with status 0, or was stopped at the milestone as planned (agent boots; Cloud Hypervisor, which boots the guest again on reboot); killed if still running 60 s after the marker or past the per-boot timeout",
         },
         "targets": {
             "source": "SPEC.md 'Numbers users will hold us to'",
             "setup_ms_max": SETUP_TARGET_MS,
             "vmm_rss_kib_max": RSS_TARGET_KIB,
-            "note": "pass flags compare each VMM's median with the target; the targets are keystone's, QEMU's flags are for reference",
+            "note": "pass flags compare each VMM's median with the target; the targets are keystone's, the peers' flags are for reference",
         },
         "vmms": vmms,
+        "rig": null,
     })
 }
 
@@ -170,42 +207,46 @@ fn cell(v: &Value, ptr: &str, unit: &str) -> String {
 
 /// The human table, on stderr.
 pub fn print_table(doc: &Value) {
-    eprintln!(
-        "\n{:<18} {:>3} {:>11} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>10}  exit",
-        "vmm",
-        "run",
+    let head = [
         "setup/strc",
         "setup/own",
         "kernel ms",
         "init ms",
         "userspc ms",
+        "agent ms",
         "rss KiB",
-        "shm KiB",
-        "wall ms"
-    );
+        "wall ms",
+    ];
+    let cols: [(&str, &str); 8] = [
+        ("/setup/strace_ms", "ms"),
+        ("/setup/self_reported_ms", "ms"),
+        ("/kernel_start_ms", "ms"),
+        ("/init_exec_ms", "ms"),
+        ("/userspace_ms", "ms"),
+        ("/agent_ready_ms", "ms"),
+        ("/memory/vmm_rss_kib", "KiB"),
+        ("/exit/wall_ms", "ms"),
+    ];
+    let mut line = format!("\n{:<18} {:>3}", "vmm", "run");
+    for h in head {
+        line.push_str(&format!(" {h:>10}"));
+    }
+    eprintln!("{line}  exit");
     let Some(vmms) = doc["vmms"].as_object() else {
         return;
     };
     for (name, side) in vmms {
         for r in side["runs"].as_array().into_iter().flatten() {
-            eprintln!(
-                "{:<18} {:>3} {:>11} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>10}  {}",
-                name,
-                r["run"],
-                cell(r, "/setup/strace_ms", "ms"),
-                cell(r, "/setup/self_reported_ms", "ms"),
-                cell(r, "/kernel_start_ms", "ms"),
-                cell(r, "/init_exec_ms", "ms"),
-                cell(r, "/userspace_ms", "ms"),
-                cell(r, "/memory/vmm_rss_kib", "KiB"),
-                cell(r, "/memory/rss_shmem_kib", "KiB"),
-                cell(r, "/exit/wall_ms", "ms"),
-                if r["exit"]["clean"] == true {
-                    "clean".to_string()
-                } else {
-                    format!("NOT clean: {}", r["exit"]["status"].as_str().unwrap_or("?"))
-                },
-            );
+            let mut line = format!("{:<18} {:>3}", name, r["run"].as_u64().unwrap_or(0));
+            for (ptr, unit) in cols {
+                line.push_str(&format!(" {:>10}", cell(r, ptr, unit)));
+            }
+            let exit = if r["exit"]["clean"] == true {
+                "clean".to_string()
+            } else {
+                format!("NOT clean: {}", r["exit"]["status"].as_str().unwrap_or("?"))
+            };
+            eprintln!("{line}  {exit}");
         }
         let t = &side["targets"];
         let flag = |k: &str| match t[k]["pass"].as_bool() {

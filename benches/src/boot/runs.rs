@@ -1,49 +1,20 @@
-//! The run loop: in each run, ours first (its console gives the exact
-//! kernel command line QEMU then gets), then QEMU with KVM, then QEMU with
-//! TCG if KVM failed (or `--tcg`). Each side's record is a JSON object.
+//! The run loop: in each run, every VMM in turn (ours first, then QEMU,
+//! then the peers in the order given), each with its strace probe, its
+//! marker boot and its agent boot; QEMU with TCG joins a run when QEMU with
+//! KVM did not reach user space in it (or with `--tcg`). Each record is a
+//! JSON object.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::fsd::FsDaemon;
-use super::session::{self, BootOutcome, BootSpec};
-use super::sides::{self, Accel, Inputs};
-use super::{report, strace, BootArgs};
-
-const MARKER: &str = guest_image::busybox::BOOT_CHECK_MARKER;
-/// Time allowed between the marker and the VMM's exit (reboot under emulation).
-const EXIT_GRACE: Duration = Duration::from_secs(60);
+use super::launch::{self, Ctx};
+use super::sides::{self, Accel, Boot, Engine, Vmm};
+use super::strace;
 
 pub const MILESTONE_METHOD: &str = "harness: CLOCK_MONOTONIC read just before spawn, to the read() of the VMM's serial stdout that delivered the first byte / the line containing 'Run /init as init process' / the line 'KEYSTONE-USERSPACE-OK'";
-pub const MEMORY_METHOD: &str = "/proc/PID/status of the VMM process read by the harness when the marker line arrives; vmm_rss_kib = RssAnon + RssFile (guest RAM, a shared memfd, is RssShmem and excluded)";
+pub const AGENT_METHOD: &str = "a separate boot of the guest agent as PID 1 (keystone's embedded agent initramfs; the root on virtio-fs, tag root): CLOCK_MONOTONIC before spawn to the first answered ping over vsock (hybrid socket: 'CONNECT <port>' then the agent's hello and Ping), tried every 5 ms; the VMM is stopped then";
 const SELF_METHOD: &str = "keystone's own timings JSON: monotonic first_kvm_run minus the harness's CLOCK_MONOTONIC read just before spawn (no strace)";
-
-fn probe(i: &Inputs, work: &Path, program: &Path, args: &[std::ffi::OsString], tag: &str) -> Value {
-    match &i.strace {
-        None => json!({ "setup_ms": null, "error": "strace not found (apt-get install strace)" }),
-        Some(st) => json!(strace::probe(
-            st,
-            program,
-            args,
-            &work.join(format!("{tag}.strace"))
-        )),
-    }
-}
-
-fn outcome_json(o: &BootOutcome) -> Value {
-    json!({
-        "kernel_start_ms": o.kernel_start_ms,
-        "init_exec_ms": o.init_exec_ms,
-        "userspace_ms": o.userspace_ms,
-        "memory": o.memory,
-        "exit": o.exit,
-        "serial_bytes": o.serial_bytes,
-        "kernel_cmdline_seen": o.kernel_cmdline,
-        "error": o.error,
-    })
-}
 
 /// Events from keystone's timings JSON as ms from the harness's spawn.
 fn self_reported(path: &Path, spawn_ns: u64) -> Value {
@@ -72,142 +43,157 @@ fn self_reported(path: &Path, spawn_ns: u64) -> Value {
     })
 }
 
-fn ours(i: &Inputs, work: &Path, run: u32) -> anyhow::Result<(Value, Option<String>)> {
-    let probe_args = sides::keystone_args(i, None);
-    let setup = probe(
-        i,
-        work,
-        &i.keystone,
-        &probe_args,
-        &format!("keystone-{run}"),
-    );
-    let timings = work.join(format!("keystone-{run}.timings.json"));
-    let args = sides::keystone_args(i, Some(&timings));
-    let command = sides::display(&i.keystone, &args);
-    eprintln!("keystone-benches: run {run}: booting keystone ...");
-    let o = session::boot(BootSpec {
-        name: "keystone",
-        program: &i.keystone,
-        args,
-        marker: MARKER,
-        extra_pids: vec![],
-        stderr_log: work.join(format!("keystone-{run}.stderr")),
-        limit: Duration::from_secs(i.timeout_s),
-        exit_grace: EXIT_GRACE,
-        fatal_stderr: &[],
-    })?;
-    let own = self_reported(&timings, o.spawn_ns);
-    let self_ms = own["ms_from_spawn"]["first_kvm_run"].as_f64();
-    let in_process = own["ms_since_process_start"]["first_kvm_run"].as_f64();
-    let mut rec = outcome_json(&o);
-    rec["run"] = run.into();
-    rec["command"] = command.into();
-    rec["setup"] = json!({
-        "strace_ms": setup["setup_ms"],
-        "strace_method": strace::METHOD,
-        "strace_kvm_ioctls_before_first_run": setup["ioctls_before_run"],
-        "strace_error": setup["error"],
-        "self_reported_ms": self_ms,
-        "self_reported_method": SELF_METHOD,
-        "in_process_ms": in_process,
-        "in_process_method": "keystone's own first_kvm_run minus its process_start (top of main; excludes exec and dynamic loading)",
-    });
-    rec["vmm_reported"] = own;
-    Ok((rec, o.kernel_cmdline.clone()))
+/// keystone's "VM started: ..." line (its own words: KVM kind, CPU
+/// template, nested state).
+fn started_line(stderr_log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(stderr_log).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("keystone: VM started: "))
+        .map(str::to_string)
 }
 
-fn qemu(i: &Inputs, work: &Path, run: u32, accel: Accel, cmdline: &str) -> anyhow::Result<Value> {
-    let tag = format!("qemu-{}-{run}", accel.name());
-    let socket = work.join(format!("{tag}.sock"));
-    let args = sides::qemu_args(i, accel, cmdline, &socket);
-    let setup = if accel == Accel::Kvm {
-        let d = FsDaemon::start(
-            &i.virtiofsd,
-            &i.root_dir,
-            socket.clone(),
-            &work.join(format!("{tag}-probe.fsd.log")),
-        )?;
-        let p = probe(i, work, &i.qemu, &args, &tag);
-        d.stop();
-        p
-    } else {
-        json!({ "setup_ms": null, "error": "not applicable: TCG makes no KVM_RUN" })
+/// The agent initramfs keystone wrote under the cache it was given.
+fn written_agent_initramfs(work: &Path) -> Option<PathBuf> {
+    let dir = work.join("cache/keystone/agent");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "cpio"))
+}
+
+/// The marker boot of `vmm` in `run`, with its probe.
+fn marker(ctx: &Ctx<'_>, vmm: &Vmm, run: u32) -> anyhow::Result<Value> {
+    let tag = format!("{}-{run}", vmm.key);
+    let mut plan = sides::plan(vmm, ctx.guest, &Boot::Marker, ctx.work, &tag)
+        .map_err(|why| anyhow::anyhow!("{}: {why}", vmm.key))?;
+    let setup = match vmm.engine {
+        Engine::Qemu(Accel::Tcg) => {
+            json!({ "setup_ms": null, "error": "not applicable: TCG makes no KVM_RUN" })
+        }
+        _ => launch::probe(ctx, vmm, &plan, &tag),
     };
-    let daemon = FsDaemon::start(
-        &i.virtiofsd,
-        &i.root_dir,
-        socket,
-        &work.join(format!("{tag}.fsd.log")),
-    )?;
-    eprintln!(
-        "keystone-benches: run {run}: booting QEMU microvm ({}) ...",
-        accel.name()
-    );
-    let o = session::boot(BootSpec {
-        name: "qemu",
-        program: &i.qemu,
-        args: args.clone(),
-        marker: MARKER,
-        extra_pids: vec![daemon.child.pid()],
-        stderr_log: work.join(format!("{tag}.stderr")),
-        limit: Duration::from_secs(i.timeout_s),
-        exit_grace: EXIT_GRACE,
-        fatal_stderr: &["KVM internal error", "emulation failure"],
-    });
-    daemon.stop();
-    let o = o?;
-    let mut rec = outcome_json(&o);
+    let timings = ctx.work.join(format!("{tag}.timings.json"));
+    if vmm.engine == Engine::Keystone {
+        plan.args.push("--timings-json".into());
+        plan.args.push(timings.clone().into());
+    }
+    eprintln!("keystone-benches: run {run}: booting {} ...", vmm.key);
+    let o = launch::boot(ctx, vmm, &plan, &tag)?;
+    let mut rec = launch::outcome_json(ctx, vmm, &plan, &o, &tag);
     rec["run"] = run.into();
-    rec["command"] = sides::display(&i.qemu, &args).into();
     rec["setup"] = json!({
         "strace_ms": setup["setup_ms"],
-        "strace_method": strace::METHOD,
         "strace_kvm_ioctls_before_first_run": setup["ioctls_before_run"],
         "strace_error": setup["error"],
     });
-    rec["fs_daemon_memory"] = json!(o.extra_memory.first().copied().flatten());
-    rec["stderr_tail"] = std::fs::read_to_string(work.join(format!("{tag}.stderr")))
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into();
+    if vmm.engine == Engine::Keystone {
+        let own = self_reported(&timings, o.spawn_ns);
+        rec["setup"]["self_reported_ms"] = own["ms_from_spawn"]["first_kvm_run"].clone();
+        rec["setup"]["in_process_ms"] = own["ms_since_process_start"]["first_kvm_run"].clone();
+        rec["vmm_reported"] = own;
+        rec["vmm_reported"]["started"] =
+            started_line(&ctx.work.join(format!("{tag}.stderr"))).into();
+    }
     Ok(rec)
 }
 
-fn reached_userspace(rec: &Value) -> bool {
-    rec["userspace_ms"].is_number()
+/// The agent boot of `vmm` in `run` (or why there is none).
+fn agent(ctx: &Ctx<'_>, vmm: &Vmm, run: u32, initrd: Option<&Path>) -> anyhow::Result<Value> {
+    if vmm.engine == Engine::Qemu(Accel::Tcg) {
+        return Ok(json!({ "skipped": "the agent boot is measured with KVM only" }));
+    }
+    let tag = format!("{}-agent-{run}", vmm.key);
+    let plan = match sides::plan(vmm, ctx.guest, &Boot::Agent { initrd }, ctx.work, &tag) {
+        Ok(p) => p,
+        Err(why) => return Ok(json!({ "skipped": why })),
+    };
+    eprintln!(
+        "keystone-benches: run {run}: booting {} with the agent ...",
+        vmm.key
+    );
+    let o = launch::boot(ctx, vmm, &plan, &tag)?;
+    let mut rec = launch::outcome_json(ctx, vmm, &plan, &o, &tag);
+    rec["agent_ready_ms"] = o.agent_ready_ms.into();
+    rec["agent_version"] = o.agent_version.into();
+    Ok(rec)
 }
 
-/// All runs; returns the report document.
-pub fn all(i: &Inputs, args: &BootArgs, work: &Path) -> anyhow::Result<Value> {
-    let (mut k, mut q, mut t) = (vec![], vec![], vec![]);
-    let mut cmdline: Option<(String, &str)> = None;
-    for run in 1..=args.runs {
-        let (rec, seen) = ours(i, work, run)?;
-        k.push(rec);
-        if cmdline.is_none() {
-            cmdline = seen.map(|c| (sides::without_device_args(&c), "keystone's boot log ('Kernel command line:'), virtio_mmio.device= entries removed (QEMU adds its own)"));
-        }
-        let (line, _) = cmdline.get_or_insert_with(|| {
-            (
-                sides::fallback_cmdline(),
-                "rebuilt from vmm's constants: keystone's boot printed no command line",
-            )
-        });
-        let line = line.clone();
-        let rec = qemu(i, work, run, Accel::Kvm, &line)?;
-        let kvm_ok = reached_userspace(&rec);
-        q.push(rec);
-        if !kvm_ok || args.tcg {
-            t.push(qemu(i, work, run, Accel::Tcg, &line)?);
+/// One VMM in one run: the marker record with the agent boot inside.
+fn measure(
+    ctx: &Ctx<'_>,
+    vmm: &Vmm,
+    run: u32,
+    with_agent: bool,
+    agent_initrd: &mut Option<PathBuf>,
+) -> anyhow::Result<Value> {
+    let mut rec = marker(ctx, vmm, run)?;
+    let a = if !with_agent {
+        json!({ "skipped": "--no-agent" })
+    } else if !rec["userspace_ms"].is_number() {
+        json!({ "skipped": "the marker boot did not reach user space" })
+    } else {
+        agent(ctx, vmm, run, agent_initrd.as_deref())?
+    };
+    if vmm.engine == Engine::Keystone && agent_initrd.is_none() {
+        *agent_initrd = written_agent_initramfs(ctx.work);
+    }
+    rec["agent_ready_ms"] = a["agent_ready_ms"].clone();
+    rec["agent"] = a;
+    Ok(rec)
+}
+
+/// Every column's records, in column order (QEMU with TCG, when it ran,
+/// right after QEMU with KVM).
+pub fn all(
+    ctx: &Ctx<'_>,
+    vmms: &[Vmm],
+    runs: u32,
+    with_agent: bool,
+    tcg: bool,
+) -> anyhow::Result<Vec<(Vmm, Vec<Value>)>> {
+    let mut columns: Vec<(Vmm, Vec<Value>)> = vmms.iter().map(|v| (v.clone(), vec![])).collect();
+    let mut tcg_records = Vec::new();
+    let mut agent_initrd: Option<PathBuf> = None;
+    for run in 1..=runs {
+        for (vmm, records) in columns.iter_mut() {
+            let rec = measure(ctx, vmm, run, with_agent, &mut agent_initrd)?;
+            let fell_short = !rec["userspace_ms"].is_number();
+            records.push(rec);
+            if vmm.engine == Engine::Qemu(Accel::Kvm) && vmm.key == QEMU_KEY && (fell_short || tcg)
+            {
+                let t = tcg_column(vmm);
+                tcg_records.push(measure(ctx, &t, run, false, &mut agent_initrd)?);
+            }
         }
     }
-    let (line, source) = cmdline.unwrap_or_default();
-    Ok(report::document(i, args, &line, source, k, q, t))
+    if let Some(i) = columns.iter().position(|(v, _)| v.key == QEMU_KEY) {
+        if !tcg_records.is_empty() {
+            let t = tcg_column(&columns[i].0);
+            columns.insert(i + 1, (t, tcg_records));
+        }
+    }
+    Ok(columns)
+}
+
+/// The built-in QEMU column's key.
+pub const QEMU_KEY: &str = "qemu_microvm_kvm";
+
+fn tcg_column(qemu: &Vmm) -> Vmm {
+    Vmm {
+        key: "qemu_microvm_tcg".into(),
+        label: "QEMU microvm, -accel tcg (software emulation; FALLBACK PEER when QEMU with KVM did not reach user space, or --tcg)".into(),
+        engine: Engine::Qemu(Accel::Tcg),
+        program: qemu.program.clone(),
+    }
+}
+
+/// The probe's method, for the JSON.
+pub fn setup_method() -> &'static str {
+    strace::METHOD
+}
+
+/// keystone's self-reported setup method, for the JSON.
+pub fn self_method() -> &'static str {
+    SELF_METHOD
 }

@@ -1,7 +1,9 @@
 //! One measured boot: spawn a VMM with its serial console on a pipe, time
-//! the milestones from the spawn, sample its memory at the marker line,
-//! and wait for it to exit (300 s limit; killed if it does not exit soon
-//! after the marker, e.g. when its reboot path hangs).
+//! the milestones from the spawn, sample its memory at the milestone (the
+//! marker line, or the agent's first answer), and wait for it to exit
+//! (killed if it does not exit soon after the marker, e.g. when its reboot
+//! path hangs; stopped at once after the agent answered, or after the
+//! marker for a VMM that boots the guest again on reboot).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -11,22 +13,37 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vmm::devices::legacy::boot_timer::monotonic_ns;
 
+use super::agent;
 use super::child::GroupChild;
 use super::console::{Console, ConsoleState};
-use super::procmem::ProcMemory;
+use super::procmem::{self, ProcMemory};
+
+/// The status of a boot the harness ended at its milestone, as planned.
+const STOPPED_AT_MILESTONE: &str = "stopped by the harness at the milestone";
+
+/// What ends the measured part of a boot.
+pub enum Until<'a> {
+    /// A console line containing this marker.
+    Marker(&'a str),
+    /// The guest agent behind this hybrid vsock socket answering a ping.
+    Agent(&'a Path),
+}
 
 /// What to boot.
 pub struct BootSpec<'a> {
     pub name: &'a str,
     pub program: &'a Path,
     pub args: Vec<OsString>,
-    /// Marker line that means "guest user space is up".
-    pub marker: &'a str,
+    pub env: &'a [(String, PathBuf)],
+    pub until: Until<'a>,
     /// Extra processes (e.g. the virtio-fs daemon) whose memory is sampled too.
     pub extra_pids: Vec<u32>,
+    /// The guest's memory, MiB (left out of the VMM's).
+    pub guest_mib: u64,
     pub stderr_log: PathBuf,
     pub limit: Duration,
-    /// How long to wait for an exit after the marker.
+    /// How long to wait for an exit after the milestone (0: stop the VMM
+    /// at once, for a VMM that boots the guest again on reboot).
     pub exit_grace: Duration,
     /// Text on the VMM's stderr that means it is stuck for good (QEMU
     /// pauses instead of exiting on a KVM emulation failure): kill at once.
@@ -41,6 +58,9 @@ pub struct ExitInfo {
     /// Human-readable: exit status, or why the harness killed it.
     pub status: String,
     pub killed_by_harness: bool,
+    /// Stopped by the harness at the milestone, as planned (the agent
+    /// boot; a VMM that boots the guest again on reboot).
+    pub stopped_at_milestone: bool,
     /// Spawn to exit (or to kill), ms.
     pub wall_ms: f64,
 }
@@ -52,9 +72,12 @@ pub struct BootOutcome {
     pub kernel_start_ms: Option<f64>,
     pub init_exec_ms: Option<f64>,
     pub userspace_ms: Option<f64>,
-    /// The VMM process's memory at the marker.
+    /// Until::Agent: the first answered ping, and the agent's version.
+    pub agent_ready_ms: Option<f64>,
+    pub agent_version: Option<String>,
+    /// The VMM process's memory at the milestone.
     pub memory: Option<ProcMemory>,
-    /// Memory of the extra processes at the marker.
+    /// Memory of the extra processes at the milestone.
     pub extra_memory: Vec<Option<ProcMemory>>,
     pub exit: ExitInfo,
     /// The final command line as the guest kernel printed it.
@@ -84,12 +107,16 @@ fn fatal_text(path: &Path, patterns: &[&str]) -> Option<String> {
         .map(|p| p.to_string())
 }
 
+/// A marker no guest prints, for boots that end on the agent instead.
+const NO_MARKER: &str = "KEYSTONE-BENCH-NO-MARKER";
+
 /// Boots once; errors only if the VMM cannot be started at all.
 pub fn boot(spec: BootSpec<'_>) -> anyhow::Result<BootOutcome> {
     let stderr = std::fs::File::create(&spec.stderr_log)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", spec.stderr_log.display()))?;
     let mut cmd = Command::new(spec.program);
     cmd.args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr);
@@ -101,9 +128,14 @@ pub fn boot(spec: BootSpec<'_>) -> anyhow::Result<BootOutcome> {
         .ok_or_else(|| anyhow::anyhow!("{}: no stdout pipe", spec.name))?;
     let mut watch = vec![child.pid()];
     watch.extend(&spec.extra_pids);
-    let console = Console::start(stdout, spec.marker, watch)?;
+    let (marker, client) = match spec.until {
+        Until::Marker(m) => (m, None),
+        Until::Agent(uds) => (NO_MARKER, Some(agent::client(uds))),
+    };
+    let console = Console::start(stdout, marker, watch.clone(), spec.guest_mib)?;
 
-    let mut marker_seen_at: Option<Instant> = None;
+    let mut agent_ready: Option<(u64, String, Vec<Option<ProcMemory>>)> = None;
+    let mut milestone_at: Option<Instant> = None;
     let mut polls: u64 = 0;
     let (status, killed) = loop {
         if let Some(s) = child.try_wait()? {
@@ -120,13 +152,12 @@ pub fn boot(spec: BootSpec<'_>) -> anyhow::Result<BootOutcome> {
             }
         }
         if started.elapsed() >= spec.limit {
-            let st = console.snapshot();
             child.kill();
             break (
                 format!(
-                    "killed: no exit within {} s (marker {})",
+                    "killed: no exit within {} s (milestone {})",
                     spec.limit.as_secs(),
-                    if st.marker_ns.is_some() {
+                    if milestone_at.is_some() {
                         "seen"
                     } else {
                         "not seen"
@@ -135,39 +166,63 @@ pub fn boot(spec: BootSpec<'_>) -> anyhow::Result<BootOutcome> {
                 true,
             );
         }
-        if marker_seen_at.is_none() && console.snapshot().marker_ns.is_some() {
-            marker_seen_at = Some(Instant::now());
-        }
-        if let Some(at) = marker_seen_at {
-            if at.elapsed() >= spec.exit_grace {
-                child.kill();
-                break (
-                    format!(
-                        "killed: marker seen but no exit within {} s after it",
-                        spec.exit_grace.as_secs()
-                    ),
-                    true,
-                );
+        if milestone_at.is_none() {
+            let reached = match &client {
+                None => console.snapshot().marker_ns.is_some(),
+                Some(c) => match agent::ping(c) {
+                    Some(version) => {
+                        let now = monotonic_ns();
+                        let mem = watch
+                            .iter()
+                            .map(|&pid| procmem::read(pid, spec.guest_mib))
+                            .collect();
+                        agent_ready = Some((now, version, mem));
+                        true
+                    }
+                    None => false,
+                },
+            };
+            if reached {
+                milestone_at = Some(Instant::now());
             }
         }
-        std::thread::sleep(Duration::from_millis(10));
+        if let Some(at) = milestone_at {
+            if at.elapsed() >= spec.exit_grace {
+                child.kill();
+                let why = if spec.exit_grace.is_zero() {
+                    STOPPED_AT_MILESTONE.to_string()
+                } else {
+                    format!(
+                        "killed: milestone seen but no exit within {} s after it",
+                        spec.exit_grace.as_secs()
+                    )
+                };
+                break (why, true);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
     };
     let end_ns = monotonic_ns();
     // Make sure nothing in the group holds the pipe open, then drain it.
     child.kill();
     let st: ConsoleState = console.finish();
-    let mut mem = st.marker_memory.iter().copied();
+    let samples = match &agent_ready {
+        Some((_, _, mem)) => mem.clone(),
+        None => st.marker_memory.clone(),
+    };
+    let mut mem = samples.into_iter();
     let memory = mem.next().flatten();
     let extra_memory: Vec<_> = mem.collect();
-    let exited_ok = !killed && status == "exit status: 0";
-    let reached = st.marker_ns.is_some();
+    let stopped = killed && status == STOPPED_AT_MILESTONE;
+    let exited_ok = (!killed && status == "exit status: 0") || stopped;
+    let reached = milestone_at.is_some();
     let error = if reached && exited_ok {
         None
     } else {
-        let what = if !reached {
-            "the guest never printed the user-space marker"
-        } else {
-            "the VMM did not exit cleanly after the marker"
+        let what = match (reached, &client) {
+            (false, None) => "the guest never printed the user-space marker",
+            (false, Some(_)) => "the guest agent never answered a ping",
+            (true, _) => "the VMM did not exit cleanly after the milestone",
         };
         Some(format!(
             "{what}; {status}; VMM stderr: {}; last console lines: {}",
@@ -187,12 +242,15 @@ pub fn boot(spec: BootSpec<'_>) -> anyhow::Result<BootOutcome> {
         kernel_start_ms: ms_since(spawn_ns, st.first_byte_ns),
         init_exec_ms: ms_since(spawn_ns, st.init_exec_ns),
         userspace_ms: ms_since(spawn_ns, st.marker_ns),
+        agent_ready_ms: ms_since(spawn_ns, agent_ready.as_ref().map(|a| a.0)),
+        agent_version: agent_ready.map(|a| a.1),
         memory,
         extra_memory,
         exit: ExitInfo {
             clean: reached && exited_ok,
             status,
-            killed_by_harness: killed,
+            killed_by_harness: killed && !stopped,
+            stopped_at_milestone: stopped,
             wall_ms: (end_ns as f64 - spawn_ns as f64) / 1e6,
         },
         kernel_cmdline: st.kernel_cmdline,

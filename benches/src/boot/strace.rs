@@ -26,9 +26,15 @@ pub struct Probe {
     pub error: Option<String>,
 }
 
-/// Runs `program args` under strace until its first KVM_RUN.
-pub fn probe(strace: &Path, program: &Path, args: &[OsString], trace_file: &PathBuf) -> Probe {
-    match run_probe(strace, program, args, trace_file) {
+/// Runs `program args` (with `env` added) under strace until its first KVM_RUN.
+pub fn probe(
+    strace: &Path,
+    program: &Path,
+    args: &[OsString],
+    env: &[(String, PathBuf)],
+    trace_file: &PathBuf,
+) -> Probe {
+    match run_probe(strace, program, args, env, trace_file) {
         Ok(p) => p,
         Err(e) => Probe {
             setup_ms: None,
@@ -42,6 +48,7 @@ fn run_probe(
     strace: &Path,
     program: &Path,
     args: &[OsString],
+    env: &[(String, PathBuf)],
     trace_file: &PathBuf,
 ) -> anyhow::Result<Probe> {
     let _ = std::fs::remove_file(trace_file);
@@ -59,6 +66,7 @@ fn run_probe(
     .arg("--")
     .arg(program)
     .args(args)
+    .envs(env.iter().map(|(k, v)| (k, v)))
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
