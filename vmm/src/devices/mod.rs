@@ -3,4 +3,5 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod log_limit;
 pub mod virtio;

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::boot_timer::{BootEvent, BootTimeline};
 use crate::devices::bus::BusDevice;
+use crate::devices::log_limit::log_limited;
 
 /// I/O port base of COM1.
 pub const SERIAL_PORT_COM1: u16 = 0x3f8;
@@ -167,7 +168,7 @@ impl Serial {
         match self.uart.enqueue_raw_bytes(&bytes[..room]) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial input dropped: {e:?}");
+                log_limited!(log::Level::Warn, "serial input dropped: {e:?}");
                 0
             }
         }
@@ -186,7 +187,7 @@ impl BusDevice for Serial {
         if let (Ok(off), [value]) = (u8::try_from(offset), data) {
             if offset < SERIAL_PORT_COUNT {
                 if let Err(e) = self.uart.write(off, *value) {
-                    log::warn!("serial write failed: {e:?}");
+                    log_limited!(log::Level::Warn, "serial write failed: {e:?}");
                 }
             }
         }

@@ -14,10 +14,11 @@
 //! [`MmioTransport::call_eventfd`]). Every register value here comes from the
 //! guest and is treated as untrusted: bad values are logged and ignored.
 
-use log::{debug, error, warn};
+use log::debug;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::bus::BusDevice;
+use crate::devices::log_limit::log_limited;
 use crate::devices::virtio::{ActivateContext, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -209,7 +210,10 @@ impl MmioTransport {
     fn raise_config_interrupt(&mut self) {
         self.config_interrupt = true;
         if let Err(e) = self.call.write(1) {
-            error!("virtio-mmio: cannot raise the config interrupt: {e}");
+            log_limited!(
+                log::Level::Error,
+                "virtio-mmio: cannot raise the config interrupt: {e}"
+            );
         }
     }
 
@@ -273,14 +277,15 @@ impl MmioTransport {
             | reg::QUEUE_DEVICE_LOW
             | reg::QUEUE_DEVICE_HIGH => {
                 if driver_ok {
-                    warn!(
+                    log_limited!(
+                        log::Level::Warn,
                         "virtio-mmio: queue register {offset:#x} written after DRIVER_OK; ignored"
                     );
                     return;
                 }
                 let queue_sel = self.queue_sel;
                 let Some(queue) = self.selected_queue() else {
-                    warn!("virtio-mmio: queue register {offset:#x} written with QueueSel {queue_sel} out of range");
+                    log_limited!(log::Level::Warn, "virtio-mmio: queue register {offset:#x} written with QueueSel {queue_sel} out of range");
                     return;
                 };
                 Self::write_queue_register(queue, offset, value);
@@ -295,7 +300,8 @@ impl MmioTransport {
         match offset {
             reg::QUEUE_NUM => {
                 if value == 0 || !value.is_power_of_two() || value > u32::from(queue.max_size) {
-                    warn!(
+                    log_limited!(
+                        log::Level::Warn,
                         "virtio-mmio: QueueNum {value} is not a power of two up to {}; ignored",
                         queue.max_size
                     );
@@ -319,7 +325,10 @@ impl MmioTransport {
         let negotiating =
             self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0;
         if !negotiating {
-            warn!("virtio-mmio: DriverFeatures written outside feature negotiation; ignored");
+            log_limited!(
+                log::Level::Warn,
+                "virtio-mmio: DriverFeatures written outside feature negotiation; ignored"
+            );
             return;
         }
         match self.driver_features_sel {
@@ -333,10 +342,16 @@ impl MmioTransport {
         match self.kicks.get(value as usize) {
             Some(kick) => {
                 if let Err(e) = kick.write(1) {
-                    error!("virtio-mmio: cannot signal the kick of queue {value}: {e}");
+                    log_limited!(
+                        log::Level::Error,
+                        "virtio-mmio: cannot signal the kick of queue {value}: {e}"
+                    );
                 }
             }
-            None => warn!("virtio-mmio: notify for queue {value}, which does not exist"),
+            None => log_limited!(
+                log::Level::Warn,
+                "virtio-mmio: notify for queue {value}, which does not exist"
+            ),
         }
     }
 
@@ -344,11 +359,11 @@ impl MmioTransport {
     fn features_acceptable(&self) -> bool {
         let unoffered = self.acked_features & !self.device.avail_features();
         if unoffered != 0 {
-            warn!("virtio-mmio: driver acked features {unoffered:#x} that were not offered; refusing FEATURES_OK");
+            log_limited!(log::Level::Warn, "virtio-mmio: driver acked features {unoffered:#x} that were not offered; refusing FEATURES_OK");
             return false;
         }
         if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
-            warn!("virtio-mmio: driver did not ack VIRTIO_F_VERSION_1 (legacy drivers are not supported); refusing FEATURES_OK");
+            log_limited!(log::Level::Warn, "virtio-mmio: driver did not ack VIRTIO_F_VERSION_1 (legacy drivers are not supported); refusing FEATURES_OK");
             return false;
         }
         true
@@ -365,7 +380,7 @@ impl MmioTransport {
         let value =
             (value & 0xff & !status::DEVICE_NEEDS_RESET) | (old & status::DEVICE_NEEDS_RESET);
         if value & old != old {
-            warn!("virtio-mmio: driver tried to clear status bits ({old:#x} -> {value:#x}) without a reset; ignored");
+            log_limited!(log::Level::Warn, "virtio-mmio: driver tried to clear status bits ({old:#x} -> {value:#x}) without a reset; ignored");
             return;
         }
         let added = value & !old;
@@ -383,7 +398,10 @@ impl MmioTransport {
             new |= status::FEATURES_OK;
         }
         if added & status::FAILED != 0 {
-            warn!("virtio-mmio: the driver gave up on the device (status FAILED)");
+            log_limited!(
+                log::Level::Warn,
+                "virtio-mmio: the driver gave up on the device (status FAILED)"
+            );
             new |= status::FAILED;
         }
         let activate = added & status::DRIVER_OK != 0
@@ -393,7 +411,8 @@ impl MmioTransport {
             new |= status::DRIVER_OK;
         }
         if new & added != added {
-            warn!(
+            log_limited!(
+                log::Level::Warn,
                 "virtio-mmio: status bits {:#x} refused (status {old:#x}, written {value:#x})",
                 added & !new
             );
@@ -449,7 +468,8 @@ impl MmioTransport {
     }
 
     fn fail_activation(&mut self, why: &str) {
-        error!(
+        log_limited!(
+            log::Level::Error,
             "virtio-mmio: activation of device type {} failed: {why}; reporting DEVICE_NEEDS_RESET",
             self.device.device_type()
         );
@@ -463,7 +483,8 @@ impl MmioTransport {
             self.device.device_type()
         );
         if self.activated && !self.device.reset() {
-            error!(
+            log_limited!(
+                log::Level::Error,
                 "virtio-mmio: device type {} cannot be reset",
                 self.device.device_type()
             );

@@ -36,6 +36,7 @@ use super::packet::{
     read_tx_packet, rx_capacity, write_rx_packet, VsockHeader, HDR_LEN, MAX_PAYLOAD,
 };
 use super::vsock_config_space;
+use crate::devices::log_limit::log_limited;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Entries per queue that our VMM's frontend asks for.
@@ -107,14 +108,17 @@ impl VsockBackend {
             match read_tx_packet(mem, chain, &mut w.tx_scratch) {
                 Ok((hdr, payload)) => w.muxer.handle_guest_packet(&hdr, payload),
                 Err(e) => {
-                    log::warn!("vsock: dropping bad TX chain {head}: {e}");
+                    log_limited!(log::Level::Warn, "vsock: dropping bad TX chain {head}: {e}");
                     if let Ok(hdr) = VsockHeader::decode(&w.tx_scratch) {
                         w.muxer.reject(&hdr);
                     }
                 }
             }
             if let Err(e) = vring.add_used(head, 0) {
-                log::warn!("vsock: cannot return TX chain {head}: {e}");
+                log_limited!(
+                    log::Level::Warn,
+                    "vsock: cannot return TX chain {head}: {e}"
+                );
             }
             used = true;
         }
@@ -134,7 +138,10 @@ impl VsockBackend {
             let room = rx_capacity(mem, chain.clone()).unwrap_or(0);
             let mut len = 0;
             if room < HDR_LEN {
-                log::warn!("vsock: RX chain {head} has only {room} writable bytes");
+                log_limited!(
+                    log::Level::Warn,
+                    "vsock: RX chain {head} has only {room} writable bytes"
+                );
             } else {
                 let max = (room - HDR_LEN).min(w.rx_scratch.len());
                 let Some((hdr, n)) = w.muxer.pop_rx(&mut w.rx_scratch[..max]) else {
@@ -142,12 +149,15 @@ impl VsockBackend {
                     break;
                 };
                 len = write_rx_packet(mem, chain, &hdr, &w.rx_scratch[..n]).unwrap_or_else(|e| {
-                    log::warn!("vsock: cannot fill RX chain {head}: {e}");
+                    log_limited!(log::Level::Warn, "vsock: cannot fill RX chain {head}: {e}");
                     0
                 });
             }
             if let Err(e) = vring.add_used(head, len) {
-                log::warn!("vsock: cannot return RX chain {head}: {e}");
+                log_limited!(
+                    log::Level::Warn,
+                    "vsock: cannot return RX chain {head}: {e}"
+                );
             }
             used = true;
         }
@@ -175,7 +185,7 @@ impl VsockBackend {
 fn signal(vring: &VringRwLock, used: bool) {
     if used && vring.needs_notification().unwrap_or(true) {
         if let Err(e) = vring.signal_used_queue() {
-            log::warn!("vsock: cannot signal the guest: {e}");
+            log_limited!(log::Level::Warn, "vsock: cannot signal the guest: {e}");
         }
     }
 }

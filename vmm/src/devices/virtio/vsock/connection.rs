@@ -18,6 +18,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
 use super::packet::{op, shutdown, MAX_PAYLOAD};
+use crate::devices::log_limit::log_limited;
 
 /// Receive buffer we advertise to the guest per connection (`buf_alloc`),
 /// which also bounds the memory a connection holds.
@@ -146,7 +147,8 @@ impl Connection {
     pub fn push_guest_data(&mut self, data: &[u8]) -> Verdict {
         let buffered = self.to_host.len() - self.to_host_prefix;
         if buffered + data.len() > CONN_BUF_SIZE as usize {
-            log::warn!(
+            log_limited!(
+                log::Level::Warn,
                 "vsock: guest port {} overran its credit ({} + {} bytes); resetting",
                 self.peer_port,
                 buffered,
@@ -213,7 +215,8 @@ impl Connection {
                 Ok(0) => return Verdict::Drop,
                 Ok(_) if byte[0] == b'\n' => {
                     let Some(port) = Self::parse_connect_line(&self.line) else {
-                        log::warn!(
+                        log_limited!(
+                            log::Level::Warn,
                             "vsock: bad host request line {:?}",
                             String::from_utf8_lossy(&self.line)
                         );

@@ -26,6 +26,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{pending, ConnState, Connection, Verdict, CONN_BUF_SIZE};
 use super::packet::{op, shutdown, VsockHeader, HOST_CID, TYPE_STREAM};
+use crate::devices::log_limit::log_limited;
 
 /// Most connections served at once; further host clients are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -97,7 +98,7 @@ impl Muxer {
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("vsock: muxer epoll_wait: {e}");
+                log_limited!(log::Level::Warn, "vsock: muxer epoll_wait: {e}");
                 return;
             }
         };
@@ -117,13 +118,14 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("vsock: accept on the host socket: {e}");
+                        log_limited!(log::Level::Warn, "vsock: accept on the host socket: {e}");
                     }
                     return;
                 }
             };
             if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
-                log::warn!(
+                log_limited!(
+                    log::Level::Warn,
                     "vsock: refusing a host client ({} connections)",
                     self.conns.len()
                 );
@@ -223,7 +225,11 @@ impl Muxer {
         };
         match result {
             Ok(()) => conn.registered = want.bits(),
-            Err(e) => log::warn!("vsock: epoll_ctl for port {}: {e}", conn.local_port),
+            Err(e) => log_limited!(
+                log::Level::Warn,
+                "vsock: epoll_ctl for port {}: {e}",
+                conn.local_port
+            ),
         }
     }
 
@@ -231,7 +237,8 @@ impl Muxer {
         if self.rst_queue.len() < MAX_RST_QUEUE {
             self.rst_queue.push_back(hdr);
         } else {
-            log::warn!(
+            log_limited!(
+                log::Level::Warn,
                 "vsock: RST queue full; dropping RST to port {}",
                 hdr.dst_port
             );
@@ -241,7 +248,8 @@ impl Muxer {
     /// Handles one packet the guest sent (already parsed from a TX chain).
     pub fn handle_guest_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
-            log::warn!(
+            log_limited!(
+                log::Level::Warn,
                 "vsock: dropping a packet from CID {} to CID {} (guest is CID {})",
                 hdr.src_cid,
                 hdr.dst_cid,
