@@ -109,7 +109,8 @@ res procps_ps "$(ps -o pid= -p 1 | tr -d ' ')" 1
 has iproute2_ip "$(ip link show lo 2>&1)" "lo:"
 
 v=$(id agent 2>&1); show id-agent "$v"
-res id_agent "$v" "uid=1000(agent) gid=1000(agent) groups=1000(agent)"
+# The agent user, in the kvm group (it runs VMs with nested virtualization).
+res id_agent "$(id -u agent):$(id -g agent):$(id -nG agent)" "1000:1000:agent kvm"
 res agent_home_shell "$(getent passwd agent | cut -d: -f6,7)" "/home/agent:/bin/bash"
 res runuser_agent "$(runuser -u agent -- id -un 2>&1)" agent
 
