@@ -16,6 +16,7 @@ mod error;
 pub mod filesystem;
 pub mod fuse;
 pub mod idmap;
+pub mod log_limit;
 pub mod passthrough;
 mod rendezvous;
 pub mod sandbox;

@@ -22,6 +22,7 @@ use crate::filesystem::{
 };
 use crate::fuse::{self, init_flags, opcode, InHeader, OutHeader};
 use crate::idmap::IdMaps;
+use crate::log_limit::log_limited;
 use crate::stats::FsStats;
 
 /// The largest WRITE payload we advertise (`max_write`).
@@ -443,7 +444,8 @@ impl<F: FileSystem> Server<F> {
             return reply(w, u, &[out.as_slice()]);
         }
         if i.minor < fuse::MIN_KERNEL_MINOR_VERSION {
-            log::error!(
+            log_limited!(
+                log::Level::Error,
                 "guest FUSE minor version {} is too old (need 7.{})",
                 i.minor,
                 fuse::MIN_KERNEL_MINOR_VERSION

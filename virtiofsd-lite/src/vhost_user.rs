@@ -32,6 +32,7 @@ use vmm_sys_util::event::{
 
 use crate::descriptor::chain_buffers;
 use crate::filesystem::FileSystem;
+use crate::log_limit::log_limited;
 use crate::server::Server;
 
 /// Size of every queue.
@@ -73,7 +74,10 @@ impl<F: FileSystem> FsBackend<F> {
             let len = match chain_buffers(mem, chain) {
                 Ok((r, w)) => self.server.handle_message(r, w),
                 Err(e) => {
-                    log::warn!("dropping bad descriptor chain {head}: {e}");
+                    log_limited!(
+                        log::Level::Warn,
+                        "dropping bad descriptor chain {head}: {e}"
+                    );
                     0
                 }
             };
