@@ -177,30 +177,10 @@ fn sh_quote(s: &str) -> String {
 /// Boots L1 and runs this test binary's test `name` there, with the
 /// environment the guest tests need (kernel and rootfs folders from this
 /// host, writable homes and caches in L1's `/tmp`). `Ok` when the inner
-/// run passed; the error carries L1's console tail.
+/// run passed; the error says how it ended (L1's console is printed).
 pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), String> {
     let kernel = guest_image::kernel::ensure_kernel().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = shared_scratch(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let cleanup = Cleanup(dir.clone());
-
-    let busybox = std::fs::read(guest_image::busybox::DEFAULT_BUSYBOX)
-        .map_err(|e| format!("busybox: {e}"))?;
-    let mut archive = guest_image::initramfs::Archive::new();
-    archive
-        .dir("bin", 0o755)
-        .file("bin/busybox", 0o755, &busybox)
-        .dir("dev", 0o755)
-        .char_dev("dev/console", 0o600, 5, 1)
-        .dir("proc", 0o755)
-        .dir("sys", 0o755)
-        .dir("mnt", 0o755)
-        .file("init", 0o755, L1_INIT.as_bytes());
-    let initrd = dir.join("l1.cpio");
-    std::fs::write(&initrd, archive.finish()).map_err(|e| e.to_string())?;
-
     // What the inner test needs from this host's environment.
     let mut env = vec![
         (INNER_ENV.to_string(), "1".to_string()),
@@ -238,42 +218,12 @@ pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), String> {
         sh_quote(&exe.display().to_string()),
         sh_quote(name)
     );
-    let script_path = dir.join("inner.sh");
-    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
-
-    let socket = dir.join("hostroot.sock");
-    let mut cfg = virtiofsd_lite::FsConfig::new(Path::new("/"), "hostroot");
-    cfg.readonly = true;
-    let daemon = FsDaemon::start_with(socket.clone(), cfg);
-    let mut guest = QemuGuest::builder(&kernel.vmlinux)
-        .memory_mib(size.memory_mib)
-        .vcpus(size.vcpus)
-        .cpu(L1_CPU)
-        .initrd(&initrd)
-        .vhost_user_fs(&socket, "hostroot")
-        .append(&l1_cmdline(&script_path))
-        .start()
-        .map_err(|e| format!("cannot start QEMU: {e}"))?;
-    let t0 = Instant::now();
-    guest.wait_for(UP_MARKER, Duration::from_secs(300))?;
-    eprintln!("rig: L1 up after {:.1?}", t0.elapsed());
-    let rest = size.timeout.saturating_sub(t0.elapsed());
-    let waited = guest.wait_for(EXIT_MARKER, rest);
-    let console = guest.console();
-    guest.kill();
-    drop(daemon);
-    drop(cleanup);
-    waited?;
-    let inner = console
-        .split_once(UP_MARKER)
-        .map(|(_, after)| after)
-        .unwrap_or(&console);
+    let (code, inner) = boot_l1(name, &script, size)?;
     eprintln!("rig: L1's console:\n{inner}");
-    let code = inner
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(EXIT_MARKER.trim_end()))
-        .map(str::trim)
-        .unwrap_or("?");
+    // The inner run's skips are this run's skips.
+    for line in inner.lines().filter(|l| l.starts_with("SKIP:")) {
+        println!("{line}");
+    }
     let passed = inner
         .lines()
         .any(|l| l.starts_with("test result: ok. 1 passed"));
@@ -292,11 +242,25 @@ pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), String> {
 /// script's output, the inner exit code on the `RIG-EXIT` line) when the
 /// script exited 0; the error carries that console too.
 pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String> {
+    let (code, inner) = boot_l1("command", script, size)?;
+    if code == "0" {
+        Ok(inner)
+    } else {
+        Err(format!(
+            "the command exited {code} in L1; L1's console:\n{inner}"
+        ))
+    }
+}
+
+/// Boots L1 with `script` as the command its `/init` runs, waits for it
+/// to end (or `size.timeout`), and returns its exit code (as L1 printed
+/// it; `?` when it did not) and L1's console after L1 came up.
+fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String), String> {
     let kernel = guest_image::kernel::ensure_kernel().map_err(|e| e.to_string())?;
-    let dir = shared_scratch("command");
+    let dir = shared_scratch(label);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let cleanup = Cleanup(dir.clone());
+    let _cleanup = Cleanup(dir.clone());
     let busybox = std::fs::read(guest_image::busybox::DEFAULT_BUSYBOX)
         .map_err(|e| format!("busybox: {e}"))?;
     let mut archive = guest_image::initramfs::Archive::new();
@@ -329,6 +293,9 @@ pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String>
         .map_err(|e| format!("cannot start QEMU: {e}"))?;
     let t0 = Instant::now();
     let up = guest.wait_for(UP_MARKER, Duration::from_secs(300));
+    if up.is_ok() {
+        eprintln!("rig: L1 up after {:.1?}", t0.elapsed());
+    }
     let waited = up.and_then(|()| {
         let rest = size.timeout.saturating_sub(t0.elapsed());
         guest.wait_for(EXIT_MARKER, rest)
@@ -336,7 +303,6 @@ pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String>
     let console = guest.console();
     guest.kill();
     drop(daemon);
-    drop(cleanup);
     waited?;
     let inner = console
         .split_once(UP_MARKER)
@@ -348,13 +314,7 @@ pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String>
         .map(str::trim)
         .unwrap_or("?")
         .to_string();
-    if code == "0" {
-        Ok(inner)
-    } else {
-        Err(format!(
-            "the command exited {code} in L1; L1's console:\n{inner}"
-        ))
-    }
+    Ok((code, inner))
 }
 
 /// Removes a scratch folder on drop.
