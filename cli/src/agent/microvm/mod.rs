@@ -7,9 +7,11 @@
 //! - `engine.rs`: engine choice, layout, kernel command lines, QEMU args;
 //! - `supervisor.rs`: the `__supervise` process;
 //! - `autosync.rs`: `--sync-mode auto-commit|auto-idle` in the supervisor;
-//! - `forward.rs`: forwarding of guest ports to the host, in the supervisor;
+//! - `forward.rs`: the guest's listening ports, watched by the supervisor
+//!   (published on the host only when asked; the proxy routes to them);
 //! - `web.rs`: `attach --web` (Zellij's web client, forwarded);
 //! - `guest.rs`: agent connections and interactive terminals;
+//! - `clone.rs`: the sandbox-private clone of the project;
 //! - `sync.rs`: `sync` and the `__git-upload-pack` bridge;
 //! - `artifacts.rs`: `sync --artifacts` (the sandbox's tar stream, checked on the host).
 
@@ -17,12 +19,12 @@ mod agents;
 mod artifacts;
 mod autosync;
 mod boot;
+mod clone;
 mod egress;
 mod engine;
 mod forward;
 mod guest;
 mod hostca;
-mod placeholder;
 mod readiness;
 mod supervisor;
 mod sync;
@@ -31,7 +33,6 @@ mod web;
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
@@ -43,7 +44,7 @@ use super::backend::{
 };
 use super::config::{BackendKind, Network};
 use super::state::{NestedStatus, ProcProbe, ProcessProbe, StateRecord};
-use engine::{HostFacts, Layout, GUEST_UID, GUEST_WORKSPACE, MAX_SOCKET_PATH};
+use engine::{HostFacts, Layout, GUEST_WORKSPACE, MAX_SOCKET_PATH};
 
 /// How long `stop` waits for the supervisor before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -133,63 +134,6 @@ exec bash -l -c 'if command -v zellij >/dev/null 2>&1; then exec zellij attach -
 impl MicroVmBackend {
     fn layout(spec: &SandboxSpec) -> Layout {
         Layout::new(&spec.paths)
-    }
-
-    /// Makes the sandbox-private clone (first start, or after `--fresh`).
-    fn ensure_clone(
-        spec: &SandboxSpec,
-        layout: &Layout,
-        progress: &mut dyn FnMut(&str),
-    ) -> BackendResult<()> {
-        if layout.workspace.join(".git").exists() {
-            return Ok(());
-        }
-        if layout.workspace.exists() {
-            // What the guest left there: any depth, names and modes.
-            crate::agent::fsutil::remove_tree(&layout.workspace)
-                .map_err(|e| io_failed(&layout.workspace.display().to_string(), e))?;
-        }
-        progress(&format!(
-            "cloning {} into the sandbox (a private clone; the host checkout is never shared)",
-            spec.project.display()
-        ));
-        let out = Command::new("git")
-            .args(["clone", "--quiet", "--no-hardlinks"])
-            .arg(&spec.project)
-            .arg(&layout.workspace)
-            .output()
-            .map_err(|e| io_failed("cannot run git clone", e))?;
-        if !out.status.success() {
-            return Err(BackendError::Failed(format!(
-                "git clone of {} failed: {}",
-                spec.project.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        let exclude = layout.workspace.join(".git/info/exclude");
-        let mut text = std::fs::read_to_string(&exclude).unwrap_or_default();
-        text.push_str("\n# keystone: worktrees of the sandbox\n/.worktrees/\n");
-        let _ = std::fs::create_dir_all(layout.workspace.join(".git/info"));
-        std::fs::write(&exclude, text).map_err(|e| io_failed("writing info/exclude", e))?;
-        // The guest user (uid 1000) must own its workspace. Root gives it
-        // the files; otherwise the workspace daemon's ID map shows this
-        // user's files as the guest user's (`share_config`).
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            let owner = format!("{GUEST_UID}:{GUEST_UID}");
-            let ok = Command::new("chown")
-                .args(["-R", &owner])
-                .arg(&layout.workspace)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                return Err(BackendError::Failed(format!(
-                    "cannot give {} to the guest user ({owner})",
-                    layout.workspace.display()
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// Sets the guest's clock from the host's: the micro-VM has no RTC
@@ -334,10 +278,8 @@ impl Backend for MicroVmBackend {
         ] {
             std::fs::create_dir_all(&dir).map_err(|e| io_failed(&dir.display().to_string(), e))?;
         }
-        Self::ensure_clone(spec, &layout, progress)?;
+        clone::ensure_clone(spec, &layout, progress)?;
         let _ = std::fs::remove_file(&layout.vsock);
-        // The "not running" page gives the ports back to the forwarder.
-        placeholder::dismiss(&spec.paths, &spec.name);
 
         progress(&format!(
             "booting the guest (engine {}, {} MiB, {} vCPU(s))",
@@ -630,9 +572,8 @@ impl Backend for MicroVmBackend {
     }
 
     /// Once its supervisor is gone a micro-VM sandbox holds nothing
-    /// outside its folder but its "not running" page, ended here.
-    fn destroy(&self, spec: &SandboxSpec) -> BackendResult<()> {
-        placeholder::dismiss(&spec.paths, &spec.name);
+    /// outside its folder (the per-user proxy notices it gone).
+    fn destroy(&self, _spec: &SandboxSpec) -> BackendResult<()> {
         Ok(())
     }
 
@@ -643,9 +584,45 @@ impl Backend for MicroVmBackend {
 
 pub use vscode::ssh_proxy;
 
-/// `keystone agent __placeholder NAME PORT...`.
-pub fn placeholder_page(spec: &SandboxSpec, ports: &[u16]) -> i32 {
-    placeholder::run(&spec.name, &spec.paths, ports)
+pub use forward::{is_routable, ForwardError};
+
+/// The hybrid vsock socket of the sandbox whose files are `paths`.
+pub fn vsock_path(paths: &super::registry::SandboxPaths) -> std::path::PathBuf {
+    Layout::new(paths).vsock
+}
+
+/// The routable listening guest ports of a running sandbox, ascending, as
+/// its supervisor's port watch lists them (none when it keeps no list).
+pub fn routable_ports(paths: &super::registry::SandboxPaths) -> Vec<u16> {
+    let listed = forward::read_forwards(&Layout::new(paths)).unwrap_or_default();
+    let mut ports: Vec<u16> = listed
+        .iter()
+        .filter(|p| forward::is_routable(p))
+        .map(|p| p.guest_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// A connection to the guest agent behind the hybrid vsock socket `uds`,
+/// its handshake answered within `handshake` (the read timeout stays set).
+pub fn agent_connect(uds: &Path, handshake: Duration) -> std::io::Result<std::os::unix::net::UnixStream> {
+    guest::connect(uds, engine::AGENT_PORT, handshake, true)
+}
+
+/// `keystone agent forward`: raw TCP from 127.0.0.1:`host_port` to
+/// `guest_port` until interrupted or until `alive` says the sandbox stopped.
+pub fn forward_port(
+    spec: &SandboxSpec,
+    guest_port: u16,
+    host_port: u16,
+    alive: &dyn Fn() -> bool,
+    ready: &mut dyn FnMut(),
+    log: fn(&str),
+) -> Result<(), ForwardError> {
+    let vsock = Layout::new(&spec.paths).vsock;
+    forward::forward_until_interrupted(vsock, guest_port, host_port, alive, ready, log)
 }
 
 /// `keystone agent __git-upload-pack NAME`.

@@ -20,6 +20,9 @@ use super::super::backend::{BackendError, BackendResult, SandboxSpec, SyncOption
 use super::engine::{Layout, GUEST_USER, GUEST_WORKSPACE};
 use super::guest;
 
+#[cfg(test)]
+pub(super) mod testrepo;
+
 /// What to do with the host branch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
