@@ -23,6 +23,14 @@ fn main() {
         "cargo:rerun-if-changed={}",
         agent_dir.join("build-static.sh").display()
     );
+    // The agent links the protocol crate: a change there changes it too.
+    let protocol_dir = workspace.join("agent-protocol");
+    for part in ["src", "Cargo.toml"] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            protocol_dir.join(part).display()
+        );
+    }
 
     if let Ok(prebuilt) = std::env::var("KEYSTONE_AGENT_BIN") {
         println!("cargo:rustc-env=KEYSTONE_AGENT_BIN={prebuilt}");

@@ -12,6 +12,7 @@ lib.fileset.toSource {
     ../vmm
     ../virtiofsd-lite
     ../cli
+    ../agent-protocol
     ../guest-image
     ../tests
     ../benches

@@ -479,3 +479,25 @@ fn module_settings_reach_keystone_below_the_users_file() {
     let out = host.list(None, None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// The Nix builds read the workspace through `nix/source.nix`: every
+/// workspace member's top folder must be in it, or cargo cannot load the
+/// workspace there (plain text, so it needs no nix).
+#[test]
+fn the_nix_source_holds_every_workspace_member() {
+    let repo = repo();
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(repo.join("Cargo.toml")).unwrap()).unwrap();
+    let source = std::fs::read_to_string(repo.join("nix/source.nix")).unwrap();
+    let listed: Vec<&str> = source
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("../"))
+        .collect();
+    for member in manifest["workspace"]["members"].as_array().unwrap() {
+        let top = member.as_str().unwrap().split('/').next().unwrap();
+        assert!(
+            listed.contains(&top),
+            "nix/source.nix lacks ../{top} (a workspace member): {listed:?}"
+        );
+    }
+}
