@@ -11,6 +11,9 @@ lib.fileset.toSource {
     ../.cargo
     ../vmm
     ../virtiofsd-lite
+    ../vhost-door
+    ../log-limit
+    ../vsock-lite
     ../cli
     ../agent-protocol
     ../guest-image

@@ -873,6 +873,20 @@ pub fn hybrid_vsock_connector(uds_path: impl Into<PathBuf>, port: u32) -> Connec
 
 /// Opens `uds_path` and performs the hybrid vsock handshake for `port`.
 pub fn hybrid_vsock_connect(uds_path: &Path, port: u32) -> io::Result<UnixStream> {
+    hybrid_vsock_connect_within(uds_path, port, HANDSHAKE_TIMEOUT)
+}
+
+/// How long the vsock backend has to answer `CONNECT` by default.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// [`hybrid_vsock_connect`] with a deadline of `handshake` for the answer
+/// line (a guest port that nobody accepts on never answers); the stream
+/// comes back without a read timeout.
+pub fn hybrid_vsock_connect_within(
+    uds_path: &Path,
+    port: u32,
+    handshake: std::time::Duration,
+) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(uds_path).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -882,6 +896,7 @@ pub fn hybrid_vsock_connect(uds_path: &Path, port: u32) -> io::Result<UnixStream
             ),
         )
     })?;
+    stream.set_read_timeout(Some(handshake))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Read the answer line byte by byte: anything after the newline is
     // already the guest's data and must stay in the socket.
@@ -905,5 +920,6 @@ pub fn hybrid_vsock_connect(uds_path: &Path, port: u32) -> io::Result<UnixStream
             ),
         ));
     }
+    stream.set_read_timeout(None)?;
     Ok(stream)
 }

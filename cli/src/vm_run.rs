@@ -293,10 +293,12 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
     }
     let mut _vsock = None;
     if let Some(uds) = &args.vsock_uds {
-        let (b, handle) = builder
-            .vsock(3, uds)
-            .with_context(|| format!("cannot start the vsock backend on {}", uds.display()))?;
-        builder = b;
+        let (stream, handle) = vsock_lite::spawn_paired(vsock_lite::VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        })
+        .with_context(|| format!("cannot start the vsock backend on {}", uds.display()))?;
+        builder = builder.vhost_user_vsock(stream, 3, uds);
         _vsock = Some(handle);
     }
     let mut config = builder.cmdline(cmdline).into_config();

@@ -33,7 +33,7 @@ use keystone_tests::pjdfstest;
 use keystone_tests::qemu::{qemu_missing, QemuGuest};
 use keystone_tests::{skip, ScratchDir};
 use virtiofsd_lite::FsConfig;
-use vmm::devices::virtio::vsock::VsockConfig;
+use vsock_lite::VsockConfig;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const STEP: Duration = Duration::from_secs(60);
@@ -205,9 +205,7 @@ fn agent_over_vsock_under_qemu() {
                 uds_path: uds.clone(),
             },
         );
-        std::thread::spawn(move || {
-            vmm::devices::virtio::vsock::serve_listener(&s, cfg).map_err(|e| e.to_string())
-        })
+        std::thread::spawn(move || vsock_lite::serve_listener(&s, cfg).map_err(|e| e.to_string()))
     };
     wait_socket(&vsock_sock, &vsock_thread, "the vsock backend");
 

@@ -76,7 +76,7 @@ fn agent_over_vsock_on_our_vmm() {
         .expect("virtiofsd-lite for the workspace");
 
     let uds = scratch.path().join("vsock.sock");
-    let (builder, _vsock) = VmBuilder::new(&kernel.vmlinux)
+    let builder = VmBuilder::new(&kernel.vmlinux)
         .cmdline(
             "console=ttyS0 earlyprintk=ttyS0 keystone.root=root keystone.workspace=workspace \
              keystone.hostname=ks-agent-vmm",
@@ -85,9 +85,13 @@ fn agent_over_vsock_on_our_vmm() {
         .vcpus(1)
         .memory_mib(256)
         .vhost_user_fs(root_vmm, "root")
-        .vhost_user_fs(ws_vmm, "workspace")
-        .vsock(guest_agent::GUEST_CID, &uds)
-        .expect("vsock backend");
+        .vhost_user_fs(ws_vmm, "workspace");
+    let (vsock_stream, _vsock) = vsock_lite::spawn_paired(vsock_lite::VsockConfig {
+        guest_cid: guest_agent::GUEST_CID,
+        uds_path: uds.clone(),
+    })
+    .expect("vsock backend");
+    let builder = builder.vhost_user_vsock(vsock_stream, guest_agent::GUEST_CID, &uds);
     let t_start = Instant::now();
     let vm = builder.start().expect("start the VM");
     eprintln!(

@@ -16,18 +16,12 @@ pub enum Error {
     /// `/proc/self/fd` cannot be opened.
     #[error("cannot open /proc/self/fd: {0}; virtiofsd-lite needs /proc mounted")]
     ProcFd(io::Error),
-    /// The vhost-user daemon could not be created, started or ended badly.
+    /// The vhost-user daemon could not be created.
     #[error("vhost-user daemon failed: {0}")]
     Daemon(String),
-    /// The socket path for `serve_listener` is unusable.
-    #[error("cannot listen on vhost-user socket {path}: {reason}; check that its directory exists and is writable")]
-    Listen { path: PathBuf, reason: String },
-    /// The in-process connection could not be set up.
-    #[error("cannot set up the in-process vhost-user connection: {0}; check that the temporary directory is writable")]
-    Connect(io::Error),
-    /// A thread could not be spawned.
-    #[error("cannot spawn the virtiofsd-lite thread: {0}")]
-    Spawn(io::Error),
+    /// Serving the frontend failed (listening, pairing, or the daemon's run).
+    #[error(transparent)]
+    Door(#[from] vhost_door::DoorError),
     /// A step of `--sandbox namespace` failed.
     #[error(
         "cannot set up the namespace sandbox ({step}): {source}; run as root or use --sandbox none"
@@ -36,7 +30,4 @@ pub enum Error {
         step: &'static str,
         source: io::Error,
     },
-    /// The daemon thread panicked.
-    #[error("the virtiofsd-lite thread panicked; this is a bug, please report it with the log")]
-    Panicked,
 }

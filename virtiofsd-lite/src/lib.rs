@@ -9,6 +9,8 @@
 //!   frontend connection until it disconnects (the binary);
 //! - [`spawn_paired`]: serve the in-process VMM on background threads,
 //!   returning the frontend's end of a private connection.
+//!
+//! Both are `vhost-door`'s, shared with the vsock daemon.
 
 pub mod config;
 pub mod descriptor;
@@ -16,9 +18,7 @@ mod error;
 pub mod filesystem;
 pub mod fuse;
 pub mod idmap;
-pub mod log_limit;
 pub mod passthrough;
-mod rendezvous;
 pub mod sandbox;
 pub mod server;
 mod stats;
@@ -27,10 +27,8 @@ pub mod vhost_user;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use config::{CacheMode, FileHandles, FsConfig};
@@ -66,24 +64,6 @@ fn new_daemon_with(fs: PassthroughFs, config: &FsConfig) -> Result<(Daemon, Arc<
     Ok((daemon, stats))
 }
 
-/// Whether a daemon error only says that the frontend went away.
-fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
-    matches!(
-        e,
-        vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected
-                | VhostUserError::PartialMessage
-                | VhostUserError::SocketBroken(_)
-        )
-    )
-}
-
-fn stop_workers(daemon: &Daemon) {
-    for h in daemon.get_epoll_handlers() {
-        h.send_exit_event();
-    }
-}
-
 /// Raises this process's soft `RLIMIT_NOFILE` to its hard limit and
 /// returns the new soft limit. The node descriptor budget of a daemon
 /// created afterwards is half of it, so an embedder serving large trees
@@ -96,16 +76,7 @@ pub fn raise_fd_limit() -> u64 {
 /// vhost-user frontend connection until it disconnects, then returns.
 pub fn serve_listener(socket_path: &Path, config: FsConfig) -> Result<(), Error> {
     let (daemon, _stats) = new_daemon(&config)?;
-    let listener = listen(socket_path)?;
-    serve_daemon(daemon, listener)
-}
-
-/// Binds the vhost-user socket at `socket_path` (replacing a stale file).
-fn listen(socket_path: &Path) -> Result<Listener, Error> {
-    Listener::new(socket_path, true).map_err(|e| Error::Listen {
-        path: socket_path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    Ok(vhost_door::serve_listener(daemon, socket_path)?)
 }
 
 /// [`serve_listener`] inside the namespace sandbox (the binary's
@@ -114,30 +85,17 @@ fn listen(socket_path: &Path) -> Result<Listener, Error> {
 /// socket, the shared directory and `/proc/self/fd` are opened first, then
 /// the mount namespace is pivoted into the shared directory.
 pub fn serve_listener_sandboxed(socket_path: &Path, config: FsConfig) -> Result<(), Error> {
-    let listener = listen(socket_path)?;
+    let listener = vhost_door::listen(socket_path)?;
     let fs = PassthroughFs::new(&config)?;
     sandbox::pivot_into(&config.shared_dir)?;
     let (daemon, _stats) = new_daemon_with(fs, &config)?;
-    serve_daemon(daemon, listener)
-}
-
-fn serve_daemon(mut daemon: Daemon, mut listener: Listener) -> Result<(), Error> {
-    daemon
-        .start(&mut listener)
-        .map_err(|e| Error::Daemon(e.to_string()))?;
-    let result = daemon.wait();
-    stop_workers(&daemon);
-    match result {
-        Err(e) if !is_disconnect(&e) => Err(Error::Daemon(e.to_string())),
-        _ => Ok(()),
-    }
+    Ok(vhost_door::serve_on(daemon, listener)?)
 }
 
 /// A daemon serving a connected stream on background threads.
 pub struct FsDaemonHandle {
     stats: Arc<FsStats>,
-    shutdown: ShutdownHandle,
-    thread: Option<JoinHandle<Result<(), Error>>>,
+    daemon: vhost_door::PairedDaemon,
 }
 
 impl FsDaemonHandle {
@@ -147,68 +105,21 @@ impl FsDaemonHandle {
     }
 
     /// Waits until the frontend disconnects and the daemon has stopped.
-    pub fn join(mut self) -> Result<(), Error> {
-        self.join_inner()
+    pub fn join(self) -> Result<(), Error> {
+        Ok(self.daemon.join()?)
     }
 
     /// Disconnects the frontend and waits for the daemon to stop.
-    pub fn stop(mut self) -> Result<(), Error> {
-        self.shutdown.shutdown();
-        self.join_inner()
-    }
-
-    fn join_inner(&mut self) -> Result<(), Error> {
-        match self.thread.take() {
-            Some(t) => t.join().map_err(|_| Error::Panicked)?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for FsDaemonHandle {
-    fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shutdown.shutdown();
-        }
+    pub fn stop(self) -> Result<(), Error> {
+        Ok(self.daemon.stop()?)
     }
 }
 
 /// Serves one vhost-user frontend on background threads and returns the
-/// frontend's end of the connection, to hand to the VMM's vhost-user device,
-/// with the daemon's handle.
-///
-/// `VhostUserDaemon` only accepts connections from a listener, so the
-/// connection is made through one in a fresh private (0700) temporary
-/// directory whose path is removed as soon as the connection is pending
-/// (see `rendezvous.rs`): no other process can reach the daemon, and the two
-/// ends then talk directly.
+/// frontend's end of a private connection, to hand to the VMM's vhost-user
+/// device, with the daemon's handle (see `vhost_door::spawn_paired`).
 pub fn spawn_paired(config: FsConfig) -> Result<(UnixStream, FsDaemonHandle), Error> {
-    let (mut daemon, stats) = new_daemon(&config)?;
-    let (listener, frontend) = rendezvous::private_listener().map_err(Error::Connect)?;
-    let mut listener = Listener::from(listener);
-    daemon
-        .start(&mut listener)
-        .map_err(|e| Error::Daemon(e.to_string()))?;
-    drop(listener);
-    let shutdown = daemon
-        .shutdown_handle()
-        .ok_or_else(|| Error::Daemon("no connection after start".into()))?;
-    let thread = std::thread::Builder::new()
-        .name("virtiofsd-lite".into())
-        .spawn(move || {
-            let result = daemon.wait();
-            stop_workers(&daemon);
-            daemon.request_shutdown();
-            match result {
-                Err(e) if !is_disconnect(&e) => Err(Error::Daemon(e.to_string())),
-                _ => Ok(()),
-            }
-        })
-        .map_err(Error::Spawn)?;
-    let handle = FsDaemonHandle {
-        stats,
-        shutdown,
-        thread: Some(thread),
-    };
-    Ok((frontend, handle))
+    let (daemon, stats) = new_daemon(&config)?;
+    let (frontend, daemon) = vhost_door::spawn_paired(daemon, "virtiofsd-lite")?;
+    Ok((frontend, FsDaemonHandle { stats, daemon }))
 }

@@ -22,8 +22,8 @@ use crate::filesystem::{
 };
 use crate::fuse::{self, init_flags, opcode, InHeader, OutHeader};
 use crate::idmap::IdMaps;
-use crate::log_limit::log_limited;
 use crate::stats::FsStats;
+use log_limit::log_limited;
 
 /// The largest WRITE payload we advertise (`max_write`).
 pub const MAX_WRITE: u32 = 1 << 20;

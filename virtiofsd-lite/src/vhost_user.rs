@@ -32,8 +32,8 @@ use vmm_sys_util::event::{
 
 use crate::descriptor::chain_buffers;
 use crate::filesystem::FileSystem;
-use crate::log_limit::log_limited;
 use crate::server::Server;
+use log_limit::log_limited;
 
 /// Size of every queue.
 pub const QUEUE_SIZE: usize = 1024;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
-use virtiofsd_lite::log_limit::BURST;
+use log_limit::BURST;
 use virtiofsd_lite::vhost_user::FsBackend;
 use virtiofsd_lite::{FileSystem, Server};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};

@@ -41,8 +41,7 @@ pub enum DeviceSpec {
         num_request_queues: u32,
         queue_size: u16,
     },
-    /// virtio-vsock (the backend is ours, see
-    /// [`crate::devices::virtio::vsock::spawn_backend`], or vhost-device-vsock).
+    /// virtio-vsock (the backend is `vsock-lite`'s, or vhost-device-vsock).
     VhostUserVsock { stream: UnixStream, guest_cid: u64 },
     /// Any other vhost-user device.
     VhostUser {
@@ -79,6 +78,9 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// When the embedding process started (CLOCK_MONOTONIC ns), for the boot timeline.
     pub process_start_ns: Option<u64>,
+    /// Where the vsock backend takes host connections (`CONNECT <port>`),
+    /// for [`crate::VmHandle::connect_vsock`].
+    pub vsock_host_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -96,6 +98,7 @@ impl VmConfig {
             serial: SerialOutput::LogOnly,
             devices: Vec::new(),
             process_start_ns: None,
+            vsock_host_socket: None,
         }
     }
 }
@@ -182,27 +185,20 @@ impl VmBuilder {
         })
     }
 
-    /// Adds virtio-vsock with a backend in this process; host programs
-    /// reach guest port P by connecting to `uds_path` and writing
-    /// `CONNECT P\n`. The backend stops when the returned handle drops.
-    pub fn vsock(
-        self,
+    /// Adds virtio-vsock for the guest at `guest_cid`, served by the
+    /// vhost-user backend at the other end of `stream` (`vsock-lite`'s
+    /// `spawn_paired` gives one), whose hybrid host socket is
+    /// `host_socket`: host programs reach guest port P by connecting to it
+    /// and writing `CONNECT P\n`, as [`crate::VmHandle::connect_vsock`]
+    /// does.
+    pub fn vhost_user_vsock(
+        mut self,
+        stream: UnixStream,
         guest_cid: u64,
-        uds_path: impl Into<PathBuf>,
-    ) -> Result<
-        (Self, crate::devices::virtio::vsock::VsockBackendHandle),
-        crate::devices::virtio::vsock::VsockError,
-    > {
-        let (stream, handle) = crate::devices::virtio::vsock::spawn_backend(
-            crate::devices::virtio::vsock::VsockConfig {
-                guest_cid,
-                uds_path: uds_path.into(),
-            },
-        )?;
-        Ok((
-            self.device(DeviceSpec::VhostUserVsock { stream, guest_cid }),
-            handle,
-        ))
+        host_socket: impl Into<PathBuf>,
+    ) -> Self {
+        self.config.vsock_host_socket = Some(host_socket.into());
+        self.device(DeviceSpec::VhostUserVsock { stream, guest_cid })
     }
 
     /// The configuration built so far.

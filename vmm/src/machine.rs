@@ -105,6 +105,7 @@ pub struct VmHandle {
     console: Arc<ConsoleLog>,
     serial: Arc<Mutex<Serial>>,
     threads: Mutex<Vec<VcpuThread>>,
+    vsock_host_socket: Option<std::path::PathBuf>,
     // Kept alive for the VM's lifetime; the vCPU threads and vhost-user
     // backends use them. Field order matters: threads are joined in Drop
     // before these are released.
@@ -486,6 +487,7 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
         console: platform.console,
         serial: platform.serial,
         threads: Mutex::new(threads),
+        vsock_host_socket: config.vsock_host_socket.take(),
         _transports: platform.transports,
         _vm: platform.vm,
         _mem: mem,
@@ -533,7 +535,30 @@ impl VmHandle {
         self.exit.reason().unwrap_or(VmExitReason::Stopped)
     }
 
+    /// Opens a connection to guest vsock `port` through the vsock backend's
+    /// host socket ([`crate::VmBuilder::vhost_user_vsock`]), giving the
+    /// backend `handshake` to answer. `NotFound` when the VM has no vsock
+    /// device with a host socket.
+    pub fn connect_vsock(
+        &self,
+        port: u32,
+        handshake: Duration,
+    ) -> std::io::Result<std::os::unix::net::UnixStream> {
+        let socket = self.vsock_host_socket.as_deref().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "this VM has no vsock device with a host socket",
+            )
+        })?;
+        keystone_agent_protocol::client::hybrid_vsock_connect_within(socket, port, handshake)
+    }
+
     /// Pauses all vCPUs; returns once they are parked (or after 5 s).
+    ///
+    /// Only the vCPUs stop: vhost-user backends (virtio-fs, vsock) keep
+    /// serving what the guest queued before the pause, and a vsock backend
+    /// keeps taking host connections. Embedders that need a quiescent
+    /// device state (a snapshot) must stop those backends themselves.
     pub fn pause(&self) -> bool {
         self.control.set_paused(true);
         let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());

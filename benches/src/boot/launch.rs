@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm::devices::virtio::vsock::{self as vsock, VsockConfig};
+use vsock_lite::{self as vsock, VsockConfig};
 
 use super::fsd::FsDaemon;
 use super::session::{self, BootOutcome, BootSpec, Until};

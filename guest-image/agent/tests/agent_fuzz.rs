@@ -16,7 +16,7 @@
 //! echo server, a watch outside the workspace) are decoded but not served.
 
 mod frame_script;
-#[path = "../../../vmm/tests/fuzz_support/mod.rs"]
+#[path = "../../../vsock-lite/tests/fuzz_support/mod.rs"]
 mod fuzz_support;
 
 use std::io::{ErrorKind, Write};

@@ -15,7 +15,7 @@
 //!   guest (security invariant 5: nothing from the guest is printed raw).
 
 mod frame_script;
-#[path = "../../../vmm/tests/fuzz_support/mod.rs"]
+#[path = "../../../vsock-lite/tests/fuzz_support/mod.rs"]
 mod fuzz_support;
 
 use std::alloc::{GlobalAlloc, Layout, System};

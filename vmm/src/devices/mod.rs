@@ -3,5 +3,4 @@
 
 pub mod bus;
 pub mod legacy;
-pub mod log_limit;
 pub mod virtio;

@@ -297,11 +297,11 @@ fn run_qemu(
             .spawn(move || {
                 // A socket left by a crashed supervisor would make the bind fail.
                 let _ = std::fs::remove_file(&uds);
-                let config = vmm::devices::virtio::vsock::VsockConfig {
+                let config = vsock_lite::VsockConfig {
                     guest_cid: GUEST_CID,
                     uds_path: uds,
                 };
-                if let Err(e) = vmm::devices::virtio::vsock::serve_listener(&socket, config) {
+                if let Err(e) = vsock_lite::serve_listener(&socket, config) {
                     log(&format!("vsock backend: {e}"));
                 }
             })
@@ -384,9 +384,12 @@ fn run_vmm(
     }
     // A socket left by a crashed supervisor would make the bind fail.
     let _ = std::fs::remove_file(&layout.vsock);
-    let (builder, _vsock) = builder
-        .vsock(GUEST_CID, &layout.vsock)
-        .map_err(|e| format!("vsock backend: {e}"))?;
+    let (stream, _vsock) = vsock_lite::spawn_paired(vsock_lite::VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: layout.vsock.clone(),
+    })
+    .map_err(|e| format!("vsock backend: {e}"))?;
+    let builder = builder.vhost_user_vsock(stream, GUEST_CID, &layout.vsock);
     let vm = builder
         .start()
         .map_err(|e| format!("cannot start the VM: {e}"))?;

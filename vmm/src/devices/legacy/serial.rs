@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::boot_timer::{BootEvent, BootTimeline};
 use crate::devices::bus::BusDevice;
-use crate::devices::log_limit::log_limited;
+use log_limit::log_limited;
 
 /// I/O port base of COM1.
 pub const SERIAL_PORT_COM1: u16 = 0x3f8;

@@ -13,7 +13,6 @@
 
 pub mod transport;
 pub mod vhost_user;
-pub mod vsock;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -18,9 +18,9 @@ use log::debug;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::bus::BusDevice;
-use crate::devices::log_limit::log_limited;
 use crate::devices::virtio::{ActivateContext, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemoryMmap;
+use log_limit::log_limited;
 
 /// Size of the MMIO window of one device (registers and config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;

@@ -33,11 +33,9 @@ use chain_guest::{Guest, CID, QSIZE, TX_DATA, TX_DATA_END};
 use fuzz_support::{mutate, Budget, Rng, EDGE_U32};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtq_driver::check_writes;
-use vmm::devices::virtio::vsock::backend::{MUXER_EVENT, RX_QUEUE, TX_QUEUE};
-use vmm::devices::virtio::vsock::connection::CONN_BUF_SIZE;
-use vmm::devices::virtio::vsock::packet::{
-    op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM,
-};
+use vsock_lite::backend::{MUXER_EVENT, RX_QUEUE, TX_QUEUE};
+use vsock_lite::connection::CONN_BUF_SIZE;
+use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};
 
 /// A plausible guest packet from `port` (or on a host program's
 /// connection), mutated a third of the time.

@@ -15,12 +15,10 @@ use crate::virtq_driver::{
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
-use vmm::devices::virtio::vsock::backend::{VsockBackend, MUXER_EVENT};
-use vmm::devices::virtio::vsock::packet::{
-    op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM,
-};
 use vmm::vstate::memory::{create_memfd_memory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vsock_lite::backend::{VsockBackend, MUXER_EVENT};
+use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};
 
 pub const CID: u64 = 3;
 pub const QSIZE: u16 = 128;

@@ -13,11 +13,11 @@ mod virtq_driver;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chain_guest::{Guest, OUTSIDE, TX_DATA};
+use log_limit::BURST;
 use virtq_driver::Desc;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::log_limit::BURST;
-use vmm::devices::virtio::vsock::backend::TX_QUEUE;
-use vmm::devices::virtio::vsock::packet::{op, VsockHeader, HDR_LEN, TYPE_STREAM};
+use vsock_lite::backend::TX_QUEUE;
+use vsock_lite::packet::{op, VsockHeader, HDR_LEN, TYPE_STREAM};
 
 /// Counts the vsock lines logged, by kind.
 struct Counter;

@@ -35,9 +35,9 @@ use super::muxer::Muxer;
 use super::packet::{
     read_tx_packet, rx_capacity, write_rx_packet, VsockHeader, HDR_LEN, MAX_PAYLOAD,
 };
-use super::vsock_config_space;
-use crate::devices::log_limit::log_limited;
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::vsock_config_space;
+use crate::GuestMemoryMmap;
+use log_limit::log_limited;
 
 /// Entries per queue that our VMM's frontend asks for.
 pub const QUEUE_SIZE: usize = 256;

@@ -1,11 +1,15 @@
 //! Warnings a guest can cause at will (a bad descriptor chain, a register
-//! written out of turn, a packet to the wrong CID) are rate-limited per
-//! call site, so that a guest cannot fill the host's log with them: each
+//! written out of turn, a packet to the wrong CID, a FUSE request that
+//! cannot be read) are rate-limited per call site, so that a guest cannot
+//! fill the host's log with them: each
 //! site logs its first [`BURST`] lines in a [`WINDOW`], counts the rest,
 //! and says how many it left out in the next line it logs.
 //!
-//! Use [`log_limited!`](crate::devices::log_limit::log_limited) instead of
+//! Use [`log_limited!`] instead of
 //! `log::warn!` wherever the guest decides how often the line comes.
+
+#[doc(hidden)]
+pub use log;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -74,16 +78,16 @@ impl Default for LogLimit {
 }
 
 /// `log::log!` at `$level`, rate-limited for this call site (see the
-/// module documentation).
+/// crate documentation).
+#[macro_export]
 macro_rules! log_limited {
     ($level:expr, $($arg:tt)+) => {{
-        static LIMIT: $crate::devices::log_limit::LogLimit =
-            $crate::devices::log_limit::LogLimit::new();
+        static LIMIT: $crate::LogLimit = $crate::LogLimit::new();
         if let Some(left_out) = LIMIT.admit() {
             if left_out == 0 {
-                log::log!($level, $($arg)+);
+                $crate::log::log!($level, $($arg)+);
             } else {
-                log::log!(
+                $crate::log::log!(
                     $level,
                     "{} ({left_out} more like it left out)",
                     format_args!($($arg)+)
@@ -92,7 +96,6 @@ macro_rules! log_limited {
         }
     }};
 }
-pub(crate) use log_limited;
 
 #[cfg(test)]
 mod tests {

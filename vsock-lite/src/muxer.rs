@@ -26,7 +26,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{pending, ConnState, Connection, Verdict, CONN_BUF_SIZE};
 use super::packet::{op, shutdown, VsockHeader, HOST_CID, TYPE_STREAM};
-use crate::devices::log_limit::log_limited;
+use log_limit::log_limited;
 
 /// Most connections served at once; further host clients are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;

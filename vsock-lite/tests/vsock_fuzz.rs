@@ -29,10 +29,8 @@ use std::time::Duration;
 
 use fuzz_support::{mutate, Budget, Rng, EDGE_U32};
 use muxer_rig::{Link, Rig, CID};
-use vmm::devices::virtio::vsock::connection::CONN_BUF_SIZE;
-use vmm::devices::virtio::vsock::packet::{
-    op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM,
-};
+use vsock_lite::connection::CONN_BUF_SIZE;
+use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};
 
 /// Host programs alive at once during the run.
 const MAX_HOSTS: usize = 48;

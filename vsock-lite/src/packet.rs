@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 
 use virtio_queue::{DescriptorChain, Reader, Writer};
 
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
@@ -285,8 +285,7 @@ mod tests {
     #[test]
     fn unreadable_chain_leaves_no_earlier_header_to_answer() {
         use vm_memory::{Bytes, GuestAddress};
-        let mem =
-            crate::vstate::memory::create_memfd_memory(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let bytes = VsockHeader { len: 0, ..sample() }.encode();
         mem.write_slice(&bytes, GuestAddress(0x1000)).unwrap();
         let mut scratch = Vec::new();

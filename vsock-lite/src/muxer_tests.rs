@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::devices::virtio::vsock::packet::{parse_packet, HDR_LEN, MAX_PAYLOAD};
+use crate::packet::{parse_packet, HDR_LEN, MAX_PAYLOAD};
 
 const CID: u64 = 3;
 
@@ -32,7 +32,7 @@ impl Drop for SimGuest {
 
 impl SimGuest {
     fn new() -> Self {
-        let dir = super::super::private_dir().unwrap();
+        let dir = crate::private_dir().unwrap();
         let path = dir.join("vsock.sock");
         let listener = UnixListener::bind(&path).unwrap();
         Self {

@@ -1,6 +1,6 @@
 //! End-to-end test of the vhost-user vsock backend without a VM: the test
 //! is the vhost-user frontend (raw `vhost::vhost_user::Frontend` on the
-//! stream `spawn_backend` returns), the guest driver (split virtqueues in
+//! stream `spawn_paired` returns), the guest driver (split virtqueues in
 //! memfd memory, see [`SplitQueue`]) and the host program (a Unix stream
 //! writing `CONNECT <port>\n`).
 
@@ -15,10 +15,10 @@ use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm::devices::virtio::vsock::packet::{op, VsockHeader, HDR_LEN, HOST_CID, TYPE_STREAM};
-use vmm::devices::virtio::vsock::{spawn_backend, VsockConfig};
 use vmm::vstate::memory::{create_memfd_memory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, TYPE_STREAM};
+use vsock_lite::{spawn_paired, VsockConfig};
 
 const CID: u64 = 3;
 const QSIZE: u16 = 256;
@@ -246,7 +246,7 @@ fn vsock_host_connect_reaches_guest_and_bytes_flow_both_ways() {
         guest_cid: CID,
         uds_path: uds_path.clone(),
     };
-    let (stream, handle) = spawn_backend(config).unwrap();
+    let (stream, handle) = spawn_paired(config).unwrap();
     let mut guest = Guest::start(stream);
 
     let mut host = UnixStream::connect(&uds_path).unwrap();
@@ -296,8 +296,8 @@ fn vsock_host_connect_reaches_guest_and_bytes_flow_both_ways() {
 #[test]
 fn vsock_frontend_constructor_negotiates_with_spawned_backend() {
     use vmm::devices::virtio::vhost_user::VhostUserDevice;
-    use vmm::devices::virtio::vsock::VsockError;
     use vmm::devices::virtio::VirtioDevice;
+    use vsock_lite::VsockError;
 
     let dir = std::env::temp_dir().join(format!("vsock-fe-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -308,7 +308,7 @@ fn vsock_frontend_constructor_negotiates_with_spawned_backend() {
             uds_path: uds_path.clone(),
         };
         assert!(matches!(
-            spawn_backend(config),
+            spawn_paired(config),
             Err(VsockError::InvalidCid(_))
         ));
     }
@@ -316,12 +316,9 @@ fn vsock_frontend_constructor_negotiates_with_spawned_backend() {
         guest_cid: 42,
         uds_path: uds_path.clone(),
     };
-    let (stream, handle) = spawn_backend(config.clone()).unwrap();
+    let (stream, handle) = spawn_paired(config.clone()).unwrap();
     // A second backend on the same host socket is refused, not hijacked.
-    assert!(matches!(
-        spawn_backend(config),
-        Err(VsockError::Bind { .. })
-    ));
+    assert!(matches!(spawn_paired(config), Err(VsockError::Bind { .. })));
     let device = VhostUserDevice::vsock(stream, 42).unwrap();
     assert_eq!(device.device_type(), 19);
     assert_eq!(device.queue_max_sizes(), &[256, 256, 256]);

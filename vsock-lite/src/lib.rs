@@ -1,23 +1,22 @@
-//! virtio-vsock (virtio 1.2, section 5.10) as a vhost-user backend with a
-//! Firecracker-style "hybrid" Unix-socket host side.
+//! vsock-lite: virtio-vsock (virtio 1.2, section 5.10) as a vhost-user
+//! backend daemon with a Firecracker-style "hybrid" Unix-socket host side.
 //!
 //! The guest driver talks to [`backend::VsockBackend`] through vhost-user
-//! (in Keystone, the frontend is [`VhostUserDevice::vsock`] in the same
-//! process; under QEMU it is `vhost-user-vsock-device`). Host programs reach
-//! guest ports through the Unix socket at [`VsockConfig::uds_path`]: connect,
-//! write `CONNECT <port>\n`, read `OK <local_port>\n`, then talk. The guest
-//! cannot connect to the host: its REQUESTs are answered with RST.
+//! (with Keystone's VMM the frontend is its `VhostUserDevice::vsock` in
+//! the same process; under QEMU it is `vhost-user-vsock-device`). Host
+//! programs reach guest ports through the Unix socket at
+//! [`VsockConfig::uds_path`]: connect, write `CONNECT <port>\n`, read
+//! `OK <local_port>\n`, then talk. The guest cannot connect to the host:
+//! its REQUESTs are answered with RST.
 //!
-//! Two front doors:
-//! - [`spawn_backend`]: the backend runs on threads of this process; the
-//!   caller gets the frontend's end of the vhost-user connection.
+//! Two front doors, `vhost-door`'s, as for virtiofsd-lite:
+//! - [`spawn_paired`]: the backend runs on threads of this process; the
+//!   caller gets the frontend's end of a private vhost-user connection;
 //! - [`serve_listener`]: serve one frontend that connects to a socket path,
-//!   blocking until it disconnects.
+//!   blocking until it disconnects (the binary, and QEMU).
 //!
 //! Files: [`packet`] (wire format), [`connection`] and [`muxer`] (the
 //! connection table, pure logic), [`backend`] (queues and events).
-//!
-//! [`VhostUserDevice::vsock`]: crate::devices::virtio::vhost_user::VhostUserDevice::vsock
 
 pub mod backend;
 pub mod connection;
@@ -25,18 +24,18 @@ pub mod muxer;
 pub mod packet;
 
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::vstate::memory::GuestMemoryMmap;
 use backend::{VsockBackend, MUXER_EVENT};
+
+/// The guest memory the backend maps.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// Size of `struct virtio_vsock_config` (`guest_cid`, le64).
 pub const CONFIG_LEN: usize = 8;
@@ -67,6 +66,8 @@ pub enum VsockError {
     Io(#[from] io::Error),
     #[error("vhost-user vsock daemon: {0}")]
     Daemon(String),
+    #[error(transparent)]
+    Door(#[from] vhost_door::DoorError),
 }
 
 type Daemon = VhostUserDaemon<Arc<VsockBackend>>;
@@ -104,53 +105,25 @@ fn new_daemon(config: &VsockConfig) -> Result<Daemon, VsockError> {
     result
 }
 
-/// A fresh private (0700) directory for a rendezvous socket.
-fn private_dir() -> io::Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "keystone-vsock-{}-{}-{}",
-        std::process::id(),
-        nanos,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok(dir)
-}
-
-/// Starts a vsock backend on its own threads and returns the frontend's end
-/// of its vhost-user connection (hand it to [`VhostUserDevice::vsock`]) and
-/// a handle that stops it.
-///
-/// The connection is made through a rendezvous socket in a fresh 0700
-/// directory: we listen, the daemon connects (`start_client`), we accept,
-/// and the path is removed at once, so nothing relays the control channel.
-///
-/// [`VhostUserDevice::vsock`]: crate::devices::virtio::vhost_user::VhostUserDevice::vsock
-pub fn spawn_backend(config: VsockConfig) -> Result<(UnixStream, VsockBackendHandle), VsockError> {
-    let mut daemon = new_daemon(&config)?;
-    let mut handle = VsockBackendHandle {
-        daemon: None,
-        uds_path: config.uds_path,
-    };
-    let dir = private_dir()?;
-    let path = dir.join("vhost-user.sock");
-    let connected = (|| {
-        let listener = UnixListener::bind(&path)?;
-        let path_str = path
-            .to_str()
-            .ok_or_else(|| io::Error::other("temporary directory path is not UTF-8"))?;
-        daemon.start_client(path_str).map_err(daemon_err)?;
-        let (stream, _) = listener.accept()?;
-        Ok::<_, VsockError>(stream)
-    })();
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_dir(&dir);
-    handle.daemon = Some(daemon);
-    Ok((connected?, handle))
+/// Starts a vsock backend on threads of this process and returns the
+/// frontend's end of its private vhost-user connection (hand it to the
+/// VMM's vsock device) and a handle that stops it (see
+/// `vhost_door::spawn_paired`).
+pub fn spawn_paired(config: VsockConfig) -> Result<(UnixStream, VsockBackendHandle), VsockError> {
+    let daemon = new_daemon(&config)?;
+    match vhost_door::spawn_paired(daemon, "vsock-lite") {
+        Ok((stream, daemon)) => Ok((
+            stream,
+            VsockBackendHandle {
+                daemon: Some(daemon),
+                uds_path: config.uds_path,
+            },
+        )),
+        Err(e) => {
+            let _ = std::fs::remove_file(&config.uds_path);
+            Err(e.into())
+        }
+    }
 }
 
 /// Serves one vhost-user frontend that connects to `socket_path` (for
@@ -158,18 +131,17 @@ pub fn spawn_backend(config: VsockConfig) -> Result<(UnixStream, VsockBackendHan
 /// `-device vhost-user-vsock-device`), returning when it disconnects.
 /// Removes `config.uds_path` before returning.
 pub fn serve_listener(socket_path: &Path, config: VsockConfig) -> Result<(), VsockError> {
-    let mut daemon = new_daemon(&config)?;
-    let result = daemon.serve(socket_path).map_err(daemon_err);
-    drop(daemon);
+    let daemon = new_daemon(&config)?;
+    let result = vhost_door::serve_listener(daemon, socket_path);
     let _ = std::fs::remove_file(&config.uds_path);
-    result
+    Ok(result?)
 }
 
-/// Owns a backend started by [`spawn_backend`]: [`VsockBackendHandle::stop`]
+/// Owns a backend started by [`spawn_paired`]: [`VsockBackendHandle::stop`]
 /// (or dropping it) disconnects the frontend, joins the daemon and worker
 /// threads and removes the host socket.
 pub struct VsockBackendHandle {
-    daemon: Option<Daemon>,
+    daemon: Option<vhost_door::PairedDaemon>,
     uds_path: PathBuf,
 }
 
@@ -185,18 +157,12 @@ impl VsockBackendHandle {
     }
 
     fn shutdown(&mut self) -> Result<(), VsockError> {
-        let Some(mut daemon) = self.daemon.take() else {
+        let Some(daemon) = self.daemon.take() else {
             return Ok(());
         };
-        daemon.request_shutdown();
-        let result = daemon.wait().map_err(daemon_err);
-        for handler in daemon.get_epoll_handlers() {
-            handler.send_exit_event();
-        }
-        // Dropping the last reference to the handler joins the vring worker.
-        drop(daemon);
+        let result = daemon.stop();
         let _ = std::fs::remove_file(&self.uds_path);
-        result
+        Ok(result?)
     }
 }
 
@@ -206,4 +172,20 @@ impl Drop for VsockBackendHandle {
             log::warn!("vsock backend stopped with an error: {e}");
         }
     }
+}
+
+/// A fresh private (0700) directory, for tests that need a socket path
+/// nobody else can reach.
+#[cfg(test)]
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vsock-lite-test-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
 }

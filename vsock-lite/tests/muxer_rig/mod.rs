@@ -11,11 +11,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use crate::fuzz_support::Rng;
-use vmm::devices::virtio::vsock::connection::CONN_BUF_SIZE;
-use vmm::devices::virtio::vsock::muxer::{Muxer, MAX_CONNECTIONS};
-use vmm::devices::virtio::vsock::packet::{
-    op, parse_packet, VsockHeader, HOST_CID, MAX_PAYLOAD, TYPE_STREAM,
-};
+use vsock_lite::connection::CONN_BUF_SIZE;
+use vsock_lite::muxer::{Muxer, MAX_CONNECTIONS};
+use vsock_lite::packet::{op, parse_packet, VsockHeader, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};
 
 pub const CID: u64 = 3;
 /// The longest `OK <port>\n` line the device writes to a host program.

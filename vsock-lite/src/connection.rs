@@ -18,7 +18,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
 use super::packet::{op, shutdown, MAX_PAYLOAD};
-use crate::devices::log_limit::log_limited;
+use log_limit::log_limited;
 
 /// Receive buffer we advertise to the guest per connection (`buf_alloc`),
 /// which also bounds the memory a connection holds.

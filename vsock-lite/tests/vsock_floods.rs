@@ -5,7 +5,7 @@
 //! read. The device must keep every queue and buffer bounded, never let a
 //! guest packet open a connection, and reset what overruns.
 //!
-//! [`Muxer`]: vmm::devices::virtio::vsock::muxer::Muxer
+//! [`Muxer`]: vsock_lite::muxer::Muxer
 
 mod fuzz_support;
 mod muxer_rig;
@@ -13,9 +13,9 @@ mod muxer_rig;
 use std::io::{ErrorKind, Read};
 
 use muxer_rig::{Link, Rig};
-use vmm::devices::virtio::vsock::connection::CONN_BUF_SIZE;
-use vmm::devices::virtio::vsock::muxer::{MAX_CONNECTIONS, MAX_RST_QUEUE};
-use vmm::devices::virtio::vsock::packet::{op, shutdown, MAX_PAYLOAD};
+use vsock_lite::connection::CONN_BUF_SIZE;
+use vsock_lite::muxer::{MAX_CONNECTIONS, MAX_RST_QUEUE};
+use vsock_lite::packet::{op, shutdown, MAX_PAYLOAD};
 
 const FLOOD: u32 = 20_000;
 
