@@ -6,6 +6,12 @@
 # virtio-fs. Cached under ${XDG_CACHE_HOME:-$HOME/.cache}/keystone/rootfs/<recipe hash>/
 # with the resolved package versions in <hash>.manifest beside it.
 #
+# The coding agents (Claude Code, Codex, Gemini CLI) and Node.js are in the
+# image, at the versions pinned in agents.lock (installed by agents.sh; a
+# copy of the lock is kept as <hash>.agents), with the Zellij configuration
+# and session layouts in zellij/. Every file of the recipe is in the hash:
+# changing a pin builds a new image at the next start.
+#
 # Prints the cache folder on stdout; progress goes to stderr. A second run
 # with the same recipe is instant.
 #
@@ -13,7 +19,7 @@
 #   guest-image/rootfs/build.sh --hash     print the recipe hash only
 #
 # Needs: root (debootstrap makes device nodes and chroots), debootstrap
-# (installed with apt-get when missing), the Debian mirror.
+# (installed with apt-get when missing), the Debian mirror, npm's registry.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,7 +33,8 @@ packages=$(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$here/packages" | 
 recipe_hash=$({
 	echo "suite $suite"
 	echo "packages $packages"
-	cat "$here/build.sh" "$here/zellij.sh"
+	cat "$here/build.sh" "$here/zellij.sh" "$here/agents.sh" "$here/agents.lock" \
+		"$here"/zellij/*.kdl
 } | sha256sum | cut -c1-16)
 
 if [ "${1:-}" = "--hash" ]; then
@@ -151,8 +158,26 @@ rm -f "$root"/etc/ssh/ssh_host_*
 rm -f "$root"/etc/systemd/system/*/ssh.service "$root"/etc/systemd/system/*/sshd.service
 
 # Zellij, the terminal workspace `keystone agent attach` opens (built from
-# crates.io once and cached; Debian 12 does not package it).
+# crates.io once and cached; Debian 12 does not package it). Its
+# configuration goes where a user's own would be too: `attach` writes one
+# there when it finds none, and Zellij then no longer reads /etc/zellij.
 install -m 0755 "$zellij_bin" "$root/usr/local/bin/zellij"
+for dir in etc/zellij etc/skel/.config/zellij home/agent/.config/zellij root/.config/zellij; do
+	install -D -m 0644 "$here/zellij/config.kdl" "$root/$dir/config.kdl"
+done
+# One session layout per coding agent (`attach` picks the sandbox's).
+for layout in "$here"/zellij/*.kdl; do
+	[ "$(basename "$layout")" = config.kdl ] ||
+		install -D -m 0644 "$layout" "$root/usr/local/share/keystone/zellij/$(basename "$layout")"
+done
+
+# The coding agents and Node.js, from npm's registry (agents.sh says how).
+start_agents=$(date +%s)
+"$here/agents.sh" "$root" "$work/agents" >&2
+cp "$here/agents.lock" "$work/out.agents"
+rm -rf "$work/agents"
+echo "keystone: coding agents installed in $(($(date +%s) - start_agents)) s" >&2
+in_root chown -R agent:agent /home/agent
 
 # Shrink: apt caches and lists, docs, man pages, non-English locales, logs.
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/var/cache/debconf/*-old \
@@ -168,8 +193,9 @@ path-exclude /usr/share/info/*
 DPKG
 
 mv "$work/manifest" "$work/out.manifest"
-rm -rf "$out" "$out.manifest"
+rm -rf "$out" "$out.manifest" "$out.agents"
 mv "$root" "$out"
+mv "$work/out.agents" "$out.agents"
 mv "$work/out.manifest" "$out.manifest"
 echo "keystone: guest rootfs ready in $out ($(du -sh "$out" | cut -f1), $(wc -l < "$out.manifest") packages, $(($(date +%s) - start)) s)" >&2
 echo "$out"

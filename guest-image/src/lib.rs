@@ -9,7 +9,10 @@
 //!   and an `/init`) that the VMM serves over virtio-fs.
 //! - [`initramfs::write_agent_initramfs`] packs the static guest agent as
 //!   `/init` of an uncompressed newc initramfs.
+//! - [`agents`] reads the lock of the coding agents the root file system
+//!   carries (`rootfs/agents.lock`, and its copy beside a built image).
 
+pub mod agents;
 pub mod busybox;
 pub mod initramfs;
 pub mod kernel;
