@@ -4,7 +4,20 @@
 //! runs), then a fast-forward or merge of the host branch.
 //!
 //! The host never runs hooks or reads config from the sandbox repository:
-//! `git fetch` only reads the pack the guest sends.
+//! `git fetch` only reads the pack the guest sends (checked as it arrives,
+//! `fetch.fsckObjects`, and never recursing into submodules). Every git
+//! command here runs with hooks off ([`HOST_GIT_CONFIG`]), and those that
+//! read the sandbox's trees (merge, checkout, log, diff) run through
+//! [`content::ContentGit`], with no filter, merge driver or textconv and
+//! the host's own attributes (see there).
+//!
+//! Which host branch moves is [`branches`]' business: the branch checked
+//! out, or the one `--branch` names (created when the host lacks it), and
+//! only under a name that cannot pass for a tag, a remote-tracking branch
+//! or a git ref. The sandbox's other branches stay fetched at
+//! `refs/remotes/sandbox-<NAME>/`, and the report lists those the host
+//! lacks with the command that takes each. Names and commit subjects from
+//! the sandbox are printed escaped.
 //!
 //! `--dry-run` fetches into a temporary ref namespace
 //! (`refs/keystone-dry-run/<NAME>/`) that is deleted before returning: no
@@ -14,14 +27,25 @@
 use std::path::Path;
 use std::process::Command;
 
-use keystone_guest_agent::protocol::{RawStreamRequest, UserSpec};
+use keystone_guest_agent::protocol::{printable, RawStreamRequest, UserSpec};
 
 use super::super::backend::{BackendError, BackendResult, SandboxSpec, SyncOptions, SyncReport};
 use super::engine::{Layout, GUEST_USER, GUEST_WORKSPACE};
 use super::guest;
 
+pub(super) mod branches;
+pub(super) mod content;
+mod integrate;
+#[cfg(test)]
+mod integrate_tests;
 #[cfg(test)]
 pub(super) mod testrepo;
+
+pub(super) use integrate::integrate;
+
+/// Settings of every git command that sync and auto-sync run in the host
+/// project: no hook runs (see [`content`] for why), no fsmonitor starts.
+pub(super) const HOST_GIT_CONFIG: [&str; 2] = ["core.hooksPath=/dev/null", "core.fsmonitor=false"];
 
 /// What to do with the host branch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,13 +73,21 @@ pub fn ext_escape(word: &str) -> String {
     word.replace('%', "%%").replace(' ', "% ")
 }
 
-/// Runs git in `dir`; `Ok(stdout)` on success, `Err(stderr)` otherwise.
+/// Runs git in `dir` with [`HOST_GIT_CONFIG`]; `Ok(stdout)` on success,
+/// `Err(stderr)` otherwise.
 pub(super) fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+    git_env(dir, args, &[])
+}
+
+/// [`git`] with more environment.
+fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
     let out = Command::new("git")
+        .args(HOST_GIT_CONFIG.iter().flat_map(|c| ["-c", c]))
         .args(args)
         .current_dir(dir)
         // Never ask for credentials: nothing here talks to a remote but the sandbox.
         .env("GIT_TERMINAL_PROMPT", "0")
+        .envs(env.iter().copied())
         .output()
         .map_err(|e| format!("cannot run git: {e}"))?;
     if out.status.success() {
@@ -72,6 +104,15 @@ pub(super) fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
 
 fn failed(e: String) -> BackendError {
     BackendError::Failed(e)
+}
+
+/// Git's words, which may quote the sandbox's paths and subjects, as
+/// they may be printed.
+fn said(e: &str) -> String {
+    e.lines()
+        .map(|l| printable(l.as_bytes()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub(super) fn rev(dir: &Path, name: &str) -> Option<String> {
@@ -123,7 +164,8 @@ pub(super) fn remote_ns(name: &str) -> String {
 /// Host `git fetch` of every sandbox branch into `<ns>/*`, through the
 /// guest's `git upload-pack` (git's `ext::` transport runs this binary's
 /// `agent __git-upload-pack NAME`). Runs no hook or config of the sandbox
-/// repository.
+/// repository; the objects are checked as they arrive and no submodule is
+/// fetched.
 pub(super) fn fetch_into(spec: &SandboxSpec, ns: &str) -> Result<(), String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the keystone binary: {e}"))?;
@@ -138,10 +180,13 @@ pub(super) fn fetch_into(spec: &SandboxSpec, ns: &str) -> Result<(), String> {
         &[
             "-c",
             "protocol.ext.allow=always",
+            "-c",
+            "fetch.fsckObjects=true",
             "fetch",
             "--quiet",
             "--no-tags",
             "--no-write-fetch-head",
+            "--no-recurse-submodules",
             &url,
             &refspec,
         ],
@@ -160,8 +205,8 @@ pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport>
     };
     let fetched = fetch_into(spec, &ns);
     let result = fetched
-        .map_err(|e| failed(format!("fetching from the sandbox failed: {e}")))
-        .and_then(|_| integrate(spec, opts, &ns));
+        .map_err(|e| failed(format!("fetching from the sandbox failed: {}", said(&e))))
+        .and_then(|_| integrate(project, name, opts, &ns));
     if opts.dry_run {
         if let Ok(refs) = git(project, &["for-each-ref", "--format=%(refname)", &ns]) {
             for r in refs.lines().filter(|l| !l.is_empty()) {
@@ -170,116 +215,6 @@ pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport>
         }
     }
     result
-}
-
-fn integrate(spec: &SandboxSpec, opts: &SyncOptions, ns: &str) -> BackendResult<SyncReport> {
-    let project = &spec.project;
-    let name = &spec.name;
-    let current = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
-    let branch = match (&opts.branch, &current) {
-        (Some(b), _) => b.clone(),
-        (None, Some(c)) => c.clone(),
-        (None, None) => {
-            return Err(failed(
-                "the host checkout is on a detached HEAD: pass --branch B".into(),
-            ))
-        }
-    };
-    let sandbox_ref = format!("{ns}/{branch}");
-    let Some(tip) = rev(project, &sandbox_ref) else {
-        return Err(BackendError::NotFound(format!(
-            "the sandbox has no branch {branch} (see `keystone agent exec {name} -- git branch`)"
-        )));
-    };
-    let host_ref = format!("refs/heads/{branch}");
-    let host_tip = rev(project, &host_ref);
-    let decision = decide(
-        host_tip.as_deref(),
-        host_tip
-            .as_deref()
-            .is_some_and(|h| is_ancestor(project, &tip, h)),
-        host_tip
-            .as_deref()
-            .is_some_and(|h| is_ancestor(project, h, &tip)),
-    );
-    if decision == Decision::UpToDate {
-        return Err(BackendError::InvalidState(format!(
-            "nothing to sync: {branch} already has the sandbox's commits"
-        )));
-    }
-    let range = match &host_tip {
-        Some(h) => format!("{h}..{tip}"),
-        None => tip.clone(),
-    };
-    let log = git(project, &["log", "--oneline", "--no-decorate", &range]).unwrap_or_default();
-    let commits: Vec<String> = log.lines().map(str::to_string).collect();
-    let stat = match &host_tip {
-        Some(h) => git(project, &["diff", "--shortstat", &format!("{h}...{tip}")]),
-        None => git(project, &["show", "--shortstat", "--format=", &tip]),
-    }
-    .unwrap_or_default();
-    let (files, ins, del) = parse_shortstat(&stat);
-    let how = match decision {
-        Decision::Create => "new branch",
-        Decision::FastForward => "fast-forward",
-        _ => "merge",
-    };
-    let old = host_tip.as_deref().map(short).unwrap_or("(none)");
-    let summary = format!(
-        "{branch}: {old}..{} ({how}; {} commit(s), {files} file(s) changed, {ins} insertion(s), {del} deletion(s))",
-        short(&tip),
-        commits.len()
-    );
-    let mut report = SyncReport::default();
-    report.refs.push(summary);
-    report.details = commits.iter().map(|c| format!("  {c}")).collect();
-    if opts.dry_run {
-        return Ok(report);
-    }
-    let remote_name = format!("sandbox-{name}/{branch}");
-    if current.as_deref() == Some(branch.as_str()) {
-        match decision {
-            Decision::FastForward | Decision::Create => {
-                git(project, &["merge", "--ff-only", "--quiet", &sandbox_ref])
-                    .map_err(|e| failed(format!("fast-forward of {branch} failed: {e}")))?;
-            }
-            _ => {
-                if let Err(e) = git(project, &["merge", "--no-edit", "--quiet", &sandbox_ref]) {
-                    let conflicts = git(project, &["diff", "--name-only", "--diff-filter=U"])
-                        .unwrap_or_default();
-                    if conflicts.trim().is_empty() {
-                        return Err(failed(format!("merging {remote_name} failed: {e}")));
-                    }
-                    let _ = git(project, &["merge", "--abort"]);
-                    return Err(BackendError::Conflict(format!(
-                        "merging the sandbox's {branch} conflicts in:\n{}\nnothing was changed; \
-                         the sandbox's commits are at {remote_name}: resolve by hand with \
-                         `git merge {remote_name}`",
-                        conflicts
-                            .lines()
-                            .map(|l| format!("  {l}"))
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    )));
-                }
-            }
-        }
-    } else {
-        match decision {
-            Decision::Create | Decision::FastForward => {
-                let old = host_tip.clone().unwrap_or_default();
-                git(project, &["update-ref", &host_ref, &tip, &old])
-                    .map_err(|e| failed(format!("updating {branch}: {e}")))?;
-            }
-            _ => {
-                return Err(BackendError::Conflict(format!(
-                    "{branch} on the host and in the sandbox have diverged and {branch} is not \
-                     checked out: check it out and run `git merge {remote_name}`"
-                )))
-            }
-        }
-    }
-    Ok(report)
 }
 
 /// `keystone agent __git-upload-pack NAME`: git's `ext::` command. Pipes

@@ -1,0 +1,248 @@
+//! The step of `keystone agent sync` after the fetch: the fetched
+//! `<ns>/<branch>` becomes the host branch's new tip, by fast-forward,
+//! merge or (for a branch the user names) creation, under the rules of
+//! [`super::branches`] and through [`ContentGit`]. It reads only the host
+//! project, so the tests run it on refs set by hand.
+
+use std::path::Path;
+
+use keystone_guest_agent::protocol::printable;
+
+use super::super::super::backend::{BackendError, BackendResult, SyncOptions, SyncReport};
+use super::branches::{sandbox_only, shown, HostRefs};
+use super::content::ContentGit;
+use super::{decide, failed, git, is_ancestor, parse_shortstat, rev, said, short, Decision};
+
+/// The most sandbox-only branches a report lists.
+const MAX_LISTED: usize = 20;
+
+/// Lines naming the sandbox branches the host lacks, and how to take each
+/// (or why it cannot be a host branch under its name).
+fn sandbox_only_lines(
+    project: &Path,
+    name: &str,
+    refs: &HostRefs,
+    others: &[String],
+    dry_run: bool,
+) -> Vec<String> {
+    others
+        .iter()
+        .map(|b| {
+            let at = if dry_run {
+                String::new()
+            } else {
+                format!(
+                    " (fetched at refs/remotes/sandbox-{name}/{})",
+                    printable(b.as_bytes())
+                )
+            };
+            match refs.check(project, b) {
+                Ok(()) => format!(
+                    "the sandbox's branch {} is not on the host{at}: `keystone agent sync \
+                     {name} --branch {}` takes it",
+                    shown(b),
+                    shown(b)
+                ),
+                Err(why) => format!(
+                    "the sandbox's branch {} is not on the host{at}, and cannot be under that \
+                     name: {why}",
+                    shown(b)
+                ),
+            }
+        })
+        .collect()
+}
+
+/// The step after the fetch: takes the fetched `<ns>/<branch>` into the
+/// host branch (the one checked out, or `opts.branch`). It reads only the
+/// host project, so it runs on refs set by hand as well.
+pub(in super::super) fn integrate(
+    project: &Path,
+    name: &str,
+    opts: &SyncOptions,
+    ns: &str,
+) -> BackendResult<SyncReport> {
+    let current = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
+    let branch = match (&opts.branch, &current) {
+        (Some(b), _) => b.clone(),
+        (None, Some(c)) => c.clone(),
+        (None, None) => {
+            return Err(failed(
+                "the host checkout is on a detached HEAD: pass --branch B".into(),
+            ))
+        }
+    };
+    let refs = HostRefs::read(project).map_err(|e| failed(said(&e)))?;
+    let mut others = sandbox_only(project, ns, &refs, MAX_LISTED + 1);
+    others.retain(|b| *b != branch);
+    others.truncate(MAX_LISTED);
+    let notes = sandbox_only_lines(project, name, &refs, &others, opts.dry_run);
+    let with_notes = |msg: String| {
+        std::iter::once(msg)
+            .chain(notes.iter().cloned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if let Err(why) = refs.check(project, &branch) {
+        return Err(failed(with_notes(format!(
+            "the branch {} is not synced: {why}; the sandbox's commits stay at \
+             refs/remotes/sandbox-{name}/{}: take them under another name with \
+             `git branch NEW refs/remotes/sandbox-{name}/{}`",
+            shown(&branch),
+            printable(branch.as_bytes()),
+            printable(branch.as_bytes()),
+        ))));
+    }
+    let sandbox_ref = format!("{ns}/{branch}");
+    let Some(tip) = rev(project, &sandbox_ref) else {
+        return Err(BackendError::NotFound(with_notes(format!(
+            "the sandbox has no branch {} (see `keystone agent exec {name} -- git branch`)",
+            shown(&branch)
+        ))));
+    };
+    let host_ref = format!("refs/heads/{branch}");
+    let host_tip = rev(project, &host_ref);
+    let decision = decide(
+        host_tip.as_deref(),
+        host_tip
+            .as_deref()
+            .is_some_and(|h| is_ancestor(project, &tip, h)),
+        host_tip
+            .as_deref()
+            .is_some_and(|h| is_ancestor(project, h, &tip)),
+    );
+    if decision == Decision::UpToDate {
+        return Err(BackendError::InvalidState(with_notes(format!(
+            "nothing to sync: {} already has the sandbox's commits",
+            shown(&branch)
+        ))));
+    }
+    let content = ContentGit::new(project, &[&tip]).map_err(|e| failed(said(&e)))?;
+    let range = match &host_tip {
+        Some(h) => format!("{h}..{tip}"),
+        None => tip.clone(),
+    };
+    let log = content
+        .run(&["log", "--oneline", "--no-decorate", "--no-color", &range])
+        .unwrap_or_default();
+    let commits: Vec<String> = log.lines().map(|l| printable(l.as_bytes())).collect();
+    let stat = match &host_tip {
+        Some(h) => content.run(&[
+            "diff",
+            "--no-textconv",
+            "--no-ext-diff",
+            "--shortstat",
+            &format!("{h}...{tip}"),
+        ]),
+        None => content.run(&[
+            "show",
+            "--no-textconv",
+            "--no-ext-diff",
+            "--shortstat",
+            "--format=",
+            &tip,
+        ]),
+    }
+    .unwrap_or_default();
+    let (files, ins, del) = parse_shortstat(&stat);
+    let how = match decision {
+        Decision::Create => "new branch",
+        Decision::FastForward => "fast-forward",
+        _ => "merge",
+    };
+    let old = host_tip.as_deref().map(short).unwrap_or("(none)");
+    let summary = format!(
+        "{}: {old}..{} ({how}; {} commit(s), {files} file(s) changed, {ins} insertion(s), {del} deletion(s))",
+        printable(branch.as_bytes()),
+        short(&tip),
+        commits.len()
+    );
+    let mut report = SyncReport::default();
+    report.refs.push(summary);
+    report.details = commits.iter().map(|c| format!("  {c}")).collect();
+    report.details.extend(notes.iter().cloned());
+    if opts.dry_run {
+        return Ok(report);
+    }
+    let checked_out = current.as_deref() == Some(branch.as_str());
+    apply(
+        project,
+        name,
+        &branch,
+        &tip,
+        host_tip.as_deref(),
+        decision,
+        checked_out,
+        &content,
+    )?;
+    Ok(report)
+}
+
+/// Moves the host branch: through the checkout when it is checked out,
+/// by compare-and-swap of the ref otherwise.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    project: &Path,
+    name: &str,
+    branch: &str,
+    tip: &str,
+    host_tip: Option<&str>,
+    decision: Decision,
+    checked_out: bool,
+    content: &ContentGit,
+) -> BackendResult<()> {
+    let remote_name = format!("sandbox-{name}/{}", printable(branch.as_bytes()));
+    let shown_branch = shown(branch);
+    match decision {
+        Decision::FastForward | Decision::Create if checked_out => {
+            content
+                .run(&["merge", "--ff-only", "--quiet", tip])
+                .map_err(|e| {
+                    failed(format!(
+                        "fast-forward of {shown_branch} failed: {}",
+                        said(&e)
+                    ))
+                })?;
+        }
+        Decision::Merge if checked_out => {
+            let merged = content.run(&["merge", "--no-edit", "--quiet", tip]);
+            if let Err(e) = merged {
+                let conflicts = content
+                    .run(&["diff", "--name-only", "--diff-filter=U"])
+                    .unwrap_or_default();
+                if conflicts.trim().is_empty() {
+                    return Err(failed(format!(
+                        "merging {remote_name} failed: {}",
+                        said(&e)
+                    )));
+                }
+                let _ = content.run(&["merge", "--abort"]);
+                return Err(BackendError::Conflict(format!(
+                    "merging the sandbox's {shown_branch} conflicts in:\n{}\nnothing was changed; \
+                     the sandbox's commits are at {remote_name}: resolve by hand with \
+                     `git merge {remote_name}`",
+                    conflicts
+                        .lines()
+                        .map(|l| format!("  {}", printable(l.as_bytes())))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )));
+            }
+        }
+        Decision::Create | Decision::FastForward => {
+            let host_ref = format!("refs/heads/{branch}");
+            git(
+                project,
+                &["update-ref", &host_ref, tip, host_tip.unwrap_or_default()],
+            )
+            .map_err(|e| failed(format!("updating {shown_branch}: {}", said(&e))))?;
+        }
+        _ => {
+            return Err(BackendError::Conflict(format!(
+                "{shown_branch} on the host and in the sandbox have diverged and it is not \
+                 checked out: check it out and run `git merge {remote_name}`"
+            )))
+        }
+    }
+    Ok(())
+}
