@@ -16,20 +16,26 @@
 //! transport through `keystone agent __git-upload-pack NAME` into
 //! `refs/remotes/sandbox-<NAME>/*`), followed by a fast-forward only:
 //! `git merge --ff-only` when the branch is checked out on the host,
-//! `git update-ref NEW OLD` (compare-and-swap) otherwise, or a new branch
-//! when the host has none. Auto modes never create a merge commit: when
-//! the host branch has diverged, the sandbox's commits stay fetched at
-//! `refs/remotes/sandbox-<NAME>/<branch>` and the log says to run
-//! `keystone agent sync` (exit 3 there on a conflict, as usual). Nothing is
-//! paused: the next event tries again (the divergence is logged once per
-//! sandbox tip). `sync::sync` is not called because its integration
-//! merges diverged branches; it shares the fetch and git helpers of `sync`.
+//! `git update-ref NEW OLD` (compare-and-swap) otherwise. Auto modes never
+//! create a merge commit, and never a branch: only branches the host has
+//! move (the one checked out counts even before its first commit), under
+//! the names `sync::branches` accepts (no `origin/main` that would hide
+//! the remote-tracking branch, no tag's name). A sandbox branch that the
+//! host lacks, or whose name is refused, or that has diverged from the
+//! host's, stays fetched at `refs/remotes/sandbox-<NAME>/<branch>` and the
+//! log says how to take it (`keystone agent sync --branch B`, `git branch`
+//! under another name, or `keystone agent sync` to merge), once per
+//! sandbox tip. Nothing is paused: the next event tries again.
+//! `sync::sync` is not called because its integration merges diverged
+//! branches; it shares the fetch, the git helpers and the host git rules
+//! of `sync` (`sync::content::ContentGit` for the checkout). Branch names
+//! from the guest are logged escaped.
 //!
 //! Every outcome goes to the supervisor log; a failed sync never stops the
 //! supervisor. The watch reconnects while the guest runs (boot, reboot); an
 //! agent older than protocol 1.1 is reported once and auto-sync stays off.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
@@ -37,13 +43,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keystone_guest_agent::client::{WatchCloser, WatchEvent};
+use keystone_guest_agent::protocol::printable;
 
 use super::super::backend::SandboxSpec;
 use super::super::config::SyncMode;
 use super::engine::GUEST_WORKSPACE;
 use super::guest;
 use super::readiness::{Readiness, Service};
-use super::sync::{decide, fetch_into, git, is_ancestor, remote_ns, rev, short, Decision};
+use super::sync::{fetch_into, remote_ns};
+
+mod round;
 
 /// `auto-idle`: seconds without a file change in `/workspace` before a
 /// sync.
@@ -57,8 +66,6 @@ const QUEUE: usize = 64;
 /// branch instead ([`Target::CatchUp`]), so a guest that names endless
 /// branches costs the host a bounded set.
 const MAX_ROUND: usize = 256;
-/// Divergences remembered (each logged once per sandbox tip).
-const MAX_REPORTED: usize = 1024;
 
 /// What one event asks the worker to sync.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -220,175 +227,28 @@ fn add_to_round(round: &mut BTreeSet<Target>, t: Target) {
 
 /// Runs syncs one at a time, merging the targets that queued up meanwhile.
 fn worker(spec: &SandboxSpec, mode: SyncMode, rx: &Receiver<Target>, log: fn(&str)) {
-    let mut reported: HashMap<String, String> = HashMap::new();
+    let mut reported = round::Reported::default();
     while let Ok(first) = rx.recv() {
-        let mut round = BTreeSet::from([first]);
+        let mut targets = BTreeSet::from([first]);
         // A burst of commits (a rebase, a script) becomes one fetch.
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(t) => add_to_round(&mut round, t),
+                Ok(t) => add_to_round(&mut targets, t),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        if let Err(e) = fetch(spec) {
+        if let Err(e) = fetch_into(spec, &remote_ns(&spec.name)) {
+            let e = printable(e.as_bytes());
             log(&format!("auto-sync: fetching from the sandbox failed: {e}"));
             continue;
         }
-        let mut branches = BTreeSet::new();
-        for t in round {
-            match t {
-                Target::Branch(b) => {
-                    branches.insert(b);
-                }
-                Target::HostHead => branches.extend(host_head(&spec.project, log)),
-                Target::CatchUp if mode == SyncMode::AutoIdle => {
-                    branches.extend(host_head(&spec.project, log));
-                }
-                Target::CatchUp => branches.extend(shared_branches(&spec.project, &spec.name)),
-            }
-        }
-        if reported.len() > MAX_REPORTED {
-            reported.clear();
-        }
-        for branch in branches {
-            match fast_forward(&spec.project, &spec.name, &branch) {
-                Ok(Some(line)) => log(&format!("auto-sync: {line}")),
-                Ok(None) => {}
-                Err(Diverged { tip }) => {
-                    if reported.get(&branch) != Some(&tip) {
-                        log(&format!(
-                            "auto-sync: {branch} on the host and in the sandbox have diverged; \
-                             no merge was made: the sandbox's commits are at \
-                             refs/remotes/sandbox-{name}/{branch}; run `keystone agent sync {name}` \
-                             to merge them",
-                            name = spec.name
-                        ));
-                        reported.insert(branch, tip);
-                    }
-                }
-                Err(Failed(e)) => log(&format!("auto-sync: {branch}: {e}")),
-            }
-        }
+        round::sync_round(&spec.project, &spec.name, mode, targets, &mut reported, log);
     }
-}
-
-/// The branch checked out on the host, if any.
-fn host_head(project: &Path, log: fn(&str)) -> Option<String> {
-    let head = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
-    if head.is_none() {
-        log(
-            "auto-sync: the host checkout is on a detached HEAD: nothing synced \
-             (run `keystone agent sync --branch B`)",
-        );
-    }
-    head
-}
-
-/// The fetched sandbox branches that the host has too.
-fn shared_branches(project: &Path, name: &str) -> Vec<String> {
-    let ns = remote_ns(name);
-    let listed = git(
-        project,
-        &["for-each-ref", "--format=%(refname)", &format!("{ns}/")],
-    )
-    .unwrap_or_default();
-    listed
-        .lines()
-        .filter_map(|r| r.strip_prefix(&format!("{ns}/")).map(str::to_string))
-        .filter(|b| rev(project, &format!("refs/heads/{b}")).is_some())
-        .collect()
-}
-
-/// Why a fast-forward did not happen.
-#[derive(Debug)]
-enum NotSynced {
-    /// The host branch has commits the sandbox lacks.
-    Diverged {
-        tip: String,
-    },
-    Failed(String),
-}
-use NotSynced::{Diverged, Failed};
-
-/// Runs git in `dir` (the host project; never prompts):
-/// `Ok(stdout)` or `Err(stderr)`.
-/// The fetch of `keystone agent sync`: every sandbox branch into
-/// `refs/remotes/sandbox-<NAME>/`.
-fn fetch(spec: &SandboxSpec) -> Result<(), String> {
-    fetch_into(spec, &remote_ns(&spec.name))
-}
-
-/// Moves the host's `branch` to the fetched sandbox tip when that is a
-/// fast-forward (or a new branch); `Ok(None)` when it is up to date.
-fn fast_forward(project: &Path, name: &str, branch: &str) -> Result<Option<String>, NotSynced> {
-    let sandbox_ref = format!("{}/{branch}", remote_ns(name));
-    let Some(tip) = rev(project, &sandbox_ref) else {
-        return Err(Failed(format!("the sandbox has no branch {branch}")));
-    };
-    let host_ref = format!("refs/heads/{branch}");
-    let host_tip = rev(project, &host_ref);
-    let decision = decide(
-        host_tip.as_deref(),
-        host_tip
-            .as_deref()
-            .is_some_and(|h| is_ancestor(project, &tip, h)),
-        host_tip
-            .as_deref()
-            .is_some_and(|h| is_ancestor(project, h, &tip)),
-    );
-    let current = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
-    let old = host_tip.clone().unwrap_or_default();
-    match decision {
-        Decision::UpToDate => return Ok(None),
-        Decision::Merge => return Err(Diverged { tip }),
-        Decision::FastForward if current.as_deref() == Some(branch) => {
-            // --ff-only can never make a merge commit.
-            git(project, &["merge", "--ff-only", "--quiet", &tip]).map_err(|e| {
-                Failed(format!(
-                    "fast-forward failed (the host checkout is left as it was): {e}"
-                ))
-            })?;
-        }
-        Decision::FastForward | Decision::Create => {
-            // Compare-and-swap: a host commit made meanwhile wins.
-            git(project, &["update-ref", &host_ref, &tip, &old])
-                .map_err(|e| Failed(format!("updating {host_ref}: {e}")))?;
-        }
-    }
-    let how = if decision == Decision::Create {
-        "new branch"
-    } else {
-        "fast-forward"
-    };
-    let count = git(
-        project,
-        &[
-            "rev-list",
-            "--count",
-            &if old.is_empty() {
-                tip.clone()
-            } else {
-                format!("{old}..{tip}")
-            },
-        ],
-    )
-    .unwrap_or_default();
-    Ok(Some(format!(
-        "{branch}: {}..{} ({how}; {count} commit(s))",
-        if old.is_empty() {
-            "(none)"
-        } else {
-            short(&old)
-        },
-        short(&tip)
-    )))
 }
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
 
     #[test]
@@ -410,79 +270,5 @@ mod tests {
         assert_eq!(target(SyncMode::Manual, &commit), None);
         assert_eq!(idle_ms(SyncMode::AutoIdle), 30_000);
         assert_eq!(idle_ms(SyncMode::AutoCommit), 0);
-    }
-
-    fn g(dir: &Path, args: &[&str]) -> String {
-        let mut all = vec!["-c", "user.name=t", "-c", "user.email=t@t"];
-        all.extend_from_slice(args);
-        git(dir, &all).unwrap()
-    }
-
-    fn commit(dir: &Path, file: &str) -> String {
-        std::fs::write(dir.join(file), file).unwrap();
-        g(dir, &["add", file]);
-        g(dir, &["commit", "-qm", file]);
-        g(dir, &["rev-parse", "HEAD"])
-    }
-
-    /// A host repository on `main` with the "fetched" sandbox ref
-    /// `refs/remotes/sandbox-s/<b>` set by hand for each case.
-    fn host_repo(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ks-autosync-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        g(&dir, &["init", "-q", "-b", "main"]);
-        commit(&dir, "a");
-        dir
-    }
-
-    fn set_sandbox(dir: &Path, branch: &str, id: &str) {
-        g(
-            dir,
-            &[
-                "update-ref",
-                &format!("refs/remotes/sandbox-s/{branch}"),
-                id,
-            ],
-        );
-    }
-
-    #[test]
-    fn only_fast_forwards_and_new_branches_move_the_host() {
-        let dir = host_repo("ff");
-        let base = g(&dir, &["rev-parse", "HEAD"]);
-        // The sandbox is one commit ahead on main (checked out here).
-        let ahead = commit(&dir, "b");
-        g(&dir, &["reset", "-q", "--hard", &base]);
-        set_sandbox(&dir, "main", &ahead);
-        let line = fast_forward(&dir, "s", "main").unwrap().unwrap();
-        assert!(line.contains("fast-forward; 1 commit(s)"), "{line}");
-        assert_eq!(g(&dir, &["rev-parse", "HEAD"]), ahead);
-        assert!(dir.join("b").exists(), "the checkout moved along");
-        assert!(fast_forward(&dir, "s", "main").unwrap().is_none());
-
-        // A branch the host lacks is created; one not checked out moves.
-        set_sandbox(&dir, "feat", &base);
-        let line = fast_forward(&dir, "s", "feat").unwrap().unwrap();
-        assert!(line.contains("new branch"), "{line}");
-        set_sandbox(&dir, "feat", &ahead);
-        fast_forward(&dir, "s", "feat").unwrap().unwrap();
-        assert_eq!(g(&dir, &["rev-parse", "feat"]), ahead);
-
-        // Diverged: nothing moves, no merge commit.
-        let host = commit(&dir, "h");
-        g(&dir, &["checkout", "-q", "-b", "side", &ahead]);
-        let sandbox = commit(&dir, "s");
-        g(&dir, &["checkout", "-q", "main"]);
-        set_sandbox(&dir, "main", &sandbox);
-        let err = fast_forward(&dir, "s", "main").unwrap_err();
-        assert!(
-            matches!(err, Diverged { ref tip } if *tip == sandbox),
-            "{err:?}"
-        );
-        assert_eq!(g(&dir, &["rev-parse", "HEAD"]), host);
-        assert_eq!(g(&dir, &["log", "--merges", "--oneline"]), "");
-        assert!(matches!(fast_forward(&dir, "s", "nope"), Err(Failed(_))));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
