@@ -2,8 +2,9 @@
 //! the guest reaches the host branch by fast-forward without anyone running
 //! `keystone agent sync`; when the host branch has diverged, the sandbox's
 //! commit is only fetched into `refs/remotes/sandbox-<NAME>/` and no merge
-//! commit is ever made. The supervisor opens the watch connection; the
-//! guest opens none.
+//! commit is ever made; a branch the host lacks is never created (not even
+//! `origin/main`), and `sync --branch` takes it when the user names it. The
+//! supervisor opens the watch connection; the guest opens none.
 //!
 //! `start` returns only once the watch is open, so a commit made the
 //! moment it returns is synced; and a watch that opens catches up on
@@ -214,6 +215,46 @@ fn auto_commit_fast_forwards_the_host_and_never_merges() {
     let log = wait_for_log(&env, "have diverged");
     assert!(log.contains("have diverged; no merge was made"), "{log}");
     eprintln!("supervisor log:\n{log}");
+
+    // Branches the host lacks are fetched, never created: not `feature`,
+    // and not `origin/main`, which would hide the host's remote-tracking
+    // branch of its remote `origin`.
+    git(
+        &repo,
+        &["remote", "add", "origin", "https://example.invalid/r.git"],
+    );
+    let mut heads = Vec::new();
+    for branch in ["origin/main", "feature"] {
+        let script = format!(
+            "git checkout -q -b {branch} && echo {branch} > b && git add b && \
+             git -c user.name=a -c user.email=a@b commit -qm on-{branch} && git rev-parse HEAD"
+        );
+        let out = env.run(&["exec", "--", "sh", "-c", &script], &repo);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        heads.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    for (branch, head) in ["origin/main", "feature"].iter().zip(&heads) {
+        let fetched = format!("refs/remotes/sandbox-{NAME}/{branch}");
+        wait_for_ref(&repo, &fetched, head, &env);
+    }
+    let log = wait_for_log(&env, "creates no branch");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rev(&repo, "refs/heads/origin/main"), None, "{log}");
+    assert_eq!(rev(&repo, "refs/heads/feature"), None, "{log}");
+    assert!(
+        log.contains("`keystone agent sync autosync --branch feature` takes it"),
+        "{log}"
+    );
+    // The user takes it by naming it.
+    let out = env.run(&["sync", "--branch", "feature"], &repo);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        rev(&repo, "refs/heads/feature").as_deref(),
+        Some(heads[1].as_str())
+    );
+    let out = env.run(&["sync", "--branch", "origin/main"], &repo);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(rev(&repo, "refs/heads/origin/main"), None);
 
     let out = env.run(&["stop", NAME], &repo);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -36,6 +36,21 @@ fn a_newcomer_session_on_a_real_guest() {
     };
     let t0 = Instant::now();
     let repo = env.path("proj");
+    // What the host's refs do not share: a commit reset away and a stash
+    // of an untracked .env.local.
+    let id = |args: &[&str]| git(&repo, args).trim().to_string();
+    let as_t = |args: &[&'static str]| [&COMMIT[..4], args].concat();
+    std::fs::write(repo.join("secret"), "reset-away\n").unwrap();
+    git(&repo, &["add", "secret"]);
+    git(&repo, &as_t(&["commit", "-qm", "oops"]));
+    let reset_away = id(&["rev-parse", "HEAD"]);
+    git(&repo, &["reset", "-q", "--hard", "HEAD~1"]);
+    std::fs::write(repo.join(".env.local"), "STASHED=secret\n").unwrap();
+    git(
+        &repo,
+        &as_t(&["stash", "push", "-q", "-u", "--", ".env.local"]),
+    );
+    let stashed = id(&["rev-parse", "refs/stash^3:.env.local"]);
 
     // start
     let out = env.start(&repo, &[]);
@@ -68,6 +83,14 @@ fn a_newcomer_session_on_a_real_guest() {
     );
     let out = env.run(&["exec", "--", "sh", "-c", "exit 7"], &repo);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    // The clone holds what the host's branches and tags reach, no more,
+    // and its origin leads nowhere.
+    for object in [&reset_away, &stashed] {
+        let out = env.run(&["exec", "--", "git", "cat-file", "-e", object], &repo);
+        assert_ne!(out.status.code(), Some(0), "{object} is in the sandbox");
+    }
+    let out = env.run(&["exec", "--", "git", "remote", "get-url", "origin"], &repo);
+    assert_eq!(stdout(&out), "/dev/null/keystone-host\n", "{}", text(&out));
 
     // A commit in the guest, synced to the host.
     let out = env.run(
