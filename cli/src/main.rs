@@ -48,7 +48,7 @@ enum VmCommand {
 }
 
 fn main() {
-    let process_start_ns = vmm::devices::legacy::boot_timer::monotonic_ns();
+    let process_start_ns = vmm::host::monotonic_ns();
     // Usage errors exit 1, not clap's 2: SPEC.md reserves 2 for "invalid state".
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::Args;
 use vmm::probe::{probe_many, ProbeError};
-use vmm::HostKvm;
 
 use crate::exit_code::{self, CodedError};
 
@@ -27,7 +26,7 @@ pub struct CheckArgs {
 /// Runs the check; exit 0 when every run worked, 3 when some failed, 4
 /// when there is no usable KVM.
 pub fn run(args: CheckArgs) -> anyhow::Result<i32> {
-    let host = match HostKvm::open() {
+    let host = match vmm::host::kvm_facts() {
         Ok(h) => h,
         Err(e) => {
             // The probe's own error says what to do about permissions.

@@ -42,7 +42,7 @@ pub const L1_CPU: &str = "max";
 /// calibration fail and every KVM_RUN in L1 hang (see
 /// `vmm::arch::x86_64::tsc`).
 fn l1_cmdline(script: &Path) -> String {
-    let tsc = vmm::arch::x86_64::tsc::host_khz()
+    let tsc = vmm::host::tsc_khz()
         .map(|khz| format!(" tsc_early_khz={khz}"))
         .unwrap_or_default();
     format!("rdinit=/init quiet{tsc} rig.cmd={}", script.display())
@@ -84,7 +84,7 @@ pub enum Where {
 /// Whether `/dev/kvm` here has hardware semantics (not kvm_pvm).
 pub fn hardware_kvm_here() -> bool {
     crate::kvm_unusable().is_none()
-        && vmm::vstate::kvm::detect_kind(Path::new("/sys/module")) == vmm::KvmKind::Hardware
+        && vmm::host::detect_kind(Path::new("/sys/module")) == vmm::KvmKind::Hardware
 }
 
 /// Decides where the test `name` (its path as the test harness names it)

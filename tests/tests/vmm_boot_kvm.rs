@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use guest_image::busybox::{BusyboxRoot, InitKind, BOOT_CHECK_MARKER, DEFAULT_BUSYBOX};
 use keystone_tests::{busybox_missing, kvm_unusable, skip, ScratchDir};
-use vmm::{BootEvent, HostKvm, VmBuilder, VmExitReason};
+use vmm::{BootEvent, VmBuilder, VmExitReason};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
@@ -27,7 +27,7 @@ fn boots_to_userspace_on_a_virtiofs_root() {
         skip!("{reason}");
     }
     let kernel = guest_image::kernel::ensure_kernel().expect("guest kernel");
-    let host = HostKvm::open().expect("open /dev/kvm");
+    let host = vmm::host::kvm_facts().expect("open /dev/kvm");
 
     let root = ScratchDir::new("vmm-boot-root");
     let token = format!("token-{}", std::process::id());
@@ -53,8 +53,7 @@ fn boots_to_userspace_on_a_virtiofs_root() {
 
     let info = vm.info().clone();
     assert_eq!(
-        info.cpu_template,
-        host.recommended_template(),
+        info.cpu_template, host.template,
         "template follows detection"
     );
     if host.kind == vmm::KvmKind::Pvm {

@@ -9,6 +9,7 @@ use crate::arch::x86_64::cpuid::CpuTemplate;
 
 /// Whether the guest gets VMX/SVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum NestedMode {
     /// Never.
     Off,
@@ -22,6 +23,7 @@ pub enum NestedMode {
 /// Where the guest's serial console goes (it is always also kept in the
 /// in-memory console log).
 #[derive(Default)]
+#[non_exhaustive]
 pub enum SerialOutput {
     /// Only the in-memory log.
     #[default]
@@ -33,28 +35,46 @@ pub enum SerialOutput {
 }
 
 /// A device served by a vhost-user backend on the other end of `stream`.
+#[non_exhaustive]
 pub enum DeviceSpec {
     /// virtio-fs (the backend is virtiofsd-lite or virtiofsd).
     VhostUserFs {
+        /// The frontend's end of the vhost-user connection.
         stream: UnixStream,
+        /// The tag the guest mounts (`mount -t virtiofs TAG`).
         tag: String,
+        /// Request queues besides the high-priority one.
         num_request_queues: u32,
+        /// Entries per queue.
         queue_size: u16,
     },
     /// virtio-vsock (the backend is `vsock-lite`'s, or vhost-device-vsock).
-    VhostUserVsock { stream: UnixStream, guest_cid: u64 },
+    VhostUserVsock {
+        /// The frontend's end of the vhost-user connection.
+        stream: UnixStream,
+        /// The guest's CID.
+        guest_cid: u64,
+    },
     /// Any other vhost-user device.
     VhostUser {
+        /// The frontend's end of the vhost-user connection.
         stream: UnixStream,
+        /// The virtio device type.
         device_type: u32,
+        /// Its queues.
         num_queues: usize,
+        /// Entries per queue.
         queue_size: u16,
+        /// Its configuration space.
         config: Vec<u8>,
+        /// Feature bits offered besides the transport's.
         extra_features: u64,
     },
 }
 
-/// The full description of a VM.
+/// The full description of a VM. Fields may be added: start from
+/// [`VmConfig::new`] (or use [`VmBuilder`]).
+#[non_exhaustive]
 pub struct VmConfig {
     /// A vmlinux ELF or a bzImage.
     pub kernel: PathBuf,
@@ -62,7 +82,7 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel command line (devices and host-specific options are added).
     pub cmdline: String,
-    /// Add the options this host's KVM needs ([`crate::vstate::kvm::HostKvm::guest_cmdline_extras`]).
+    /// Add the options this host's KVM needs (the kvm_pvm workarounds of [`crate::host::PVM_GUEST_CMDLINE`]).
     pub host_cmdline_extras: bool,
     /// Number of vCPUs (1 to 64).
     pub vcpus: u8,

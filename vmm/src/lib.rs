@@ -17,16 +17,63 @@
 //! # Ok::<(), vmm::StartError>(())
 //! ```
 
-pub mod arch;
-pub mod config;
-pub mod devices;
-pub mod machine;
+#![deny(missing_docs)]
+
+//! The public surface is what an embedder needs: [`VmBuilder`] (or
+//! [`VmConfig`] and [`start`]), the [`VmHandle`] of a running VM, the
+//! devices it can be given ([`DeviceSpec`]: vhost-user virtio-fs and
+//! vsock, whose backends run outside the VMM), and facts about the host
+//! ([`host`]) and its KVM ([`probe`]). KVM, guest memory, boot and device
+//! internals stay private.
+//!
+//! A vCPU is kicked out of KVM_RUN (to pause or stop it) with the
+//! real-time signal [`host::vcpu_kick_signal`]: starting a VM installs an
+//! empty handler for it in the process, so an embedder must not use that
+//! signal for anything else.
+
+mod arch;
+mod config;
+mod devices;
+mod machine;
 pub mod probe;
-pub mod vstate;
+mod vstate;
 
 pub use arch::x86_64::cpuid::{CpuTemplate, VirtExtension};
 pub use config::{DeviceSpec, NestedMode, SerialOutput, VmBuilder, VmConfig};
 pub use devices::legacy::{BootEvent, BootTimeline, ConsoleLog};
 pub use machine::{start, NestedStatus, StartError, VmExit, VmHandle, VmInfo};
-pub use vstate::exit::VmExitReason;
-pub use vstate::kvm::{HostKvm, KvmKind};
+pub use vstate::exit::{RegsSnapshot, VmExitReason};
+pub use vstate::kvm::KvmKind;
+
+/// Facts about this host that embedders show or pass on.
+pub mod host {
+    pub use crate::arch::x86_64::tsc::host_khz as tsc_khz;
+    pub use crate::devices::legacy::boot_timer::monotonic_ns;
+    pub use crate::vstate::kvm::{
+        detect_kind, kvm_facts, KvmError, KvmFacts, COMMON_GUEST_CMDLINE, PVM_GUEST_CMDLINE,
+    };
+
+    /// The real-time signal that kicks a vCPU out of KVM_RUN (SIGRTMIN+1);
+    /// a started VM installs an empty handler for it.
+    pub fn vcpu_kick_signal() -> i32 {
+        crate::vstate::vcpu::vcpu_kick_signal()
+    }
+}
+
+/// The errors a failed start carries ([`StartError`]'s sources).
+pub mod error {
+    pub use crate::arch::x86_64::boot::BootError;
+    pub use crate::arch::x86_64::mptable::MptableError;
+    pub use crate::arch::x86_64::regs::RegsError;
+    pub use crate::vstate::kvm::KvmError;
+    pub use crate::vstate::memory::MemoryError;
+    pub use crate::vstate::vm::VmError;
+}
+
+/// The VMM's own virtio device models, for embedders and tests that drive
+/// a vhost-user backend without booting a guest.
+pub mod device {
+    pub use crate::devices::virtio::vhost_user::{VhostUserDevice, VhostUserError};
+    pub use crate::devices::virtio::VirtioDevice;
+    pub use crate::vstate::memory::{create_memfd_memory, GuestMemoryMmap, MemoryError};
+}

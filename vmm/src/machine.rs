@@ -33,39 +33,71 @@ use crate::vstate::vm::Vm;
 
 /// Errors starting a VM. Each says what to change.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
+    /// `/dev/kvm` cannot be opened or queried.
     #[error(transparent)]
     Kvm(#[from] crate::vstate::kvm::KvmError),
+    /// The configuration is inconsistent (the message says which setting).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// [`crate::NestedMode::On`] on a host whose KVM cannot nest.
     #[error("nested virtualization was required but this host's KVM offers no VMX/SVM to guests (host KVM: {0}); enable nesting on the host (kvm_intel nested=1 or kvm_amd nested=1) or start without it")]
     NestedUnavailable(&'static str),
+    /// Guest memory could not be created.
     #[error(transparent)]
     Memory(#[from] crate::vstate::memory::MemoryError),
+    /// The KVM VM could not be set up.
     #[error(transparent)]
     Vm(#[from] crate::vstate::vm::VmError),
+    /// The kernel or initrd could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The boot vCPU's registers could not be set.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// A vCPU could not be created.
     #[error("cannot create vCPU {id}: {source}")]
-    Vcpu { id: u8, source: kvm_ioctls::Error },
+    Vcpu {
+        /// Which vCPU.
+        id: u8,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU's CPUID could not be set.
     #[error("cannot set CPUID on vCPU {id}: {source}")]
-    Cpuid { id: u8, source: kvm_ioctls::Error },
+    Cpuid {
+        /// Which vCPU.
+        id: u8,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// A device could not be set up (its backend refused, or its settings
+    /// are wrong).
     #[error("device {index}: {message}")]
-    Device { index: usize, message: String },
+    Device {
+        /// The device's place in [`crate::VmConfig::devices`].
+        index: usize,
+        /// What went wrong.
+        message: String,
+    },
+    /// More virtio devices than the MMIO window holds.
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(usize),
+    /// A vCPU thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
 }
 
 /// What nested virtualization the guest got, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NestedStatus {
     /// The extension the guest sees, if any.
     pub enabled: Option<VirtExtension>,
@@ -75,19 +107,27 @@ pub struct NestedStatus {
 
 /// Facts about the started VM that embedders show their users.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct VmInfo {
+    /// Whether the host's KVM is hardware or paravirtual.
     pub kvm_kind: KvmKind,
+    /// The CPUID template the vCPUs got.
     pub cpu_template: CpuTemplate,
+    /// Nested virtualization as the VMM set it up.
     pub nested: NestedStatus,
     /// The full command line the kernel got.
     pub cmdline: String,
+    /// Number of vCPUs.
     pub vcpus: u8,
+    /// Guest RAM in MiB.
     pub memory_mib: u64,
 }
 
 /// How a VM ended.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct VmExit {
+    /// Why it stopped.
     pub reason: VmExitReason,
 }
 
@@ -533,6 +573,16 @@ impl VmHandle {
         self.exit.request(VmExitReason::Stopped);
         self.join_vcpus();
         self.exit.reason().unwrap_or(VmExitReason::Stopped)
+    }
+
+    /// A descriptor that becomes readable once the VM has stopped (an
+    /// eventfd), for embedders that wait in their own event loop; then
+    /// [`VmHandle::exit_reason`] says why.
+    pub fn exit_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the eventfd lives as long as the handle (`self.exit`),
+        // which the borrow is tied to.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.exit.eventfd().as_raw_fd()) }
     }
 
     /// Opens a connection to guest vsock `port` through the vsock backend's

@@ -7,7 +7,7 @@
 //! else is reported: the device cannot be opened (permissions: the `kvm`
 //! group), an ioctl fails, the vCPU exits some other way, or it does not
 //! come back within the deadline (a vCPU that spins in KVM_RUN is kicked
-//! out with [`vcpu_kick_signal`] so that the probe always returns).
+//! out with [`crate::host::vcpu_kick_signal`] so that the probe always returns).
 //!
 //! It is what `keystone vm check` runs, and what tests run inside nested
 //! guests to show that a VM works three levels deep.
@@ -32,20 +32,29 @@ const MEMORY: usize = 0x2000;
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProbeError {
+    /// `/dev/kvm` cannot be opened (the message says why and what to do).
     #[error("cannot open /dev/kvm: {0}{hint}", hint = open_hint(.0))]
     Open(std::io::Error),
+    /// A KVM ioctl failed.
     #[error("{what} failed: {err}")]
     Ioctl {
+        /// The ioctl.
         what: &'static str,
+        /// KVM's error.
         err: kvm_ioctls::Error,
     },
+    /// The probe's memory could not be set up.
     #[error("cannot set up the probe's guest memory: {0}")]
     Memory(String),
+    /// The vCPU exited in some other way than the OUT and the HLT.
     #[error("the probe's vCPU exited unexpectedly: {0}")]
     Unexpected(String),
+    /// KVM_RUN did not return within the deadline.
     #[error("the probe's vCPU did not come back from KVM_RUN within {0:?} (it was kicked out)")]
     TimedOut(Duration),
+    /// The vCPU thread could not be started.
     #[error("cannot start the probe's vCPU thread: {0}")]
     Thread(std::io::Error),
 }
@@ -162,7 +171,9 @@ pub fn probe(deadline: Duration) -> Result<Duration, ProbeError> {
 /// What [`probe_many`] saw.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProbeTally {
+    /// Runs made.
     pub runs: u32,
+    /// Runs that exited as they should.
     pub ok: u32,
     /// Runs that did not come back within the deadline.
     pub timed_out: u32,

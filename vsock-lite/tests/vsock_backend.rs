@@ -15,7 +15,7 @@ use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm::vstate::memory::{create_memfd_memory, GuestMemoryMmap};
+use vmm::device::{create_memfd_memory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, TYPE_STREAM};
 use vsock_lite::{spawn_paired, VsockConfig};
@@ -295,8 +295,8 @@ fn vsock_host_connect_reaches_guest_and_bytes_flow_both_ways() {
 
 #[test]
 fn vsock_frontend_constructor_negotiates_with_spawned_backend() {
-    use vmm::devices::virtio::vhost_user::VhostUserDevice;
-    use vmm::devices::virtio::VirtioDevice;
+    use vmm::device::VhostUserDevice;
+    use vmm::device::VirtioDevice;
     use vsock_lite::VsockError;
 
     let dir = std::env::temp_dir().join(format!("vsock-fe-{}", std::process::id()));

@@ -6,7 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use vmm::devices::legacy::boot_timer::monotonic_ns;
+use vmm::host::monotonic_ns;
 
 /// A spawned child; see the module docs.
 pub struct GroupChild {

@@ -9,7 +9,8 @@
 //! options unless `--no-host-cmdline`), so what we hand it is the full line
 //! minus those words: the guest then sees the same words as every peer.
 
-use vmm::vstate::kvm::{KvmKind, COMMON_GUEST_CMDLINE, PVM_GUEST_CMDLINE};
+use vmm::host::{COMMON_GUEST_CMDLINE, PVM_GUEST_CMDLINE};
+use vmm::KvmKind;
 
 /// What `keystone vm run` always puts in front of its `--cmdline`.
 const KEYSTONE_PREFIX: &str = "console=ttyS0 earlyprintk=ttyS0";

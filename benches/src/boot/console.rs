@@ -10,7 +10,7 @@ use std::process::ChildStdout;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use vmm::devices::legacy::boot_timer::monotonic_ns;
+use vmm::host::monotonic_ns;
 
 use super::procmem::{self, ProcMemory};
 

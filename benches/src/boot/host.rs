@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{json, Value};
-use vmm::vstate::kvm::detect_kind;
-use vmm::{HostKvm, KvmKind};
+use vmm::host::detect_kind;
+use vmm::KvmKind;
 
 /// The KVM kind here (kvm_pvm's module present or not).
 pub fn kvm_kind() -> KvmKind {
@@ -42,7 +42,7 @@ fn nested() -> Value {
             .ok()
             .map(|v| format!("{m}.nested={}", v.trim()))
     });
-    let offered = match HostKvm::open() {
+    let offered = match vmm::host::kvm_facts() {
         Ok(h) => json!(h.nested.map(|e| format!("{e:?}"))),
         Err(e) => json!(format!("cannot probe /dev/kvm: {e}")),
     };

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vmm::devices::legacy::boot_timer::monotonic_ns;
+use vmm::host::monotonic_ns;
 
 use super::agent;
 use super::child::GroupChild;

@@ -20,6 +20,7 @@ const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
 /// Registers worth showing when a guest dies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // The x86 register names say it.
 pub struct RegsSnapshot {
     pub rip: u64,
     pub rsp: u64,
@@ -45,6 +46,7 @@ impl fmt::Display for RegsSnapshot {
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VmExitReason {
     /// The guest rebooted (i8042 reset or a KVM reset event): a clean exit.
     Reset,
@@ -53,19 +55,40 @@ pub enum VmExitReason {
     /// The host asked the VM to stop.
     Stopped,
     /// A vCPU triple-faulted.
-    TripleFault { vcpu: u8, regs: RegsSnapshot },
+    TripleFault {
+        /// Which vCPU.
+        vcpu: u8,
+        /// Its registers then.
+        regs: RegsSnapshot,
+    },
     /// KVM could not emulate an instruction (or another internal error).
     InternalError {
+        /// Which vCPU.
         vcpu: u8,
+        /// KVM's suberror code.
         suberror: u32,
+        /// Its registers then.
         regs: RegsSnapshot,
     },
     /// The guest kernel reported a crash (KVM_SYSTEM_EVENT_CRASH).
-    GuestCrash { vcpu: u8 },
+    GuestCrash {
+        /// Which vCPU.
+        vcpu: u8,
+    },
     /// KVM could not enter the guest.
-    FailEntry { vcpu: u8, reason: u64 },
+    FailEntry {
+        /// Which vCPU.
+        vcpu: u8,
+        /// KVM's hardware entry failure reason.
+        reason: u64,
+    },
     /// An exit the VMM does not handle, or a failing KVM_RUN.
-    VcpuError { vcpu: u8, message: String },
+    VcpuError {
+        /// Which vCPU.
+        vcpu: u8,
+        /// What happened.
+        message: String,
+    },
 }
 
 impl VmExitReason {

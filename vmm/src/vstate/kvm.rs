@@ -34,13 +34,39 @@ impl KvmKind {
 
 /// Errors opening or probing `/dev/kvm`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KvmError {
+    /// `/dev/kvm` cannot be opened.
     #[error("cannot open /dev/kvm: {0}; is KVM enabled (kvm_intel/kvm_amd/kvm_pvm loaded) and are you in the 'kvm' group?")]
     Open(kvm_ioctls::Error),
+    /// The kernel's KVM speaks another API version.
     #[error("KVM API version {0} is not supported (need 12)")]
     ApiVersion(i32),
+    /// KVM would not say which CPUID it supports.
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
+}
+
+/// What this host's KVM is and can give a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KvmFacts {
+    /// Hardware or paravirtual.
+    pub kind: KvmKind,
+    /// VMX or SVM, when KVM can give them to a guest.
+    pub nested: Option<VirtExtension>,
+    /// The CPUID template a guest gets here by default.
+    pub template: CpuTemplate,
+}
+
+/// Opens `/dev/kvm` and says what it is.
+pub fn kvm_facts() -> Result<KvmFacts, KvmError> {
+    let host = HostKvm::open()?;
+    Ok(KvmFacts {
+        kind: host.kind,
+        nested: host.nested,
+        template: host.recommended_template(),
+    })
 }
 
 /// The host's KVM, probed once.

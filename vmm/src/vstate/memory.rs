@@ -8,18 +8,26 @@ use vm_memory::{FileOffset, GuestAddress};
 
 /// The guest memory type used throughout the VMM.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
-/// One region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<()>;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MemoryError {
+    /// The memfd could not be created.
     #[error("memfd_create failed: {0}")]
     Memfd(std::io::Error),
+    /// The memfd could not be sized.
     #[error("cannot size the guest memory file to {size} bytes: {source}")]
-    Truncate { size: u64, source: std::io::Error },
+    Truncate {
+        /// The size asked for.
+        size: u64,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The memory could not be mapped.
     #[error("cannot map guest memory: {0}")]
     Mmap(String),
+    /// The ranges overlap or are empty.
     #[error("guest memory layout is invalid: {0}")]
     Layout(String),
 }

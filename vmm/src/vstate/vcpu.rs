@@ -50,11 +50,6 @@ impl RunControl {
         *self.paused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Number of vCPUs currently parked.
-    pub fn parked(&self) -> usize {
-        *self.pause_acks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Waits until `n` vCPUs are parked (or `timeout`).
     pub fn wait_parked(&self, n: usize, timeout: std::time::Duration) -> bool {
         let acks = self.pause_acks.lock().unwrap_or_else(|e| e.into_inner());

@@ -12,22 +12,33 @@ use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
 /// Errors creating or wiring the VM.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VmError {
+    /// The VM could not be created.
     #[error("KVM_CREATE_VM failed: {0}")]
     Create(kvm_ioctls::Error),
+    /// KVM refused a guest memory slot.
     #[error("KVM rejected guest memory slot {slot}: {source}")]
     MemorySlot {
+        /// The slot.
         slot: u32,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// The in-kernel irqchip or PIT could not be set up.
     #[error("cannot set up the in-kernel {what}: {source}")]
     Irqchip {
+        /// Which part.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// An eventfd could not be registered with KVM.
     #[error("cannot register {what}: {source}")]
     Register {
+        /// What it was for.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
 }

@@ -15,7 +15,7 @@ use crate::virtq_driver::{
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
-use vmm::vstate::memory::{create_memfd_memory, GuestMemoryMmap};
+use vmm::device::{create_memfd_memory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vsock_lite::backend::{VsockBackend, MUXER_EVENT};
 use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};

@@ -5,7 +5,7 @@
 //! the device could read and write.
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::vstate::memory::GuestMemoryMmap;
+use vmm::device::GuestMemoryMmap;
 
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;

@@ -70,7 +70,7 @@ impl HostFacts {
             .status()
             .is_ok_and(|s| s.success());
         Self {
-            kvm: kvm_ok.then(|| vmm::vstate::kvm::detect_kind(Path::new("/sys/module"))),
+            kvm: kvm_ok.then(|| vmm::host::detect_kind(Path::new("/sys/module"))),
             qemu,
         }
     }
@@ -161,7 +161,16 @@ pub fn qemu_nested(wanted: bool) -> (NestedStatus, String) {
 
 /// What our VMM gave the guest, as it reported it.
 pub fn vmm_nested(wanted: bool, got: &vmm::NestedStatus) -> (NestedStatus, String) {
-    match (&got.enabled, &got.warning) {
+    nested_from(wanted, got.enabled, got.warning.as_deref())
+}
+
+/// [`vmm_nested`] from its parts: the extension given, the VMM's warning.
+fn nested_from(
+    wanted: bool,
+    enabled: Option<vmm::VirtExtension>,
+    warning: Option<&str>,
+) -> (NestedStatus, String) {
+    match (enabled, warning) {
         (Some(ext), _) => (
             NestedStatus::Enabled,
             format!(
@@ -169,7 +178,7 @@ pub fn vmm_nested(wanted: bool, got: &vmm::NestedStatus) -> (NestedStatus, Strin
                 format!("{ext:?}").to_uppercase()
             ),
         ),
-        (None, Some(why)) => (NestedStatus::Unavailable, why.clone()),
+        (None, Some(why)) => (NestedStatus::Unavailable, why.to_string()),
         (None, None) if wanted => (
             NestedStatus::Unavailable,
             "the VMM gave the guest no VMX/SVM".to_string(),
@@ -414,25 +423,15 @@ mod tests {
         assert_eq!(qemu_nested(true).0, NestedStatus::Enabled);
         assert!(qemu_nested(true).1.contains("TCG"));
         assert_eq!(qemu_nested(false).0, NestedStatus::Disabled);
-        let svm = vmm::NestedStatus {
-            enabled: Some(vmm::VirtExtension::Svm),
-            warning: None,
-        };
-        let (s, how) = vmm_nested(true, &svm);
+        let (s, how) = nested_from(true, Some(vmm::VirtExtension::Svm), None);
         assert_eq!(s, NestedStatus::Enabled);
         assert!(how.starts_with("SVM from the host's KVM"), "{how}");
-        let none = vmm::NestedStatus {
-            enabled: None,
-            warning: Some("this host's KVM (pvm) offers no VMX/SVM to guests".into()),
-        };
-        let (s, how) = vmm_nested(true, &none);
+        let pvm = "this host's KVM (pvm) offers no VMX/SVM to guests";
+        let (s, how) = nested_from(true, None, Some(pvm));
         assert_eq!(s, NestedStatus::Unavailable);
         assert!(how.contains("pvm"), "{how}");
-        let off = vmm::NestedStatus {
-            enabled: None,
-            warning: None,
-        };
-        assert_eq!(vmm_nested(false, &off).0, NestedStatus::Disabled);
+        assert_eq!(nested_from(true, None, None).0, NestedStatus::Unavailable);
+        assert_eq!(nested_from(false, None, None).0, NestedStatus::Disabled);
     }
 
     #[test]

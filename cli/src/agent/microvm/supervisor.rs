@@ -308,7 +308,7 @@ fn run_qemu(
             .map_err(|e| format!("cannot start the vsock thread: {e}"))?;
     }
     // Measured while the daemons start listening.
-    let tsc_khz = vmm::arch::x86_64::tsc::host_khz();
+    let tsc_khz = vmm::host::tsc_khz();
     let mut wanted: Vec<PathBuf> = shares.iter().map(|(s, _)| s.clone()).collect();
     wanted.push(vhost_vsock.clone());
     wait_for_sockets(&wanted)?;

@@ -27,30 +27,53 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
 /// Errors loading a kernel.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BootError {
+    /// The kernel image cannot be opened.
     #[error("cannot open kernel image {path}: {source}")]
     OpenKernel {
+        /// Its path.
         path: String,
+        /// The error.
         source: std::io::Error,
     },
+    /// The file is no kernel image this VMM boots.
     #[error("{path} is neither a vmlinux ELF nor a bzImage (no ELF magic, no 'HdrS' header)")]
-    UnknownKernelFormat { path: String },
+    UnknownKernelFormat {
+        /// Its path.
+        path: String,
+    },
+    /// The kernel could not be loaded into guest memory.
     #[error("cannot load kernel {path}: {source}")]
     LoadKernel {
+        /// Its path.
         path: String,
+        /// The loader's error.
         source: linux_loader::loader::Error,
     },
+    /// The initrd cannot be opened.
     #[error("cannot open initrd {path}: {source}")]
     OpenInitrd {
+        /// Its path.
         path: String,
+        /// The error.
         source: std::io::Error,
     },
+    /// The initrd does not fit in guest RAM.
     #[error("initrd of {size} bytes does not fit in guest RAM below {limit:#x}; give the VM more memory")]
-    InitrdTooBig { size: u64, limit: u64 },
+    InitrdTooBig {
+        /// Its size.
+        size: u64,
+        /// Where guest RAM for it ends.
+        limit: u64,
+    },
+    /// The initrd could not be copied into guest memory.
     #[error("cannot write the initrd into guest memory: {0}")]
     WriteInitrd(String),
+    /// The command line is too long or holds a NUL.
     #[error("kernel command line: {0}")]
     Cmdline(String),
+    /// boot_params could not be written.
     #[error("cannot write boot_params: {0}")]
     BootParams(String),
 }
@@ -93,8 +116,6 @@ fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Where the kernel ended up.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
-    /// The format that was loaded.
-    pub format: KernelFormat,
     /// The 64-bit entry point for the boot vCPU.
     pub entry: GuestAddress,
     /// The bzImage setup header, to be copied into boot_params.
@@ -128,7 +149,6 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
         KernelFormat::BzImage => result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
     };
     Ok(LoadedKernel {
-        format,
         entry,
         setup_header: result.setup_header,
         end: result.kernel_end,
@@ -296,7 +316,6 @@ mod tests {
     fn boot_params_for_an_elf_kernel() {
         let m = mem(128 << 20);
         let kernel = LoadedKernel {
-            format: KernelFormat::Elf,
             entry: GuestAddress(0x100_0000),
             setup_header: None,
             end: 0x200_0000,

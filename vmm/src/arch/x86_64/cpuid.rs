@@ -73,7 +73,9 @@ impl std::str::FromStr for CpuTemplate {
 /// Which hardware virtualization extension the supported CPUID offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VirtExtension {
+    /// Intel VT-x.
     Vmx,
+    /// AMD-V.
     Svm,
 }
 

@@ -114,9 +114,12 @@ unsafe impl ByteValued for InterruptEntry {}
 
 /// Errors writing the MP table.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MptableError {
+    /// More vCPUs than the MP table describes.
     #[error("{0} vCPUs requested; the MP table supports 1 to {MAX_VCPUS}")]
     TooManyCpus(u8),
+    /// The table could not be written.
     #[error("cannot write the MP table into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }

@@ -34,16 +34,27 @@ const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 0x1;
 
 /// Errors configuring vCPU registers.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RegsError {
+    /// The GDT or page tables could not be written.
     #[error("cannot write boot tables into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    /// KVM refused a register set.
     #[error("KVM rejected the vCPU {what}: {source}")]
     Kvm {
+        /// Which registers.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// KVM took only some of the boot MSRs.
     #[error("KVM accepted only {set} of {wanted} boot MSRs")]
-    Msrs { set: usize, wanted: usize },
+    Msrs {
+        /// MSRs set.
+        set: usize,
+        /// MSRs asked for.
+        wanted: usize,
+    },
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {

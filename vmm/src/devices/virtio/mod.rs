@@ -20,11 +20,9 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 /// Virtio device IDs (virtio 1.2, section 5).
 pub mod device_type {
-    pub const NET: u32 = 1;
-    pub const BLOCK: u32 = 2;
-    pub const CONSOLE: u32 = 3;
-    pub const RNG: u32 = 4;
+    /// virtio-vsock.
     pub const VSOCK: u32 = 19;
+    /// virtio-fs.
     pub const FS: u32 = 26;
 }
 
@@ -73,7 +71,7 @@ pub enum ActivateError {
 
 /// A virtio device model, independent of its transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (see [`device_type`]).
+    /// The virtio device ID (virtio 1.2, section 5: 26 for virtio-fs, 19 for vsock).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];

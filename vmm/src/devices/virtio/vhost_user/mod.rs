@@ -58,43 +58,81 @@ const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bi
 
 /// Errors from the vhost-user frontend.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VhostUserError {
+    /// A vhost-user request to the backend failed.
     #[error("vhost-user {step} failed: {source} (has the backend exited or closed its socket?)")]
     Protocol {
+        /// The request.
         step: &'static str,
+        /// The error.
         source: vhost::Error,
     },
+    /// The backend is not a modern virtio one.
     #[error("the vhost-user backend does not offer VIRTIO_F_VERSION_1 (it offers {0:#x}); only modern virtio backends are supported")]
     NoVersion1(u64),
+    /// The backend has fewer queues than the device needs.
     #[error("the device needs {wanted} queues but the vhost-user backend supports only {supported}; start the backend with more queues")]
-    TooFewQueues { wanted: usize, supported: u64 },
+    TooFewQueues {
+        /// Queues the device has.
+        wanted: usize,
+        /// Queues the backend serves.
+        supported: u64,
+    },
+    /// A queue count out of range.
     #[error("a vhost-user device needs 1 to {MAX_QUEUES} queues, not {0}")]
     QueueCount(usize),
+    /// A queue size that is not a power of two in range.
     #[error("queue size {0} is not a power of two between 1 and {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
+    /// A virtio-fs tag the guest could not mount.
     #[error("virtio-fs tag {0:?} must be 1 to 36 bytes long and contain no NUL byte")]
     InvalidTag(String),
+    /// A virtio-fs request queue count out of range.
     #[error("virtio-fs needs 1 to 255 request queues, not {0}")]
     RequestQueueCount(u32),
+    /// The driver activated the device with no queue ready.
     #[error("the driver set no queue ready, so there is nothing to hand to the backend")]
     NoQueues,
+    /// The driver named a queue the device does not have.
     #[error("queue {0} does not exist on this device")]
     QueueIndex(u16),
+    /// The driver set a queue size the device does not allow.
     #[error("queue {index}: size {size} is not a power of two up to the maximum {max}")]
-    BadQueueSize { index: u16, size: u16, max: u16 },
+    BadQueueSize {
+        /// The queue.
+        index: u16,
+        /// The size the driver set.
+        size: u16,
+        /// The device's maximum.
+        max: u16,
+    },
+    /// A ring is not inside guest memory.
     #[error("queue {index}: the {what} at guest address {addr:#x} (+{len:#x} bytes) is misaligned or not inside one guest memory region")]
     RingAddress {
+        /// The queue.
         index: u16,
+        /// Which ring.
         what: &'static str,
+        /// Its guest address.
         addr: u64,
+        /// Its length.
         len: u64,
     },
-    #[error("the guest memory region at {0:#x} is not file-backed, so a vhost-user backend cannot map it; create guest memory with vstate::memory::create_memfd_memory")]
+    /// Guest memory a backend cannot map.
+    #[error("the guest memory region at {0:#x} is not file-backed, so a vhost-user backend cannot map it; create guest memory with vmm::device::create_memfd_memory")]
     MemoryNotShareable(u64),
+    /// More memory regions than vhost-user can pass.
     #[error("guest memory has {0} regions; vhost-user SET_MEM_TABLE takes at most {MAX_ATTACHED_FD_ENTRIES}")]
     TooManyRegions(usize),
+    /// The transport handed over a kick eventfd per queue, or should have.
     #[error("activation got {kicks} kick eventfds for {queues} queues")]
-    KickCount { queues: usize, kicks: usize },
+    KickCount {
+        /// Queues.
+        queues: usize,
+        /// Kick eventfds.
+        kicks: usize,
+    },
 }
 
 impl From<VhostUserError> for ActivateError {
@@ -131,7 +169,7 @@ impl VhostUserDevice {
     /// `config` is the device configuration space the guest reads (the
     /// frontend owns it; guest writes to it are ignored). `extra_features`
     /// are the device-specific feature bits the guest may see, on top of
-    /// [`GENERIC_FEATURES`]; only those the backend offers are offered.
+    /// the generic ones (VERSION_1, EVENT_IDX and the like); only those the backend offers are offered.
     pub fn new(
         stream: UnixStream,
         device_type: u32,

@@ -17,7 +17,7 @@ pub const QUEUE_SIZE: u16 = 256;
 
 impl VhostUserDevice {
     /// A virtio-vsock device for the guest at `guest_cid` (rx, tx and event
-    /// queues of [`QUEUE_SIZE`] entries), served by the vhost-user vsock
+    /// queues of 256 entries), served by the vhost-user vsock
     /// backend at the other end of `stream`.
     pub fn vsock(stream: UnixStream, guest_cid: u64) -> Result<Self, VhostUserError> {
         Self::new(
