@@ -84,13 +84,18 @@ pub(in super::super) fn integrate(
             .join("\n")
     };
     if let Err(why) = refs.check(project, &branch) {
+        let fetched = shown(&format!("refs/remotes/sandbox-{name}/{branch}"));
+        let kept = if opts.dry_run {
+            String::new()
+        } else {
+            format!(
+                "; the sandbox's commits stay at {fetched}: take them under another name \
+                 with `git branch NEW {fetched}`"
+            )
+        };
         return Err(failed(with_notes(format!(
-            "the branch {} is not synced: {why}; the sandbox's commits stay at \
-             refs/remotes/sandbox-{name}/{}: take them under another name with \
-             `git branch NEW refs/remotes/sandbox-{name}/{}`",
-            shown(&branch),
-            printable(branch.as_bytes()),
-            printable(branch.as_bytes()),
+            "the branch {} is not synced: {why}{kept}",
+            shown(&branch)
         ))));
     }
     let sandbox_ref = format!("{ns}/{branch}");
@@ -112,10 +117,25 @@ pub(in super::super) fn integrate(
             .is_some_and(|h| is_ancestor(project, h, &tip)),
     );
     if decision == Decision::UpToDate {
-        return Err(BackendError::InvalidState(with_notes(format!(
-            "nothing to sync: {} already has the sandbox's commits",
+        // One line: `sync --artifacts` goes on from it.
+        let takeable: Vec<String> = others
+            .iter()
+            .filter(|b| refs.check(project, b).is_ok())
+            .map(|b| shown(b))
+            .collect();
+        let also = if takeable.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (the sandbox also has {}, which the host lacks: `keystone agent sync {name} \
+                 --branch B` takes one)",
+                takeable.join(", ")
+            )
+        };
+        return Err(BackendError::InvalidState(format!(
+            "nothing to sync: {} already has the sandbox's commits{also}",
             shown(&branch)
-        ))));
+        )));
     }
     let content = ContentGit::new(project, &[&tip]).map_err(|e| failed(said(&e)))?;
     let range = match &host_tip {
@@ -191,7 +211,7 @@ fn apply(
     checked_out: bool,
     content: &ContentGit,
 ) -> BackendResult<()> {
-    let remote_name = format!("sandbox-{name}/{}", printable(branch.as_bytes()));
+    let remote_name = shown(&format!("sandbox-{name}/{branch}"));
     let shown_branch = shown(branch);
     match decision {
         Decision::FastForward | Decision::Create if checked_out => {

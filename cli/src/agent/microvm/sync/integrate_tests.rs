@@ -242,6 +242,15 @@ fn sync_creates_a_branch_only_when_named_and_never_under_a_refused_name() {
         .git_output(&["rev-parse", "--verify", "refs/heads/feature"])
         .status
         .success());
+    // Nothing new on main: one line, which still names the sandbox-only
+    // branch that can be taken.
+    let err = integrate(&host.dir, "s", &SyncOptions::default(), NS).unwrap_err();
+    let BackendError::InvalidState(msg) = err else {
+        panic!("{err}");
+    };
+    assert!(!msg.contains('\n'), "{msg}");
+    assert!(msg.contains("also has feature,"), "{msg}");
+    assert!(!msg.contains("origin/main"), "{msg}");
 
     // The user names it: created, with no checkout.
     integrate(&host.dir, "s", &named("feature"), NS).unwrap();
