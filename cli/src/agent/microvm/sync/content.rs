@@ -238,11 +238,18 @@ pub fn attribute_drivers(project: &Path, tip: &str) -> Result<Drivers, String> {
         return Err("git grep gave no output pipe".into());
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let read = stdout.take(MAX_ATTRIBUTE_BYTES).read_to_end(&mut bytes);
-        let _ = tx.send(read.map(|_| bytes));
-    });
+    let reader = std::thread::Builder::new()
+        .name("gitattributes".into())
+        .spawn(move || {
+            let mut bytes = Vec::new();
+            let read = stdout.take(MAX_ATTRIBUTE_BYTES).read_to_end(&mut bytes);
+            let _ = tx.send(read.map(|_| bytes));
+        });
+    if let Err(e) = reader {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("cannot start a thread: {e}"));
+    }
     let bytes = match rx.recv_timeout(ATTRIBUTE_TIMEOUT) {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {

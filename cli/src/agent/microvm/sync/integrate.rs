@@ -15,6 +15,23 @@ use super::{decide, failed, git, is_ancestor, parse_shortstat, rev, said, short,
 
 /// The most sandbox-only branches a report lists.
 const MAX_LISTED: usize = 20;
+/// The most commits, and conflicting files, a report shows.
+const MAX_SHOWN: usize = 200;
+
+/// Git's lines (paths from the sandbox), indented and escaped, at most
+/// [`MAX_SHOWN`] of them.
+fn listed(lines: &str) -> String {
+    let total = lines.lines().count();
+    let mut shown: Vec<String> = lines
+        .lines()
+        .take(MAX_SHOWN)
+        .map(|l| format!("  {}", printable(l.as_bytes())))
+        .collect();
+    if total > MAX_SHOWN {
+        shown.push(format!("  ... and {} more", total - MAX_SHOWN));
+    }
+    shown.join("\n")
+}
 
 /// Lines naming the sandbox branches the host lacks, and how to take each
 /// (or why it cannot be a host branch under its name).
@@ -142,10 +159,28 @@ pub(in super::super) fn integrate(
         Some(h) => format!("{h}..{tip}"),
         None => tip.clone(),
     };
+    let shown_commits = format!("--max-count={MAX_SHOWN}");
     let log = content
-        .run(&["log", "--oneline", "--no-decorate", "--no-color", &range])
+        .run(&[
+            "log",
+            "--oneline",
+            "--no-decorate",
+            "--no-color",
+            &shown_commits,
+            &range,
+        ])
         .unwrap_or_default();
-    let commits: Vec<String> = log.lines().map(|l| printable(l.as_bytes())).collect();
+    let mut commits: Vec<String> = log
+        .lines()
+        .map(|l| format!("  {}", printable(l.as_bytes())))
+        .collect();
+    let count: usize = git(project, &["rev-list", "--count", &range])
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(commits.len());
+    if count > commits.len() {
+        commits.push(format!("  ... and {} more", count - commits.len()));
+    }
     let stat = match &host_tip {
         Some(h) => content.run(&[
             "diff",
@@ -175,11 +210,11 @@ pub(in super::super) fn integrate(
         "{}: {old}..{} ({how}; {} commit(s), {files} file(s) changed, {ins} insertion(s), {del} deletion(s))",
         printable(branch.as_bytes()),
         short(&tip),
-        commits.len()
+        count
     );
     let mut report = SyncReport::default();
     report.refs.push(summary);
-    report.details = commits.iter().map(|c| format!("  {c}")).collect();
+    report.details = commits;
     report.details.extend(notes.iter().cloned());
     if opts.dry_run {
         return Ok(report);
@@ -241,11 +276,7 @@ fn apply(
                     "merging the sandbox's {shown_branch} conflicts in:\n{}\nnothing was changed; \
                      the sandbox's commits are at {remote_name}: resolve by hand with \
                      `git merge {remote_name}`",
-                    conflicts
-                        .lines()
-                        .map(|l| format!("  {}", printable(l.as_bytes())))
-                        .collect::<Vec<_>>()
-                        .join("\n")
+                    listed(&conflicts)
                 )));
             }
         }

@@ -271,3 +271,23 @@ fn sync_creates_a_branch_only_when_named_and_never_under_a_refused_name() {
     let err = integrate(&host.dir, "s", &named("nope"), NS).unwrap_err();
     assert!(matches!(err, BackendError::NotFound(_)), "{err}");
 }
+
+#[test]
+fn a_long_history_is_counted_whole_and_shown_in_part() {
+    let host = TempRepo::new("sync-long", true);
+    let base = host.commit("f", "a\n", "base");
+    let tree = host.git(&["rev-parse", "HEAD^{tree}"]);
+    let mut tip = base;
+    for i in 0..205 {
+        tip = host.git(&["commit-tree", &tree, "-p", &tip, "-m", &format!("c{i}")]);
+    }
+    set_sandbox(&host, "main", &tip);
+    let report = integrate(&host.dir, "s", &named("main"), NS).unwrap();
+    assert!(
+        report.refs[0].contains("205 commit(s)"),
+        "{:?}",
+        report.refs
+    );
+    assert_eq!(report.details.len(), 201, "{:?}", report.details.last());
+    assert_eq!(report.details[200], "  ... and 5 more");
+}
