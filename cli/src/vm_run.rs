@@ -362,6 +362,19 @@ pub fn run(args: RunArgs, process_start_ns: u64) -> anyhow::Result<i32> {
             "warning": info.nested.warning,
         });
         doc["exit"] = reason.to_string().into();
+        // What the boot cost in exits, by device and kind.
+        doc["exits"] = vm
+            .exit_counts()
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "kind": c.kind,
+                    "count": c.count,
+                    "handling_us": c.handling.as_micros() as u64,
+                })
+            })
+            .collect::<Vec<_>>()
+            .into();
         doc["clean_exit"] = reason.is_clean().into();
         doc["kvm"] = info.kvm_kind.name().into();
         doc["cpu_template"] = info.cpu_template.name().into();

@@ -182,4 +182,15 @@ fn vm_run_with_the_host_template_on_hardware_kvm() {
         "{doc}"
     );
     assert!(Path::new(doc["kernel"]["path"].as_str().unwrap()).is_file());
+    // The boot's exits, by device: the console and the root share at least.
+    let exits = doc["exits"].as_array().expect("exits in the timings");
+    let count = |kind: &str| {
+        exits
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .and_then(|e| e["count"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(count("io serial") > 0, "{exits:?}");
+    assert!(count("mmio virtio-fs root") > 0, "{exits:?}");
 }

@@ -43,6 +43,7 @@ pub use config::{DeviceSpec, NestedMode, SerialOutput, VmBuilder, VmConfig};
 pub use devices::legacy::{BootEvent, BootTimeline, ConsoleLog};
 pub use machine::{start, NestedStatus, StartError, VmExit, VmHandle, VmInfo};
 pub use vstate::exit::{RegsSnapshot, VmExitReason};
+pub use vstate::exit_stats::ExitCount;
 pub use vstate::kvm::KvmKind;
 
 /// Facts about this host that embedders show or pass on.

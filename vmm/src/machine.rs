@@ -24,6 +24,7 @@ use crate::devices::virtio::transport::mmio::MmioTransport;
 use crate::devices::virtio::vhost_user::VhostUserDevice;
 use crate::devices::virtio::VirtioDevice;
 use crate::vstate::exit::{ExitSignal, VmExitReason};
+use crate::vstate::exit_stats::{ExitCount, OtherExits};
 use crate::vstate::kvm::{HostKvm, KvmKind, COMMON_GUEST_CMDLINE};
 use crate::vstate::memory::{create_memfd_memory, GuestMemoryMmap};
 use crate::vstate::vcpu::{
@@ -145,6 +146,7 @@ pub struct VmHandle {
     console: Arc<ConsoleLog>,
     serial: Arc<Mutex<Serial>>,
     threads: Mutex<Vec<VcpuThread>>,
+    exits: ExitAccounts,
     vsock_host_socket: Option<std::path::PathBuf>,
     // Kept alive for the VM's lifetime; the vCPU threads and vhost-user
     // backends use them. Field order matters: threads are joined in Drop
@@ -152,6 +154,22 @@ pub struct VmHandle {
     _transports: Vec<Arc<Mutex<MmioTransport>>>,
     _vm: Vm,
     _mem: GuestMemoryMmap,
+}
+
+/// Where a VM's exits are counted: each bus device, and the other kinds.
+struct ExitAccounts {
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    others: Arc<OtherExits>,
+}
+
+impl ExitAccounts {
+    fn snapshot(&self) -> Vec<ExitCount> {
+        let mut all = self.io_bus.exit_counts("io");
+        all.extend(self.mmio_bus.exit_counts("mmio"));
+        all.extend(self.others.snapshot());
+        all
+    }
 }
 
 /// Logs how long each start-up step took (at debug level).
@@ -225,6 +243,15 @@ fn build_cmdline(
     parts.extend(device_args.iter().cloned());
     parts.retain(|p| !p.is_empty());
     parts.join(" ")
+}
+
+/// How a device is named in exit accounting.
+fn device_name(spec: &DeviceSpec) -> String {
+    match spec {
+        DeviceSpec::VhostUserFs { tag, .. } => format!("virtio-fs {tag}"),
+        DeviceSpec::VhostUserVsock { .. } => "virtio-vsock".to_string(),
+        DeviceSpec::VhostUser { device_type, .. } => format!("vhost-user type {device_type}"),
+    }
 }
 
 fn make_device(index: usize, spec: DeviceSpec) -> Result<Box<dyn VirtioDevice>, StartError> {
@@ -334,6 +361,7 @@ fn build_platform(
             serial.clone(),
             u64::from(SERIAL_PORT_COM1),
             SERIAL_PORT_COUNT,
+            "serial",
         )
         .map_err(insert_err)?;
     io_bus
@@ -341,6 +369,7 @@ fn build_platform(
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
             u64::from(i8042::I8042_DATA_PORT),
             i8042::I8042_PORT_COUNT,
+            "i8042",
         )
         .map_err(insert_err)?;
     io_bus
@@ -348,6 +377,7 @@ fn build_platform(
             Arc::new(Mutex::new(BootTimer::new(timeline.clone()))),
             u64::from(BOOT_TIMER_PORT),
             1,
+            "boot timer",
         )
         .map_err(insert_err)?;
 
@@ -356,6 +386,7 @@ fn build_platform(
     let mut transports = Vec::new();
     let mut device_args = Vec::new();
     for (index, spec) in std::mem::take(&mut config.devices).into_iter().enumerate() {
+        let name = device_name(&spec);
         let device = make_device(index, spec)?;
         let base = VIRTIO_MMIO_START + index as u64 * MMIO_DEVICE_SIZE;
         let irq = IRQ_BASE + index as u32;
@@ -371,7 +402,7 @@ fn build_platform(
         let transport = Arc::new(Mutex::new(transport));
         let dev: Arc<Mutex<dyn BusDevice>> = transport.clone();
         mmio_bus
-            .insert(dev, base, MMIO_DEVICE_SIZE)
+            .insert(dev, base, MMIO_DEVICE_SIZE, name)
             .map_err(insert_err)?;
         device_args.push(crate::devices::virtio::transport::mmio::device_cmdline_arg(
             base,
@@ -493,6 +524,7 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
     let io_bus = Arc::new(platform.io_bus);
     let mmio_bus = Arc::new(platform.mmio_bus);
     let exit = platform.exit;
+    let others = Arc::new(OtherExits::default());
     let mut threads = Vec::new();
     for (id, fd) in platform.vcpu_fds.into_iter().enumerate() {
         let finished = Arc::new(AtomicBool::new(false));
@@ -502,6 +534,7 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
             exit: exit.clone(),
             control: control.clone(),
             timeline: timeline.clone(),
+            others: others.clone(),
             finished: finished.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -527,6 +560,11 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
         console: platform.console,
         serial: platform.serial,
         threads: Mutex::new(threads),
+        exits: ExitAccounts {
+            io_bus,
+            mmio_bus,
+            others,
+        },
         vsock_host_socket: config.vsock_host_socket.take(),
         _transports: platform.transports,
         _vm: platform.vm,
@@ -573,6 +611,13 @@ impl VmHandle {
         self.exit.request(VmExitReason::Stopped);
         self.join_vcpus();
         self.exit.reason().unwrap_or(VmExitReason::Stopped)
+    }
+
+    /// The VM's exits so far, by device (port I/O, MMIO) and by kind, with
+    /// the VMM's time handling them. Logged at debug level when the VM
+    /// ends.
+    pub fn exit_counts(&self) -> Vec<ExitCount> {
+        self.exits.snapshot()
     }
 
     /// A descriptor that becomes readable once the VM has stopped (an
@@ -641,6 +686,9 @@ impl VmHandle {
 
     fn join_vcpus(&self) {
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if threads.is_empty() {
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while threads.iter().any(|t| !t.finished.load(Ordering::SeqCst))
             && Instant::now() < deadline
@@ -657,6 +705,16 @@ impl VmHandle {
             }
         }
         self.timeline.record(BootEvent::Exit);
+        if log::log_enabled!(log::Level::Debug) {
+            for c in self.exits.snapshot() {
+                log::debug!(
+                    "exits: {:<24} {:>9} handled in {:?}",
+                    c.kind,
+                    c.count,
+                    c.handling
+                );
+            }
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::exit_stats::{ExitCount, Tally};
+
 /// A device on the port I/O or MMIO bus.
 ///
 /// `offset` is relative to the start of the range the device was inserted
@@ -31,6 +33,10 @@ struct BusRange {
     base: u64,
     len: u64,
     device: Arc<Mutex<dyn BusDevice>>,
+    /// The device's name in exit accounting.
+    name: String,
+    /// The exits its accesses cost.
+    exits: Tally,
 }
 
 /// A set of non-overlapping address ranges, each owned by one device.
@@ -45,12 +51,14 @@ impl Bus {
         Self::default()
     }
 
-    /// Maps `[base, base + len)` to `device`.
+    /// Maps `[base, base + len)` to `device`, called `name` in exit
+    /// accounting.
     pub fn insert(
         &mut self,
         device: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
+        name: impl Into<String>,
     ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
@@ -64,8 +72,32 @@ impl Bus {
             return Err(BusError::Overlap { base, len });
         }
         let at = self.ranges.partition_point(|r| r.base < base);
-        self.ranges.insert(at, BusRange { base, len, device });
+        self.ranges.insert(
+            at,
+            BusRange {
+                base,
+                len,
+                device,
+                name: name.into(),
+                exits: Tally::default(),
+            },
+        );
         Ok(())
+    }
+
+    /// The exit tally of the device at `addr`, if one is there.
+    pub fn tally(&self, addr: u64) -> Option<&Tally> {
+        self.find(addr).map(|(range, _)| &range.exits)
+    }
+
+    /// Each device's exits so far (those that had any), named
+    /// `<prefix> <device>`.
+    pub fn exit_counts(&self, prefix: &str) -> Vec<ExitCount> {
+        self.ranges
+            .iter()
+            .map(|r| r.exits.snapshot(&format!("{prefix} {}", r.name)))
+            .filter(|c| c.count > 0)
+            .collect()
     }
 
     fn find(&self, addr: u64) -> Option<(&BusRange, u64)> {
@@ -128,8 +160,8 @@ mod tests {
         let a = Arc::new(Mutex::new(Recorder::default()));
         let b = Arc::new(Mutex::new(Recorder::default()));
         let mut bus = Bus::new();
-        bus.insert(b.clone(), 0x3f8, 8).unwrap();
-        bus.insert(a.clone(), 0x60, 5).unwrap();
+        bus.insert(b.clone(), 0x3f8, 8, "b").unwrap();
+        bus.insert(a.clone(), 0x60, 5, "a").unwrap();
 
         assert!(bus.write(0x3fa, &[7]));
         assert!(bus.write(0x64, &[0xfe]));
@@ -148,11 +180,11 @@ mod tests {
     fn rejects_overlaps_and_empty_ranges() {
         let d = Arc::new(Mutex::new(Recorder::default()));
         let mut bus = Bus::new();
-        bus.insert(d.clone(), 0x1000, 0x100).unwrap();
-        assert!(bus.insert(d.clone(), 0x10ff, 1).is_err());
-        assert!(bus.insert(d.clone(), 0xf00, 0x101).is_err());
-        assert!(bus.insert(d.clone(), 0x2000, 0).is_err());
-        assert!(bus.insert(d.clone(), u64::MAX, 2).is_err());
-        bus.insert(d, 0x1100, 0x100).unwrap();
+        bus.insert(d.clone(), 0x1000, 0x100, "d").unwrap();
+        assert!(bus.insert(d.clone(), 0x10ff, 1, "d").is_err());
+        assert!(bus.insert(d.clone(), 0xf00, 0x101, "d").is_err());
+        assert!(bus.insert(d.clone(), 0x2000, 0, "d").is_err());
+        assert!(bus.insert(d.clone(), u64::MAX, 2, "d").is_err());
+        bus.insert(d, 0x1100, 0x100, "d").unwrap();
     }
 }

@@ -272,9 +272,11 @@ mod tests {
         let pio = Arc::new(Mutex::new(Echo(vec![])));
         let mmio = Arc::new(Mutex::new(Echo(vec![])));
         let mut io_bus = Bus::new();
-        io_bus.insert(pio.clone(), 0x3f8, 8).unwrap();
+        io_bus.insert(pio.clone(), 0x3f8, 8, "pio").unwrap();
         let mut mmio_bus = Bus::new();
-        mmio_bus.insert(mmio.clone(), 0xd000_0000, 0x1000).unwrap();
+        mmio_bus
+            .insert(mmio.clone(), 0xd000_0000, 0x1000, "mmio")
+            .unwrap();
         (io_bus, mmio_bus, pio, mmio)
     }
 

@@ -2,6 +2,7 @@
 //! its vCPUs, and how vCPU exits are dispatched.
 
 pub mod exit;
+pub mod exit_stats;
 pub mod kvm;
 pub mod memory;
 pub mod vcpu;

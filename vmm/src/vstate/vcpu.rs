@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use kvm_ioctls::VcpuFd;
 
 use super::exit::{handle_kvm_exit, ExitAction, ExitSignal, RegsSnapshot, StopCause, VmExitReason};
+use super::exit_stats::{OtherExits, Tally};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{BootEvent, BootTimeline};
 
@@ -85,6 +86,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     pub control: Arc<RunControl>,
     pub timeline: Arc<BootTimeline>,
+    /// Exits that are not a bus access.
+    pub others: Arc<OtherExits>,
     /// Set by the thread when it leaves its loop.
     pub finished: Arc<AtomicBool>,
 }
@@ -134,6 +137,26 @@ fn stop_reason(cause: StopCause, id: u8, fd: &mut VcpuFd) -> VmExitReason {
     }
 }
 
+/// Where an exit is counted: the bus device it reached, or its kind.
+fn tally_for<'a>(exit: &kvm_ioctls::VcpuExit<'_>, ctx: &'a VcpuContext) -> &'a Tally {
+    use kvm_ioctls::VcpuExit;
+    let others = &*ctx.others;
+    match exit {
+        VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => ctx
+            .io_bus
+            .tally(u64::from(*port))
+            .unwrap_or(&others.io_unclaimed),
+        VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
+            ctx.mmio_bus.tally(*addr).unwrap_or(&others.mmio_unclaimed)
+        }
+        VcpuExit::Hlt => &others.hlt,
+        VcpuExit::Intr => &others.intr,
+        VcpuExit::IrqWindowOpen => &others.irq_window,
+        VcpuExit::IoapicEoi(_) => &others.eoi,
+        _ => &others.other,
+    }
+}
+
 /// The body of a vCPU thread: runs until the VM is asked to stop.
 pub fn run_vcpu(id: u8, mut fd: VcpuFd, ctx: VcpuContext) {
     if id == 0 {
@@ -148,9 +171,16 @@ pub fn run_vcpu(id: u8, mut fd: VcpuFd, ctx: VcpuContext) {
             continue;
         }
         let action = match fd.run() {
-            Ok(exit) => handle_kvm_exit(exit, &ctx.io_bus, &ctx.mmio_bus),
+            Ok(exit) => {
+                let t0 = std::time::Instant::now();
+                let tally = tally_for(&exit, &ctx);
+                let action = handle_kvm_exit(exit, &ctx.io_bus, &ctx.mmio_bus);
+                tally.record(t0.elapsed());
+                action
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked out: loop around and look at the control state.
+                ctx.others.intr.record(std::time::Duration::ZERO);
                 fd.set_kvm_immediate_exit(0);
                 continue;
             }
