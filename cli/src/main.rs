@@ -6,6 +6,7 @@
 mod agent;
 mod embedded;
 mod exit_code;
+mod shown;
 mod terminal;
 mod vm_check;
 mod vm_run;
@@ -72,10 +73,16 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            eprintln!("keystone: error: {}", error_chain(&err));
+            eprintln!("keystone: error: {}", error_text(&err));
             std::process::exit(exit_code::for_error(&err));
         }
     }
+}
+
+/// The error as printed: its chain, each line escaped (errors quote the
+/// guest's words and the tails of its logs).
+fn error_text(err: &anyhow::Error) -> String {
+    shown::lines(&error_chain(err))
 }
 
 /// The error and its causes, skipping a cause whose text the message
@@ -93,4 +100,18 @@ fn error_chain(err: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_quoting_the_guest_prints_nothing_a_terminal_acts_on() {
+        let cause = anyhow::anyhow!("git worktree add: {}", shown::HOSTILE);
+        let err = cause.context("the sandbox said\nsee its log");
+        let text = error_text(&err);
+        assert!(shown::terminal_safe(&text), "{text:?}");
+        assert!(text.contains("the sandbox said\nsee its log"), "{text}");
+    }
 }

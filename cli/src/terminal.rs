@@ -11,7 +11,9 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("[{} {}] {}", record.level(), record.target(), record.args());
+            // Records quote the guest (its chains, names, requests).
+            let text = crate::shown::line(&record.args().to_string());
+            eprintln!("[{} {}] {text}", record.level(), record.target());
         }
     }
     fn flush(&self) {}

@@ -41,7 +41,7 @@ use super::config::Network;
 use super::registry::RegistryEntry;
 use super::state::{ProcProbe, StateRecord};
 use super::{store_err, Context, ListArgs, StatusArgs};
-use crate::exit_code;
+use crate::{exit_code, shown};
 
 /// One sandbox as `list --json` and `status --json` print it.
 #[derive(Debug, Serialize)]
@@ -94,21 +94,37 @@ fn view(
         backend: s.backend.to_string(),
         engine: record.engine.clone(),
         nested: record.nested,
-        nested_detail: record.nested_detail.clone(),
+        nested_detail: record.nested_detail.as_deref().map(shown::line),
         memory_mib: s.memory_mib,
         vcpus: s.vcpus,
         network: s.network.to_string(),
         network_available: s.network != Network::None && ctx.backend.network_available(),
         sync_mode: s.sync_mode.to_string(),
-        last_error: record.last_error.clone(),
+        // It quotes the guest's console and errors (several lines).
+        last_error: record.last_error.as_deref().map(shown::lines),
         dir: spec.paths.dir.display().to_string(),
     };
     Ok((view, spec, record))
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    println!("{}", shown::json(&serde_json::to_string_pretty(value)?));
     Ok(())
+}
+
+/// What the backend reports of a running sandbox, with the guest's text
+/// in it (ports' addresses and notes, worktrees) escaped, each one line.
+fn shown_live(mut live: BackendStatus) -> BackendStatus {
+    for p in &mut live.ports {
+        p.guest_address = shown::line(&p.guest_address);
+        p.url = p.url.as_deref().map(shown::line);
+        p.note = p.note.as_deref().map(shown::line);
+    }
+    for wt in &mut live.worktrees {
+        wt.branch = shown::line(&wt.branch);
+        wt.path = shown::line(&wt.path);
+    }
+    live
 }
 
 /// `keystone agent list`.
@@ -163,9 +179,12 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<i32> {
         let (sandbox, spec, record) = view(ctx, name, entry)?;
         let live = if record.is_active() {
             match ctx.backend.status(&spec) {
-                Ok(live) => Some(live),
+                Ok(live) => Some(shown_live(live)),
                 Err(e) => {
-                    eprintln!("keystone: note: cannot ask sandbox {name} for live status: {e}");
+                    eprintln!(
+                        "keystone: note: cannot ask sandbox {name} for live status: {}",
+                        shown::line(&e.to_string())
+                    );
                     None
                 }
             }
@@ -258,5 +277,53 @@ fn print_status(s: &StatusView) {
         for wt in &live.worktrees {
             println!("Worktree:   {} at {}", wt.branch, wt.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::backend::{PortForward, WorktreeInfo};
+    use crate::shown::{terminal_safe, HOSTILE};
+
+    /// Every string in `value`, as `status` prints it or its JSON holds it.
+    fn strings(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn what_a_hostile_guest_reports_is_shown_escaped() {
+        let port = |note: Option<&str>, url: Option<&str>| PortForward {
+            guest_port: 8080,
+            guest_address: HOSTILE.into(),
+            host_port: url.map(|_| 40000),
+            url: url.map(str::to_string),
+            note: note.map(str::to_string),
+        };
+        let live = shown_live(BackendStatus {
+            state: None,
+            ports: vec![port(Some(HOSTILE), None), port(None, Some(HOSTILE))],
+            worktrees: vec![WorktreeInfo {
+                branch: HOSTILE.into(),
+                path: format!("/workspace/.worktrees/{HOSTILE}"),
+            }],
+            nested: None,
+        });
+        let value = serde_json::to_value(&live).unwrap();
+        let mut all = Vec::new();
+        strings(&value, &mut all);
+        assert_eq!(all.len(), 6, "{all:?}");
+        for s in &all {
+            // One line each: the guest's newlines forge none in `status`.
+            assert!(terminal_safe(s) && !s.contains('\n'), "{s:?}");
+        }
+        assert_eq!(live.worktrees[0].branch, shown::line(HOSTILE));
+        let json = shown::json(&serde_json::to_string_pretty(&live).unwrap());
+        assert!(terminal_safe(&json), "{json}");
     }
 }

@@ -14,6 +14,7 @@ use super::state::{NestedStatus, ProcProbe, SandboxLock, SandboxState, StateReco
 use super::{fsutil, naming, project_top, store_err, Context, DestroyArgs, StartArgs, StopArgs};
 use super::{CANCELLED, INVALID_STATE};
 use crate::exit_code::{self, CodedError};
+use crate::shown;
 
 fn lock(paths: &SandboxPaths, name: &str) -> Result<SandboxLock> {
     SandboxLock::try_acquire(paths)
@@ -123,7 +124,7 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
     if record.state == SandboxState::Error {
         println!(
             "Recovering sandbox {name} from error: {}",
-            record.last_error.as_deref().unwrap_or("unknown cause")
+            shown::lines(record.last_error.as_deref().unwrap_or("unknown cause"))
         );
     }
 
@@ -176,7 +177,8 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         fresh,
         agent: args.agent,
     };
-    let mut progress = |line: &str| println!("  {line}");
+    // Progress lines quote the guest (its errors, the versions it reports).
+    let mut progress = |line: &str| println!("  {}", shown::line(line));
     match ctx.backend.start(&spec, &opts, &mut progress) {
         Ok(outcome) => {
             record.state = SandboxState::Running;
@@ -190,8 +192,9 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
                 (outcome.nested, &outcome.nested_detail)
             {
                 eprintln!(
-                    "keystone: note: nested virtualization is {}: {detail}",
-                    outcome.nested.as_str()
+                    "keystone: note: nested virtualization is {}: {}",
+                    outcome.nested.as_str(),
+                    shown::line(detail)
                 );
             }
             println!("Sandbox {name} is running (engine {})", outcome.engine);
@@ -259,14 +262,14 @@ pub fn stop(ctx: &Context, args: StopArgs) -> Result<i32> {
             Ok(report) => {
                 record.last_sync = Some(fsutil::now_rfc3339());
                 for line in &report.refs {
-                    println!("  synced {line}");
+                    println!("  synced {}", shown::line(line));
                 }
                 for line in &report.details {
-                    println!("  {line}");
+                    println!("  {}", shown::line(line));
                 }
             }
             // "Nothing to sync" must not keep the sandbox running.
-            Err(BackendError::InvalidState(msg)) => println!("  {msg}"),
+            Err(BackendError::InvalidState(msg)) => println!("  {}", shown::line(&msg)),
             Err(err) => return Err(err.coded()),
         }
     }

@@ -2,11 +2,17 @@
 //! `sync`, `worktree`, `open-vscode`, and the hidden `__supervise`. The
 //! command layer checks that the sandbox exists (exit 1) and that its
 //! supervisor is alive (exit 2) before handing over to the backend.
+//!
+//! SECURITY: `exec`, `ssh` and `attach` give this terminal the guest
+//! program's own output byte for byte, as `ssh` and `docker exec` do:
+//! that is what they are for. What these commands print about the sandbox
+//! (worktrees, synced branches) is the guest's text, escaped (`shown`).
 
 use anyhow::Result;
 
 use super::backend::{
-    AttachOptions, BackendError, ExecOptions, SandboxSpec, SyncOptions, VscodeTarget, WorktreeOp,
+    AttachOptions, BackendError, ExecOptions, SandboxSpec, SyncOptions, VscodeTarget, WorktreeInfo,
+    WorktreeOp,
 };
 use super::registry::write_json;
 use super::state::{ProcProbe, StateRecord};
@@ -16,6 +22,7 @@ use super::{
 };
 use super::{WorktreeCommand, INVALID_STATE};
 use crate::exit_code::{self, CodedError};
+use crate::shown;
 
 /// The sandbox named (or of this repository), which must be running.
 fn running(ctx: &Context, name: Option<&str>) -> Result<(SandboxSpec, StateRecord)> {
@@ -79,14 +86,15 @@ pub fn sync(ctx: &Context, args: SyncArgs) -> Result<i32> {
         .sync(&spec, &opts)
         .map_err(BackendError::coded)?;
     let verb = if opts.dry_run { "would sync" } else { "synced" };
+    // Branch names, commit subjects and paths are the sandbox's.
     for line in &report.refs {
-        println!("{verb} {line}");
+        println!("{verb} {}", shown::line(line));
     }
     for line in &report.details {
-        println!("{line}");
+        println!("{}", shown::line(line));
     }
     for path in &report.artifacts {
-        println!("{verb} artifact {path}");
+        println!("{verb} artifact {}", shown::line(path));
     }
     if report.refs.is_empty() && report.artifacts.is_empty() {
         println!("Nothing to sync");
@@ -121,19 +129,21 @@ pub fn worktree(ctx: &Context, cmd: WorktreeCommand) -> Result<i32> {
         .backend
         .worktree(&spec, &op)
         .map_err(BackendError::coded)?;
-    match op {
-        WorktreeOp::Add { branch, .. } => println!("Added worktree {branch}"),
-        WorktreeOp::Remove { branch, .. } => println!("Removed worktree {branch}"),
-        WorktreeOp::List => {
-            if worktrees.is_empty() {
-                println!("No worktrees");
-            }
-            for wt in &worktrees {
-                println!("{}  {}", wt.branch, wt.path);
-            }
-        }
-    }
+    print!("{}", worktree_text(&op, &worktrees));
     Ok(exit_code::OK)
+}
+
+/// What `worktree` prints; the worktrees' names and paths are the guest's.
+fn worktree_text(op: &WorktreeOp, worktrees: &[WorktreeInfo]) -> String {
+    match op {
+        WorktreeOp::Add { branch, .. } => format!("Added worktree {}\n", shown::line(branch)),
+        WorktreeOp::Remove { branch, .. } => format!("Removed worktree {}\n", shown::line(branch)),
+        WorktreeOp::List if worktrees.is_empty() => "No worktrees\n".into(),
+        WorktreeOp::List => worktrees
+            .iter()
+            .map(|wt| format!("{}  {}\n", shown::line(&wt.branch), shown::line(&wt.path)))
+            .collect(),
+    }
 }
 
 /// `keystone agent open-vscode`: makes the sandbox an ssh host and opens
@@ -165,7 +175,7 @@ pub fn open_vscode(ctx: &Context, args: OpenVscodeArgs) -> Result<i32> {
         return Ok(exit_code::OK);
     }
     for note in &target.notes {
-        eprintln!("keystone: note: {note}");
+        eprintln!("keystone: note: {}", shown::line(note));
     }
     eprintln!(
         "ssh host {} is defined in {} (try: ssh {} true)",
@@ -219,4 +229,33 @@ pub fn supervise(ctx: &Context, args: SuperviseArgs) -> Result<i32> {
 pub fn git_upload_pack(ctx: &Context, args: SuperviseArgs) -> Result<i32> {
     let (spec, _) = running(ctx, Some(&args.name))?;
     super::microvm::git_upload_pack(&spec).map_err(BackendError::coded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shown::{terminal_safe, HOSTILE};
+
+    #[test]
+    fn worktrees_named_by_the_guest_print_escaped_one_per_line() {
+        let worktrees = vec![
+            WorktreeInfo {
+                branch: HOSTILE.into(),
+                path: format!("/workspace/.worktrees/{HOSTILE}"),
+            },
+            WorktreeInfo {
+                branch: "feat/x".into(),
+                path: "/workspace/.worktrees/feat/x".into(),
+            },
+        ];
+        let text = worktree_text(&WorktreeOp::List, &worktrees);
+        assert!(terminal_safe(&text), "{text:?}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.ends_with("feat/x  /workspace/.worktrees/feat/x\n"));
+        let add = WorktreeOp::Add {
+            branch: HOSTILE.into(),
+            create: true,
+        };
+        assert!(terminal_safe(&worktree_text(&add, &[])));
+    }
 }

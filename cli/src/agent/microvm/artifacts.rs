@@ -347,7 +347,7 @@ fn host_tracked(project: &Path) -> BackendResult<Vec<u8>> {
         return Err(BackendError::Failed(format!(
             "git ls-files in {} failed: {}",
             project.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            crate::shown::bytes(&out.stderr)
         )));
     }
     Ok(out.stdout)

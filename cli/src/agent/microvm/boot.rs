@@ -22,10 +22,21 @@ const SERVICES_TIMEOUT: Duration = Duration::from_secs(180);
 /// How often a wait says it is still waiting.
 const NOTE_EVERY: Duration = Duration::from_secs(10);
 
-/// The last `n` lines of a log file, for error messages.
+/// The most of a log's end that [`tail`] reads.
+const TAIL_BYTES: u64 = 64 << 10;
+
+/// The last `n` lines of a log file, for error messages, each escaped
+/// (the console is the guest's).
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut raw = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+        let _ = file.take(TAIL_BYTES).read_to_end(&mut raw);
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let lines: Vec<String> = text.lines().map(crate::shown::line).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -207,8 +218,9 @@ impl<'a> Boot<'a> {
                 self.up.push((service, at));
             }
             ReadyEvent::Unavailable { service, why, .. } => progress(&format!(
-                "warning: the {} is not available: {why}",
-                service.describe()
+                "warning: the {} is not available: {}",
+                service.describe(),
+                crate::shown::line(&why)
             )),
             ReadyEvent::Ready { .. } => self.ready = true,
             ReadyEvent::Engine { nested, how } => self.nested = Some((nested, how)),
@@ -289,6 +301,12 @@ mod tests {
         let f = dir.join("log");
         std::fs::write(&f, "a\nb\nc\n").unwrap();
         assert_eq!(tail(&f, 2), "b\nc");
+        // A console that ends in escape sequences and a long line.
+        let hostile = format!("{}\n{}\n", "x".repeat(200_000), crate::shown::HOSTILE);
+        std::fs::write(&f, hostile).unwrap();
+        let shown = tail(&f, 15);
+        assert!(crate::shown::terminal_safe(&shown), "{shown:?}");
+        assert_eq!(shown.lines().count(), 3, "{shown}");
         assert_eq!(tail(&dir.join("none"), 2), "");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -44,8 +44,8 @@ pub fn connect(
         return Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
             format!(
-                "the guest agent is not listening on vsock port {port} (answer {:?})",
-                String::from_utf8_lossy(&line)
+                "the guest agent is not listening on vsock port {port} (answer \"{}\")",
+                crate::shown::bytes(&line)
             ),
         ));
     }
@@ -181,8 +181,9 @@ pub fn request(argv: Vec<String>, cwd: &str, user: Option<&str>) -> ExecRequest 
 /// Runs `request` in the guest as a byte pipe between this process's stdin
 /// and stdout: the transport command of git's `ext::` URLs
 /// (`__git-upload-pack`). Returns
-/// the guest process's exit code (its stderr is copied to ours when it
-/// fails), or 3 when our stdout closes early. `what` names it in errors.
+/// the guest process's exit code (its stderr is copied to ours, escaped,
+/// when it fails), or 3 when our stdout closes early. `what` names it in
+/// errors.
 pub fn pipe_stdio(
     vsock: &Path,
     request: RawStreamRequest,
@@ -226,7 +227,8 @@ pub fn pipe_stdio(
     }
     let exit = reader.wait().map_err(|e| agent_err(what, e))?;
     if !exit.status.success() {
-        let _ = io::stderr().write_all(&exit.stderr);
+        let said = crate::shown::lines(&String::from_utf8_lossy(exit.stderr.trim_ascii()));
+        let _ = writeln!(io::stderr(), "{said}");
     }
     Ok(exit.status.code_or_signal())
 }
@@ -234,6 +236,11 @@ pub fn pipe_stdio(
 /// Runs `req` on a pseudo-terminal wired to this terminal (raw mode,
 /// resizes followed by polling the window size every 100 ms); returns the
 /// process's exit status.
+///
+/// SECURITY: the guest program's terminal output reaches this terminal
+/// byte for byte, escape sequences included: that is what `attach` and
+/// `ssh` are (as with `ssh` itself). Nothing else of the guest's is shown
+/// raw.
 pub fn interactive(client: &AgentClient, mut req: ExecRequest) -> Result<ExitStatus, ClientError> {
     req.tty = Some(terminal_size().unwrap_or(TtySize { rows: 24, cols: 80 }));
     if let Ok(term) = std::env::var("TERM") {

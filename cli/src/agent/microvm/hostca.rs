@@ -96,7 +96,7 @@ pub fn import(
         .exec_request_output(request)
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        return Err(crate::shown::bytes(&out.stderr));
     }
     Ok(certs.len())
 }

@@ -13,6 +13,11 @@
 //! - `clone.rs`: the sandbox-private clone of the project;
 //! - `sync.rs`: `sync` and the `__git-upload-pack` bridge;
 //! - `artifacts.rs`: `sync --artifacts` (the sandbox's tar stream, checked on the host).
+//!
+//! SECURITY: `exec`, `ssh` and `attach` pass the guest program's output
+//! and terminal to this one byte for byte (as `ssh` and `docker exec`
+//! do); everything else the backend reports of the guest (its errors,
+//! worktrees, ports, versions) is escaped through `crate::shown`.
 
 mod agents;
 mod artifacts;
@@ -44,6 +49,7 @@ use super::backend::{
 };
 use super::config::{BackendKind, Network};
 use super::state::{NestedStatus, ProcProbe, ProcessProbe, StateRecord};
+use crate::shown;
 use engine::{HostFacts, Layout, GUEST_WORKSPACE, MAX_SOCKET_PATH};
 
 /// How long `stop` waits for the supervisor before SIGKILL.
@@ -81,7 +87,8 @@ fn check_branch(b: &str) -> BackendResult<()> {
 }
 
 /// Parses `git worktree list --porcelain`, keeping the worktrees under
-/// `/workspace/.worktrees/`.
+/// `/workspace/.worktrees/`; their names and paths are the guest's, kept
+/// escaped (`shown::line`).
 fn parse_worktrees(porcelain: &str) -> Vec<WorktreeInfo> {
     let prefix = format!("{GUEST_WORKSPACE}/.worktrees/");
     let mut out = Vec::new();
@@ -97,7 +104,10 @@ fn parse_worktrees(porcelain: &str) -> Vec<WorktreeInfo> {
         }
         if let Some(path) = path.filter(|p| p.starts_with(&prefix)) {
             let branch = branch.unwrap_or_else(|| path[prefix.len()..].to_string());
-            out.push(WorktreeInfo { branch, path });
+            out.push(WorktreeInfo {
+                branch: shown::line(&branch),
+                path: shown::line(&path),
+            });
         }
     }
     out
@@ -151,7 +161,7 @@ impl MicroVmBackend {
         if out.status.success() {
             Ok(())
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            Err(shown::bytes(&out.stderr))
         }
     }
 
@@ -200,7 +210,8 @@ impl MicroVmBackend {
     }
 
     /// Runs a git command in the guest's workspace as the agent user;
-    /// returns stdout or the error text.
+    /// returns stdout (the guest's bytes: escape what is shown of it) or
+    /// the error text (escaped, one line).
     fn guest_git(spec: &SandboxSpec, args: &[&str]) -> BackendResult<Result<String, String>> {
         let mut argv = vec!["git".to_string(), "-C".into(), GUEST_WORKSPACE.into()];
         argv.extend(args.iter().map(|s| s.to_string()));
@@ -211,7 +222,7 @@ impl MicroVmBackend {
         Ok(if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).to_string())
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            Err(shown::bytes(&out.stderr))
         })
     }
 }
@@ -596,6 +607,10 @@ pub fn placeholder_page(spec: &SandboxSpec, ports: &[u16]) -> i32 {
 pub fn git_upload_pack(spec: &SandboxSpec) -> BackendResult<i32> {
     sync::upload_pack(spec)
 }
+
+#[cfg(test)]
+#[path = "hostile_guest_tests.rs"]
+mod hostile_guest_tests;
 
 #[cfg(test)]
 mod tests {

@@ -100,10 +100,13 @@ struct Ended {
     forwarded: Vec<u16>,
 }
 
+/// One line of the supervisor log; what it quotes of the guest is
+/// escaped and kept to the line.
 pub(super) fn log(msg: &str) {
     eprintln!(
-        "[{}] supervisor: {msg}",
-        super::super::fsutil::now_rfc3339()
+        "[{}] supervisor: {}",
+        super::super::fsutil::now_rfc3339(),
+        crate::shown::line(msg)
     );
 }
 

@@ -137,7 +137,7 @@ fn make_client_key(key: &Path, name: &str) -> BackendResult<()> {
         return Err(BackendError::Failed(format!(
             "ssh-keygen failed ({}): {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            crate::shown::bytes(&out.stderr)
         )));
     }
     Ok(())

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use super::super::backend::{BackendError, BackendResult, SandboxSpec};
 use super::engine::Layout;
 use super::{forward, guest};
+use crate::shown;
 
 /// The guest port of Zellij's web server (Zellij's default).
 pub const WEB_PORT: u16 = 8082;
@@ -96,7 +97,8 @@ fn wait_forwarded(layout: &Layout, guest_port: u16) -> BackendResult<u16> {
                     if let Some(note) = &f.note {
                         if t0.elapsed() > forward::POLL_INTERVAL * 3 {
                             return Err(BackendError::Failed(format!(
-                                "Zellij's web server (guest port {guest_port}) is {note}"
+                                "Zellij's web server (guest port {guest_port}) is {}",
+                                shown::line(note)
                             )));
                         }
                     }
@@ -125,7 +127,7 @@ pub fn attach_web(
     let out = guest::client(&layout.vsock)
         .exec_request_output(guest::request(argv, dir, None))
         .map_err(|e| guest::agent_err("attach --web", e))?;
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let stderr = shown::bytes(&out.stderr);
     match out.status.code_or_signal() {
         0 => {}
         NO_ZELLIJ => {
@@ -159,7 +161,7 @@ pub fn attach_web(
     let Some((token_name, token)) = parse_token(&stdout) else {
         return Err(BackendError::Failed(format!(
             "Zellij did not print a login token: {}",
-            stdout.trim()
+            shown::bytes(stdout.as_bytes())
         )));
     };
     let host_port = wait_forwarded(layout, WEB_PORT)?;
@@ -168,7 +170,8 @@ pub fn attach_web(
     println!("  URL:    {url}");
     println!("  token:  {token}");
     println!(
-        "Paste the token on the login page (it is shown only now; Zellij calls it {token_name})."
+        "Paste the token on the login page (it is shown only now; Zellij calls it {}).",
+        shown::line(&token_name)
     );
     println!(
         "The session keeps running when the tab closes; `keystone agent attach` opens it in a terminal."

@@ -1,0 +1,180 @@
+//! Text from outside keystone (the guest, files it can write, the
+//! repository) as it may be shown on a terminal, or written to a log file
+//! that users read with `cat` or `less`.
+//!
+//! A terminal acts on control characters: ESC starts sequences that move
+//! the cursor, retitle the window or write the clipboard (OSC 52), BEL ends
+//! some of them, and the C1 characters (U+0080 to U+009F, U+009B being a
+//! CSI) do the same on many terminals; bidirectional overrides make a line
+//! read other than it is. Everything the CLI prints that came from outside
+//! goes through this module first, as one of:
+//!
+//! - [`line`]: one line: every control character escaped as Rust writes it
+//!   (`\n`, `\t`, `\u{1b}`, `\u{9b}`), bidirectional controls too, at most
+//!   [`MAX_SHOWN_TEXT`](keystone_guest_agent::protocol::MAX_SHOWN_TEXT)
+//!   characters (this is
+//!   [`keystone_guest_agent::protocol::printable`] plus the bidirectional
+//!   controls);
+//! - [`bytes`]: the same for a guest program's output, with the white
+//!   space around it trimmed;
+//! - [`lines`]: text meant to be several lines (the tail of a log): each
+//!   line as [`line`] gives it, joined by newlines;
+//! - [`json`]: serialized JSON with DEL, the C1 characters and the
+//!   bidirectional controls written as `\u` escapes (serde_json escapes
+//!   only the C0 controls);
+//!
+//! Tabs are escaped too: a tab moves the cursor only, but it breaks the
+//! columns of `list` and makes a field look empty.
+//!
+//! SECURITY: `keystone agent exec`, `ssh` and `attach` (and `vm run`'s
+//! console) do not come through here: they pass the guest program's own
+//! output and terminal byte for byte, which is what they are for (as
+//! `ssh` and `docker exec` do). Whatever else the CLI prints about the
+//! guest is text that keystone shows, and is escaped.
+
+use keystone_guest_agent::protocol::printable;
+
+/// Characters that reorder the text around them (Unicode's explicit
+/// directional formatting characters and marks).
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// Whether a terminal may act on `c` (or read the text around it other
+/// than it is).
+fn is_active(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
+}
+
+/// `bytes` as one line: invalid UTF-8 replaced, control and
+/// bidirectional characters escaped, at most `MAX_SHOWN_TEXT`
+/// characters followed by how many bytes were left out.
+fn escaped(bytes: &[u8]) -> String {
+    let shown = printable(bytes);
+    if !shown.chars().any(is_bidi_control) {
+        return shown;
+    }
+    let mut out = String::with_capacity(shown.len() + 16);
+    for c in shown.chars() {
+        if is_bidi_control(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `text` as one line fit for a terminal (see the module documentation).
+pub fn line(text: &str) -> String {
+    escaped(text.as_bytes())
+}
+
+/// A guest program's output (or any bytes from outside) as one line,
+/// without the white space around it.
+pub fn bytes(raw: &[u8]) -> String {
+    escaped(raw.trim_ascii())
+}
+
+/// Text meant to be several lines: each line as [`line`] gives it.
+pub fn lines(text: &str) -> String {
+    text.split('\n')
+        .map(|l| line(l.strip_suffix('\r').unwrap_or(l)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Serialized JSON with the characters a terminal acts on that JSON
+/// allows raw (DEL, C1, bidirectional controls) written as `\u` escapes.
+/// They can only stand inside strings, where the escape reads the same.
+pub fn json(serialized: &str) -> String {
+    let mut out = String::with_capacity(serialized.len());
+    for c in serialized.chars() {
+        if is_active(c) && !matches!(c, '\n' | '\t' | '\r') {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether `text` can be shown as it is: no character a terminal acts on
+/// but the newline.
+#[cfg(test)]
+pub fn terminal_safe(text: &str) -> bool {
+    text.chars().all(|c| c == '\n' || !is_active(c))
+}
+
+/// What a hostile guest writes: an OSC 52 clipboard write, a title
+/// change, a screen clear, a C1 CSI, DEL, a bidirectional override and a
+/// forged second line.
+#[cfg(test)]
+pub const HOSTILE: &str = "ok\u{1b}]52;c;Y3VybCBldmlsIHwgc2g=\u{7}\u{1b}]0;title\u{7}\u{1b}[2J\u{9b}31m\u{7f}\u{202e}gpj.exe\nkeystone: fake line\r\tend";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keystone_guest_agent::protocol::MAX_SHOWN_TEXT;
+
+    #[test]
+    fn one_line_has_nothing_a_terminal_acts_on() {
+        let shown = line(HOSTILE);
+        assert!(terminal_safe(&shown), "{shown:?}");
+        assert!(!shown.contains('\n'), "{shown:?}");
+        assert!(shown.contains(r"\u{1b}]52;c;"), "{shown}");
+        assert!(
+            shown.contains(r"\u{9b}") && shown.contains(r"\u{202e}"),
+            "{shown}"
+        );
+        assert_eq!(line("feat/x é"), "feat/x é");
+    }
+
+    #[test]
+    fn every_active_character_is_escaped_wherever_it_stands() {
+        // Every C0, DEL, every C1 and each bidirectional control, alone
+        // and between letters.
+        let active = (0u32..0x20)
+            .chain(0x7f..0xa0)
+            .chain([0x61c, 0x200e, 0x200f, 0x202a, 0x202e, 0x2066, 0x2069])
+            .filter_map(char::from_u32);
+        for c in active {
+            for text in [c.to_string(), format!("a{c}b"), format!("{c}{c}")] {
+                let shown = line(&text);
+                assert!(terminal_safe(&shown) && !shown.contains('\n'), "{text:?}");
+                let many = lines(&text);
+                assert!(terminal_safe(&many), "{text:?}: {many:?}");
+                let as_json = json(&serde_json::to_string(&text).unwrap());
+                assert!(terminal_safe(&as_json), "{as_json:?}");
+                let back: String = serde_json::from_str(&as_json).unwrap();
+                assert_eq!(back, text, "the JSON escape reads the same");
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_are_bounded_trimmed_and_need_not_be_utf8() {
+        let mut raw = b"  fatal: \x1b[31m\xff\xfe bad\n".to_vec();
+        raw.extend(std::iter::repeat_n(b'x', 100_000));
+        let shown = bytes(&raw);
+        assert!(terminal_safe(&shown) && !shown.contains('\n'));
+        assert!(shown.starts_with(r"fatal: \u{1b}[31m"), "{shown}");
+        assert!(
+            shown.chars().count() < MAX_SHOWN_TEXT + 40,
+            "{}",
+            shown.len()
+        );
+        assert_eq!(bytes(b"\n  plain \n"), "plain");
+    }
+
+    #[test]
+    fn lines_keep_only_their_newlines() {
+        let shown = lines(HOSTILE);
+        assert!(terminal_safe(&shown), "{shown:?}");
+        assert_eq!(shown.lines().count(), 2);
+        assert_eq!(lines("a\r\nb"), "a\nb");
+    }
+}
