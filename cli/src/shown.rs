@@ -22,9 +22,11 @@
 //! - [`json`]: serialized JSON with DEL, the C1 characters and the
 //!   bidirectional controls written as `\u` escapes (serde_json escapes
 //!   only the C0 controls);
+//! - [`LogText`]: a byte stream on its way to a log file: newlines and tabs
+//!   kept, carriage returns dropped, anything else escaped.
 //!
-//! Tabs are escaped too: a tab moves the cursor only, but it breaks the
-//! columns of `list` and makes a field look empty.
+//! Tabs are escaped everywhere but in log files: a tab moves the cursor
+//! only, but it breaks the columns of `list` and makes a field look empty.
 //!
 //! SECURITY: `keystone agent exec`, `ssh` and `attach` (and `vm run`'s
 //! console) do not come through here: they pass the guest program's own
@@ -109,6 +111,69 @@ pub fn terminal_safe(text: &str) -> bool {
     text.chars().all(|c| c == '\n' || !is_active(c))
 }
 
+/// A byte stream on its way to a log file, made safe to `cat`: newlines
+/// and tabs kept, carriage returns dropped (a console writes `\r\n`; a
+/// lone one would let a line overwrite another), other control and
+/// bidirectional characters escaped as [`line`] does, and bytes that are
+/// not UTF-8 as `\xNN`. A character split between two pushes is kept
+/// until the next one.
+#[derive(Debug, Default)]
+pub struct LogText {
+    /// The start of a UTF-8 sequence the last push ended in (at most 3
+    /// bytes).
+    pending: Vec<u8>,
+}
+
+impl LogText {
+    /// Appends what `raw` becomes to `out`.
+    pub fn push(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+        let joined;
+        let mut rest = if self.pending.is_empty() {
+            raw
+        } else {
+            let mut v = std::mem::take(&mut self.pending);
+            v.extend_from_slice(raw);
+            joined = v;
+            &joined[..]
+        };
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(text) => {
+                    push_text(text, out);
+                    return;
+                }
+                Err(e) => {
+                    let (good, bad) = rest.split_at(e.valid_up_to());
+                    push_text(std::str::from_utf8(good).unwrap_or_default(), out);
+                    match e.error_len() {
+                        None => {
+                            self.pending = bad.to_vec();
+                            return;
+                        }
+                        Some(n) => {
+                            for b in &bad[..n] {
+                                out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+                            }
+                            rest = &bad[n..];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn push_text(text: &str, out: &mut Vec<u8>) {
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c as u8),
+            '\r' => {}
+            c if is_active(c) => out.extend(c.escape_default().to_string().bytes()),
+            c => out.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes()),
+        }
+    }
+}
+
 /// What a hostile guest writes: an OSC 52 clipboard write, a title
 /// change, a screen clear, a C1 CSI, DEL, a bidirectional override and a
 /// forged second line.
@@ -176,5 +241,27 @@ mod tests {
         assert!(terminal_safe(&shown), "{shown:?}");
         assert_eq!(shown.lines().count(), 2);
         assert_eq!(lines("a\r\nb"), "a\nb");
+    }
+
+    #[test]
+    fn log_text_survives_any_split_of_the_stream() {
+        let raw = format!("{HOSTILE} ü€𝄞 done\r\n").into_bytes();
+        let mut raw = raw;
+        raw.extend_from_slice(b"\xff\xc3(\n");
+        let mut whole = Vec::new();
+        LogText::default().push(&raw, &mut whole);
+        let whole = String::from_utf8(whole).unwrap();
+        assert!(terminal_safe(&whole.replace('\t', " ")), "{whole:?}");
+        assert!(whole.contains("ü€𝄞 done\n"), "{whole}");
+        assert!(whole.contains(r"\xff\xc3("), "{whole}");
+        assert!(whole.contains("\tend"), "tabs are kept in logs: {whole}");
+        for size in 1..8 {
+            let mut text = LogText::default();
+            let mut out = Vec::new();
+            for piece in raw.chunks(size) {
+                text.push(piece, &mut out);
+            }
+            assert_eq!(String::from_utf8(out).unwrap(), whole, "pieces of {size}");
+        }
     }
 }

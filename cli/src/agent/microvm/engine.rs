@@ -237,6 +237,12 @@ impl Layout {
         self.run.join("vsock-vhost.sock")
     }
 
+    /// The socket QEMU writes the guest's console to (engine qemu); the
+    /// supervisor writes it into the bounded console log.
+    pub fn console_socket(&self) -> PathBuf {
+        self.run.join("console.sock")
+    }
+
     /// The QEMU process id, while one runs.
     pub fn qemu_pid(&self) -> PathBuf {
         self.run.join("qemu.pid")
@@ -307,7 +313,8 @@ pub struct QemuPlan {
     /// (vhost-user socket, tag) per virtio-fs share.
     pub shares: Vec<(PathBuf, String)>,
     pub vsock_socket: PathBuf,
-    pub console_log: PathBuf,
+    /// Where the supervisor listens for the serial console.
+    pub console_socket: PathBuf,
 }
 
 /// QEMU's argument list (without the program) for `plan`.
@@ -346,10 +353,7 @@ pub fn qemu_args(plan: &QemuPlan) -> Vec<String> {
         "none",
         "-no-reboot",
         "-chardev",
-        &format!(
-            "file,id=console,path={},append=on",
-            plan.console_log.display()
-        ),
+        &format!("socket,id=console,path={}", plan.console_socket.display()),
         "-serial",
         "chardev:console",
     ]
@@ -467,7 +471,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             shares: vec![("/r/fs-root.sock".into(), "root".into())],
             vsock_socket: "/r/vsock-vhost.sock".into(),
-            console_log: "/l/console.log".into(),
+            console_socket: "/r/console.sock".into(),
         };
         let a = qemu_args(&plan).join(" ");
         for want in [
@@ -480,7 +484,8 @@ mod tests {
             "-kernel /k/vmlinux",
             "-initrd /k/initrd",
             "-no-reboot",
-            "file,id=console,path=/l/console.log,append=on",
+            "socket,id=console,path=/r/console.sock",
+            "-serial chardev:console",
             "socket,id=fs0,path=/r/fs-root.sock",
             "vhost-user-fs-device,chardev=fs0,tag=root",
             "socket,id=vsock,path=/r/vsock-vhost.sock",

@@ -29,6 +29,7 @@ mod engine;
 mod forward;
 mod guest;
 mod hostca;
+mod logfile;
 mod placeholder;
 mod readiness;
 mod supervisor;

@@ -16,7 +16,6 @@
 //! (`readiness.rs`): it pings the guest agent until it answers, then each
 //! service reports when it is established.
 
-use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,7 +33,7 @@ use super::engine::{
     GUEST_UID, QEMU, SHARES,
 };
 use super::readiness::{Readiness, Service};
-use super::{autosync, forward, guest};
+use super::{autosync, forward, guest, logfile};
 use super::{egress, placeholder};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
@@ -100,7 +99,8 @@ struct Ended {
     forwarded: Vec<u16>,
 }
 
-/// One line of the supervisor log; what it quotes of the guest is
+/// One line of the supervisor log (its standard error, which
+/// `logfile::capture_output` bounds); what it quotes of the guest is
 /// escaped and kept to the line.
 pub(super) fn log(msg: &str) {
     eprintln!(
@@ -123,6 +123,13 @@ pub fn supervise(spec: &SandboxSpec) -> BackendResult<i32> {
     install_signal_handlers();
     // The shares keep one descriptor per node up to half of this limit.
     virtiofsd_lite::raise_fd_limit();
+    // Taken before any descriptor is made, which could get its number.
+    let ready_pipe = Readiness::inherited_pipe();
+    let layout = Layout::new(&spec.paths);
+    // Every line of this process and of QEMU, bounded (dropped at return).
+    let _output = logfile::capture_output(&layout.supervisor_log)
+        .map_err(|e| log(&format!("the supervisor log is not bounded: {e}")))
+        .ok();
     let engine = std::env::var(ENV_ENGINE)
         .ok()
         .and_then(|e| EngineKind::parse(&e))
@@ -134,18 +141,13 @@ pub fn supervise(spec: &SandboxSpec) -> BackendResult<i32> {
     let kernel = env_path(ENV_KERNEL)?;
     let rootfs = env_path(ENV_ROOTFS)?;
     let initrd = env_path(ENV_INITRD)?;
-    let layout = Layout::new(&spec.paths);
     log(&format!(
         "sandbox {} engine {} pid {}",
         spec.name,
         engine.as_str(),
         std::process::id()
     ));
-    let ready = Arc::new(Readiness::new(
-        Readiness::inherited_pipe(),
-        &expected_services(spec),
-        log,
-    ));
+    let ready = Arc::new(Readiness::new(ready_pipe, &expected_services(spec), log));
     let result = match engine {
         EngineKind::Qemu => run_qemu(spec, &layout, &kernel, &rootfs, &initrd, &ready),
         EngineKind::Vmm => run_vmm(spec, &layout, &kernel, &rootfs, &initrd, &ready),
@@ -325,8 +327,10 @@ fn run_qemu(
         cmdline: guest_cmdline(EngineKind::Qemu, &spec.name, spec.settings.network, tsc_khz),
         shares,
         vsock_socket: vhost_vsock,
-        console_log: layout.console_log.clone(),
+        console_socket: layout.console_socket(),
     };
+    logfile::serve_console(&plan.console_socket, &layout.console_log)
+        .map_err(|e| format!("the console log: {e}"))?;
     let args = qemu_args(&plan);
     log(&format!("{QEMU} {}", args.join(" ")));
     let mut cmd = Command::new(QEMU);
@@ -354,10 +358,7 @@ fn run_vmm(
     ready: &Arc<Readiness>,
 ) -> Result<Ended, String> {
     let _ = std::fs::remove_file(&layout.vsock);
-    let console = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&layout.console_log)
+    let console = logfile::CappedLog::open(&layout.console_log)
         .map_err(|e| format!("{}: {e}", layout.console_log.display()))?;
     let vcpus = u8::try_from(spec.settings.vcpus).unwrap_or(u8::MAX);
     let mut builder = VmBuilder::new(kernel)
