@@ -29,9 +29,11 @@ mod engine;
 mod forward;
 mod guest;
 mod hostca;
+mod leftover;
 mod logfile;
 mod placeholder;
 mod readiness;
+mod run_dir;
 mod supervisor;
 mod sync;
 mod vscode;
@@ -434,20 +436,7 @@ impl Backend for MicroVmBackend {
             )));
         }
         // A QEMU left behind (PDEATHSIG covers it; this is belt and braces).
-        let pidfile = Self::layout(spec).qemu_pid();
-        if let Some(qpid) = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            let cmdline = std::fs::read(format!("/proc/{qpid}/cmdline")).unwrap_or_default();
-            if cmdline.starts_with(engine::QEMU.as_bytes())
-                || String::from_utf8_lossy(&cmdline).contains(engine::QEMU)
-            {
-                // SAFETY: the pid runs QEMU for this sandbox.
-                unsafe { libc::kill(qpid, libc::SIGKILL) };
-            }
-            let _ = std::fs::remove_file(&pidfile);
-        }
+        leftover::kill(&Self::layout(spec));
         Ok(())
     }
 

@@ -33,7 +33,7 @@ use super::engine::{
     GUEST_UID, QEMU, SHARES,
 };
 use super::readiness::{Readiness, Service};
-use super::{autosync, forward, guest, logfile};
+use super::{autosync, forward, guest, logfile, run_dir};
 use super::{egress, placeholder};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
@@ -61,18 +61,6 @@ fn install_signal_handlers() {
             );
         }
     }
-}
-
-/// Creates the workspace daemon's socket folder, owned by the guest user.
-fn prepare_workspace_run(layout: &Layout) -> Result<(), String> {
-    let dir = layout.workspace_run();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        std::os::unix::fs::chown(&dir, Some(GUEST_UID), Some(GUEST_UID))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    Ok(())
 }
 
 /// The services `start` waits for with `spec`'s settings.
@@ -273,8 +261,7 @@ fn run_qemu(
     initrd: &Path,
     ready: &Arc<Readiness>,
 ) -> Result<Ended, String> {
-    std::fs::create_dir_all(&layout.run).map_err(|e| format!("{}: {e}", layout.run.display()))?;
-    prepare_workspace_run(layout)?;
+    run_dir::prepare(layout)?;
     for s in layout.sockets() {
         let _ = std::fs::remove_file(s);
     }
