@@ -146,6 +146,24 @@ fn a_newcomer_session_on_a_real_guest() {
     assert_eq!(status["engine"], "qemu", "{status}");
     // TCG emulates SVM: nested virtualization is on by default.
     assert_eq!(status["nested"], "enabled", "{status}");
+    // The run folder (the devices' sockets, QEMU's pid file) is this
+    // user's alone, and the console reaches its log through the supervisor.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let dir = env.path(&format!("state/keystone/sandboxes/{}", env.name));
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        for run in [dir.join("run"), dir.join("run/ws")] {
+            let meta = std::fs::metadata(&run).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.mode() & 0o777),
+                (me, 0o700),
+                "{}",
+                run.display()
+            );
+        }
+        assert!(dir.join("logs/console.log").is_file());
+    }
 
     // stop, start again: the guest's commit is still in the sandbox.
     let out = env.run(&["stop"], &repo);
