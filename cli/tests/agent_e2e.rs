@@ -57,6 +57,17 @@ fn a_newcomer_session_on_a_real_guest() {
     let start_text = stdout(&out);
     assert!(start_text.contains("engine qemu"), "{}", text(&out));
     assert!(start_text.contains("copied .env"), "{}", text(&out));
+    // QEMU runs under its seccomp filter (`-sandbox on`).
+    let qemu_pid = std::fs::read_to_string(env.path(&format!(
+        "state/keystone/sandboxes/{}/run/qemu.pid",
+        env.name
+    )))
+    .expect("qemu.pid");
+    let qemu_status = std::fs::read_to_string(format!("/proc/{}/status", qemu_pid.trim())).unwrap();
+    assert!(
+        qemu_status.lines().any(|l| l == "Seccomp:\t2"),
+        "QEMU without a seccomp filter:\n{qemu_status}"
+    );
     // The clone's host folder holds the guest's .git (config, hooks): start
     // never shows it as a place to work.
     let clone = env.path(&format!(

@@ -137,6 +137,9 @@ pub fn choose(requested: Engine, host: &HostFacts) -> Result<EngineChoice, Strin
 /// QEMU's CPU model for a guest with nested virtualization: TCG emulates
 /// AMD SVM with nested paging.
 pub const QEMU_NESTED_CPU: &str = "max";
+/// QEMU's `-sandbox` setting (its seccomp filter).
+pub const QEMU_SECCOMP: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// QEMU's CPU model with nested virtualization hidden.
 pub const QEMU_PLAIN_CPU: &str = "max,-svm";
 
@@ -347,6 +350,10 @@ pub fn qemu_args(plan: &QemuPlan) -> Vec<String> {
         &plan.cmdline,
         "-nodefaults",
         "-no-user-config",
+        // QEMU's seccomp filter: the process that emulates a hostile guest
+        // may not exec, fork, change its privileges or use obsolete calls.
+        "-sandbox",
+        QEMU_SECCOMP,
         "-display",
         "none",
         "-monitor",
@@ -476,6 +483,7 @@ mod tests {
         let a = qemu_args(&plan).join(" ");
         for want in [
             "-accel tcg",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-cpu max ",
             "-smp 2",
             "-m 1024M",
