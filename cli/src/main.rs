@@ -35,6 +35,10 @@ enum Command {
     /// Sandboxes for AI coding agents (start, attach, sync, ...).
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// One writable share of a sandbox, served from a namespace sandbox
+    /// (started by the supervisor).
+    #[command(name = "__share", hide = true)]
+    Share(agent::ShareArgs),
 }
 
 #[derive(Subcommand)]
@@ -69,6 +73,7 @@ fn main() {
         Command::Vm(VmCommand::MakeRoot(args)) => vm_run::make_root(args),
         Command::Vm(VmCommand::Check(args)) => vm_check::run(args),
         Command::Agent(command) => agent::run(command),
+        Command::Share(args) => Ok(agent::share_main(args)),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -68,6 +68,35 @@ fn a_newcomer_session_on_a_real_guest() {
         qemu_status.lines().any(|l| l == "Seccomp:\t2"),
         "QEMU without a seccomp filter:\n{qemu_status}"
     );
+    // As root, the shares the guest writes are served by daemons whose
+    // root is the shared folder itself (a namespace sandbox).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // What each share's root holds, and what a host root would.
+        for (share, inside) in [("disk/workspace", ".git"), ("disk/state", "upper")] {
+            let dir = env.path(&format!("state/keystone/sandboxes/{}/{share}", env.name));
+            let daemons: Vec<std::path::PathBuf> = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .map(|p| p.path())
+                .filter(|p| {
+                    let cmd = std::fs::read(p.join("cmdline")).unwrap_or_default();
+                    let cmd = String::from_utf8_lossy(&cmd);
+                    cmd.contains("__share") && cmd.contains(&*dir.to_string_lossy())
+                })
+                .collect();
+            let confined = daemons.iter().any(|p| {
+                let root = p.join("root");
+                root.join(inside).exists() && !root.join("proc/self").exists()
+            });
+            assert!(
+                confined,
+                "no daemon of {share} sees only it as its root: {daemons:?}"
+            );
+        }
+    } else {
+        println!("SKIP: the share daemons' namespace sandbox needs root");
+    }
     // The clone's host folder holds the guest's .git (config, hooks): start
     // never shows it as a place to work.
     let clone = env.path(&format!(

@@ -142,6 +142,7 @@ const L1_INIT: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+ip link set lo up
 if ! mount -t virtiofs hostroot /mnt -o ro; then echo "RIG: cannot mount the host root"; reboot -f; fi
 mount --bind /proc /mnt/proc
 mount --bind /sys /mnt/sys

@@ -21,6 +21,8 @@ mod fsutil;
 mod inspect;
 mod lifecycle;
 mod microvm;
+
+pub use microvm::shares::{share_main, ShareArgs};
 pub(crate) mod naming;
 mod netpolicy;
 mod registry;

@@ -34,6 +34,7 @@ mod logfile;
 mod placeholder;
 mod readiness;
 mod run_dir;
+pub mod shares;
 mod supervisor;
 mod sync;
 mod vscode;

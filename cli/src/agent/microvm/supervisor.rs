@@ -30,10 +30,10 @@ use super::super::config::{Network, SyncMode};
 use super::super::state::{SandboxState, StateRecord};
 use super::engine::{
     guest_cmdline, qemu_args, qemu_nested, vmm_nested, EngineKind, Layout, QemuPlan, GUEST_CID,
-    GUEST_UID, QEMU, SHARES,
+    QEMU, SHARES,
 };
 use super::readiness::{Readiness, Service};
-use super::{autosync, forward, guest, logfile, run_dir};
+use super::{autosync, forward, guest, logfile, run_dir, shares};
 use super::{egress, placeholder};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
@@ -208,38 +208,6 @@ fn stop_autosync(auto: Option<&autosync::AutoSync>) {
     }
 }
 
-/// virtiofsd-lite's settings for one share. While the sandbox runs only
-/// the guest changes its shares (the host reaches the workspace through the
-/// guest agent, and the root image never changes), so names, attributes and
-/// misses may be cached for long: each exec then costs a few FUSE round
-/// trips instead of dozens.
-fn share_config(
-    tag: &str,
-    readonly: bool,
-    rootfs: &Path,
-    layout: &Layout,
-) -> virtiofsd_lite::FsConfig {
-    let dir = match tag {
-        "root" => rootfs.to_path_buf(),
-        "state" => layout.state.clone(),
-        _ => layout.workspace.clone(),
-    };
-    let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
-    cfg.readonly = readonly;
-    cfg.cache = virtiofsd_lite::CacheMode::Always;
-    // SAFETY: getuid/getgid/geteuid have no preconditions.
-    let (uid, gid, euid) = unsafe { (libc::getuid(), libc::getgid(), libc::geteuid()) };
-    if tag == "workspace" && euid != 0 {
-        // A daemon that is not root cannot give files to the guest user
-        // (root chowns the workspace to it instead, in `prepare`): it shows
-        // its user's files as the guest user's and makes every guest owner
-        // its user, so the agent owns its workspace (git's ownership check
-        // passes) and its `chown`s succeed.
-        cfg.ids = virtiofsd_lite::IdMaps::unprivileged(uid, gid, GUEST_UID, GUEST_UID);
-    }
-    cfg
-}
-
 fn wait_for_sockets(paths: &[PathBuf]) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     for p in paths {
@@ -266,18 +234,12 @@ fn run_qemu(
         let _ = std::fs::remove_file(s);
     }
     let mut shares = Vec::new();
+    // Serving until the guest ends (dropped on return).
+    let mut _servers = Vec::new();
     for (tag, readonly) in SHARES {
-        let cfg = share_config(tag, readonly, rootfs, layout);
+        let cfg = shares::config(tag, readonly, rootfs, layout);
         let socket = layout.fs_socket(tag);
-        let s = socket.clone();
-        std::thread::Builder::new()
-            .name(format!("fs-{tag}"))
-            .spawn(move || {
-                if let Err(e) = virtiofsd_lite::serve_listener(&s, cfg) {
-                    log(&format!("virtiofsd-lite {tag}: {e}"));
-                }
-            })
-            .map_err(|e| format!("cannot start a virtiofsd-lite thread: {e}"))?;
+        _servers.push(shares::serve_on_socket(cfg, readonly, &socket, log)?);
         shares.push((socket, tag.to_string()));
     }
     let vhost_vsock = layout.vsock_vhost_socket();
@@ -344,6 +306,8 @@ fn run_vmm(
     initrd: &Path,
     ready: &Arc<Readiness>,
 ) -> Result<Ended, String> {
+    // The share daemons' sockets live there.
+    run_dir::prepare(layout)?;
     let _ = std::fs::remove_file(&layout.vsock);
     let console = logfile::CappedLog::open(&layout.console_log)
         .map_err(|e| format!("{}: {e}", layout.console_log.display()))?;
@@ -364,13 +328,13 @@ fn run_vmm(
             spec.settings.network,
             None,
         ));
-    let mut daemons = Vec::new();
+    // Serving until the guest ends (dropped on return).
+    let mut _servers = Vec::new();
     for (tag, readonly) in SHARES {
-        let cfg = share_config(tag, readonly, rootfs, layout);
+        let cfg = shares::config(tag, readonly, rootfs, layout);
         // virtiofsd-lite creates each file as the guest user who asked.
-        let (vmm_end, daemon) =
-            virtiofsd_lite::spawn_paired(cfg).map_err(|e| format!("virtiofsd-lite {tag}: {e}"))?;
-        daemons.push(daemon);
+        let (vmm_end, server) = shares::serve_paired(cfg, readonly, &layout.fs_socket(tag))?;
+        _servers.push(server);
         builder = builder.vhost_user_fs(vmm_end, tag);
     }
     // A socket left by a crashed supervisor would make the bind fail.
