@@ -41,14 +41,9 @@ pub struct SandboxSpec {
     pub settings: Settings,
 }
 
-/// Which coding agent to make ready in the sandbox.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AgentKind {
-    Claude,
-    Codex,
-    Gemini,
-}
+/// Which coding agent the sandbox's session opens with (a setting, saved
+/// with the others).
+pub use super::config::AgentKind;
 
 /// `start` options beyond the settings.
 #[derive(Clone, Debug, Default)]
@@ -56,7 +51,8 @@ pub struct StartOptions {
     /// The disk and state were just discarded (`--fresh`, or `persist =
     /// false`): build the workspace clone from scratch.
     pub fresh: bool,
-    /// The agent to prepare, if one was named.
+    /// The agent named by `--agent`, if any (the settings hold the one
+    /// in force).
     pub agent: Option<AgentKind>,
 }
 

@@ -15,6 +15,7 @@
 //! network = "nat"        # nat | none | bridge
 //! sync_mode = "manual"   # manual | auto-commit | auto-idle
 //! persist = true         # keep the sandbox disk between starts
+//! agent = "claude"       # claude | codex | gemini: the agent the session opens with
 //!
 //! [backend]
 //! type = "microvm"       # microvm | kubernetes
@@ -46,7 +47,7 @@
 //!
 //! That resolves the settings of a sandbox's first start (or a `--fresh`
 //! one). A later start keeps what the sandbox saved in its `config.json`
-//! (memory, vCPUs, nesting, network, sync mode) unless a flag overrides it
+//! (memory, vCPUs, nesting, network, sync mode, agent) unless a flag overrides it
 //! (and is saved in turn); see [`for_existing`].
 //!
 //! An unknown key or a bad value, in either file, is an error naming that
@@ -117,6 +118,16 @@ choice!(
     /// emulation, or the best the host allows.
     Engine { Auto = "auto", Vmm = "vmm", Qemu = "qemu" }
 );
+choice!(
+    /// The coding agent the sandbox's terminal session opens with (all
+    /// three are in the guest image).
+    AgentKind { Claude = "claude", Codex = "codex", Gemini = "gemini" }
+);
+
+/// The agent of a sandbox whose `config.json` predates the setting.
+fn default_agent() -> AgentKind {
+    AgentKind::Claude
+}
 
 /// Fully resolved settings for one sandbox (what `config.json` records).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +154,9 @@ pub struct Settings {
     /// `sync --artifacts` writes in place; other artifacts are staged.
     #[serde(default)]
     pub sync_artifacts: Vec<String>,
+    /// `[defaults] agent` / `--agent`: the coding agent `attach` opens.
+    #[serde(default = "default_agent")]
+    pub agent: AgentKind,
 }
 
 /// `[backend.kubernetes]`: the cluster, namespace and storage class the
@@ -187,6 +201,7 @@ impl Default for Settings {
             network_allow: Vec::new(),
             kubernetes: KubernetesTarget::default(),
             sync_artifacts: Vec::new(),
+            agent: default_agent(),
         }
     }
 }
@@ -203,6 +218,7 @@ pub struct FlagOverrides {
     pub nested_virt: Option<bool>,
     pub network: Option<Network>,
     pub sync_mode: Option<SyncMode>,
+    pub agent: Option<AgentKind>,
 }
 
 /// A configuration that cannot be used. The message names the file, line
@@ -296,12 +312,15 @@ fn apply_flags(s: &mut Settings, flags: &FlagOverrides) -> Result<(), ConfigErro
     if let Some(v) = flags.sync_mode {
         s.sync_mode = v;
     }
+    if let Some(v) = flags.agent {
+        s.agent = v;
+    }
     Ok(())
 }
 
 /// The settings of a later start of a sandbox that recorded `saved` in its
 /// `config.json`: the sandbox's own settings (memory, vCPUs, nesting,
-/// network, sync mode) are the saved ones unless a flag of this start
+/// network, sync mode, agent) are the saved ones unless a flag of this start
 /// overrides them; the host's settings (backend, engine, share protocol,
 /// proxy, persist) follow `current` (the file and environment of this
 /// run). The result is saved again, so a flag given once sticks.
@@ -316,6 +335,7 @@ pub fn for_existing(
         nested_virt: saved.nested_virt,
         network: saved.network,
         sync_mode: saved.sync_mode,
+        agent: saved.agent,
         ..current.clone()
     };
     apply_flags(&mut s, flags)?;
@@ -413,11 +433,67 @@ mod tests {
             sync_mode: Some(SyncMode::Manual),
             nested_virt: Some(false),
             network: Some(Network::Bridge),
+            agent: Some(AgentKind::Gemini),
         };
         let s = resolve(&[(path, file)], &vars, &flags).unwrap();
         assert_eq!((s.memory_mib, s.vcpus, s.nested_virt), (512, 8, false));
         assert_eq!(s.sync_mode, SyncMode::Manual);
         assert_eq!(s.network, Network::Bridge);
+        assert_eq!(s.agent, AgentKind::Gemini);
+    }
+
+    #[test]
+    fn the_agent_comes_from_the_file_the_flag_or_the_saved_sandbox() {
+        let path = Path::new("/cfg/agent.toml");
+        let none = FlagOverrides::default();
+        assert_eq!(
+            resolve(&[], &env(&[]), &none).unwrap().agent,
+            AgentKind::Claude
+        );
+        let file = "[defaults]\nagent = \"codex\"\n";
+        let s = resolve(&[(path, file)], &env(&[]), &none).unwrap();
+        assert_eq!(s.agent, AgentKind::Codex);
+        let flag = FlagOverrides {
+            agent: Some(AgentKind::Gemini),
+            ..FlagOverrides::default()
+        };
+        assert_eq!(
+            resolve(&[(path, file)], &env(&[]), &flag).unwrap().agent,
+            AgentKind::Gemini
+        );
+        // A later start keeps the sandbox's agent unless --agent is given.
+        let saved = Settings {
+            agent: AgentKind::Gemini,
+            ..Settings::default()
+        };
+        assert_eq!(
+            for_existing(&saved, &s, &none).unwrap().agent,
+            AgentKind::Gemini
+        );
+        let codex = FlagOverrides {
+            agent: Some(AgentKind::Codex),
+            ..FlagOverrides::default()
+        };
+        assert_eq!(
+            for_existing(&saved, &s, &codex).unwrap().agent,
+            AgentKind::Codex
+        );
+        // A config.json written before the setting existed reads as claude.
+        let mut old = serde_json::to_value(Settings::default()).unwrap();
+        old.as_object_mut().unwrap().remove("agent");
+        let old: Settings = serde_json::from_value(old).unwrap();
+        assert_eq!(old.agent, AgentKind::Claude);
+        let err = resolve(
+            &[(path, "[defaults]\nagent = \"aider\"\n")],
+            &env(&[]),
+            &none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`defaults.agent`") && err.contains("\"gemini\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@
 //! | `memory_mib`, `vcpus` | number | resources |
 //! | `network`, `sync_mode` | string | settings of the last start (`network` is the configured value) |
 //! | `network_available` | bool | whether the guest gets outbound connections (made by the host; `bridge` is not available and means nat) |
+//! | `agent` | string | the coding agent the session opens with: claude, codex, gemini |
+//! | `agents` | object? | the coding agents in the image of the last start and their versions, e.g. `{"claude": "2.1.337", "codex": "0.170.0", "gemini": "0.61.0"}` (from the host's copy of the image's lock; `null` before a start) |
 //! | `last_error` | string? | why the state is error |
 //! | `dir` | string | the sandbox's folder (config, state, logs, disk) |
 //!
@@ -63,6 +65,8 @@ pub struct SandboxView {
     pub network: String,
     pub network_available: bool,
     pub sync_mode: String,
+    pub agent: String,
+    pub agents: Option<std::collections::BTreeMap<String, String>>,
     pub last_error: Option<String>,
     pub dir: String,
 }
@@ -100,6 +104,8 @@ fn view(
         network: s.network.to_string(),
         network_available: s.network != Network::None && ctx.backend.network_available(),
         sync_mode: s.sync_mode.to_string(),
+        agent: s.agent.to_string(),
+        agents: super::microvm::agent_versions(&spec.paths),
         // It quotes the guest's console and errors (several lines).
         last_error: record.last_error.as_deref().map(shown::lines),
         dir: spec.paths.dir.display().to_string(),
@@ -257,6 +263,21 @@ fn print_status(s: &StatusView) {
         (None, _) => "unknown (not started yet)".into(),
     };
     println!("Nested:     {nested}");
+    let versions = v.agents.as_ref().map(|a| {
+        a.iter()
+            .map(|(name, version)| format!("{name} {version}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    match versions {
+        Some(list) if !list.is_empty() => {
+            println!("Agents:     {list} (the session opens with {})", v.agent)
+        }
+        _ => println!(
+            "Agents:     none recorded yet (the session opens with {})",
+            v.agent
+        ),
+    }
     println!("Created:    {}", v.created_at);
     println!("Started:    {}", or_never(&v.started_at));
     println!("Last sync:  {}", or_never(&v.last_sync));

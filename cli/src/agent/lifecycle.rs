@@ -40,6 +40,7 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         },
         network: args.network,
         sync_mode: args.sync_mode,
+        agent: args.agent,
     };
     let settings =
         config::load(&flags).map_err(|e| CodedError::error(exit_code::NOT_FOUND, e.to_string()))?;

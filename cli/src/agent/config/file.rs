@@ -11,7 +11,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BackendKind, ConfigError, Engine, Network, Settings, ShareProto, SyncMode, MEMORY_MIB, VCPUS,
+    AgentKind, BackendKind, ConfigError, Engine, Network, Settings, ShareProto, SyncMode,
+    MEMORY_MIB, VCPUS,
 };
 
 type Value = Option<Spanned<toml::Value>>;
@@ -47,6 +48,7 @@ struct RawDefaults {
     network: Value,
     sync_mode: Value,
     persist: Value,
+    agent: Value,
 }
 
 #[derive(Deserialize, Default)]
@@ -325,6 +327,9 @@ pub(super) fn apply_file(s: &mut Settings, path: &Path, text: &str) -> Result<()
         }
         if let Some(v) = &d.persist {
             s.persist = r.bool("defaults.persist", v)?;
+        }
+        if let Some(v) = &d.agent {
+            s.agent = r.choice("defaults.agent", v, AgentKind::CHOICES)?;
         }
     }
     if let Some(b) = raw.backend {

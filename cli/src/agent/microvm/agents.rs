@@ -1,185 +1,183 @@
-//! `start --agent claude|codex|gemini`: the coding agent made ready in
-//! the sandbox, set to work without permission prompts (the sandbox is
-//! the boundary that those prompts stand in for elsewhere).
+//! The coding agents in the sandbox: Claude Code, Codex and Gemini CLI are
+//! in the guest image (`guest-image/rootfs/agents.lock` pins them; the
+//! image is built with them), each set for the agent user to work without
+//! permission prompts. Nothing is downloaded at `start`.
 //!
-//! Claude Code and Codex are installed from their native Linux x86-64
-//! builds, which npm's registry serves as platform packages
-//! (`@anthropic-ai/claude-code-linux-x64`, `@openai/codex@<v>-linux-x64`):
-//! the guest fetches the package metadata and streams the tarball through
-//! its proxy (so the host's network policy applies, and nothing needs
-//! Node.js), keeps only the binary under `/usr/local/lib/keystone-agents`
-//! and links it into `/usr/local/bin`. The root's writable layer keeps it
-//! across `stop`/`start`, so this happens once per sandbox. Then the agent
-//! user's configuration turns the prompts off, unless the user already has
-//! a configuration there. Gemini CLI needs Node.js 20, which the guest
-//! image does not carry: it is refused with that reason.
+//! This module is the host's side of that:
+//! - at `start`, [`record`] copies the lock kept beside the image the
+//!   sandbox boots (`<rootfs>.agents`) into the sandbox's folder, and
+//!   [`summary`] says which versions are there and which agent the
+//!   session opens with;
+//! - `status` reads that copy ([`recorded_versions`]): the versions come
+//!   from the host's files, never from the guest;
+//! - `attach` opens the Zellij session with the layout of the sandbox's
+//!   agent ([`layout_path`]): the agent in the first pane, a shell in the
+//!   second.
 //!
 //! The agent logs in inside the sandbox (its own login flow); no host
 //! credential is copied in (security invariant 3).
 
-use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
+use std::collections::BTreeMap;
+use std::path::Path;
 
-use super::super::backend::AgentKind;
+use guest_image::agents::{self as lock, AgentPin};
 
-/// What the install script needs to know about one agent.
-struct Recipe {
-    /// The command's name in the guest.
-    command: &'static str,
-    /// What users call it.
-    title: &'static str,
-    /// Shell that prints the tarball URL (metadata fetched with `meta`).
-    tarball: &'static str,
-    /// The binary's path inside the tarball.
-    member: &'static str,
-    /// The agent user's configuration file and its contents.
-    config: (&'static str, &'static str),
+use crate::agent::config::AgentKind;
+
+/// Where the image keeps one Zellij layout per agent (`<name>.kdl`).
+pub const LAYOUT_DIR: &str = "/usr/local/share/keystone/zellij";
+
+/// The copy of the image's lock in a sandbox's folder.
+const RECORD_FILE: &str = "agents.lock";
+
+/// The Zellij layout the session of a sandbox whose agent is `kind` opens
+/// with.
+pub fn layout_path(kind: AgentKind) -> String {
+    format!("{LAYOUT_DIR}/{}.kdl", kind.as_str())
 }
 
-const CLAUDE: Recipe = Recipe {
-    command: "claude",
-    title: "Claude Code",
-    tarball: r#"meta "$reg/@anthropic-ai%2fclaude-code-linux-x64/latest" && field dist tarball"#,
-    member: "package/claude",
-    config: (
-        ".claude/settings.json",
-        r#"{
-  "permissions": { "defaultMode": "bypassPermissions" },
-  "skipDangerousModePermissionPrompt": true
+/// What users call the agent.
+fn title(kind: AgentKind) -> &'static str {
+    match kind {
+        AgentKind::Claude => "Claude Code",
+        AgentKind::Codex => "Codex",
+        AgentKind::Gemini => "Gemini CLI",
+    }
 }
-"#,
-    ),
-};
 
-const CODEX: Recipe = Recipe {
-    command: "codex",
-    title: "Codex",
-    tarball: r#"meta "$reg/@openai%2fcodex" && v=$(field dist-tags latest) && meta "$reg/@openai%2fcodex/$v-linux-x64" && field dist tarball"#,
-    member: "package/vendor/x86_64-unknown-linux-musl/bin/codex",
-    config: (
-        ".codex/config.toml",
-        "approval_policy = \"never\"\nsandbox_mode = \"danger-full-access\"\n",
-    ),
-};
+/// Copies the agents lock kept beside the root directory `rootfs_dir`
+/// into the sandbox folder `sandbox_dir` and returns its pins. An image
+/// without one (a `KEYSTONE_ROOTFS_DIR` of another making) records
+/// nothing and gives no pins; a lock that does not parse is an error.
+pub fn record(rootfs_dir: &Path, sandbox_dir: &Path) -> Result<Vec<AgentPin>, String> {
+    let target = sandbox_dir.join(RECORD_FILE);
+    let source = lock::image_lock_path(rootfs_dir);
+    if !source.is_file() {
+        let _ = std::fs::remove_file(&target);
+        return Ok(Vec::new());
+    }
+    let pins = lock::read_lock(&source).map_err(|e| e.to_string())?;
+    std::fs::copy(&source, &target).map_err(|e| format!("{}: {e}", target.display()))?;
+    Ok(pins)
+}
 
-/// The guest script: `sh -c SCRIPT sh COMMAND TITLE MEMBER CONFIG_PATH
-/// CONFIG_TEXT`, with the recipe's tarball lookup spliced in. Prints the
-/// installed version on its last line.
-fn script(recipe: &Recipe) -> String {
+/// The agents' versions recorded at the sandbox's last start (`claude`,
+/// `codex`, `gemini` -> version); `None` when none was recorded or the
+/// record does not parse.
+pub fn recorded_versions(sandbox_dir: &Path) -> Option<BTreeMap<String, String>> {
+    let pins = lock::read_lock(&sandbox_dir.join(RECORD_FILE)).ok()?;
+    Some(agent_versions(&pins))
+}
+
+/// The pins that are agents (not their runtime), by name.
+fn agent_versions(pins: &[AgentPin]) -> BTreeMap<String, String> {
+    pins.iter()
+        .filter(|p| p.name.parse::<AgentKind>().is_ok())
+        .map(|p| (p.name.clone(), p.release().to_string()))
+        .collect()
+}
+
+/// The line `start` prints about the agents: their versions and the one
+/// the session opens with, or a warning when the image lacks it.
+pub fn summary(kind: AgentKind, pins: &[AgentPin]) -> String {
+    let versions = agent_versions(pins);
+    let Some(version) = versions.get(kind.as_str()) else {
+        return format!(
+            "warning: this guest image has no {} (its root file system lists no such agent); \
+             the session opens with a shell. Rebuild the image with \
+             guest-image/rootfs/build.sh, or unset KEYSTONE_ROOTFS_DIR",
+            title(kind)
+        );
+    };
+    let others: Vec<String> = AgentKind::CHOICES
+        .iter()
+        .filter(|name| **name != kind.as_str())
+        .filter_map(|name| versions.get(*name).map(|v| format!("`{name}` {v}")))
+        .collect();
+    let also = if others.is_empty() {
+        String::new()
+    } else {
+        format!("; also in the sandbox: {}", others.join(", "))
+    };
     format!(
-        r#"set -eu
-command=$1 title=$2 member=$3 config=$4 text=$5
-reg=https://registry.npmjs.org
-dir=/usr/local/lib/keystone-agents/$command
-# One registry document into /var/tmp/ks-meta.json; the proxy may take a
-# few seconds to be offered after boot (503), so that is retried.
-meta() {{
-	i=0
-	while :; do
-		codes=$(curl -sS --max-time 120 -o /var/tmp/ks-meta.json -w '%{{http_code}} %{{http_connect}}' "$1" 2>/var/tmp/ks-meta.err || true)
-		[ "${{codes% *}}" = 200 ] && return 0
-		i=$((i + 1))
-		if [ "${{codes#* }}" = 503 ] && [ $i -lt 30 ]; then sleep 1; continue; fi
-		echo "fetching $1 through the sandbox's proxy failed (HTTP $codes): $(head -c 300 /var/tmp/ks-meta.err)" >&2
-		exit 3
-	done
-}}
-field() {{
-	perl -MJSON::PP -e 'local $/; my $d = decode_json(<STDIN>); for my $k (@ARGV) {{ $d = $d->{{$k}} }} print $d' "$@" < /var/tmp/ks-meta.json
-}}
-if [ ! -x "$dir/$command" ]; then
-	url=$({tarball})
-	case $url in https://registry.npmjs.org/*) ;; *) echo "unexpected tarball URL: $url" >&2; exit 3 ;; esac
-	rm -rf "$dir.new" && mkdir -p "$dir.new"
-	curl -sS --fail --max-time 1800 "$url" | tar -xzf - -C "$dir.new" "$member"
-	mv "$dir.new/$member" "$dir.new/$command.bin" && rm -rf "$dir.new/package"
-	mv "$dir.new/$command.bin" "$dir.new/$command"
-	rm -rf "$dir" && mv "$dir.new" "$dir"
-	rm -f /var/tmp/ks-meta.json
-fi
-ln -sf "$dir/$command" "/usr/local/bin/$command"
-home=$(getent passwd agent | cut -d: -f6)
-if [ ! -e "$home/$config" ]; then
-	install -d -o agent -g agent "$home/$(dirname "$config")"
-	printf '%s' "$text" > "$home/$config"
-	chown agent:agent "$home/$config"
-fi
-"/usr/local/bin/$command" --version 2>&1 | tail -n 1
-"#,
-        tarball = recipe.tarball
+        "coding agent: {} {version} opens in the session (`{}`, no permission prompts; it \
+         logs in inside the sandbox){also}",
+        title(kind),
+        kind.as_str()
     )
 }
 
-/// Installs and configures `kind` in the running sandbox; returns the
-/// line to show (its version), or why it could not.
-pub fn prepare(
-    client: &keystone_guest_agent::AgentClient,
-    kind: AgentKind,
-) -> Result<String, String> {
-    let recipe = match kind {
-        AgentKind::Claude => &CLAUDE,
-        AgentKind::Codex => &CODEX,
-        AgentKind::Gemini => {
-            return Err(
-                "Gemini CLI needs Node.js 20 or newer, which the guest image does not \
-                        carry yet; install it in the sandbox yourself (`npm install -g \
-                        @google/gemini-cli` after installing Node.js) and run `gemini --yolo`"
-                    .into(),
-            )
-        }
-    };
-    let argv: Vec<String> = [
-        "sh",
-        "-c",
-        &script(recipe),
-        "sh",
-        recipe.command,
-        recipe.title,
-        recipe.member,
-        recipe.config.0,
-        recipe.config.1,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let request = ExecRequest {
-        user: Some(UserSpec::Name("root".into())),
-        cwd: Some("/".into()),
-        ..ExecRequest::new(&argv)
-    };
-    let out = client
-        .exec_request_output(request)
-        .map_err(|e| format!("installing {}: {e}", recipe.title))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = lines[lines.len().saturating_sub(4)..].join(" | ");
-        return Err(format!(
-            "installing {} failed (exit {:?}): {}",
-            recipe.title,
-            out.status.code,
-            if tail.is_empty() {
-                "no message"
-            } else {
-                tail.as_str()
-            }
-        ));
-    }
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Ok(format!(
-        "{} is ready ({version}): run `{}` in the session; it works without permission prompts",
-        recipe.title, recipe.command
-    ))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The one-line notice shown while it runs.
-pub fn notice(kind: AgentKind) -> &'static str {
-    match kind {
-        AgentKind::Claude => {
-            "installing Claude Code in the sandbox (the first time it downloads ~190 MB through the sandbox's proxy)..."
+    fn pins() -> Vec<AgentPin> {
+        lock::read_lock(&lock::lock_path()).unwrap()
+    }
+
+    fn temp(tag: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("keystone-agents-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn every_agent_has_a_layout_of_its_own() {
+        for name in AgentKind::CHOICES {
+            let kind: AgentKind = name.parse().unwrap();
+            let path = layout_path(kind);
+            assert_eq!(path, format!("/usr/local/share/keystone/zellij/{name}.kdl"));
+            let recipe = guest_image::recipe_dir().join(format!("rootfs/zellij/{name}.kdl"));
+            let text = std::fs::read_to_string(&recipe).unwrap();
+            assert!(text.contains(&format!("command=\"{name}\"")), "{text}");
+            assert!(text.contains("pane name=\"shell\""), "{text}");
         }
-        AgentKind::Codex => {
-            "installing Codex in the sandbox (the first time it downloads ~170 MB through the sandbox's proxy)..."
-        }
-        AgentKind::Gemini => "installing Gemini CLI in the sandbox...",
+    }
+
+    #[test]
+    fn start_records_the_image_lock_and_status_reads_it() {
+        let dir = temp("record");
+        let rootfs = dir.join("abc");
+        let sandbox = dir.join("sandbox");
+        std::fs::create_dir_all(&sandbox).unwrap();
+        // An image without a lock records nothing.
+        assert!(record(&rootfs, &sandbox).unwrap().is_empty());
+        assert_eq!(recorded_versions(&sandbox), None);
+
+        std::fs::copy(lock::lock_path(), dir.join("abc.agents")).unwrap();
+        let recorded = record(&rootfs, &sandbox).unwrap();
+        assert_eq!(recorded, pins());
+        let versions = recorded_versions(&sandbox).unwrap();
+        assert_eq!(
+            versions.keys().collect::<Vec<_>>(),
+            ["claude", "codex", "gemini"],
+            "agents only, not their runtime"
+        );
+        assert!(!versions["codex"].ends_with("-linux-x64"), "{versions:?}");
+
+        // A later start from an image without one drops the old record.
+        std::fs::remove_file(dir.join("abc.agents")).unwrap();
+        record(&rootfs, &sandbox).unwrap();
+        assert_eq!(recorded_versions(&sandbox), None);
+
+        std::fs::write(dir.join("abc.agents"), "claude x 1.0 bad\n").unwrap();
+        assert!(record(&rootfs, &sandbox).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_summary_names_the_session_agent_or_warns() {
+        let pins = pins();
+        let line = summary(AgentKind::Gemini, &pins);
+        assert!(line.starts_with("coding agent: Gemini CLI 0."), "{line}");
+        assert!(line.contains("`claude` 2."), "{line}");
+        assert!(line.contains("`codex` 0."), "{line}");
+        let line = summary(AgentKind::Codex, &[]);
+        assert!(
+            line.starts_with("warning: this guest image has no Codex"),
+            "{line}"
+        );
     }
 }

@@ -37,16 +37,18 @@ pub fn web_sharing_config_script() -> &'static str {
     r#"zcfg="${ZELLIJ_CONFIG_DIR:-$HOME/.config/zellij}"; if [ ! -e "$zcfg/.keystone-web-sharing" ]; then mkdir -p "$zcfg" 2>/dev/null; if ! grep -qs '^[[:space:]]*web_sharing' "$zcfg/config.kdl"; then printf '\n// keystone: sessions can be opened in a browser (keystone agent attach --web)\nweb_sharing "on"\n' >> "$zcfg/config.kdl"; fi 2>/dev/null && : > "$zcfg/.keystone-web-sharing"; fi; "#
 }
 
-/// The guest script: prepares the session and the web server, then
-/// prints Zellij's `--create-token` output (`<name>: <token>`).
-fn guest_script(session: &str) -> String {
+/// The guest script: prepares the session (with the Zellij layout
+/// `layout` where the image has it) and the web server, then prints
+/// Zellij's `--create-token` output (`<name>: <token>`).
+fn guest_script(session: &str, layout: &str) -> String {
     let cfg = web_sharing_config_script();
     format!(
         r#"command -v zellij >/dev/null 2>&1 || exit {NO_ZELLIJ}
 zellij web --help >/dev/null 2>&1 || exit {NO_WEB_SUPPORT}
 {cfg}
 if ! zellij list-sessions --short --no-formatting 2>/dev/null | grep -qxF '{session}'; then
-  zellij attach --create-background '{session}' </dev/null >/dev/null 2>&1 || exit {NO_SESSION}
+  set --; [ -f '{layout}' ] && set -- options --default-layout '{layout}'
+  zellij attach --create-background '{session}' "$@" </dev/null >/dev/null 2>&1 || exit {NO_SESSION}
 fi
 online() {{ zellij web --status --port {WEB_PORT} --timeout 5 2>/dev/null | grep -q 'online'; }}
 if ! online; then
@@ -123,7 +125,8 @@ pub fn attach_web(
     dir: &str,
     session: &str,
 ) -> BackendResult<i32> {
-    let argv = vec!["bash".to_string(), "-c".into(), guest_script(session)];
+    let script = guest_script(session, &super::agents::layout_path(spec.settings.agent));
+    let argv = vec!["bash".to_string(), "-c".into(), script];
     let out = guest::client(&layout.vsock)
         .exec_request_output(guest::request(argv, dir, None))
         .map_err(|e| guest::agent_err("attach --web", e))?;
@@ -199,8 +202,9 @@ mod tests {
 
     #[test]
     fn the_script_quotes_the_session_and_uses_the_web_port() {
-        let s = guest_script("app-1-main");
-        assert!(s.contains("zellij attach --create-background 'app-1-main'"));
+        let s = guest_script("app-1-main", "/l/claude.kdl");
+        assert!(s.contains("zellij attach --create-background 'app-1-main' \"$@\""));
+        assert!(s.contains("set -- options --default-layout '/l/claude.kdl'"));
         assert!(s.contains("--port 8082"));
         assert!(s.contains(r#"web_sharing "on""#));
     }
