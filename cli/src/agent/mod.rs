@@ -158,9 +158,10 @@ pub struct StartArgs {
     /// Do not attach to the terminal session once the sandbox is ready.
     #[arg(long)]
     pub no_attach: bool,
-    /// Install this coding agent in the sandbox (once) and set it to run
-    /// without permission prompts (claude, codex; gemini is refused: it
-    /// needs Node.js 20).
+    /// The coding agent the terminal session opens with [default:
+    /// `[defaults] agent`, else claude]: claude, codex or gemini. All three
+    /// are in the guest image, set to work without permission prompts;
+    /// the choice is saved with the sandbox.
     #[arg(long, value_enum)]
     pub agent: Option<AgentKind>,
 }

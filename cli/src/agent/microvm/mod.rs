@@ -51,7 +51,7 @@ use super::backend::{
     SandboxSpec, StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, VscodeTarget,
     WorktreeInfo, WorktreeOp,
 };
-use super::config::{BackendKind, Network};
+use super::config::{AgentKind, BackendKind, Network};
 use super::state::{NestedStatus, ProcProbe, ProcessProbe, StateRecord};
 use crate::shown;
 use engine::{HostFacts, Layout, GUEST_WORKSPACE, MAX_SOCKET_PATH};
@@ -124,11 +124,13 @@ fn parse_worktrees(porcelain: &str) -> Vec<WorktreeInfo> {
 /// trip), lets the session be served on the web (`attach --web`), then
 /// re-attaches a running Zellij session at once; a session that does not
 /// run yet is created from a login shell, so that it gets the user's
-/// login environment, and images without Zellij fall back to tmux or a
-/// plain login shell.
-fn attach_command(sandbox: &str, worktree: Option<&str>) -> String {
-    // Sandbox names and checked branch names hold no quote.
+/// login environment, with the layout of the sandbox's coding agent (the
+/// agent in the first pane, a shell in the second) where the image has it;
+/// images without Zellij fall back to tmux or a plain login shell.
+fn attach_command(sandbox: &str, worktree: Option<&str>, agent: AgentKind) -> String {
+    // Sandbox names, checked branch names and layout paths hold no quote.
     let branch = worktree.unwrap_or("");
+    let layout = agents::layout_path(agent);
     format!(
         r#"{cfg}b='{branch}'
 if [ -z "$b" ]; then
@@ -139,7 +141,7 @@ LC_ALL=C.UTF-8; s='{sandbox}'-"$b"; s=${{s//[^A-Za-z0-9_-]/-}}; unset LC_ALL
 for sock in /tmp/zellij-$UID/contract_version_*/"$s"; do
   if [ -S "$sock" ] && command -v zellij >/dev/null 2>&1; then exec zellij attach --create "$s"; fi
 done
-exec bash -l -c 'if command -v zellij >/dev/null 2>&1; then exec zellij attach --create "$0"; elif command -v tmux >/dev/null 2>&1; then exec tmux new-session -A -s "$0"; else echo "keystone: no terminal multiplexer in the guest image: plain login shell (no re-attach)"; exec bash -l; fi' "$s"
+exec bash -l -c 'if command -v zellij >/dev/null 2>&1; then if [ -f "$1" ]; then exec zellij attach --create "$0" options --default-layout "$1"; fi; exec zellij attach --create "$0"; elif command -v tmux >/dev/null 2>&1; then exec tmux new-session -A -s "$0"; else echo "keystone: no terminal multiplexer in the guest image: plain login shell (no re-attach)"; exec bash -l; fi' "$s" '{layout}'
 "#,
         cfg = web::web_sharing_config_script(),
     )
@@ -251,7 +253,7 @@ impl Backend for MicroVmBackend {
     fn start(
         &self,
         spec: &SandboxSpec,
-        opts: &StartOptions,
+        _opts: &StartOptions,
         progress: &mut dyn FnMut(&str),
     ) -> BackendResult<StartOutcome> {
         let t0 = Instant::now();
@@ -282,6 +284,11 @@ impl Backend for MicroVmBackend {
         progress("guest root file system: checking the cache (the first build takes ~2 min)...");
         let rootfs = guest_image::rootfs::ensure_rootfs()
             .map_err(|e| BackendError::Requirements(format!("guest root file system: {e}")))?;
+        // The agents this image carries, recorded for `status`.
+        let agent_pins = agents::record(&rootfs.dir, &spec.paths.dir).unwrap_or_else(|e| {
+            progress(&format!("warning: the guest image's agents lock: {e}"));
+            Vec::new()
+        });
         let agent_dir = guest_image::cache_dir().join("agent");
         let initrd = crate::embedded::agent_initramfs(&agent_dir)
             .map_err(|e| io_failed("cannot write the agent initramfs", e))?;
@@ -338,19 +345,7 @@ impl Backend for MicroVmBackend {
                 )),
             }
         }
-        if let Some(kind) = opts.agent {
-            if spec.settings.network == Network::None {
-                progress(&format!(
-                    "warning: --agent {kind:?} needs the network to install; this sandbox has none"
-                ));
-            } else {
-                progress(agents::notice(kind));
-                match agents::prepare(&guest::client(&layout.vsock), kind) {
-                    Ok(line) => progress(&line),
-                    Err(e) => progress(&format!("warning: {e}")),
-                }
-            }
-        }
+        progress(&agents::summary(spec.settings.agent, &agent_pins));
         boot.wait_services(progress)?;
         let services = boot::describe_services(boot.services_up());
         if !services.is_empty() {
@@ -464,7 +459,7 @@ impl Backend for MicroVmBackend {
         let argv = vec![
             "bash".to_string(),
             "-c".into(),
-            attach_command(&spec.name, opts.worktree.as_deref()),
+            attach_command(&spec.name, opts.worktree.as_deref(), spec.settings.agent),
         ];
         let client = guest::client(&layout.vsock);
         let status = guest::interactive(&client, guest::request(argv, &dir, None))
@@ -589,6 +584,14 @@ impl Backend for MicroVmBackend {
 
 pub use vscode::ssh_proxy;
 
+/// The coding agents' versions in the image the sandbox last started from
+/// (`claude`, `codex`, `gemini` -> version), from the host's record.
+pub fn agent_versions(
+    paths: &super::registry::SandboxPaths,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    agents::recorded_versions(&paths.dir)
+}
+
 /// `keystone agent __placeholder NAME PORT...`.
 pub fn placeholder_page(spec: &SandboxSpec, ports: &[u16]) -> i32 {
     placeholder::run(&spec.name, &spec.paths, ports)
@@ -621,13 +624,23 @@ mod tests {
 
     #[test]
     fn attach_command_names_the_session_like_session_name() {
-        let script = attach_command("app-1", None);
+        let script = attach_command("app-1", None, AgentKind::Claude);
         assert!(script.contains("b=''"), "{script}");
         assert!(script.contains("/workspace/.git/HEAD"), "{script}");
         assert!(script.contains("s='app-1'-\"$b\""), "{script}");
         assert!(script.contains("zellij attach --create"), "{script}");
         assert!(script.contains("tmux new-session -A -s"), "{script}");
-        assert!(attach_command("app-1", Some("feat/x")).contains("b='feat/x'"));
+        assert!(attach_command("app-1", Some("feat/x"), AgentKind::Claude).contains("b='feat/x'"));
+        // A new session opens with the layout of the sandbox's agent.
+        assert!(
+            script.contains(r#"zellij attach --create "$0" options --default-layout "$1""#),
+            "{script}"
+        );
+        assert!(
+            attach_command("app-1", None, AgentKind::Gemini)
+                .contains("\"$s\" '/usr/local/share/keystone/zellij/gemini.kdl'"),
+            "the layout path is the shell's $1"
+        );
         // The name the shell computes, for branches of every shape.
         for branch in ["main", "feat/x.y", "HEAD", "é-ü"] {
             let script = format!(
