@@ -810,6 +810,15 @@ impl RawStreamReader {
         self.status
     }
 
+    /// Gives up reading (an error) when the guest sends nothing for
+    /// `idle` (`None`: waits for ever). Needs a stream with a descriptor.
+    pub fn set_idle_timeout(&self, idle: Option<std::time::Duration>) -> io::Result<()> {
+        let fd = self.reader.get_ref().raw_fd().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Unsupported, "this stream has no descriptor")
+        })?;
+        crate::transport::set_read_timeout(fd, idle)
+    }
+
     /// Drains the rest of stdout and returns the exit status.
     pub fn wait(mut self) -> Result<RawExit, ClientError> {
         while self.fill()? {}

@@ -178,6 +178,53 @@ pub fn request(argv: Vec<String>, cwd: &str, user: Option<&str>) -> ExecRequest 
     }
 }
 
+/// Bounds on what a pipe takes from the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct PipeLimits {
+    /// The most bytes it copies.
+    pub max_bytes: u64,
+    /// The longest the guest may stay silent.
+    pub idle: Duration,
+}
+
+/// How [`copy_out`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum CopyEnd {
+    /// The guest's side ended.
+    Done,
+    /// Our reader went away first.
+    OurSideClosed,
+}
+
+/// Copies the guest's bytes to `out` until they end, failing past
+/// `max` bytes (or when a read fails, a silent guest's timeout included).
+fn copy_out(
+    from: &mut impl Read,
+    out: &mut impl Write,
+    max: u64,
+    what: &str,
+) -> Result<CopyEnd, BackendError> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).map_err(|e| {
+            BackendError::Failed(format!("{what}: reading from the sandbox: {e}"))
+        })?;
+        if n == 0 {
+            return Ok(CopyEnd::Done);
+        }
+        total += n as u64;
+        if total > max {
+            return Err(BackendError::Failed(format!(
+                "{what}: the sandbox sent more than {max} bytes; stopped"
+            )));
+        }
+        if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+            return Ok(CopyEnd::OurSideClosed);
+        }
+    }
+}
+
 /// Runs `request` in the guest as a byte pipe between this process's stdin
 /// and stdout: the transport command of git's `ext::` URLs
 /// (`__git-upload-pack`). Returns
@@ -188,11 +235,17 @@ pub fn pipe_stdio(
     vsock: &Path,
     request: RawStreamRequest,
     what: &str,
+    limits: Option<PipeLimits>,
 ) -> Result<i32, BackendError> {
     let stream = client(vsock)
         .raw_stream(request)
         .map_err(|e| agent_err(what, e))?;
     let (mut reader, mut writer) = stream.into_split();
+    if let Some(l) = &limits {
+        reader
+            .set_idle_timeout(Some(l.idle))
+            .map_err(|e| agent_err(what, ClientError::LocalIo(e)))?;
+    }
     std::thread::spawn(move || {
         let mut stdin = io::stdin();
         let mut buf = vec![0u8; 64 << 10];
@@ -209,21 +262,9 @@ pub fn pipe_stdio(
         let _ = writer.close_stdin();
     });
     let mut stdout = io::stdout().lock();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| BackendError::Failed(format!("reading from the sandbox: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        if stdout
-            .write_all(&buf[..n])
-            .and_then(|_| stdout.flush())
-            .is_err()
-        {
-            return Ok(3);
-        }
+    let max = limits.as_ref().map_or(u64::MAX, |l| l.max_bytes);
+    if copy_out(&mut reader, &mut stdout, max, what)? == CopyEnd::OurSideClosed {
+        return Ok(3);
     }
     let exit = reader.wait().map_err(|e| agent_err(what, e))?;
     if !exit.status.success() {
@@ -318,6 +359,15 @@ pub fn session_name(sandbox: &str, branch: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pipe_stops_past_its_byte_limit() {
+        let mut out = Vec::new();
+        let end = copy_out(&mut &[7u8; 1000][..], &mut out, 1000, "t").unwrap();
+        assert_eq!((end, out.len()), (CopyEnd::Done, 1000));
+        let err = copy_out(&mut &[7u8; 1001][..], &mut Vec::new(), 1000, "fetch").unwrap_err();
+        assert!(err.to_string().contains("more than 1000 bytes"), "{err}");
+    }
 
     #[test]
     fn session_names_are_tmux_safe() {

@@ -33,6 +33,14 @@ use super::super::backend::{BackendError, BackendResult, SandboxSpec, SyncOption
 use super::engine::{Layout, GUEST_USER, GUEST_WORKSPACE};
 use super::guest;
 
+/// What a fetch takes from the sandbox at the most: the bytes of one
+/// fetch, and how long the sandbox's git may stay silent (counting objects
+/// in a large repository takes a while before the pack flows).
+const FETCH_LIMITS: guest::PipeLimits = guest::PipeLimits {
+    max_bytes: 8 << 30,
+    idle: std::time::Duration::from_secs(600),
+};
+
 pub(super) mod branches;
 pub(super) mod content;
 mod integrate;
@@ -234,6 +242,7 @@ pub fn upload_pack(spec: &SandboxSpec) -> BackendResult<i32> {
         &Layout::new(&spec.paths).vsock,
         request,
         "git upload-pack in the sandbox",
+        Some(FETCH_LIMITS),
     )
 }
 

@@ -280,10 +280,13 @@ pub fn ssh_proxy(spec: &SandboxSpec) -> anyhow::Result<i32> {
         env: Vec::new(),
         user: Some(UserSpec::Name("root".into())),
     };
+    // An interactive session (VS Code's server, a shell): no byte limit
+    // and no idle deadline; the user ends it.
     guest::pipe_stdio(
         &Layout::new(&spec.paths).vsock,
         request,
         "sshd in the sandbox",
+        None,
     )
     .map_err(BackendError::coded)
 }
