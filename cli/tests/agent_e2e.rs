@@ -205,7 +205,33 @@ fn a_newcomer_session_on_a_real_guest() {
         assert!(dir.join("logs/console.log").is_file());
     }
 
-    // stop, start again: the guest's commit is still in the sandbox.
+    // A change to the guest's own root (outside /workspace) lands in the
+    // sandbox's writable layer on the state share, not in a tmpfs.
+    let out = env.run(
+        &[
+            "exec",
+            "--user",
+            "root",
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /etc/e2e-root-layer",
+        ],
+        &repo,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let console = std::fs::read_to_string(env.path(&format!(
+        "state/keystone/sandboxes/{}/logs/console.log",
+        env.name
+    )))
+    .unwrap_or_default();
+    assert!(
+        !console.contains("tmpfs upper layer"),
+        "the root overlay refused the state share:\n{console}"
+    );
+
+    // stop, start again: the guest's commit is still in the sandbox, and
+    // so is the change to its root.
     let out = env.run(&["stop"], &repo);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let listed: serde_json::Value =
@@ -217,6 +243,8 @@ fn a_newcomer_session_on_a_real_guest() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let out = env.run(&["exec", "--", "git", "log", "--oneline"], &repo);
     assert!(stdout(&out).contains("guest"), "{}", text(&out));
+    let out = env.run(&["exec", "--", "cat", "/etc/e2e-root-layer"], &repo);
+    assert_eq!(stdout(&out), "kept\n", "{}", text(&out));
 
     // destroy
     let out = env.run(&["destroy", "e2e", "--force"], &repo);

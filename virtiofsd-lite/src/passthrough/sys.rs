@@ -163,29 +163,67 @@ pub fn renameat2(
     cvt(ret as libc::c_int)
 }
 
-/// Clears the umask of the calling thread only (after `unshare(CLONE_FS)`),
-/// once per thread, so created files get exactly the mode the guest asked
-/// for (the guest kernel has already applied the guest's umask).
+/// Gives the calling thread its own working directory and umask
+/// (`unshare(CLONE_FS)`), once per thread. False when it cannot: the
+/// thread then shares the process's.
+fn own_fs_state() -> bool {
+    thread_local! {
+        static OWN: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    }
+    OWN.with(|own| {
+        if let Some(done) = own.get() {
+            return done;
+        }
+        // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
+        let done = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+        if !done {
+            log::warn!(
+                "unshare(CLONE_FS) failed ({}); new files get the process umask",
+                io::Error::last_os_error()
+            );
+        }
+        own.set(Some(done));
+        done
+    })
+}
+
+/// Clears the umask of the calling thread only, once per thread, so
+/// created files get exactly the mode the guest asked for (the guest
+/// kernel has already applied the guest's umask).
 pub fn clear_thread_umask() {
     thread_local! {
         static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
     DONE.with(|done| {
-        if done.get() {
+        if done.get() || !own_fs_state() {
             return;
         }
         done.set(true);
-        // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
-        if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-            log::warn!(
-                "unshare(CLONE_FS) failed ({}); new files get the process umask",
-                io::Error::last_os_error()
-            );
-            return;
-        }
         // SAFETY: umask cannot fail and now affects only this thread.
         unsafe { libc::umask(0) };
     });
+}
+
+/// Makes `/proc/self/fd` (the directory `proc_self_fd` holds open) the
+/// calling thread's own working directory, once per thread, so that a
+/// path-based call can name a node by its descriptor's number alone. That
+/// works where `/proc` is not mounted: inside the namespace sandbox, whose
+/// root is the shared directory. False when the thread cannot have a
+/// working directory of its own (the process's is left alone).
+pub fn cwd_in_proc_fd(proc_self_fd: RawFd) -> bool {
+    thread_local! {
+        static IN_PROC: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    }
+    IN_PROC.with(|in_proc| {
+        if let Some(done) = in_proc.get() {
+            return done;
+        }
+        // SAFETY: fchdir on a directory descriptor we hold; after
+        // own_fs_state it changes this thread's working directory only.
+        let done = own_fs_state() && unsafe { libc::fchdir(proc_self_fd) } == 0;
+        in_proc.set(Some(done));
+        done
+    })
 }
 
 /// `fd` as a decimal name inside `/proc/self/fd`.

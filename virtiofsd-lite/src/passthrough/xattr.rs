@@ -2,7 +2,9 @@
 //! namespace is passed through (GETXATTR of other names answers ENODATA,
 //! SET/REMOVE answer ENOTSUP, LISTXATTR filters), and never on symlinks.
 //! The calls go through `/proc/self/fd/N` of the node's confined `O_PATH`
-//! descriptor, since the `f*xattr` calls do not accept `O_PATH`.
+//! descriptor, since the `f*xattr` calls do not accept `O_PATH`; each
+//! worker thread names it relative to its own working directory, made
+//! `/proc/self/fd`, so they work in the namespace sandbox too.
 //!
 //! The size the guest asks for is clamped to Linux's own limits
 //! ([`XATTR_SIZE_MAX`], [`XATTR_LIST_MAX`]) before anything is allocated,
@@ -12,6 +14,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::AsRawFd;
 
 use super::{sys, Node, PassthroughFs};
 use crate::filesystem::{Inode, XattrReply};
@@ -40,13 +43,20 @@ fn is_user_xattr(name: &CStr) -> bool {
 }
 
 impl PassthroughFs {
-    /// `/proc/self/fd/N` of a node, for the path-based calls (xattrs).
-    /// The node is returned too: its descriptor must stay open while the
-    /// path is used.
+    /// A path naming a node's descriptor, for the path-based calls
+    /// (xattrs): `N`, relative to this thread's working directory made
+    /// `/proc/self/fd` (which works inside the namespace sandbox, where no
+    /// `/proc` is mounted), or `/proc/self/fd/N` when the thread cannot
+    /// have a working directory of its own. The node is returned too: its
+    /// descriptor must stay open while the path is used.
     fn proc_path(&self, inode: Inode) -> io::Result<(Node, CString)> {
         let data = self.inode(inode)?;
-        let path = CString::new(format!("/proc/self/fd/{}", data.raw_fd()))
-            .map_err(|_| err(libc::EINVAL))?;
+        let path = if sys::cwd_in_proc_fd(self.proc_self_fd.as_raw_fd()) {
+            sys::fd_name(&data)
+        } else {
+            CString::new(format!("/proc/self/fd/{}", data.raw_fd()))
+                .map_err(|_| err(libc::EINVAL))?
+        };
         Ok((data, path))
     }
 
