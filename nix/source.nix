@@ -19,5 +19,6 @@ lib.fileset.toSource {
     ../guest-image
     ../tests
     ../benches
+    ../test-kit
   ];
 }
