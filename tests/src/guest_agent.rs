@@ -1,6 +1,6 @@
 //! Helpers for the real-guest tests of the guest agent over virtio-vsock:
 //! the static agent and its initramfs, waiting for the agent to answer,
-//! steps with a deadline, data checksums, a host `git fetch` through the
+//! steps with a deadline, test data, a host `git fetch` through the
 //! agent's `git upload-pack` raw stream, and a tiny static C program that
 //! tries to open vsock connections from the guest to the host.
 
@@ -151,13 +151,6 @@ pub fn step<T: Send + 'static>(
         }
         Err(_) => panic!("step {name} did not finish within {timeout:?}"),
     }
-}
-
-/// FNV-1a, 64 bits: a checksum for the data round trips.
-pub fn fnv64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 /// `len` xorshift bytes (incompressible, never all one value).

@@ -1,5 +1,8 @@
-//! Shared helpers for Keystone's integration tests: what the host can run,
-//! loud skips, scratch directories.
+//! Shared helpers for Keystone's integration tests: what the host can run
+//! (KVM, busybox), and the guest fixtures in the modules below (QEMU under
+//! TCG, the hardware-KVM rig, the guest agent, virtiofsd-lite in a
+//! thread). Loud skips, scratch folders, the guest lock, log tails and the
+//! checksum come from `keystone-test-kit`, re-exported here.
 
 pub mod fs_daemon;
 pub mod guest_agent;
@@ -7,16 +10,9 @@ pub mod pjdfstest;
 pub mod qemu;
 pub mod rig;
 
-use std::path::{Path, PathBuf};
+pub use keystone_test_kit::{fnv64, guest_lock, last_lines, log_tail, skip, GuestLock, ScratchDir};
 
-/// Prints the skip line the test harness and CI count, and returns.
-#[macro_export]
-macro_rules! skip {
-    ($($arg:tt)*) => {{
-        println!("SKIP: {}", format!($($arg)*));
-        return;
-    }};
-}
+use std::path::Path;
 
 /// Why this host cannot run a KVM guest, if it cannot.
 pub fn kvm_unusable() -> Option<String> {
@@ -34,29 +30,4 @@ pub fn kvm_unusable() -> Option<String> {
 pub fn busybox_missing() -> Option<String> {
     let p = Path::new(guest_image::busybox::DEFAULT_BUSYBOX);
     (!p.is_file()).then(|| format!("{} missing (apt-get install busybox-static)", p.display()))
-}
-
-/// A scratch directory removed on drop.
-pub struct ScratchDir(pub PathBuf);
-
-impl ScratchDir {
-    /// Creates `$TMPDIR/keystone-<name>-<pid>-<n>`.
-    pub fn new(name: &str) -> Self {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("keystone-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

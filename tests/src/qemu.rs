@@ -9,6 +9,10 @@
 //! devices to the kernel command line itself (with ACPI on, this kernel
 //! hangs early under TCG and finds no devices).
 //!
+//! A running guest holds the process's guest lock
+//! ([`keystone_test_kit::guest_lock`]), so the guests of one test binary
+//! run one at a time.
+//!
 //! ```no_run
 //! # use keystone_tests::qemu::QemuGuest;
 //! # use std::time::Duration;
@@ -29,6 +33,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use keystone_test_kit::{guest_lock, last_lines, GuestLock};
 
 /// The QEMU binary the launcher runs.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -176,8 +182,10 @@ impl QemuBuilder {
         a
     }
 
-    /// Starts QEMU, capturing its console (stdout and stderr together).
+    /// Starts QEMU, capturing its console (stdout and stderr together),
+    /// once no other guest of this process runs.
     pub fn start(self) -> std::io::Result<QemuGuest> {
+        let lock = guest_lock();
         let args = self.args();
         let mut child = Command::new(QEMU)
             .args(&args)
@@ -216,6 +224,7 @@ impl QemuBuilder {
             started: Instant::now(),
             status: None,
             args,
+            _lock: lock,
         })
     }
 }
@@ -228,6 +237,8 @@ pub struct QemuGuest {
     started: Instant,
     status: Option<ExitStatus>,
     args: Vec<String>,
+    /// Released after QEMU was killed (fields drop after `drop`).
+    _lock: GuestLock,
 }
 
 impl QemuGuest {
@@ -250,11 +261,10 @@ impl QemuGuest {
         String::from_utf8_lossy(&self.console.lock().unwrap()).replace('\r', "")
     }
 
-    /// The last `lines` lines of the console, for failure messages.
+    /// The last `lines` lines of the console, escaped, for failure
+    /// messages.
     pub fn console_tail(&self, lines: usize) -> String {
-        let c = self.console();
-        let all: Vec<&str> = c.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&self.console(), lines)
     }
 
     /// Time since QEMU was started.

@@ -29,6 +29,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use keystone_test_kit::ScratchDir;
+
 use crate::fs_daemon::FsDaemon;
 use crate::qemu::{qemu_missing, QemuGuest};
 
@@ -258,10 +260,8 @@ pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String>
 /// it; `?` when it did not) and L1's console after L1 came up.
 fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String), String> {
     let kernel = guest_image::kernel::ensure_kernel().map_err(|e| e.to_string())?;
-    let dir = shared_scratch(label);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let _cleanup = Cleanup(dir.clone());
+    let scratch = ScratchDir::at(shared_scratch(label));
+    let dir = scratch.path();
     let busybox = std::fs::read(guest_image::busybox::DEFAULT_BUSYBOX)
         .map_err(|e| format!("busybox: {e}"))?;
     let mut archive = guest_image::initramfs::Archive::new();
@@ -316,15 +316,6 @@ fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String)
         .unwrap_or("?")
         .to_string();
     Ok((code, inner))
-}
-
-/// Removes a scratch folder on drop.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]

@@ -26,12 +26,12 @@ use guest_image::rootfs::{ensure_rootfs, RootfsError};
 use keystone_guest_agent::client::AgentClient;
 use keystone_guest_agent::protocol::{ExecRequest, TtySize, UserSpec};
 use keystone_tests::guest_agent::{
-    self, compile_vsock_probe, fetch_from_guest, fnv64, host_git, pseudo_random, step,
-    wait_for_agent, GUEST_CID,
+    self, compile_vsock_probe, fetch_from_guest, host_git, pseudo_random, step, wait_for_agent,
+    GUEST_CID,
 };
 use keystone_tests::pjdfstest;
 use keystone_tests::qemu::{qemu_missing, QemuGuest};
-use keystone_tests::{skip, ScratchDir};
+use keystone_tests::{fnv64, skip, ScratchDir};
 use virtiofsd_lite::FsConfig;
 use vsock_lite::VsockConfig;
 

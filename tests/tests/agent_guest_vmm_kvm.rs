@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use guest_image::rootfs::{ensure_rootfs, RootfsError};
 use keystone_tests::guest_agent::{self, fetch_from_guest, host_git, step, wait_for_agent};
-use keystone_tests::{kvm_unusable, skip, ScratchDir};
+use keystone_tests::{guest_lock, kvm_unusable, last_lines, skip, ScratchDir};
 use virtiofsd_lite::FsConfig;
 use vmm::{BootEvent, VmBuilder, VmExitReason};
 
@@ -37,11 +37,7 @@ struct ConsoleOnPanic(Arc<vmm::ConsoleLog>);
 impl Drop for ConsoleOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let c = self.0.contents();
-            let tail: String = c
-                .chars()
-                .skip(c.chars().count().saturating_sub(4000))
-                .collect();
+            let tail = last_lines(&self.0.contents(), 60);
             eprintln!("guest console tail:\n{tail}");
         }
     }
@@ -59,6 +55,7 @@ fn agent_over_vsock_on_our_vmm() {
         Err(e) => panic!("guest rootfs: {e}"),
     };
     let kernel = guest_image::kernel::ensure_kernel().expect("guest kernel");
+    let _guest = guest_lock();
     let scratch = ScratchDir::new("agent-vmm");
     let initrd = guest_agent::agent_initramfs(scratch.path()).expect("agent initramfs");
     let t_prep = t0.elapsed();
@@ -111,11 +108,7 @@ fn agent_over_vsock_on_our_vmm() {
         }
     });
     let (version, waited, tries) = waited.unwrap_or_else(|e| {
-        let c = console.contents();
-        let tail: String = c
-            .chars()
-            .skip(c.chars().count().saturating_sub(4000))
-            .collect();
+        let tail = last_lines(&console.contents(), 60);
         panic!("{e}\nconsole tail:\n{tail}")
     });
     let t_agent = t_start.elapsed();
@@ -219,10 +212,7 @@ fn agent_over_vsock_on_our_vmm() {
     let timeline = vm.timeline();
     let text = console.contents();
     drop(vm);
-    let tail: String = text
-        .chars()
-        .skip(text.chars().count().saturating_sub(3000))
-        .collect();
+    let tail = last_lines(&text, 40);
     assert_eq!(
         reason,
         Some(VmExitReason::Reset),

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use guest_image::busybox::{BusyboxRoot, InitKind, BOOT_CHECK_MARKER, DEFAULT_BUSYBOX};
-use keystone_tests::{busybox_missing, kvm_unusable, skip, ScratchDir};
+use keystone_tests::{busybox_missing, guest_lock, kvm_unusable, last_lines, skip, ScratchDir};
 use vmm::{BootEvent, VmBuilder, VmExitReason};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
@@ -28,6 +28,7 @@ fn boots_to_userspace_on_a_virtiofs_root() {
     }
     let kernel = guest_image::kernel::ensure_kernel().expect("guest kernel");
     let host = vmm::host::kvm_facts().expect("open /dev/kvm");
+    let _guest = guest_lock();
 
     let root = ScratchDir::new("vmm-boot-root");
     let token = format!("token-{}", std::process::id());
@@ -79,14 +80,7 @@ fn boots_to_userspace_on_a_virtiofs_root() {
         panic!("the VM did not stop within {BOOT_TIMEOUT:?}; console:\n{console}")
     });
 
-    let tail: String = console
-        .chars()
-        .rev()
-        .take(3000)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let tail = last_lines(&console, 40);
     assert!(
         console.contains("Linux version 6.12"),
         "kernel banner missing:\n{tail}"
