@@ -139,7 +139,7 @@ impl QemuBuilder {
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = vec![
             "-M".into(),
-            "microvm,x-option-roms=off,rtc=off,pit=on,pic=on,acpi=off,memory-backend=mem".into(),
+            "microvm,x-option-roms=off,rtc=on,pit=on,pic=on,acpi=off,memory-backend=mem".into(),
             "-accel".into(),
             "tcg".into(),
             "-cpu".into(),

@@ -169,7 +169,8 @@ pub fn run(argv: &[String], out: &str, size: &RigSize) -> anyhow::Result<Value> 
         }
     };
     doc["host"]["kvm"] = RIG_KVM.into();
-    // L1 has no real-time clock (microvm, rtc=off): its date is near 1970.
+    // The host's date heads the document; L1's own (from its emulated
+    // RTC at boot) stays beside it.
     let l1_date = doc["date"].take();
     doc["date"] = host::utc_now().into();
     doc["rig"] = json!({

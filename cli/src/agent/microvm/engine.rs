@@ -324,7 +324,7 @@ pub struct QemuPlan {
 pub fn qemu_args(plan: &QemuPlan) -> Vec<String> {
     let mut a: Vec<String> = [
         "-M",
-        "microvm,x-option-roms=off,rtc=off,pit=on,pic=on,acpi=off,memory-backend=mem",
+        "microvm,x-option-roms=off,rtc=on,pit=on,pic=on,acpi=off,memory-backend=mem",
         "-accel",
         "tcg",
         "-cpu",
