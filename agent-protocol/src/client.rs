@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
-    expect_guest_frame, printable, read_frame_within, write_frame, write_raw, EgressAsk,
+    expect_guest_frame, printable, read_frame_within, write_frame, write_raw, BootTimes, EgressAsk,
     ExecRequest, ExitStatus, Frame, FrameKind, Hello, ListeningPort, ProtocolError,
     PushFileRequest, RawStreamRequest, Request, Response, TtySize, MAX_GUEST_FRAME, MINOR_EGRESS,
     MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
@@ -232,8 +232,17 @@ impl AgentClient {
 
     /// Checks that the agent answers; returns its version.
     pub fn ping(&self) -> Result<String, ClientError> {
+        self.pong().map(|(version, _)| version)
+    }
+
+    /// The agent's version and, when it is the guest's `/init` (minor 4),
+    /// where the guest's boot went.
+    pub fn pong(&self) -> Result<(String, Option<BootTimes>), ClientError> {
         match self.call(&Request::Ping)? {
-            Response::Pong { agent_version } => Ok(agent_version),
+            Response::Pong {
+                agent_version,
+                boot,
+            } => Ok((agent_version, boot)),
             other => Err(ClientError::UnexpectedResponse(other)),
         }
     }

@@ -97,6 +97,8 @@
 //! - 1.2: `TcpConnect` and `Response::Connected`; older agents are
 //!   refused the same way.
 //! - 1.3: `Egress`, `EgressAttach` and the `EgressAsk` frame.
+//! - 1.4: `Response::Pong` carries the guest's [`BootTimes`] when the agent
+//!   is the guest's `/init` (older agents leave it out).
 
 use std::io::{self, Read, Write};
 
@@ -105,7 +107,7 @@ use serde::{Deserialize, Serialize};
 /// The protocol major version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The protocol minor version (additive changes only).
-pub const PROTOCOL_MINOR: u32 = 3;
+pub const PROTOCOL_MINOR: u32 = 4;
 /// The first minor version with `Watch` and `Event` frames.
 pub const MINOR_WATCH: u32 = 1;
 /// The first minor version with `TcpConnect`.
@@ -561,6 +563,10 @@ pub struct ListeningPort {
 pub enum Response {
     Pong {
         agent_version: String,
+        /// Where the guest's boot went (minor 4; only when the agent is
+        /// the guest's `/init`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot: Option<BootTimes>,
     },
     /// The process started; stream frames follow.
     Started {
@@ -579,6 +585,24 @@ pub enum Response {
     Connected {
         address: std::net::SocketAddr,
     },
+}
+
+/// Milestones of the guest's boot, in milliseconds of the guest's
+/// `CLOCK_BOOTTIME` (0 is the guest kernel's start). `now_ms`, read as the
+/// answer is sent, places the others on the host's clock: the kernel
+/// started `now_ms` before the host received the answer (less the
+/// transport's latency, well under a millisecond on vsock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BootTimes {
+    /// The guest agent began as PID 1 (`/init`).
+    pub init_ms: u64,
+    /// The sandbox's root (the shares and the overlay) was mounted and
+    /// entered.
+    pub root_ms: u64,
+    /// The agent server began to accept the host's connections.
+    pub listening_ms: u64,
+    /// When this answer was sent.
+    pub now_ms: u64,
 }
 
 /// How a process ended.

@@ -119,6 +119,12 @@ fn answer(rng: &mut Rng, op: Op) -> Response {
     let all = [
         Response::Pong {
             agent_version: text(rng),
+            boot: Some(keystone_guest_agent::protocol::BootTimes {
+                init_ms: rng.next() >> 1,
+                root_ms: rng.next() >> 1,
+                listening_ms: rng.next() >> 1,
+                now_ms: rng.next() >> 1,
+            }),
         },
         Response::ListeningPorts { ports },
         Response::Done,

@@ -80,6 +80,7 @@ fn answer(conn: UnixStream, program: &Program) -> Option<()> {
             &mut w,
             &Response::Pong {
                 agent_version: HOSTILE.into(),
+                boot: None,
             },
         ),
         _ => write_frame(&mut w, &Frame::new(FrameKind::Error, HOSTILE.into())).ok(),

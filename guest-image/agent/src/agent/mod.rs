@@ -13,6 +13,7 @@
 //!   whose connections the host makes;
 //! - [`logger`]: logs to `/dev/kmsg` or stderr.
 
+pub mod boot;
 pub mod crash;
 pub mod egress;
 pub mod exec;
@@ -147,6 +148,7 @@ pub fn handle_connection(
             &mut writer,
             &Response::Pong {
                 agent_version: AGENT_VERSION.to_string(),
+                boot: boot::times(),
             },
         ),
         Request::ListeningPorts => match ports::listening_ports(&config.proc_net_dir) {

@@ -123,6 +123,7 @@ fn serve() -> std::io::Result<()> {
         }));
     }
     log::info!("listening on {:?}", opts.listen);
+    agent::boot::mark_listening();
     agent::serve(listener, config)
 }
 
@@ -149,6 +150,7 @@ fn main() {
     };
     let _ = OPTIONS.set(opts);
     if std::process::id() == 1 {
+        agent::boot::mark_init();
         logger::init(true, log::LevelFilter::Info);
         log::info!("keystone-guest-agent {AGENT_VERSION} starting as PID 1");
         init::early_mounts();
@@ -156,6 +158,7 @@ fn main() {
         if let Err(e) = init::switch_root(&cmdline) {
             log::error!("switching to the real root failed, staying in the initramfs: {e}");
         }
+        agent::boot::mark_root();
         if let Some(name) = init::cmdline_value(&cmdline, "keystone.hostname") {
             init::set_hostname(name);
         }
