@@ -30,8 +30,13 @@
 //! storage_class = "fast-ssd"
 //!
 //! [proxy]
-//! enable = true
+//! enable = true          # the per-user dev-server proxy
 //! domain = "sandbox.local"
+//! port = 7300            # its loopback port [default: 80 where this user
+//!                        # may bind it, else 7300]
+//! primary_port = 3000    # what http://<sandbox>.localhost:<port>/ reaches
+//!                        # [default: the lowest listening guest port]
+//! publish_same_port = false  # also listen on 127.0.0.1:<guest port>
 //!
 //! [network]
 //! allow = ["10.1.0.0/16"]  # private blocks outbound connections may reach
@@ -143,6 +148,18 @@ pub struct Settings {
     pub engine: Engine,
     pub proxy_enable: bool,
     pub proxy_domain: String,
+    /// `[proxy] port`: the dev-server proxy's loopback port; `None` takes
+    /// the default (`proxy::listen_port`).
+    #[serde(default)]
+    pub proxy_port: Option<u16>,
+    /// `[proxy] primary_port`: the guest port a sandbox's own name reaches
+    /// (`http://<sandbox>.localhost:<P>/`); `None`: its lowest listening one.
+    #[serde(default)]
+    pub proxy_primary_port: Option<u16>,
+    /// `[proxy] publish_same_port`: the supervisor also listens on the
+    /// host's 127.0.0.1 at each listening guest port's own number.
+    #[serde(default)]
+    pub proxy_publish_same_port: bool,
     /// `[network] allow`: private address blocks the sandbox may reach
     /// (see `netpolicy`), as written (each parses as a `Cidr`).
     #[serde(default)]
@@ -198,6 +215,9 @@ impl Default for Settings {
             engine: Engine::Auto,
             proxy_enable: true,
             proxy_domain: "sandbox.local".into(),
+            proxy_port: None,
+            proxy_primary_port: None,
+            proxy_publish_same_port: false,
             network_allow: Vec::new(),
             kubernetes: KubernetesTarget::default(),
             sync_artifacts: Vec::new(),
@@ -411,6 +431,15 @@ mod tests {
         assert_eq!(s.backend, BackendKind::MicroVm);
         assert_eq!(s.engine, Engine::Auto);
         assert_eq!(s.proxy_domain, "sandbox.local");
+        assert_eq!(
+            (
+                s.proxy_port,
+                s.proxy_primary_port,
+                s.proxy_publish_same_port
+            ),
+            (None, None, false),
+            "no guest port is published unless asked"
+        );
     }
 
     #[test]

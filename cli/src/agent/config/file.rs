@@ -80,6 +80,9 @@ struct RawMicroVm {
 struct RawProxy {
     enable: Value,
     domain: Value,
+    port: Value,
+    primary_port: Value,
+    publish_same_port: Value,
 }
 
 /// Reads values out of the file, turning problems into located errors.
@@ -368,6 +371,15 @@ pub(super) fn apply_file(s: &mut Settings, path: &Path, text: &str) -> Result<()
         if let Some(v) = &p.domain {
             s.proxy_domain = r.domain("proxy.domain", v)?;
         }
+        if let Some(v) = &p.port {
+            s.proxy_port = Some(r.u32_in("proxy.port", v, (1, 65535))? as u16);
+        }
+        if let Some(v) = &p.primary_port {
+            s.proxy_primary_port = Some(r.u32_in("proxy.primary_port", v, (1, 65535))? as u16);
+        }
+        if let Some(v) = &p.publish_same_port {
+            s.proxy_publish_same_port = r.bool("proxy.publish_same_port", v)?;
+        }
     }
     if let Some(n) = raw.network {
         if let Some(v) = &n.allow {
@@ -414,6 +426,9 @@ engine = "qemu"
 [proxy]
 enable = false
 domain = "Dev.Test"
+port = 8080
+primary_port = 5173
+publish_same_port = true
 "#,
         )
         .unwrap();
@@ -427,6 +442,28 @@ domain = "Dev.Test"
         assert_eq!(s.engine, Engine::Qemu);
         assert!(!s.proxy_enable);
         assert_eq!(s.proxy_domain, "dev.test");
+        assert_eq!(s.proxy_port, Some(8080));
+        assert_eq!(s.proxy_primary_port, Some(5173));
+        assert!(s.proxy_publish_same_port);
+    }
+
+    #[test]
+    fn proxy_ports_are_checked() {
+        for (line, key) in [
+            ("port = 0", "proxy.port"),
+            ("port = 70000", "proxy.port"),
+            ("port = \"80\"", "proxy.port"),
+            ("primary_port = -1", "proxy.primary_port"),
+            ("publish_same_port = 1", "proxy.publish_same_port"),
+        ] {
+            let err = from_file(&format!("[proxy]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("/cfg/agent.toml:2:") && err.contains(&format!("`{key}`")),
+                "{line}: {err}"
+            );
+        }
     }
 
     #[test]
