@@ -121,6 +121,23 @@ fn a_newcomer_session_on_a_real_guest() {
         "{}",
         text(&out)
     );
+    // An interactive shell's direnv hook loads the bare .env (the
+    // project has no .envrc).
+    let out = env.run(
+        &[
+            "exec",
+            "--",
+            "bash",
+            "-ic",
+            "_direnv_hook; echo \"token=$TOKEN\"",
+        ],
+        &repo,
+    );
+    assert!(
+        stdout(&out).contains("token=from-host"),
+        "{}",
+        text(&out)
+    );
     let out = env.run(&["exec", "--", "sh", "-c", "exit 7"], &repo);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     // The clone holds what the host's branches and tags reach, no more,

@@ -122,10 +122,13 @@ chmod 1777 "$root/tmp" "$root/var/tmp"
 
 # direnv: hooked into every interactive bash, and /workspace allowed
 # without `direnv allow` (the allow list would live on a read-only root).
+# A project's bare .env is loaded too (load_dotenv), with or without an
+# .envrc that calls dotenv.
 mkdir -p "$root/etc/direnv" "$root/home/agent/.config/direnv" "$root/root/.config/direnv"
 cat > "$root/etc/direnv/direnv.toml" <<'TOML'
 [global]
 warn_timeout = "30s"
+load_dotenv = true
 
 [whitelist]
 prefix = ["/workspace"]
