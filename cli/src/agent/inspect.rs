@@ -28,12 +28,26 @@
 //! | `last_error` | string? | why the state is error |
 //! | `dir` | string | the sandbox's folder (config, state, logs, disk) |
 //!
-//! `status --json` adds `live`: what the running backend reports, or
-//! `null` when it is not running or cannot be asked. `live.ports` lists
-//! the guest's listening TCP ports, each `{guest_port, guest_address,
-//! host_port, url, note}`: a forwarded port has `host_port` (on the host's
-//! 127.0.0.1) and `url` (`http://<name>.localhost:<host_port>`), one that
-//! is not has a `note` saying why. `live.worktrees` lists `{branch, path}`.
+//! `status --json` adds two fields:
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `proxy` | object? | the per-user dev-server proxy, `null` with `[proxy] enable = false` |
+//! | `proxy.port` | number | its loopback port `P` |
+//! | `proxy.running` | bool | whether it runs now |
+//! | `proxy.url` | string | the sandbox's primary URL, `http://<name>.localhost:<P>/` |
+//! | `proxy.primary_port` | number? | the guest port that URL reaches now (`[proxy] primary_port`, else the lowest routable listening port; `null` when none listens) |
+//! | `live` | object? | what the running backend reports; `null` when it is not running or cannot be asked |
+//! | `live.ports[]` | array | the guest's listening TCP ports (see below) |
+//! | `live.worktrees[]` | array | `{branch, path}` |
+//!
+//! Each `live.ports` entry is `{guest_port, guest_address, host_port, url,
+//! note}`: `url` is the port's proxy URL `http://<port>.<name>.localhost:<P>/`
+//! for a routable port (1024 and above, on the guest's loopback or all
+//! addresses, not the agent's own), else `null`; `host_port` is `null`
+//! unless the port is published on the host's 127.0.0.1 (`[proxy]
+//! publish_same_port`); `note` says why a port is not routed or not
+//! published.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -75,6 +89,7 @@ pub struct SandboxView {
 struct StatusView {
     #[serde(flatten)]
     sandbox: SandboxView,
+    proxy: Option<super::proxy::ProxyView>,
     live: Option<BackendStatus>,
 }
 
@@ -197,7 +212,21 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<i32> {
         } else {
             None
         };
-        out.push(StatusView { sandbox, live });
+        let mut live = live;
+        let mut no_ports = Vec::new();
+        let ports = live.as_mut().map_or(&mut no_ports, |l| &mut l.ports);
+        let proxy = super::proxy::describe(
+            &ctx.store,
+            &ctx.settings,
+            name,
+            spec.settings.proxy_primary_port,
+            ports,
+        );
+        out.push(StatusView {
+            sandbox,
+            proxy,
+            live,
+        });
     }
     if args.json {
         if args.all {
@@ -286,11 +315,33 @@ fn print_status(s: &StatusView) {
          config and hooks included; do not open a shell or editor there)",
         v.dir
     );
+    if let Some(proxy) = &s.proxy {
+        let reaches = match (proxy.primary_port, &s.live) {
+            (Some(port), _) => format!("guest port {port}"),
+            (None, Some(_)) => "no server listens yet".to_string(),
+            (None, None) => "the sandbox is not running".to_string(),
+        };
+        println!("Dev server: {} ({reaches})", proxy.url);
+        if !proxy.running {
+            println!(
+                "Proxy:      not running on 127.0.0.1:{} (its log: proxy.log in the state \
+                 folder)",
+                proxy.port
+            );
+        }
+    }
     if let Some(live) = &s.live {
         for p in &live.ports {
             let guest = format!("guest {}:{}", p.guest_address, p.guest_port);
+            let published = p
+                .host_port
+                .map(|h| format!("; published on 127.0.0.1:{h}"))
+                .unwrap_or_default();
             match (&p.url, &p.note) {
-                (Some(url), _) => println!("Port {}:  {url} ({guest})", p.guest_port),
+                (Some(url), None) => println!("Port {}:  {url} ({guest}{published})", p.guest_port),
+                (Some(url), Some(note)) => {
+                    println!("Port {}:  {url} ({guest}; {note})", p.guest_port)
+                }
                 (None, Some(note)) => println!("Port {}:  {note} ({guest})", p.guest_port),
                 (None, None) => println!("Port {}:  {guest}", p.guest_port),
             }

@@ -12,6 +12,7 @@
 //!   sessions, sync);
 //! - `lifecycle.rs`: start, stop, destroy;
 //! - `inspect.rs`: list, status (human and `--json` output);
+//! - `proxy/`: the per-user dev-server proxy and `forward`;
 //! - `session.rs`: attach, exec, ssh, sync, worktree, open-vscode;
 //! - `fsutil.rs`: atomic writes, flock, timestamps.
 
@@ -25,6 +26,7 @@ mod microvm;
 pub use microvm::shares::{share_main, ShareArgs};
 pub(crate) mod naming;
 mod netpolicy;
+mod proxy;
 mod registry;
 mod session;
 mod state;
@@ -76,6 +78,15 @@ pub enum AgentCommand {
     Destroy(DestroyArgs),
     /// Open VS Code on the sandbox's /workspace (Remote-SSH over vsock; no sshd service, no network).
     OpenVscode(OpenVscodeArgs),
+    /// Forward a host port to a guest port, raw TCP, until interrupted.
+    ///
+    /// Listens on the host's 127.0.0.1:HOST_PORT (default: the guest
+    /// port's number; refused when it is in use on 127.0.0.1 or ::1) and
+    /// relays each connection to GUEST_PORT in the sandbox, like `kubectl
+    /// port-forward`. Web servers need no command: the dev-server proxy
+    /// reaches them at http://<port>.<sandbox>.localhost:<P>/ (see
+    /// `status`). A sandbox named by digits only needs all three arguments.
+    Forward(ForwardArgs),
     /// Internal: the per-sandbox supervisor process started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
@@ -87,16 +98,25 @@ pub enum AgentCommand {
     /// the guest on stdin/stdout).
     #[command(name = "__ssh-proxy", hide = true)]
     SshProxy(NameArg),
-    /// Internal: the "sandbox not running" page on a stopped sandbox's
-    /// forwarded ports (started by the exiting supervisor).
-    #[command(name = "__placeholder", hide = true)]
-    Placeholder(PlaceholderArgs),
+    /// Internal: the per-user dev-server proxy (started detached by the
+    /// other commands when it does not run).
+    #[command(name = "__proxy", hide = true)]
+    Proxy(ProxyArgs),
 }
 
 #[derive(Args, Debug)]
-pub struct PlaceholderArgs {
-    pub name: String,
-    pub ports: Vec<u16>,
+pub struct ProxyArgs {
+    /// The loopback port to listen on.
+    pub port: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// [NAME] GUEST_PORT [HOST_PORT]: the sandbox [default: the one of the
+    /// git repository in the current directory], the port in the guest,
+    /// the port on the host's 127.0.0.1 [default: GUEST_PORT].
+    #[arg(value_name = "ARGS", num_args = 1..=3, required = true)]
+    pub args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -301,6 +321,14 @@ pub struct SuperviseArgs {
 /// Runs an agent subcommand; returns the process exit code.
 pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
     let ctx = Context::from_env()?;
+    match &command {
+        AgentCommand::Start(_) => proxy::ensure_for_command(&ctx.store, &ctx.settings, true),
+        AgentCommand::Supervise(_)
+        | AgentCommand::GitUploadPack(_)
+        | AgentCommand::SshProxy(_)
+        | AgentCommand::Proxy(_) => {}
+        _ => proxy::ensure_for_command(&ctx.store, &ctx.settings, false),
+    }
     match command {
         AgentCommand::Start(args) => lifecycle::start(&ctx, args),
         AgentCommand::Stop(args) => lifecycle::stop(&ctx, args),
@@ -316,11 +344,8 @@ pub fn run(command: AgentCommand) -> anyhow::Result<i32> {
         AgentCommand::Supervise(args) => session::supervise(&ctx, args),
         AgentCommand::GitUploadPack(args) => session::git_upload_pack(&ctx, args),
         AgentCommand::SshProxy(args) => session::ssh_proxy(&ctx, args),
-        AgentCommand::Placeholder(args) => {
-            let (name, entry) = ctx.resolve(Some(&args.name))?;
-            let spec = ctx.spec(&name, &entry)?;
-            Ok(microvm::placeholder_page(&spec, &args.ports))
-        }
+        AgentCommand::Forward(args) => proxy::forward(&ctx, &args),
+        AgentCommand::Proxy(args) => Ok(proxy::run(&ctx.store, &ctx.settings, args.port)),
     }
 }
 

@@ -136,7 +136,7 @@ impl SandboxStore {
             .ok_or(StoreError::NoHome)
     }
 
-    #[cfg(test)]
+    /// The state folder (the registry, the proxy's files, the sandboxes).
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -1,27 +1,31 @@
-//! Guest port forwarding, run by the supervisor: every second it asks the
-//! guest agent which TCP ports listen, and gives each one a listener on
-//! the host's 127.0.0.1 (the same port number when it is free, else the
-//! next free one above it). Each connection accepted there opens its own
-//! agent connection with `TcpConnect` and relays bytes both ways; the
-//! guest never connects to the host (security invariant 2).
+//! The guest's listening ports, watched by the supervisor: every second it
+//! asks the guest agent which TCP ports listen and keeps the answer in
+//! `run/forwards.json` in the sandbox's folder (a JSON array of
+//! [`PortForward`]), which `status`, `attach --web` and the per-user
+//! dev-server proxy (`agent/proxy`) read. The file is removed when the
+//! supervisor ends. The first answer reports the port watch up to `start`.
 //!
-//! What is forwarded: ports from 1024 up that listen on the guest's
-//! loopback or on all addresses. Ports below 1024 are the guest's system
-//! services (a dev server does not need root), and a port bound to one
-//! other guest address only cannot be reached through the loopback; both
-//! are listed with a note instead, as are ports beyond the first
-//! [`MAX_FORWARDS`]. The host never listens on anything
-//! but 127.0.0.1. A forward is closed once its guest port stops
-//! listening (connections already relayed run on until they end), and
-//! all are closed when the supervisor ends.
+//! The host reaches a guest port by name through the proxy
+//! (`http://<port>.<sandbox>.localhost:<P>/`), which opens an agent
+//! connection with `TcpConnect` per connection; the guest never connects
+//! to the host (security invariant 2), and by default no host port is
+//! opened for a guest port at all: the guest never chooses a host port.
 //!
-//! The current forwards are written to `run/forwards.json` in the
-//! sandbox's folder (a JSON array of [`PortForward`]), which `status`
-//! and `attach --web` read; the file is removed when the supervisor ends.
+//! What is routable (see [`not_routed_because`]): ports from 1024 up that
+//! listen on the guest's loopback or on all addresses, except the guest
+//! agent's own ([`AGENT_OWN_PORTS`], e.g. its HTTP proxy for egress).
+//! Ports below 1024 are the guest's system services (a dev server does not
+//! need root), and a port bound to one other guest address only cannot be
+//! reached through the loopback; both are listed with a note instead.
+//!
+//! With `[proxy] publish_same_port = true` the supervisor also listens on
+//! the host's 127.0.0.1 at each routable port's own number, when that
+//! number is free on both 127.0.0.1 and ::1 (`publish.rs`; at most
+//! [`MAX_PUBLISHED`]); those listeners close with their guest port and
+//! when the supervisor ends.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,7 +33,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use keystone_guest_agent::protocol::ListeningPort;
-use keystone_guest_agent::transport::DuplexStream;
 
 use super::super::backend::PortForward;
 use super::super::fsutil;
@@ -37,48 +40,60 @@ use super::engine::Layout;
 use super::guest;
 use super::readiness::{Readiness, Service};
 
+mod publish;
+
+pub use publish::{forward_until_interrupted, ForwardError};
+
 /// How often the guest's listening ports are read, at the most.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often they are read at the least, however slow the guest answers.
 pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(15);
 /// A poll may take this share of the time between polls, at the most.
 const POLL_SHARE: u32 = 20;
-/// Guest ports below this are not forwarded.
-pub const FIRST_FORWARDED_PORT: u16 = 1024;
-/// The most guest ports forwarded at once (each holds a host listener and
+/// Guest ports below this are not routed.
+pub const FIRST_ROUTED_PORT: u16 = 1024;
+/// The guest agent's own listening ports: never routed nor published.
+pub const AGENT_OWN_PORTS: &[u16] = &[keystone_guest_agent::agent::egress::PROXY_PORT];
+/// The most guest ports published at once (each holds a host listener and
 /// a thread; the guest decides how many ports listen).
-pub const MAX_FORWARDS: usize = 64;
-/// How many ports above a taken one are tried before any free port.
-const PORT_SEARCH: u16 = 100;
-/// How long an accept loop sleeps in poll(2) before checking for a stop.
-const ACCEPT_TICK_MS: libc::c_int = 200;
+pub const MAX_PUBLISHED: usize = 64;
+/// The most guest ports listed in `forwards.json` (the lowest ones).
+pub const MAX_LISTED: usize = 256;
 
-/// The file the supervisor keeps the current forwards in.
+/// The file the supervisor keeps the guest's listening ports in.
 pub fn forwards_file(layout: &Layout) -> PathBuf {
     layout.run.join("forwards.json")
 }
 
-/// The current forwards of a running sandbox; `None` when its supervisor
+/// The listening ports of a running sandbox; `None` when its supervisor
 /// keeps none (not started, or stopped).
 pub fn read_forwards(layout: &Layout) -> Option<Vec<PortForward>> {
     read_file(&forwards_file(layout))
 }
 
+/// The most bytes of `forwards.json` read (its writer lists at most
+/// [`MAX_LISTED`] ports).
+const MAX_FILE: u64 = 1 << 20;
+
 fn read_file(file: &Path) -> Option<Vec<PortForward>> {
-    let text = std::fs::read_to_string(file).ok()?;
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .ok()?
+        .take(MAX_FILE)
+        .read_to_string(&mut text)
+        .ok()?;
     serde_json::from_str(&text).ok()
 }
 
-/// The host URL of a forwarded port.
-pub fn url(sandbox: &str, host_port: u16) -> String {
-    format!("http://{sandbox}.localhost:{host_port}")
-}
-
-/// Why a guest port is not forwarded, or `None` when it is forwardable.
-fn not_forwarded_because(port: u16, addresses: &[IpAddr]) -> Option<String> {
-    if port < FIRST_FORWARDED_PORT {
+/// Why a guest port is not routed, or `None` when it is routable.
+pub fn not_routed_because(port: u16, addresses: &[IpAddr]) -> Option<String> {
+    if AGENT_OWN_PORTS.contains(&port) {
+        return Some("not routed: the sandbox's own HTTP proxy for outbound connections".into());
+    }
+    if port < FIRST_ROUTED_PORT {
         return Some(format!(
-            "not forwarded: a system port (below {FIRST_FORWARDED_PORT})"
+            "not routed: a system port (below {FIRST_ROUTED_PORT})"
         ));
     }
     if !addresses
@@ -86,12 +101,18 @@ fn not_forwarded_because(port: u16, addresses: &[IpAddr]) -> Option<String> {
         .any(|a| a.is_loopback() || a.is_unspecified())
     {
         return Some(
-            "not forwarded: it listens on a non-loopback guest address only; \
+            "not routed: it listens on a non-loopback guest address only; \
              listen on 127.0.0.1 or all addresses"
                 .to_string(),
         );
     }
     None
+}
+
+/// Whether an entry of `forwards.json` is a routable port.
+pub fn is_routable(entry: &PortForward) -> bool {
+    let address: Option<IpAddr> = entry.guest_address.parse().ok();
+    not_routed_because(entry.guest_port, address.as_slice()).is_none()
 }
 
 /// Groups the agent's report by port (a server may listen on both
@@ -114,128 +135,8 @@ fn shown_address(addresses: &[IpAddr]) -> String {
         .unwrap_or_default()
 }
 
-/// Binds 127.0.0.1 at `want`, else the next free port above it, else any.
-fn bind_host_port(want: u16) -> std::io::Result<TcpListener> {
-    let last = want.saturating_add(PORT_SEARCH);
-    for port in want..=last {
-        if let Ok(l) = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))) {
-            return Ok(l);
-        }
-    }
-    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-}
-
-/// One forwarded port: its accept loop.
-struct Forward {
-    host_port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Forward {
-    fn open(guest_port: u16, vsock: &Path, log: fn(&str)) -> std::io::Result<Self> {
-        let listener = bind_host_port(guest_port)?;
-        let host_port = listener.local_addr()?.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            let vsock = vsock.to_path_buf();
-            std::thread::Builder::new()
-                .name(format!("fwd-{guest_port}"))
-                .spawn(move || accept_loop(listener, guest_port, &vsock, &stop, log))?
-        };
-        Ok(Self {
-            host_port,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Asks the accept loop to end (within one accept tick).
-    fn signal(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-
-    /// Ends the accept loop and waits for it; the listener is closed.
-    fn close(&mut self) {
-        self.signal();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Closes many forwards in about one accept tick, not one tick each.
-fn close_all(forwards: impl IntoIterator<Item = Forward>) {
-    let forwards: Vec<Forward> = forwards.into_iter().collect();
-    for f in &forwards {
-        f.signal();
-    }
-    drop(forwards);
-}
-
-impl Drop for Forward {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-fn accept_loop(
-    listener: TcpListener,
-    guest_port: u16,
-    vsock: &Path,
-    stop: &AtomicBool,
-    log: fn(&str),
-) {
-    let mut warned = false;
-    while !stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for a descriptor the listener keeps open.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ACCEPT_TICK_MS) };
-        if ready <= 0 {
-            continue;
-        }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let vsock = vsock.to_path_buf();
-                let spawned = std::thread::Builder::new()
-                    .name(format!("fwd-{guest_port}-conn"))
-                    .spawn(move || relay_connection(stream, guest_port, &vsock, log));
-                if let Err(e) = spawned {
-                    log(&format!(
-                        "port {guest_port}: cannot start a relay thread: {e}"
-                    ));
-                }
-            }
-            Err(e) => {
-                if !warned {
-                    log(&format!("port {guest_port}: accept failed: {e}"));
-                    warned = true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-/// Relays one accepted host connection to the guest port.
-fn relay_connection(stream: TcpStream, guest_port: u16, vsock: &Path, log: fn(&str)) {
-    let _ = stream.set_nodelay(true);
-    match guest::client(vsock).tcp_connect(guest_port) {
-        Ok(tunnel) => {
-            let _ = tunnel.relay(Box::new(stream) as Box<dyn DuplexStream>);
-        }
-        // The peer sees its connection closed, as with a refused port.
-        Err(e) => log(&format!("port {guest_port}: {e}")),
-    }
-}
-
-/// The supervisor's port forwarder; dropping it closes every forward and
-/// removes the forwards file.
+/// The supervisor's port watch; dropping it closes every published port
+/// and removes the forwards file.
 pub struct PortForwarder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -243,52 +144,52 @@ pub struct PortForwarder {
 }
 
 impl PortForwarder {
-    /// Starts polling the guest of `sandbox` through `vsock` once its agent
-    /// is up; the first answer reports the port watch up in `ready`.
-    pub fn start(sandbox: &str, layout: &Layout, ready: &Arc<Readiness>, log: fn(&str)) -> Self {
+    /// Starts polling the guest through the sandbox's vsock socket once
+    /// its agent is up; the first answer reports the port watch up in
+    /// `ready`. With `publish`, routable ports also get a host listener at
+    /// their own number (`[proxy] publish_same_port`).
+    pub fn start(layout: &Layout, ready: &Arc<Readiness>, publish: bool, log: fn(&str)) -> Self {
         let file = forwards_file(layout);
         write_file(&file, &[], log);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
-            let sandbox = sandbox.to_string();
             let vsock = layout.vsock.clone();
             let file = file.clone();
             let ready = Arc::clone(ready);
             std::thread::Builder::new()
-                .name("port-forwarder".into())
+                .name("port-watch".into())
                 .spawn(move || {
                     if ready.wait_up(Service::Agent, &stop) {
-                        poll_loop(&sandbox, &vsock, &file, &stop, &ready, log);
+                        let watch = Watch::new(&vsock, publish, log);
+                        poll_loop(watch, &file, &stop, &ready);
                     }
                 })
         };
         let thread = match thread {
             Ok(t) => Some(t),
             Err(e) => {
-                log(&format!("cannot start the port forwarder: {e}"));
+                log(&format!("cannot start the port watch: {e}"));
                 None
             }
         };
         Self { stop, thread, file }
     }
 
-    /// Closes every forward (the guest is going away) and returns the host
-    /// ports that were forwarded; a second call returns none.
-    pub fn stop(&mut self) -> Vec<u16> {
+    /// Ends the watch and closes every published port (the guest is going
+    /// away); a second call does nothing.
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let forwarded = read_file(&self.file).unwrap_or_default();
         let _ = std::fs::remove_file(&self.file);
-        forwarded.iter().filter_map(|f| f.host_port).collect()
     }
 }
 
 impl Drop for PortForwarder {
     fn drop(&mut self) {
-        let _ = self.stop();
+        self.stop();
     }
 }
 
@@ -301,87 +202,62 @@ fn write_file(file: &Path, forwards: &[PortForward], log: fn(&str)) {
     }
 }
 
-/// The forwarder's state between polls.
-struct Forwarder<'a> {
-    sandbox: &'a str,
+/// The watch's state between polls.
+struct Watch<'a> {
     vsock: &'a Path,
     log: fn(&str),
-    open: BTreeMap<u16, Forward>,
-    /// Ports whose host listener could not be opened (logged once).
-    failed: BTreeMap<u16, String>,
+    /// The host listeners, when ports are published.
+    published: Option<publish::Publisher<'a>>,
 }
 
-impl Forwarder<'_> {
-    /// Opens and closes forwards to match the guest; returns the view.
+impl<'a> Watch<'a> {
+    fn new(vsock: &'a Path, publish: bool, log: fn(&str)) -> Self {
+        Self {
+            vsock,
+            log,
+            published: publish.then(|| publish::Publisher::new(vsock, log)),
+        }
+    }
+
+    /// The view of the guest's ports (publishing them when asked).
     fn reconcile(&mut self, listening: &[ListeningPort]) -> Vec<PortForward> {
         let wanted = by_port(listening);
-        let gone: Vec<u16> = self
-            .open
-            .keys()
-            .copied()
-            .filter(|p| !wanted.contains_key(p))
-            .collect();
-        let mut closing = Vec::new();
-        for port in gone {
-            if let Some(f) = self.open.remove(&port) {
-                (self.log)(&format!(
-                    "guest port {port} stopped listening: closing 127.0.0.1:{}",
-                    f.host_port
-                ));
-                closing.push(f);
-            }
+        if wanted.len() > MAX_LISTED {
+            (self.log)(&format!(
+                "the guest listens on {} ports: listing the lowest {MAX_LISTED}",
+                wanted.len()
+            ));
         }
-        close_all(closing);
-        self.failed.retain(|p, _| wanted.contains_key(p));
+        let listed: BTreeMap<u16, Vec<IpAddr>> = wanted.into_iter().take(MAX_LISTED).collect();
+        if let Some(p) = &mut self.published {
+            p.close_gone(&listed);
+        }
         let mut view = Vec::new();
-        for (port, addresses) in &wanted {
+        for (port, addresses) in &listed {
             let mut entry = PortForward {
                 guest_port: *port,
                 guest_address: shown_address(addresses),
                 host_port: None,
                 url: None,
-                note: None,
+                note: not_routed_because(*port, addresses),
             };
-            if let Some(why) = not_forwarded_because(*port, addresses) {
-                entry.note = Some(why);
-                view.push(entry);
-                continue;
-            }
-            if !self.open.contains_key(port) && self.open.len() >= MAX_FORWARDS {
-                entry.note = Some(format!(
-                    "not forwarded: {MAX_FORWARDS} guest ports are forwarded already"
-                ));
-                view.push(entry);
-                continue;
-            }
-            if !self.open.contains_key(port) {
-                match Forward::open(*port, self.vsock, self.log) {
-                    Ok(f) => {
-                        (self.log)(&format!(
-                            "forwarding guest port {port} to 127.0.0.1:{}",
-                            f.host_port
-                        ));
-                        self.failed.remove(port);
-                        self.open.insert(*port, f);
-                    }
-                    Err(e) => {
-                        let why = format!("not forwarded: no host port could be opened ({e})");
-                        if self.failed.insert(*port, why.clone()).is_none() {
-                            (self.log)(&format!("guest port {port}: {why}"));
-                        }
+            if entry.note.is_none() {
+                if let Some(p) = &mut self.published {
+                    match p.publish(*port) {
+                        Ok(host_port) => entry.host_port = Some(host_port),
+                        Err(why) => entry.note = Some(why),
                     }
                 }
-            }
-            match self.open.get(port) {
-                Some(f) => {
-                    entry.host_port = Some(f.host_port);
-                    entry.url = Some(url(self.sandbox, f.host_port));
-                }
-                None => entry.note = self.failed.get(port).cloned(),
             }
             view.push(entry);
         }
         view
+    }
+
+    fn close_all(&mut self) {
+        if let Some(p) = &mut self.published {
+            p.close_gone(&BTreeMap::new());
+        }
     }
 }
 
@@ -393,21 +269,8 @@ fn poll_interval(took: Duration) -> Duration {
     (took * POLL_SHARE).clamp(POLL_INTERVAL, MAX_POLL_INTERVAL)
 }
 
-fn poll_loop(
-    sandbox: &str,
-    vsock: &Path,
-    file: &Path,
-    stop: &AtomicBool,
-    ready: &Readiness,
-    log: fn(&str),
-) {
-    let mut fwd = Forwarder {
-        sandbox,
-        vsock,
-        log,
-        open: BTreeMap::new(),
-        failed: BTreeMap::new(),
-    };
+fn poll_loop(mut watch: Watch<'_>, file: &Path, stop: &AtomicBool, ready: &Readiness) {
+    let (log, vsock) = (watch.log, watch.vsock);
     let mut written: Vec<PortForward> = Vec::new();
     let mut reached = false;
     let mut failing = false;
@@ -420,7 +283,7 @@ fn poll_loop(
                 Ok(ports) => {
                     reached = true;
                     failing = false;
-                    let view = fwd.reconcile(&ports);
+                    let view = watch.reconcile(&ports);
                     if view != written {
                         write_file(file, &view, log);
                         written = view;
@@ -439,7 +302,7 @@ fn poll_loop(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    close_all(std::mem::take(&mut fwd.open).into_values());
+    watch.close_all();
 }
 
 #[cfg(test)]
@@ -456,11 +319,7 @@ mod tests {
         assert_eq!(poll_interval(Duration::from_secs(5)), MAX_POLL_INTERVAL);
     }
 
-    /// The tests that bind host ports run one at a time, so that a port
-    /// one of them frees is not taken by the other.
-    static HOST_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    fn lp(port: u16, addr: &str) -> ListeningPort {
+    pub(super) fn lp(port: u16, addr: &str) -> ListeningPort {
         ListeningPort {
             port,
             address: addr.parse().unwrap(),
@@ -468,140 +327,60 @@ mod tests {
     }
 
     #[test]
-    fn which_guest_ports_are_forwarded() {
+    fn which_guest_ports_are_routed() {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let any6: IpAddr = "::".parse().unwrap();
         let other: IpAddr = "10.0.2.15".parse().unwrap();
-        assert_eq!(not_forwarded_because(3000, &[lo]), None);
-        assert_eq!(not_forwarded_because(8082, &[any6]), None);
-        assert_eq!(not_forwarded_because(5000, &[other, lo]), None);
-        assert!(not_forwarded_because(22, &[lo])
+        assert_eq!(not_routed_because(3000, &[lo]), None);
+        assert_eq!(not_routed_because(8082, &[any6]), None);
+        assert_eq!(not_routed_because(5000, &[other, lo]), None);
+        assert!(not_routed_because(22, &[lo])
             .unwrap()
             .contains("below 1024"));
-        assert!(not_forwarded_because(5000, &[other])
+        assert!(not_routed_because(5000, &[other])
             .unwrap()
             .contains("non-loopback"));
+        assert!(not_routed_because(3128, &[lo])
+            .unwrap()
+            .contains("own HTTP proxy"));
         let grouped = by_port(&[lp(3000, "127.0.0.1"), lp(3000, "::1"), lp(22, "0.0.0.0")]);
         assert_eq!(grouped.len(), 2);
         assert_eq!(shown_address(&grouped[&3000]), "127.0.0.1");
-        assert_eq!(url("app-1a2b3c", 3001), "http://app-1a2b3c.localhost:3001");
     }
 
     #[test]
-    fn a_taken_host_port_moves_to_the_next_free_one() {
-        let _one = HOST_PORTS.lock().unwrap_or_else(|e| e.into_inner());
-        let first = bind_host_port(0).unwrap();
-        let taken = first.local_addr().unwrap().port();
-        let second = bind_host_port(taken).unwrap();
-        let got = second.local_addr().unwrap();
-        assert!(got.ip().is_loopback(), "{got}");
-        assert_ne!(got.port(), taken);
-    }
-
-    #[test]
-    fn a_guest_with_many_ports_gets_a_bounded_number_of_forwards() {
-        let _one = HOST_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    fn by_default_no_host_port_is_opened_for_a_guest_port() {
         fn log(_: &str) {}
-        let mut fwd = Forwarder {
-            sandbox: "box",
-            vsock: Path::new("/nonexistent/vsock.sock"),
-            log,
-            open: BTreeMap::new(),
-            failed: BTreeMap::new(),
-        };
-        let ports: Vec<ListeningPort> = (0..MAX_FORWARDS as u16 + 6)
-            .map(|i| lp(47000 + i, "127.0.0.1"))
+        // A port no test binds: had the watch opened a host listener for
+        // it, 127.0.0.1 would accept there.
+        let guest_port = 47391;
+        let mut watch = Watch::new(Path::new("/nonexistent/vsock.sock"), false, log);
+        let view = watch.reconcile(&[
+            lp(guest_port, "127.0.0.1"),
+            lp(5432, "0.0.0.0"),
+            lp(3128, "127.0.0.1"),
+            lp(81, "0.0.0.0"),
+        ]);
+        assert_eq!(view.len(), 4, "{view:?}");
+        assert!(view.iter().all(|v| v.host_port.is_none()), "{view:?}");
+        let routable: Vec<u16> = view
+            .iter()
+            .filter(|v| is_routable(v))
+            .map(|v| v.guest_port)
             .collect();
-        let view = fwd.reconcile(&ports);
-        assert_eq!(view.len(), ports.len());
-        let forwarded = view.iter().filter(|v| v.host_port.is_some()).count();
-        assert_eq!(forwarded, MAX_FORWARDS);
-        assert!(view.iter().filter(|v| v.host_port.is_none()).all(|v| v
-            .note
-            .as_deref()
-            .unwrap_or("")
-            .contains("forwarded already")));
-        assert!(fwd.reconcile(&[]).is_empty());
-        assert!(fwd.open.is_empty());
+        assert_eq!(routable, [5432, guest_port]);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", guest_port)).is_err());
     }
 
     #[test]
-    fn forwards_follow_the_guest_and_relay_through_the_agent() {
-        use keystone_guest_agent::agent::{self, AgentConfig};
-        use keystone_guest_agent::transport::AgentListener;
-        use std::io::{Read, Write};
-
-        let _one = HOST_PORTS.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = fsutil::test_support::TempDir::new("forward");
-        // A guest agent on a plain Unix socket stands in for the vsock one:
-        // the forwarder's connections do the hybrid handshake, so serve
-        // that first line by hand.
-        let vsock = dir.path().join("vsock.sock");
-        let inner = dir.path().join("agent.sock");
-        let listener = AgentListener::unix(&inner).unwrap();
-        std::thread::spawn(move || agent::serve(&listener, AgentConfig::default()));
-        let front = std::os::unix::net::UnixListener::bind(&vsock).unwrap();
-        std::thread::spawn(move || {
-            for s in front.incoming() {
-                let Ok(mut s) = s else { return };
-                let inner = inner.clone();
-                std::thread::spawn(move || {
-                    let mut line = Vec::new();
-                    let mut b = [0u8; 1];
-                    while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
-                        line.push(b[0]);
-                    }
-                    assert!(line.starts_with(b"CONNECT "));
-                    s.write_all(b"OK 1\n").unwrap();
-                    let agent = std::os::unix::net::UnixStream::connect(&inner).unwrap();
-                    let _ = keystone_guest_agent::relay::relay(Box::new(s), Box::new(agent));
-                });
-            }
-        });
-
-        let server = TcpListener::bind("127.0.0.1:0").unwrap();
-        let guest_port = server.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for s in server.incoming() {
-                let Ok(mut s) = s else { return };
-                let mut buf = [0u8; 5];
-                s.read_exact(&mut buf).unwrap();
-                s.write_all(&buf.map(|c| c.to_ascii_uppercase())).unwrap();
-            }
-        });
+    fn a_guest_with_many_ports_gets_a_bounded_list() {
         fn log(_: &str) {}
-        let mut fwd = Forwarder {
-            sandbox: "box",
-            vsock: &vsock,
-            log,
-            open: BTreeMap::new(),
-            failed: BTreeMap::new(),
-        };
-        let view = fwd.reconcile(&[lp(guest_port, "127.0.0.1"), lp(22, "0.0.0.0")]);
-        assert_eq!(view.len(), 2, "{view:?}");
-        let ssh = view.iter().find(|v| v.guest_port == 22).unwrap();
-        assert_eq!(ssh.host_port, None);
-        let web = view.iter().find(|v| v.guest_port == guest_port).unwrap();
-        // The same number is taken on this host (the stand-in server holds
-        // it), so the forward moved to another port.
-        let host_port = web.host_port.unwrap();
-        assert_ne!(host_port, guest_port);
-        assert_eq!(web.url.as_deref(), Some(url("box", host_port).as_str()));
-        let mut c = TcpStream::connect(("127.0.0.1", host_port)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        c.write_all(b"hello").unwrap();
-        let mut back = [0u8; 5];
-        c.read_exact(&mut back).unwrap();
-        assert_eq!(&back, b"HELLO");
-        // The guest port goes away: the host listener closes.
-        let view = fwd.reconcile(&[]);
-        assert!(view.is_empty());
-        // A child another test forks at this moment holds a copy of the
-        // listening socket until its exec: allow a moment for that.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(("127.0.0.1", host_port)).is_ok() {
-            assert!(Instant::now() < deadline, "port {host_port} still accepts");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut watch = Watch::new(Path::new("/nonexistent/vsock.sock"), false, log);
+        let ports: Vec<ListeningPort> = (0..MAX_LISTED as u16 + 50)
+            .map(|i| lp(20000 + i, "127.0.0.1"))
+            .collect();
+        let view = watch.reconcile(&ports);
+        assert_eq!(view.len(), MAX_LISTED);
+        assert_eq!(view[0].guest_port, 20000);
     }
 }

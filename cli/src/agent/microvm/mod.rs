@@ -7,8 +7,9 @@
 //! - `engine.rs`: engine choice, layout, kernel command lines, QEMU args;
 //! - `supervisor.rs`: the `__supervise` process;
 //! - `autosync.rs`: `--sync-mode auto-commit|auto-idle` in the supervisor;
-//! - `forward.rs`: forwarding of guest ports to the host, in the supervisor;
-//! - `web.rs`: `attach --web` (Zellij's web client, forwarded);
+//! - `forward.rs`: the guest's listening ports, watched by the supervisor
+//!   (published on the host only when asked; the proxy routes to them);
+//! - `web.rs`: `attach --web` (Zellij's web client, through the proxy);
 //! - `guest.rs`: agent connections and interactive terminals;
 //! - `clone.rs`: the sandbox-private clone of the project;
 //! - `sync.rs`: `sync` and the `__git-upload-pack` bridge;
@@ -31,7 +32,6 @@ mod guest;
 mod hostca;
 mod leftover;
 mod logfile;
-mod placeholder;
 mod readiness;
 mod run_dir;
 pub mod shares;
@@ -302,8 +302,6 @@ impl Backend for MicroVmBackend {
         }
         clone::ensure_clone(spec, &layout, progress)?;
         let _ = std::fs::remove_file(&layout.vsock);
-        // The "not running" page gives the ports back to the forwarder.
-        placeholder::dismiss(&spec.paths, &spec.name);
 
         progress(&format!(
             "booting the guest (engine {}, {} MiB, {} vCPU(s))",
@@ -571,9 +569,8 @@ impl Backend for MicroVmBackend {
     }
 
     /// Once its supervisor is gone a micro-VM sandbox holds nothing
-    /// outside its folder but its "not running" page, ended here.
-    fn destroy(&self, spec: &SandboxSpec) -> BackendResult<()> {
-        placeholder::dismiss(&spec.paths, &spec.name);
+    /// outside its folder (the per-user proxy notices it gone).
+    fn destroy(&self, _spec: &SandboxSpec) -> BackendResult<()> {
         Ok(())
     }
 
@@ -592,9 +589,48 @@ pub fn agent_versions(
     agents::recorded_versions(&paths.dir)
 }
 
-/// `keystone agent __placeholder NAME PORT...`.
-pub fn placeholder_page(spec: &SandboxSpec, ports: &[u16]) -> i32 {
-    placeholder::run(&spec.name, &spec.paths, ports)
+pub use forward::{is_routable, ForwardError};
+
+/// The hybrid vsock socket of the sandbox whose files are `paths`.
+pub fn vsock_path(paths: &super::registry::SandboxPaths) -> std::path::PathBuf {
+    Layout::new(paths).vsock
+}
+
+/// The routable listening guest ports of a running sandbox, ascending, as
+/// its supervisor's port watch lists them (none when it keeps no list).
+pub fn routable_ports(paths: &super::registry::SandboxPaths) -> Vec<u16> {
+    let listed = forward::read_forwards(&Layout::new(paths)).unwrap_or_default();
+    let mut ports: Vec<u16> = listed
+        .iter()
+        .filter(|p| forward::is_routable(p))
+        .map(|p| p.guest_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// A connection to the guest agent behind the hybrid vsock socket `uds`,
+/// its handshake answered within `handshake` (the read timeout stays set).
+pub fn agent_connect(
+    uds: &Path,
+    handshake: Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    guest::connect(uds, engine::AGENT_PORT, handshake, true)
+}
+
+/// `keystone agent forward`: raw TCP from 127.0.0.1:`host_port` to
+/// `guest_port` until interrupted or until `alive` says the sandbox stopped.
+pub fn forward_port(
+    spec: &SandboxSpec,
+    guest_port: u16,
+    host_port: u16,
+    alive: &dyn Fn() -> bool,
+    ready: &mut dyn FnMut(),
+    log: fn(&str),
+) -> Result<(), ForwardError> {
+    let vsock = Layout::new(&spec.paths).vsock;
+    forward::forward_until_interrupted(vsock, guest_port, host_port, alive, ready, log)
 }
 
 /// `keystone agent __git-upload-pack NAME`.

@@ -9,8 +9,8 @@
 //! (`autosync.rs`) on a watch connection it opens to the guest agent; its
 //! lines land in this log.
 //!
-//! While the guest runs it forwards the guest's listening TCP ports to
-//! the host's 127.0.0.1 (`forward.rs`).
+//! While the guest runs it watches the guest's listening TCP ports
+//! (`forward.rs`), which the per-user proxy reaches by name.
 //!
 //! It tells `start` when the sandbox is ready, service by service
 //! (`readiness.rs`): it pings the guest agent until it answers, then each
@@ -28,13 +28,13 @@ use vmm::{NestedMode, SerialOutput, VmBuilder};
 use super::super::backend::{BackendError, BackendResult, SandboxSpec};
 use super::super::config::{Network, SyncMode};
 use super::super::state::{SandboxState, StateRecord};
+use super::egress;
 use super::engine::{
     guest_cmdline, qemu_args, qemu_nested, vmm_nested, EngineKind, Layout, QemuPlan, GUEST_CID,
     QEMU, SHARES,
 };
 use super::readiness::{Readiness, Service};
 use super::{autosync, forward, guest, logfile, run_dir, shares};
-use super::{egress, placeholder};
 
 pub const ENV_ENGINE: &str = "KEYSTONE_SUPERVISOR_ENGINE";
 pub const ENV_KERNEL: &str = "KEYSTONE_SUPERVISOR_KERNEL";
@@ -83,8 +83,6 @@ struct Ended {
     /// The engine exited cleanly.
     clean: bool,
     detail: String,
-    /// The host ports forwarded when the guest went away.
-    forwarded: Vec<u16>,
 }
 
 /// One line of the supervisor log (its standard error, which
@@ -161,11 +159,6 @@ pub fn supervise(spec: &SandboxSpec) -> BackendResult<i32> {
     ));
     record_end(spec, state, error);
     let _ = std::fs::remove_file(layout.qemu_pid());
-    if let Ok(ended) = &result {
-        if spec.settings.proxy_enable {
-            placeholder::spawn(&spec.name, &spec.paths, &ended.forwarded, log);
-        }
-    }
     Ok(if state == SandboxState::Stopped { 0 } else { 3 })
 }
 
@@ -455,20 +448,20 @@ fn watch_guest(
     let auto = autosync::start(spec, &layout.vsock, ready, log);
     // Outbound connections for the guest's programs; ended on return.
     let egress = egress::start(spec, &layout.vsock, ready, log);
-    // Forwards guest ports while the guest runs; dropped (all closed) on return.
-    let mut ports = forward::PortForwarder::start(&spec.name, layout, ready, log);
+    // Watches the guest's ports while the guest runs; dropped (published
+    // ports closed) on return.
+    let publish = spec.settings.proxy_publish_same_port;
+    let mut ports = forward::PortForwarder::start(layout, ready, publish, log);
     let mut requested = false;
     let mut asked_at: Option<Instant> = None;
-    let mut forwarded = Vec::new();
     loop {
         if let Some((clean, detail)) = guest.wait_end(Duration::from_millis(50))? {
             stop_autosync(auto.as_ref());
-            forwarded.extend(ports.stop());
+            ports.stop();
             return Ok(Ended {
                 requested,
                 clean,
                 detail,
-                forwarded,
             });
         }
         if TERMINATE.load(Ordering::SeqCst) && asked_at.is_none() {
@@ -477,7 +470,7 @@ fn watch_guest(
             if let Some(e) = &egress {
                 e.stop();
             }
-            forwarded = ports.stop();
+            ports.stop();
             requested = true;
             asked_at = Some(Instant::now());
             ask_shutdown(&layout.vsock);
@@ -489,7 +482,6 @@ fn watch_guest(
                 requested,
                 clean: false,
                 detail: format!("stopped after {SHUTDOWN_GRACE:?} ({how})"),
-                forwarded,
             });
         }
     }

@@ -6,10 +6,10 @@
 //! `<sandbox>-<branch>` in the background if it does not exist, start
 //! Zellij's web server on the guest's 127.0.0.1:[`WEB_PORT`] unless it is
 //! online, and create a login token (Zellij's web client asks for one).
-//! The supervisor's port forwarder then gives the web server a host port
-//! on 127.0.0.1; `attach --web` waits for it and prints the URL and the
-//! token. The server keeps running (and the session with it) until the
-//! sandbox stops.
+//! Once the supervisor's port watch lists the web server, the per-user
+//! dev-server proxy reaches it at `http://8082.<sandbox>.localhost:<P>/`;
+//! `attach --web` waits for that and prints the URL and the token. The
+//! server keeps running (and the session with it) until the sandbox stops.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use crate::shown;
 
 /// The guest port of Zellij's web server (Zellij's default).
 pub const WEB_PORT: u16 = 8082;
-/// How long to wait for the forwarder to pick the web server up.
+/// How long to wait for the port watch to pick the web server up.
 const FORWARD_WAIT: Duration = Duration::from_secs(20);
 
 /// Exit codes of the guest script.
@@ -78,14 +78,14 @@ fn parse_token(stdout: &str) -> Option<(String, String)> {
     })
 }
 
-/// Waits until the forwarder reports a host port for `guest_port`.
-fn wait_forwarded(layout: &Layout, guest_port: u16) -> BackendResult<u16> {
+/// Waits until the port watch lists `guest_port` as routable; its URL.
+fn wait_routable(spec: &SandboxSpec, layout: &Layout, guest_port: u16) -> BackendResult<String> {
     let t0 = Instant::now();
     loop {
         match forward::read_forwards(layout) {
             None => {
                 return Err(BackendError::Failed(
-                    "this sandbox's supervisor does not forward guest ports (it was started \
+                    "this sandbox's supervisor does not watch guest ports (it was started \
                      by an older keystone): restart it with `keystone agent stop` and \
                      `keystone agent start`"
                         .into(),
@@ -93,8 +93,21 @@ fn wait_forwarded(layout: &Layout, guest_port: u16) -> BackendResult<u16> {
             }
             Some(list) => {
                 if let Some(f) = list.iter().find(|f| f.guest_port == guest_port) {
-                    if let Some(port) = f.host_port {
-                        return Ok(port);
+                    if let Some(host_port) = f.host_port {
+                        if !spec.settings.proxy_enable {
+                            return Ok(format!("http://127.0.0.1:{host_port}/"));
+                        }
+                    }
+                    if forward::is_routable(f) {
+                        if !spec.settings.proxy_enable {
+                            return Err(BackendError::Failed(
+                                "the browser reaches Zellij's web server through the \
+                                 dev-server proxy, which `[proxy] enable = false` turns off"
+                                    .into(),
+                            ));
+                        }
+                        let port = crate::agent::proxy::listen_port(&spec.settings);
+                        return Ok(crate::agent::proxy::url(&spec.name, Some(guest_port), port));
                     }
                     if let Some(note) = &f.note {
                         if t0.elapsed() > forward::POLL_INTERVAL * 3 {
@@ -109,8 +122,9 @@ fn wait_forwarded(layout: &Layout, guest_port: u16) -> BackendResult<u16> {
         }
         if t0.elapsed() > FORWARD_WAIT {
             return Err(BackendError::Failed(format!(
-                "Zellij's web server listens on guest port {guest_port}, but it was not \
-                 forwarded within {} s; see the supervisor log in the sandbox's logs folder",
+                "Zellij's web server listens on guest port {guest_port}, but the port watch \
+                 did not list it within {} s; see the supervisor log in the sandbox's logs \
+                 folder",
                 FORWARD_WAIT.as_secs()
             )));
         }
@@ -167,8 +181,7 @@ pub fn attach_web(
             shown::bytes(stdout.as_bytes())
         )));
     };
-    let host_port = wait_forwarded(layout, WEB_PORT)?;
-    let url = format!("{}/{session}", forward::url(&spec.name, host_port));
+    let url = format!("{}{session}", wait_routable(spec, layout, WEB_PORT)?);
     println!("Zellij session {session} is served to your browser:");
     println!("  URL:    {url}");
     println!("  token:  {token}");
