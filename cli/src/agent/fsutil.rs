@@ -14,6 +14,26 @@ mod remove_tree;
 
 pub use remove_tree::remove_tree;
 
+/// Makes `dir` (created when missing) a folder of this user alone:
+/// owned by this process's effective user and group, mode 0700. A path
+/// that is not a folder (a symbolic link included) is refused.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    fs::create_dir_all(dir)?;
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(
+            "is not a folder; remove it and start again",
+        ));
+    }
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if meta.uid() != uid || meta.gid() != gid {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
 /// Writes `bytes` to `path` atomically: readers see the old file or the new
 /// one, never a mix, even across a crash or power loss.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {

@@ -75,7 +75,10 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
     };
 
     let paths = ctx.store.paths(&name);
-    std::fs::create_dir_all(&paths.dir).map_err(|e| {
+    // The sandbox's folder holds the agent's vsock socket (a door to run
+    // anything in the guest), the clone and the `.env` copies: this
+    // user's alone.
+    fsutil::private_dir(&paths.dir).map_err(|e| {
         CodedError::error(
             exit_code::OPERATION_FAILED,
             format!("{}: {e}", paths.dir.display()),

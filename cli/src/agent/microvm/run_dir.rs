@@ -11,38 +11,30 @@
 //! no other user needs it; [`prepare`] takes back a folder an older
 //! version gave away.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use super::engine::Layout;
+use crate::agent::fsutil;
 
-/// Creates the run folder and the workspace daemon's socket folder,
-/// owned by this user, mode 0700.
+/// Makes the sandbox's folder (which holds the agent's vsock socket, the
+/// clone and the `.env` copies), the run folder and the workspace
+/// daemon's socket folder this user's alone, mode 0700: `start` creates
+/// the first so, and this takes back any an older version left open.
 pub fn prepare(layout: &Layout) -> Result<(), String> {
-    for dir in [layout.run.clone(), layout.workspace_run()] {
-        own(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let sandbox = layout.vsock.parent().map(Path::to_path_buf);
+    for dir in sandbox
+        .into_iter()
+        .chain([layout.run.clone(), layout.workspace_run()])
+    {
+        fsutil::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     Ok(())
 }
 
-fn own(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(std::io::Error::other(
-            "is not a folder; remove it and start again",
-        ));
-    }
-    // SAFETY: geteuid and getegid have no preconditions.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    if meta.uid() != uid || meta.gid() != gid {
-        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
     use super::*;
     use crate::agent::microvm::engine::GUEST_UID;
     use crate::agent::registry::SandboxStore;
@@ -54,8 +46,9 @@ mod tests {
         let layout = Layout::new(&SandboxStore::at(&dir).paths("t"));
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
+        let sandbox = layout.vsock.parent().unwrap().to_path_buf();
         let check = |layout: &Layout| {
-            for d in [&layout.run, &layout.workspace_run()] {
+            for d in [&sandbox, &layout.run, &layout.workspace_run()] {
                 let meta = std::fs::metadata(d).unwrap();
                 assert_eq!(
                     meta.uid(),
@@ -69,7 +62,9 @@ mod tests {
         };
         prepare(&layout).unwrap();
         check(&layout);
-        // A socket folder an older version gave to the guest user.
+        // A sandbox folder an older version left to the umask, and a socket
+        // folder it gave to the guest user.
+        std::fs::set_permissions(&sandbox, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(
             layout.workspace_run(),
             std::fs::Permissions::from_mode(0o777),
