@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! KEYSTONE_FUZZ_SEED=0x1234 KEYSTONE_FUZZ_ITERATIONS=1000000 \
-//!     cargo test -p vmm --release --test vsock_fuzz
+//!     cargo test -p vsock-lite --release --test vsock_fuzz
 //! ```
 //!
 //! Setting `KEYSTONE_FUZZ_ITERATIONS` lifts the time cap unless
