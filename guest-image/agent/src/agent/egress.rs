@@ -18,7 +18,7 @@
 //! its offer.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
@@ -31,10 +31,10 @@ use crate::protocol::{
 use crate::relay::relay;
 use crate::transport::DuplexStream;
 
+mod request;
+
 /// The guest port of the proxy (the customary one for HTTP proxies).
 pub const PROXY_PORT: u16 = 3128;
-/// The longest request head the proxy reads.
-const MAX_HEAD: usize = 16 << 10;
 /// How long a program has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the host has to answer an ask (its connect timeout is shorter).
@@ -207,11 +207,13 @@ impl Egress {
 
     fn serve_client(&self, mut client: TcpStream) {
         let _ = client.set_nodelay(true);
-        let (head, rest) = match read_head(&mut client) {
-            Ok(h) => h,
-            Err(msg) => return http_error(&mut client, 400, "Bad Request", &msg),
+        let timeouts = client.try_clone();
+        let set_timeout = |t| {
+            if let Ok(c) = &timeouts {
+                let _ = c.set_read_timeout(t);
+            }
         };
-        let request = match parse_request(&head) {
+        let (request, rest) = match request::read_request(&mut client, set_timeout, HEAD_TIMEOUT) {
             Ok(r) => r,
             Err(msg) => return http_error(&mut client, 400, "Bad Request", &msg),
         };
@@ -256,14 +258,13 @@ impl Egress {
             ask.port,
             t0.elapsed()
         );
-        let started = if request.tunnel {
-            client
+        let started = match &request.forward {
+            None => client
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                .and_then(|()| tunnel.write_all(&rest))
-        } else {
-            tunnel
-                .write_all(&forwarded_head(&head))
-                .and_then(|()| tunnel.write_all(&rest))
+                .and_then(|()| tunnel.write_all(&rest)),
+            Some(head) => tunnel
+                .write_all(head)
+                .and_then(|()| tunnel.write_all(&rest)),
         };
         let started = started.and_then(|()| client.write_all(&early));
         if started.is_err() {
@@ -271,153 +272,6 @@ impl Egress {
         }
         let _ = relay(Box::new(client), tunnel);
     }
-}
-
-/// Reads up to the end of the request head; returns (head, bytes after it).
-fn read_head(client: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), String> {
-    let _ = client.set_read_timeout(Some(HEAD_TIMEOUT));
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            let _ = client.set_read_timeout(None);
-            return Ok((buf, rest));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(format!("request head longer than {MAX_HEAD} bytes"));
-        }
-        match client.read(&mut chunk) {
-            Ok(0) => return Err("the request ended before its head did".into()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("reading the request: {e}")),
-        }
-    }
-}
-
-/// Where a proxy request goes.
-#[derive(Debug, PartialEq, Eq)]
-struct ProxyRequest {
-    host: String,
-    port: u16,
-    /// `CONNECT`: a tunnel; otherwise a plain HTTP request to pass on.
-    tunnel: bool,
-}
-
-fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
-    let text =
-        std::str::from_utf8(head).map_err(|_| "the request head is not UTF-8".to_string())?;
-    let line = text.lines().next().unwrap_or("");
-    let mut words = line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (words.next(), words.next(), words.next())
-    else {
-        return Err(format!("not an HTTP request line: {line:?}"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("unsupported protocol {version:?}"));
-    }
-    if method == "CONNECT" {
-        let (host, port) = split_authority(target, None)?;
-        return Ok(ProxyRequest {
-            host,
-            port,
-            tunnel: true,
-        });
-    }
-    let Some(rest) = target.strip_prefix("http://") else {
-        return Err(format!(
-            "this is a proxy: ask for an absolute http:// URL or CONNECT host:port (got {target:?})"
-        ));
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let (host, port) = split_authority(authority, Some(80))?;
-    Ok(ProxyRequest {
-        host,
-        port,
-        tunnel: false,
-    })
-}
-
-/// `host:port`, `[v6]:port` or (with a default port) a bare host.
-fn split_authority(authority: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
-    let bad = || format!("bad host and port {authority:?}");
-    let authority = authority.rsplit('@').next().unwrap_or(authority);
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
-        (host, after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    let port = match (port, default_port) {
-        (Some(p), _) => p.parse::<u16>().map_err(|_| bad())?,
-        (None, Some(d)) => d,
-        (None, None) => return Err(bad()),
-    };
-    let valid = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
-    if !valid || port == 0 {
-        return Err(bad());
-    }
-    Ok((host.to_ascii_lowercase(), port))
-}
-
-/// A plain HTTP request head as passed on, as an origin server expects
-/// it: the target in origin form (`/path?query`, with `Host` added when the
-/// program sent none), hop-by-hop proxy headers out, `Connection: close`
-/// in (one request per tunnel, so a kept-alive proxy connection cannot
-/// carry a request for another host to this one).
-fn forwarded_head(head: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(head);
-    let mut lines = text.split("\r\n");
-    let first = lines.next().unwrap_or("");
-    let mut words = first.split_whitespace();
-    let (method, target, version) = (
-        words.next().unwrap_or(""),
-        words.next().unwrap_or(""),
-        words.next().unwrap_or(""),
-    );
-    let rest = target.strip_prefix("http://").unwrap_or(target);
-    let split = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(split);
-    let path = match path {
-        "" => "/".to_string(),
-        p if p.starts_with('?') => format!("/{p}"),
-        p => p.to_string(),
-    };
-    let mut out = format!("{method} {path} {version}\r\n");
-    let mut has_host = false;
-    for line in lines {
-        if line.is_empty() {
-            continue;
-        }
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if matches!(
-            name.as_str(),
-            "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive"
-        ) {
-            continue;
-        }
-        has_host |= name == "host";
-        out.push_str(line);
-        out.push_str("\r\n");
-    }
-    if !has_host {
-        let authority = authority.rsplit('@').next().unwrap_or(authority);
-        out.push_str(&format!("Host: {authority}\r\n"));
-    }
-    out.push_str("Connection: close\r\n\r\n");
-    out.into_bytes()
 }
 
 fn http_error(client: &mut TcpStream, code: u16, phrase: &str, message: &str) {
@@ -430,68 +284,4 @@ fn http_error(client: &mut TcpStream, code: u16, phrase: &str, message: &str) {
         body.len()
     );
     let _ = client.shutdown(std::net::Shutdown::Write);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_requests_name_their_target() {
-        let connect = parse_request(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(
-            connect,
-            Ok(ProxyRequest {
-                host: "api.example.com".into(),
-                port: 443,
-                tunnel: true
-            })
-        );
-        let get = parse_request(b"GET http://Example.com/a?b HTTP/1.1\r\n\r\n").unwrap();
-        assert_eq!(
-            (get.host.as_str(), get.port, get.tunnel),
-            ("example.com", 80, false)
-        );
-        let v6 = parse_request(b"CONNECT [2001:db8::1]:8443 HTTP/1.1\r\n\r\n").unwrap();
-        assert_eq!((v6.host.as_str(), v6.port), ("2001:db8::1", 8443));
-        let port = parse_request(b"GET http://h:8080 HTTP/1.0\r\n\r\n").unwrap();
-        assert_eq!(port.port, 8080);
-        for bad in [
-            &b"GET /local HTTP/1.1\r\n\r\n"[..],
-            b"CONNECT host HTTP/1.1\r\n\r\n",
-            b"CONNECT host:0 HTTP/1.1\r\n\r\n",
-            b"CONNECT host:99999 HTTP/1.1\r\n\r\n",
-            b"CONNECT bad/host:1 HTTP/1.1\r\n\r\n",
-            b"GET https://h/ HTTP/1.1\r\n\r\n",
-            b"SSH-2.0-OpenSSH\r\n\r\n",
-            b"\xff\xfe\r\n\r\n",
-        ] {
-            assert!(
-                parse_request(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
-    #[test]
-    fn plain_requests_lose_proxy_headers_and_keep_alive() {
-        let head = b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: keep-alive\r\n\
-                     Connection: keep-alive\r\nProxy-Authorization: x\r\nAccept: */*\r\n\r\n";
-        let out = String::from_utf8(forwarded_head(head)).unwrap();
-        assert_eq!(
-            out,
-            "GET / HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-        );
-        let out = String::from_utf8(forwarded_head(
-            b"POST http://u@h:81/a/b?c=d HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
-        ))
-        .unwrap();
-        assert_eq!(
-            out,
-            "POST /a/b?c=d HTTP/1.0\r\nContent-Length: 0\r\nHost: h:81\r\nConnection: close\r\n\r\n"
-        );
-        let out = String::from_utf8(forwarded_head(b"GET http://h?x HTTP/1.1\r\n\r\n")).unwrap();
-        assert!(out.starts_with("GET /?x HTTP/1.1\r\nHost: h\r\n"), "{out}");
-    }
 }
