@@ -12,6 +12,8 @@
 //! - agent ready: a second boot with the guest agent as PID 1, to its
 //!   first answer over vsock (`agent.rs`), where the VMM can carry it;
 //! - the VMM's RSS without guest RAM, sampled at the milestone (`procmem.rs`);
+//! - for ours, its exits by device and kind with their handling time, as
+//!   its timings JSON has them (`exits.rs`);
 //! - how it exited and the wall time (`session.rs`).
 //!
 //! If QEMU cannot boot with KVM here, that is recorded and QEMU with TCG
@@ -22,6 +24,7 @@ mod agent;
 mod child;
 mod cmdline;
 mod console;
+mod exits;
 #[cfg(test)]
 mod fake_peers;
 mod fsd;

@@ -29,6 +29,11 @@ const FIELDS: &[(&str, &str)] = &[
     ("vmm_rss_kib", "/memory/vmm_rss_kib"),
     ("rss_shmem_kib", "/memory/rss_shmem_kib"),
     ("wall_ms", "/exit/wall_ms"),
+    ("vmm_exits", "/vmm_reported/exits_total/count"),
+    (
+        "vmm_exit_handling_ms",
+        "/vmm_reported/exits_total/handling_ms",
+    ),
 ];
 
 fn stats(runs: &[Value], pointer: &str) -> Value {
@@ -182,6 +187,7 @@ pub fn document(set: &Setting<'_>, columns: Vec<(Vmm, Vec<Value>)>) -> Value {
             "milestones_ms": MILESTONE_METHOD,
             "agent_ready_ms": AGENT_METHOD,
             "memory": procmem::METHOD,
+            "vmm_exits": "keystone only: its timings JSON's exits (vmm_reported.exits: per device and kind, count and the VMM's handling time); vmm_reported.exits_total adds them up, leaving out 'coalesced ...' entries (guest writes KVM queued without an exit)",
             "memory_when": "at the marker line (marker boot) / at the first answered ping (agent boot)",
             "cmdline": "every VMM gets guest.base_cmdline plus the root words (root=root rootfstype=virtiofs rw init=/init; rdinit=/init with an initramfs; keystone.root=root for the agent); each VMM adds its own device entries; keystone is given the line minus the words it adds itself (console=ttyS0 earlyprintk=ttyS0, reboot=k panic=-1 io_delay=none), with --no-host-cmdline; kernel_cmdline_seen is what the guest kernel printed",
             "exit": "clean = milestone reached and the VMM exited by itself with status 0, or was stopped at the milestone as planned (agent boots; Cloud Hypervisor, which boots the guest again on reboot); killed if still running 60 s after the marker or past the per-boot timeout",
@@ -247,6 +253,9 @@ pub fn print_table(doc: &Value) {
                 format!("NOT clean: {}", r["exit"]["status"].as_str().unwrap_or("?"))
             };
             eprintln!("{line}  {exit}");
+            if let Some(exits) = super::exits::line(r) {
+                eprintln!("{:<22} {exits}", "");
+            }
         }
         let t = &side["targets"];
         let flag = |k: &str| match t[k]["pass"].as_bool() {

@@ -38,6 +38,8 @@ fn self_reported(path: &Path, spawn_ns: u64) -> Value {
         "memory_at_exit": doc["memory"],
         "exit": doc["exit"],
         "clean_exit": doc["clean_exit"],
+        "exits": doc["exits"],
+        "exits_total": super::exits::total(&doc["exits"]),
         "kvm": doc["kvm"],
         "cpu_template": doc["cpu_template"],
     })
