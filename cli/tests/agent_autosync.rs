@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{setup, text, Env, ONE_GUEST_AT_A_TIME};
+use common::{setup, text, Env};
 
 const NAME: &str = "autosync";
 /// How long a guest commit may take to show up on the host (generous:
@@ -115,9 +115,6 @@ fn race_rounds() -> usize {
 
 #[test]
 fn a_commit_right_after_start_reaches_the_host() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("autosync-race", "autosync-race") else {
         return;
     };
@@ -143,9 +140,6 @@ fn a_commit_right_after_start_reaches_the_host() {
 
 #[test]
 fn a_watch_that_opens_catches_up_on_earlier_commits() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("autosync-catchup", "autosync-catchup") else {
         return;
     };
@@ -172,9 +166,6 @@ fn a_watch_that_opens_catches_up_on_earlier_commits() {
 
 #[test]
 fn auto_commit_fast_forwards_the_host_and_never_merges() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("autosync", NAME) else {
         return;
     };

@@ -4,15 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use keystone_test_kit::ScratchDir;
+
 struct Sandbox {
-    root: PathBuf,
+    root: ScratchDir,
 }
 
 impl Sandbox {
     fn new(tag: &str) -> Self {
-        let root =
-            std::env::temp_dir().join(format!("keystone-agent-cli-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = ScratchDir::new(&format!("agent-cli-{tag}"));
         for dir in ["home", "config", "state", "work"] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
@@ -36,7 +36,7 @@ impl Sandbox {
             .env("KEYSTONE_SYSTEM_CONFIG", self.path("no-system-config.toml"))
             .env("XDG_CONFIG_HOME", self.path("config"))
             .env("XDG_STATE_HOME", self.path("state"))
-            .env("GIT_CEILING_DIRECTORIES", &self.root)
+            .env("GIT_CEILING_DIRECTORIES", self.root.path())
             .current_dir(self.path("work"));
         cmd
     }
@@ -101,12 +101,6 @@ impl Sandbox {
 
     fn sandbox_dir(&self, name: &str) -> PathBuf {
         self.path("state/keystone/sandboxes").join(name)
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

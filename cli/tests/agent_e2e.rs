@@ -28,9 +28,6 @@ use common::*;
 
 #[test]
 fn a_newcomer_session_on_a_real_guest() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("newcomer", "e2e") else {
         return;
     };
@@ -133,11 +130,7 @@ fn a_newcomer_session_on_a_real_guest() {
         ],
         &repo,
     );
-    assert!(
-        stdout(&out).contains("token=from-host"),
-        "{}",
-        text(&out)
-    );
+    assert!(stdout(&out).contains("token=from-host"), "{}", text(&out));
     let out = env.run(&["exec", "--", "sh", "-c", "exit 7"], &repo);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     // The clone holds what the host's branches and tags reach, no more,
@@ -274,9 +267,6 @@ fn a_newcomer_session_on_a_real_guest() {
 
 #[test]
 fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("life", "life") else {
         return;
     };
@@ -501,9 +491,6 @@ fn supervisors(env: &Env, name: &str) -> Vec<u32> {
 
 #[test]
 fn two_starts_at_once_boot_one_sandbox() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("race", "race") else {
         return;
     };
@@ -595,9 +582,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 #[ignore = "a measurement: cargo test -p keystone --test agent_e2e -- --ignored --nocapture latency"]
 fn latency() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("latency", "lat") else {
         return;
     };

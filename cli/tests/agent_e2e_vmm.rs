@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use keystone_test_kit::log_tail;
 
 /// The sandbox's name.
 const NAME: &str = "e2e-vmm";
@@ -48,29 +49,16 @@ fn console_log(env: &Env) -> PathBuf {
         .join("logs/console.log")
 }
 
-/// The last `n` lines of the console log.
+/// The last `n` lines of the console log, escaped.
 fn console_tail(env: &Env, n: usize) -> String {
     let path = console_log(env);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
-            format!("console ({}):\n{tail}", path.display())
-        }
-        Err(e) => format!("console ({}): {e}", path.display()),
-    }
+    format!("console ({}):\n{}", path.display(), log_tail(&path, n))
 }
 
-/// The last `n` lines of the sandbox's supervisor log.
+/// The last `n` lines of the sandbox's supervisor log, escaped.
 fn supervisor_tail(env: &Env, n: usize) -> String {
     let path = console_log(env).with_file_name("supervisor.log");
-    let text = std::fs::read(&path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_else(|e| e.to_string());
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(n)..].join("\n");
-    format!("supervisor ({}):\n{tail}", path.display())
+    format!("supervisor ({}):\n{}", path.display(), log_tail(&path, n))
 }
 
 /// Drives the session: each command under a deadline, its duration kept
@@ -171,9 +159,6 @@ fn a_newcomer_session_on_our_vmm() {
     {
         return;
     }
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup_on("vmm", NAME, "vmm") else {
         return;
     };

@@ -122,9 +122,6 @@ fn session_layout(env: &Env, repo: &Path, session: &str) -> String {
 
 #[test]
 fn the_coding_agents_are_in_the_image_and_ready() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("kinds", "kinds") else {
         return;
     };

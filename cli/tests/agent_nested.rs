@@ -70,9 +70,6 @@ fn guest_stdout(env: &Env, repo: &Path, script: &str) -> String {
 
 #[test]
 fn a_nested_sandbox_runs_vms_as_the_agent_user() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("nested", NAME) else {
         return;
     };

@@ -164,9 +164,6 @@ fn assert_in_bundle_once(env: &Env, repo: &Path, line: &str) {
 
 #[test]
 fn outbound_connections_follow_the_hosts_policy() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("network", "net") else {
         return;
     };
@@ -277,9 +274,6 @@ fn outbound_connections_follow_the_hosts_policy() {
 
 #[test]
 fn a_request_right_after_start_goes_through() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("network-race", "net-race") else {
         return;
     };

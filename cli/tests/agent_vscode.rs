@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
+use keystone_test_kit::skip;
 
 fn ssh_tool(tool: &str, config: &Path, args: &[&str]) -> Output {
     let out = Command::new(tool)
@@ -31,12 +32,8 @@ fn ssh_tool(tool: &str, config: &Path, args: &[&str]) -> Output {
 
 #[test]
 fn vscode_reaches_the_sandbox_over_ssh() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     if Command::new("ssh").arg("-V").output().is_err() {
-        eprintln!("SKIP: the OpenSSH client is not installed (apt-get install openssh-client)");
-        return;
+        skip!("the OpenSSH client is not installed (apt-get install openssh-client)");
     }
     let Some(env) = setup("vscode", "vscode") else {
         return;

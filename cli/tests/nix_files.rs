@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use keystone_test_kit::{skip, ScratchDir};
 use serde_json::{json, Value};
 
 fn repo() -> PathBuf {
@@ -27,10 +28,7 @@ fn repo() -> PathBuf {
 fn nix() -> Option<Command> {
     match Command::new("nix-instantiate").arg("--version").output() {
         Ok(out) if out.status.success() => {}
-        _ => {
-            println!("SKIP: nix-instantiate not found (apt-get install nix-bin)");
-            return None;
-        }
+        _ => skip!(None; "nix-instantiate not found (apt-get install nix-bin)"),
     }
     let mut cmd = Command::new("nix-instantiate");
     cmd.args(["--store", "dummy://"]);
@@ -216,8 +214,7 @@ fn the_kernel_config_check_catches_a_lost_line() {
     let Some(cmd) = nix() else { return };
     let script = eval(cmd, "kernel.checkScript", &json!({}));
     let script = script.as_str().unwrap();
-    let dir = std::env::temp_dir().join(format!("keystone-nix-kcheck-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("nix-kcheck");
     let survived: Vec<String> = fragment_lines()
         .into_iter()
         .map(|(n, v)| {
@@ -233,7 +230,7 @@ fn the_kernel_config_check_catches_a_lost_line() {
         Command::new("bash")
             .arg("-c")
             .arg(script)
-            .current_dir(&dir)
+            .current_dir(dir.path())
             .output()
             .unwrap()
     };
@@ -258,7 +255,6 @@ fn the_kernel_config_check_catches_a_lost_line() {
         "{}",
         text(&out.stderr)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -332,13 +328,12 @@ fn the_module_sets_up_the_host() {
 
 /// A host with its own XDG folders, a user file and a system file.
 struct Host {
-    root: PathBuf,
+    root: ScratchDir,
 }
 
 impl Host {
     fn new(tag: &str) -> Self {
-        let root = std::env::temp_dir().join(format!("keystone-nix-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = ScratchDir::new(&format!("nix-{tag}"));
         for dir in ["home", "config/keystone", "state", "etc"] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
@@ -374,12 +369,6 @@ impl Host {
             .env("KEYSTONE_SYSTEM_CONFIG", self.system_file())
             .output()
             .unwrap()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

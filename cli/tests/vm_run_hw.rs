@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use keystone_guest_agent::protocol::AGENT_VSOCK_PORT;
 use keystone_guest_agent::AgentClient;
+use keystone_test_kit::{guest_lock, skip, ScratchDir};
 use keystone_tests::rig::{where_to_run, Where};
-use keystone_tests::ScratchDir;
 
 /// Reads a pipe to its end in a thread (the console must never block the
 /// VMM's serial port).
@@ -49,11 +49,9 @@ fn vm_run_with_the_host_template_on_hardware_kvm() {
     let kernel = guest_image::kernel::ensure_kernel().expect("guest kernel");
     let rootfs = match guest_image::rootfs::ensure_rootfs() {
         Ok(r) => r,
-        Err(e) => {
-            println!("SKIP: no guest rootfs: {e}");
-            return;
-        }
+        Err(e) => skip!("no guest rootfs: {e}"),
     };
+    let _guest = guest_lock();
     let scratch = ScratchDir::new("vm-run-hw");
     let uds = scratch.path().join("vsock.sock");
     let timings = scratch.path().join("timings.json");

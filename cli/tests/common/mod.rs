@@ -1,6 +1,11 @@
 //! Helpers shared by the agent tests that boot a real guest
 //! (`agent_e2e.rs`, `agent_artifacts.rs`): a temporary home for the binary,
 //! a one-commit project, and the commands that drive `keystone agent`.
+//!
+//! [`setup`] takes the process's guest lock
+//! ([`keystone_test_kit::guest_lock`]) and the [`Env`] it returns holds it
+//! until its sandbox is destroyed, so the tests of one binary boot one
+//! guest at a time (the host may have two cores).
 
 #![allow(dead_code)]
 
@@ -11,7 +16,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// The tests boot guests one at a time (the host may have two cores).
+use keystone_test_kit::{guest_lock, skip, GuestLock, ScratchDir};
+
+/// A lock some tests take before [`setup`]. Guests are kept one at a time
+/// by the guest lock that [`setup`] takes; this one adds nothing to it.
 pub static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 pub struct Env {
@@ -21,6 +29,10 @@ pub struct Env {
     pub cache: PathBuf,
     pub kernel_dir: PathBuf,
     pub rootfs_dir: PathBuf,
+    /// `root`, removed after the sandbox was destroyed.
+    _root_dir: ScratchDir,
+    /// Held until everything above is gone (fields drop in order).
+    _guest: GuestLock,
 }
 
 impl Env {
@@ -128,7 +140,6 @@ impl Drop for Env {
         let _ = self
             .command(&["destroy", self.name, "--force"], &self.root)
             .output();
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -156,8 +167,8 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A temporary home for the binary and a one-commit git project at
-/// `proj`, with engine qemu, or `None` (after printing why) when no guest
-/// can run here.
+/// `proj`, with engine qemu, once no other guest of this process runs; or
+/// `None` (after printing `SKIP: <reason>`) when no guest can run here.
 pub fn setup(tag: &str, name: &'static str) -> Option<Env> {
     setup_on(tag, name, "qemu")
 }
@@ -165,14 +176,9 @@ pub fn setup(tag: &str, name: &'static str) -> Option<Env> {
 /// [`setup`] with `[backend.microvm] engine = "<engine>"` (`qemu` or `vmm`):
 /// QEMU must be runnable for the first, `/dev/kvm` usable for the second.
 pub fn setup_on(tag: &str, name: &'static str, engine: &str) -> Option<Env> {
-    macro_rules! skip {
-        ($($arg:tt)*) => {{
-            eprintln!("SKIP: {}", format!($($arg)*));
-            return None;
-        }};
-    }
+    let guest = guest_lock();
     if !Path::new("/dev/kvm").exists() {
-        skip!("no /dev/kvm");
+        skip!(None; "no /dev/kvm");
     }
     if engine == "vmm" {
         if let Err(e) = std::fs::OpenOptions::new()
@@ -180,7 +186,7 @@ pub fn setup_on(tag: &str, name: &'static str, engine: &str) -> Option<Env> {
             .write(true)
             .open("/dev/kvm")
         {
-            skip!("/dev/kvm is not usable: {e}");
+            skip!(None; "/dev/kvm is not usable: {e}");
         }
     } else {
         let qemu_ok = Command::new("qemu-system-x86_64")
@@ -188,20 +194,20 @@ pub fn setup_on(tag: &str, name: &'static str, engine: &str) -> Option<Env> {
             .output()
             .is_ok_and(|o| o.status.success());
         if !qemu_ok {
-            skip!("qemu-system-x86_64 is not runnable (apt-get install qemu-system-x86)");
+            skip!(None; "qemu-system-x86_64 is not runnable (apt-get install qemu-system-x86)");
         }
     }
     let kernel = match guest_image::kernel::ensure_kernel() {
         Ok(k) if k.vmlinux.is_file() => k,
-        Ok(k) => skip!("no guest kernel at {}", k.vmlinux.display()),
-        Err(e) => skip!("no guest kernel: {e}"),
+        Ok(k) => skip!(None; "no guest kernel at {}", k.vmlinux.display()),
+        Err(e) => skip!(None; "no guest kernel: {e}"),
     };
     let rootfs = match guest_image::rootfs::ensure_rootfs() {
         Ok(r) => r,
-        Err(e) => skip!("no guest rootfs: {e}"),
+        Err(e) => skip!(None; "no guest rootfs: {e}"),
     };
-    let root = std::env::temp_dir().join(format!("ks-e2e-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root_dir =
+        ScratchDir::at(std::env::temp_dir().join(format!("ks-e2e-{tag}-{}", std::process::id())));
     let env = Env {
         name,
         cache: guest_image::cache_dir()
@@ -210,7 +216,9 @@ pub fn setup_on(tag: &str, name: &'static str, engine: &str) -> Option<Env> {
             .to_path_buf(),
         kernel_dir: kernel.dir.clone(),
         rootfs_dir: rootfs.dir.clone(),
-        root,
+        root: root_dir.path().to_path_buf(),
+        _root_dir: root_dir,
+        _guest: guest,
     };
     std::fs::create_dir_all(env.path("config/keystone")).unwrap();
     std::fs::create_dir_all(env.path("state")).unwrap();
