@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{cstr, Fuse, Scratch};
+use common::{cstr, Fuse, ScratchDir};
 use virtiofsd_lite::fuse::{self, opcode};
 use vm_memory::ByteValued;
 
@@ -36,7 +36,7 @@ fn key_of(path: &Path) -> (u64, u64) {
 
 #[test]
 fn host_hard_link_to_outside_file_is_the_same_inode_and_guest_cannot_link_out() {
-    let outside = Scratch::new("hl-outside");
+    let outside = ScratchDir::new("hl-outside");
     std::fs::write(outside.path().join("secret"), b"secret").unwrap();
     std::fs::create_dir(outside.path().join("odir")).unwrap();
     let mut t = Fuse::new("hl", |_| {});
@@ -87,7 +87,7 @@ fn host_hard_link_to_outside_file_is_the_same_inode_and_guest_cannot_link_out() 
 
 #[test]
 fn directory_moved_out_from_under_a_held_node_reaches_nothing_outside() {
-    let outside = Scratch::new("mv-outside");
+    let outside = ScratchDir::new("mv-outside");
     let mut t = Fuse::new("mv", |_| {});
     std::fs::create_dir_all(t.path().join("sub/deep/er")).unwrap();
     std::fs::write(t.path().join("sub/before"), b"b").unwrap();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Fuse, Scratch};
+use common::{Fuse, ScratchDir};
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::FileHandles;
 use vm_memory::ByteValued;
@@ -69,7 +69,7 @@ fn two_hundred_thousand_files_under_a_limit_of_1024() {
     // SAFETY: setrlimit reads one valid rlimit.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
 
-    let dir = Scratch::new("200k");
+    let dir = ScratchDir::new("200k");
     for d in 0..DIRS {
         let sub = dir.path().join(format!("d{d:03}"));
         std::fs::create_dir(&sub).unwrap();

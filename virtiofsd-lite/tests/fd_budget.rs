@@ -5,6 +5,7 @@
 
 use std::ffi::CString;
 
+use keystone_test_kit::ScratchDir;
 use virtiofsd_lite::descriptor::{Reader, Writer};
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::{FsConfig, PassthroughFs, Server};
@@ -66,19 +67,14 @@ fn open_fds() -> usize {
 
 #[test]
 fn more_files_than_the_fd_budget() {
-    let dir = std::env::temp_dir().join(format!("vfsd-lite-fdbudget-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new("vfsd-fdbudget");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     for i in 0..FILES {
         std::fs::write(dir.join(format!("f{i}")), format!("file {i}\n")).unwrap();
     }
     std::fs::write(dir.join("sub/inner"), b"inner\n").unwrap();
     std::os::unix::fs::symlink("f0", dir.join("link")).unwrap();
-    let result = std::panic::catch_unwind(|| run(&dir));
-    let _ = std::fs::remove_dir_all(&dir);
-    if let Err(p) = result {
-        std::panic::resume_unwind(p);
-    }
+    run(dir.path());
 }
 
 fn run(dir: &std::path::Path) {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Fuse, Scratch};
+use common::{Fuse, ScratchDir};
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::{FileHandles, FsConfig, PassthroughFs};
 use vm_memory::ByteValued;
@@ -47,7 +47,7 @@ fn read_all(fs: &mut Fuse, ino: u64) -> Result<Vec<u8>, i32> {
 
 #[test]
 fn past_the_budget_files_are_reopened_by_name() {
-    let dir = Scratch::new("fd-names");
+    let dir = ScratchDir::new("fd-names");
     let root = dir.path().to_path_buf();
     for i in 0..FILES {
         std::fs::write(root.join(format!("f{i}")), format!("file {i}\n")).unwrap();

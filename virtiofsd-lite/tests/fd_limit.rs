@@ -4,6 +4,7 @@
 //! which every node would be re-opened from its handle on each request).
 //! Its own test binary: it changes the process's limit.
 
+use keystone_test_kit::ScratchDir;
 use virtiofsd_lite::{FsConfig, PassthroughFs};
 
 fn limits() -> (u64, u64) {
@@ -31,12 +32,10 @@ fn the_soft_limit_is_raised_and_sets_the_budget() {
     assert_eq!(limits(), (hard, hard));
     assert_eq!(now, hard);
 
-    let dir = std::env::temp_dir().join(format!("vfl-fdlimit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let fs = PassthroughFs::new(&FsConfig::new(&dir, "t")).unwrap();
+    let dir = ScratchDir::new("vfsd-fdlimit");
+    let fs = PassthroughFs::new(&FsConfig::new(dir.path(), "t")).unwrap();
     let want = usize::try_from(hard / 2)
         .unwrap_or(usize::MAX)
         .clamp(64, 65536);
     assert_eq!(fs.inodes().fd_budget(), want);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -13,6 +13,7 @@ use std::ffi::CString;
 use std::mem::size_of;
 use std::time::{Duration, Instant};
 
+use keystone_test_kit::ScratchDir;
 use virtiofsd_lite::descriptor::{Reader, Writer};
 use virtiofsd_lite::fuse::{self, opcode, OutHeader};
 use virtiofsd_lite::{FsConfig, PassthroughFs, Server};
@@ -410,8 +411,7 @@ fn cap_file_size() {
 #[test]
 fn mutated_requests_never_break_the_server() {
     cap_file_size();
-    let dir = std::env::temp_dir().join(format!("vfsd-lite-fuzz-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new("vfsd-fuzz");
     std::fs::create_dir_all(dir.join("dir")).unwrap();
     std::fs::write(dir.join("a"), vec![7u8; 10_000]).unwrap();
     std::fs::write(dir.join("keep-out-of-reach"), b"still here").unwrap();
@@ -420,7 +420,7 @@ fn mutated_requests_never_break_the_server() {
     // SAFETY: NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
 
-    let server = Server::new(PassthroughFs::new(&FsConfig::new(&dir, "fuzz")).unwrap());
+    let server = Server::new(PassthroughFs::new(&FsConfig::new(dir.path(), "fuzz")).unwrap());
     let mut unique = 1u64;
     init_and_lookup(&server, unique, "a");
     unique += 2;
@@ -497,5 +497,4 @@ fn mutated_requests_never_break_the_server() {
     // Still serving: a valid LOOKUP of a name the requests never use.
     let e = init_and_lookup(&server, unique, "keep-out-of-reach");
     assert_eq!(e.attr.size, 10);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,7 +13,8 @@ use std::ffi::CString;
 use std::mem::size_of;
 use std::path::PathBuf;
 
-use common::{cstr, Fuse, Scratch};
+use common::{cstr, Fuse, ScratchDir};
+use keystone_test_kit::skip;
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::FileHandles;
 use vm_memory::ByteValued;
@@ -24,11 +25,10 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     /// Mounts tmpfs with `options` over `dir`; `None` when that is not
     /// possible here (not root, no mount permission).
-    fn mount(dir: &Scratch, options: &str) -> Option<Self> {
+    fn mount(dir: &ScratchDir, options: &str) -> Option<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            println!("SKIP: mounting a small tmpfs needs root");
-            return None;
+            skip!(None; "mounting a small tmpfs needs root");
         }
         let target = CString::new(dir.path().as_os_str().as_encoded_bytes()).ok()?;
         let opts = CString::new(options).ok()?;
@@ -43,11 +43,8 @@ impl Tmpfs {
             )
         };
         if ret != 0 {
-            println!(
-                "SKIP: cannot mount tmpfs: {}",
-                std::io::Error::last_os_error()
-            );
-            return None;
+            let e = std::io::Error::last_os_error();
+            skip!(None; "cannot mount tmpfs: {e}");
         }
         Some(Tmpfs(dir.path().to_path_buf()))
     }
@@ -151,7 +148,7 @@ fn host_len(fs: &Fuse, name: &str) -> u64 {
 
 #[test]
 fn a_full_share_answers_enospc_and_short_writes() {
-    let dir = Scratch::new("errno-full");
+    let dir = ScratchDir::new("errno-full");
     // 64 pages of data and 16 inodes (the root is one).
     let Some(_mount) = Tmpfs::mount(&dir, "size=256k,nr_inodes=16,huge=never,mode=0755") else {
         return;
@@ -317,7 +314,7 @@ fn out_of_descriptors_is_emfile_not_a_stale_file() {
     if !in_child("out_of_descriptors_is_emfile_not_a_stale_file") {
         return;
     }
-    let dir = Scratch::new("errno-emfile");
+    let dir = ScratchDir::new("errno-emfile");
     std::fs::write(dir.path().join("file"), b"still here").unwrap();
     let mut fs = Fuse::serve(dir, |c| c.file_handles = FileHandles::Never);
     // Only the root keeps a descriptor: the file is re-opened by name.

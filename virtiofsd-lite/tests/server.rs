@@ -6,30 +6,11 @@ use std::mem::size_of;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use keystone_test_kit::ScratchDir;
 use virtiofsd_lite::descriptor::{Reader, Writer};
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::{FsConfig, PassthroughFs, Server};
 use vm_memory::ByteValued;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vfsd-lite-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Reply {
     error: i32,
@@ -40,7 +21,7 @@ struct Reply {
 struct T {
     server: Server<PassthroughFs>,
     unique: u64,
-    _dir: Scratch,
+    _dir: ScratchDir,
 }
 
 fn raw(server: &Server<PassthroughFs>, mut req: Vec<u8>, out_size: usize) -> (usize, Vec<u8>) {
@@ -85,7 +66,7 @@ impl T {
     }
 
     fn with(name: &str, tweak: impl FnOnce(&mut FsConfig)) -> Self {
-        let dir = Scratch::new(name);
+        let dir = ScratchDir::new(name);
         let mut cfg = FsConfig::new(dir.path(), "test");
         tweak(&mut cfg);
         let never = cfg.cache == virtiofsd_lite::CacheMode::Never;
@@ -265,7 +246,7 @@ fn malformed_requests_get_error_replies() {
 
 #[test]
 fn requests_before_init_fail() {
-    let dir = Scratch::new("preinit");
+    let dir = ScratchDir::new("preinit");
     let server = Server::new(PassthroughFs::new(&FsConfig::new(dir.path(), "t")).unwrap());
     let (n, out) = raw(&server, request(opcode::GETATTR, 1, 1, &[&[0u8; 16]]), 256);
     assert_eq!(parse(n, &out).error, -libc::EIO);
@@ -335,7 +316,7 @@ fn a_missing_name_is_a_negative_entry_the_guest_may_cache() {
 
 /// The INIT reply's flags of a fresh server with `cache`.
 fn init_flags_with(name: &str, cache: virtiofsd_lite::CacheMode) -> u32 {
-    let dir = Scratch::new(name);
+    let dir = ScratchDir::new(name);
     let mut cfg = FsConfig::new(dir.path(), "test");
     cfg.cache = cache;
     let server = Server::new(PassthroughFs::new(&cfg).unwrap());
@@ -593,7 +574,7 @@ fn create_write_mkdir_rename_unlink() {
 #[test]
 fn confinement() {
     let mut t = T::new("confine");
-    let outside = Scratch::new("confine-outside");
+    let outside = ScratchDir::new("confine-outside");
     std::fs::write(outside.path().join("secret"), b"secret").unwrap();
     symlink("/etc", t.dir().join("etc-link")).unwrap();
     symlink(outside.path(), t.dir().join("out-link")).unwrap();

@@ -6,6 +6,9 @@
 use std::mem::size_of;
 use std::time::{Duration, Instant};
 
+use keystone_test_kit::virtq::{Buf, DriverQueue};
+use keystone_test_kit::{skip, ScratchDir};
+
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
@@ -22,19 +25,13 @@ use frontend::SharedMemory;
 const MEM_BASE: u64 = 0x10_0000;
 const MEM_SIZE: usize = 0x40_0000;
 const QSIZE: u16 = 64;
-const DESC: u64 = MEM_BASE;
-const AVAIL: u64 = MEM_BASE + 0x1000;
-const USED: u64 = MEM_BASE + 0x2000;
 const BUFS: u64 = MEM_BASE + 0x10000;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 
-/// A driver-side split virtqueue in test memory.
+/// The guest's side of the request queue: the split virtqueue and the
+/// buffers its chains point to.
 struct GuestQueue {
     mem: GuestMemoryMmap,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
+    queue: DriverQueue,
     next_buf: u64,
 }
 
@@ -49,73 +46,34 @@ impl GuestQueue {
     /// Queues a chain: `readable` buffers, then writable ones of `writable` sizes.
     /// Returns the writable buffers' addresses.
     fn add_chain(&mut self, readable: &[&[u8]], writable: &[usize]) -> Vec<(GuestAddress, usize)> {
-        let head = self.next_desc;
-        let total = readable.len() + writable.len();
-        let mut out = Vec::new();
-        for i in 0..total {
-            let idx = (self.next_desc % QSIZE) as u64;
-            self.next_desc = self.next_desc.wrapping_add(1);
-            let (addr, len, mut flags) = if i < readable.len() {
-                let a = self.alloc(readable[i].len());
-                self.mem.write_slice(readable[i], a).unwrap();
-                (a, readable[i].len(), 0)
-            } else {
-                let len = writable[i - readable.len()];
-                let a = self.alloc(len);
-                out.push((a, len));
-                (a, len, F_WRITE)
-            };
-            if i + 1 < total {
-                flags |= F_NEXT;
-            }
-            let d = GuestAddress(DESC + idx * 16);
-            self.mem.write_obj(addr.0, d).unwrap();
-            self.mem
-                .write_obj(len as u32, GuestAddress(d.0 + 8))
-                .unwrap();
-            self.mem.write_obj(flags, GuestAddress(d.0 + 12)).unwrap();
-            self.mem
-                .write_obj(self.next_desc % QSIZE, GuestAddress(d.0 + 14))
-                .unwrap();
+        let mut chain = Vec::new();
+        for bytes in readable {
+            let a = self.alloc(bytes.len());
+            self.mem.write_slice(bytes, a).unwrap();
+            chain.push(Buf::readable(a.0, bytes.len() as u32));
         }
-        let slot = (self.avail_idx % QSIZE) as u64;
-        self.mem
-            .write_obj(head % QSIZE, GuestAddress(AVAIL + 4 + slot * 2))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        // used_event: ask to be notified for the next used entry.
-        self.mem
-            .write_obj(self.used_seen, GuestAddress(AVAIL + 4 + 2 * QSIZE as u64))
-            .unwrap();
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
+        let mut out = Vec::new();
+        for &len in writable {
+            let a = self.alloc(len);
+            out.push((a, len));
+            chain.push(Buf::writable(a.0, len as u32));
+        }
+        self.queue.add_chain(&self.mem, &chain);
         out
     }
 
-    /// Waits for the call eventfd and the next used entry; returns its length.
+    /// Waits for the next used entry and the call notification that must
+    /// follow it; returns the entry's length.
     fn wait_used(&mut self, call: &EventFd) -> u32 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
-            if idx != self.used_seen {
-                // The device signals after updating the ring.
-                while call.read().is_err() {
-                    assert!(Instant::now() < deadline, "no call notification");
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                let slot = (self.used_seen % QSIZE) as u64;
-                let len: u32 = self
-                    .mem
-                    .read_obj(GuestAddress(USED + 4 + slot * 8 + 4))
-                    .unwrap();
-                self.used_seen = self.used_seen.wrapping_add(1);
-                return len;
-            }
-            assert!(Instant::now() < deadline, "request not answered");
+        let limit = Duration::from_secs(10);
+        let deadline = Instant::now() + limit;
+        let (_, len) = self.queue.wait_used(&self.mem, limit);
+        // The device signals after updating the ring.
+        while call.read().is_err() {
+            assert!(Instant::now() < deadline, "no call notification");
             std::thread::sleep(Duration::from_millis(2));
         }
+        len
     }
 
     fn read_reply(&self, bufs: &[(GuestAddress, usize)], len: u32) -> Vec<u8> {
@@ -158,24 +116,23 @@ fn exercise(fe: &mut Frontend, content: &[u8]) {
     let shared = SharedMemory::new(MEM_BASE, MEM_SIZE).unwrap();
     shared.share(fe).unwrap();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let queue = DriverQueue::paged(MEM_BASE, QSIZE);
     let q = 1; // the first request queue
+    let rings = (queue.desc, queue.avail, queue.used);
     shared
-        .enable_queue(fe, q, QSIZE, (DESC, AVAIL, USED), &call, &kick)
+        .enable_queue(fe, q, QSIZE, rings, &call, queue.kick_fd())
         .unwrap();
     let mem = shared.into_memory();
 
     let mut gq = GuestQueue {
         mem,
-        next_desc: 0,
-        avail_idx: 0,
-        used_seen: 0,
+        queue,
         next_buf: BUFS,
     };
     let roundtrip =
         |gq: &mut GuestQueue, req: Vec<u8>, writable: &[usize]| -> (fuse::OutHeader, Vec<u8>) {
             let bufs = gq.add_chain(&[&req[..40], &req[40..]], writable);
-            kick.write(1).unwrap();
+            gq.queue.kick();
             let len = gq.wait_used(&call);
             let reply = gq.read_reply(&bufs, len);
             let h: fuse::OutHeader = fuse::read_struct(&reply).unwrap();
@@ -242,13 +199,11 @@ fn exercise(fe: &mut Frontend, content: &[u8]) {
 
 #[test]
 fn fuse_over_vhost_user_socketpair() {
-    let dir = std::env::temp_dir().join(format!("vfsd-lite-vu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("vfsd-vu");
     let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(dir.join("init"), &content).unwrap();
 
-    let (ours, handle) = spawn_paired(FsConfig::new(&dir, "root")).unwrap();
+    let (ours, handle) = spawn_paired(FsConfig::new(dir.path(), "root")).unwrap();
     let stats = handle.stats();
 
     let mut fe = Frontend::from_stream(ours, 2);
@@ -261,16 +216,13 @@ fn fuse_over_vhost_user_socketpair() {
     // The frontend hanging up ends the daemon cleanly.
     drop(fe);
     handle.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn stop_ends_an_idle_daemon() {
-    let dir = std::env::temp_dir().join(format!("vfsd-lite-vu-stop-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (_ours, handle) = spawn_paired(FsConfig::new(&dir, "t")).unwrap();
+    let dir = ScratchDir::new("vfsd-vu-stop");
+    let (_ours, handle) = spawn_paired(FsConfig::new(dir.path(), "t")).unwrap();
     handle.stop().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -283,8 +235,7 @@ fn bad_shared_dir_is_a_clear_error() {
 
 #[test]
 fn serve_listener_serves_one_connection() {
-    let dir = std::env::temp_dir().join(format!("vfsd-lite-vu-listen-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new("vfsd-vu-listen");
     std::fs::create_dir_all(dir.join("share")).unwrap();
     let content = b"listener path".to_vec();
     std::fs::write(dir.join("share/init"), &content).unwrap();
@@ -304,7 +255,6 @@ fn serve_listener_serves_one_connection() {
     exercise(&mut fe, &content);
     drop(fe);
     server.join().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -320,11 +270,9 @@ fn binary_documents_and_starts_the_namespace_sandbox() {
 
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP namespace sandbox start: needs root");
-        return;
+        skip!("namespace sandbox start: needs root");
     }
-    let base = std::env::temp_dir().join(format!("vfsd-lite-sandbox-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = ScratchDir::new("vfsd-sandbox");
     std::fs::create_dir_all(base.join("shared")).unwrap();
     let sock = base.join("fs.sock");
     let mut child = std::process::Command::new(bin)
@@ -347,9 +295,7 @@ fn binary_documents_and_starts_the_namespace_sandbox() {
                 .read_to_string(&mut err)
                 .unwrap();
             if err.contains("cannot set up the namespace sandbox") {
-                eprintln!("SKIP namespace sandbox start: {err}");
-                let _ = std::fs::remove_dir_all(&base);
-                return;
+                skip!("namespace sandbox start: {err}");
             }
             panic!("daemon exited early ({status}): {err}");
         }
@@ -364,5 +310,4 @@ fn binary_documents_and_starts_the_namespace_sandbox() {
     drop(conn);
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&base);
 }

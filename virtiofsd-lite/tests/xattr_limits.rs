@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{cstr, Fuse, Scratch};
+use common::{cstr, Fuse, ScratchDir};
 use virtiofsd_lite::fuse::{self, opcode};
 use vm_memory::ByteValued;
 
@@ -98,7 +98,7 @@ fn a_list_longer_than_linux_allows_is_e2big() {
     }
     // tmpfs keeps any number of user xattrs; the temporary folder's file
     // system may keep only a block's worth.
-    let dir = Scratch::new("xattr-list");
+    let dir = ScratchDir::new("xattr-list");
     let target = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: NUL-terminated strings that outlive the call.
     let mounted = unsafe {

@@ -3,34 +3,13 @@
 #![allow(dead_code)]
 
 use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+pub use keystone_test_kit::ScratchDir;
 use virtiofsd_lite::descriptor::{Reader, Writer};
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::{FsConfig, PassthroughFs, Server};
 use vm_memory::ByteValued;
-
-/// A directory under the temporary folder, removed on drop.
-pub struct Scratch(PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vfsd-lite-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One reply: the (negative) error and the body.
 pub struct Reply {
@@ -47,7 +26,7 @@ pub fn cstr(s: &str) -> Vec<u8> {
 pub struct Fuse {
     pub server: Server<PassthroughFs>,
     unique: u64,
-    pub dir: Scratch,
+    pub dir: ScratchDir,
     /// The guest uid and gid sent in each request header.
     pub caller: (u32, u32),
 }
@@ -55,12 +34,12 @@ pub struct Fuse {
 impl Fuse {
     /// Serves a fresh scratch directory; `tweak` adjusts the config.
     pub fn new(name: &str, tweak: impl FnOnce(&mut FsConfig)) -> Self {
-        let dir = Scratch::new(name);
+        let dir = ScratchDir::new(name);
         Self::serve(dir, tweak)
     }
 
     /// Serves `dir` (filled by the caller first).
-    pub fn serve(dir: Scratch, tweak: impl FnOnce(&mut FsConfig)) -> Self {
+    pub fn serve(dir: ScratchDir, tweak: impl FnOnce(&mut FsConfig)) -> Self {
         let mut cfg = FsConfig::new(dir.path(), "test");
         tweak(&mut cfg);
         let fs = PassthroughFs::new(&cfg).unwrap();
@@ -243,7 +222,7 @@ impl Fuse {
     }
 
     /// Ends the server (forgetting every node) and keeps the directory.
-    pub fn into_dir(self) -> Scratch {
+    pub fn into_dir(self) -> ScratchDir {
         self.dir
     }
 
