@@ -1,20 +1,21 @@
 //! End-to-end test of the vhost-user vsock backend without a VM: the test
 //! is the vhost-user frontend (raw `vhost::vhost_user::Frontend` on the
 //! stream `spawn_paired` returns), the guest driver (split virtqueues in
-//! memfd memory, see [`SplitQueue`]) and the host program (a Unix stream
-//! writing `CONNECT <port>\n`).
+//! memfd memory, the test kit's [`DriverQueue`]) and the host program (a
+//! Unix stream writing `CONNECT <port>\n`).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use keystone_test_kit::virtq::{Buf, DriverQueue};
+use keystone_test_kit::ScratchDir;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::device::{create_memfd_memory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, TYPE_STREAM};
@@ -25,77 +26,8 @@ const QSIZE: u16 = 256;
 const VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 const EVENT_IDX: u64 = 1 << 29;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-
-/// The driver side of one split virtqueue laid out at `base`.
-struct SplitQueue {
-    base: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    last_used: u16,
-    kick: EventFd,
-}
-
-impl SplitQueue {
-    fn desc(&self) -> u64 {
-        self.base
-    }
-    fn avail(&self) -> u64 {
-        self.base + 0x1000
-    }
-    fn used(&self) -> u64 {
-        self.base + 0x2000
-    }
-
-    /// Publishes a chain of (guest address, length, device-writable) buffers.
-    fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = self.next_desc;
-            self.next_desc = (self.next_desc + 1) % QSIZE;
-            let mut flags = if write { DESC_F_WRITE } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= DESC_F_NEXT;
-            }
-            let at = GuestAddress(self.desc() + 16 * u64::from(idx));
-            mem.write_obj(addr, at).unwrap();
-            mem.write_obj(len, at.unchecked_add(8)).unwrap();
-            mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-            mem.write_obj(self.next_desc, at.unchecked_add(14)).unwrap();
-        }
-        let slot = self.avail() + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail() + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        self.kick.write(1).unwrap();
-    }
-
-    /// Waits for the next used element: (descriptor head, length).
-    fn wait_used(&mut self, mem: &GuestMemoryMmap) -> (u32, u32) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let idx: u16 = mem.read_obj(GuestAddress(self.used() + 2)).unwrap();
-            if idx != self.last_used {
-                fence(Ordering::SeqCst);
-                let at = self.used() + 4 + 8 * u64::from(self.last_used % QSIZE);
-                self.last_used = self.last_used.wrapping_add(1);
-                return (
-                    mem.read_obj(GuestAddress(at)).unwrap(),
-                    mem.read_obj(GuestAddress(at + 4)).unwrap(),
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the backend used no buffer in 5 s"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
+/// How long the backend may take to use a buffer.
+const USE_LIMIT: Duration = Duration::from_secs(5);
 
 fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
     mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
@@ -103,8 +35,8 @@ fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
 
 struct Guest {
     mem: GuestMemoryMmap,
-    rx: SplitQueue,
-    tx: SplitQueue,
+    rx: DriverQueue,
+    tx: DriverQueue,
     _call: EventFd,
     _frontend: Frontend,
     next_tx_buf: u64,
@@ -153,37 +85,30 @@ impl Guest {
         let call = EventFd::new(0).unwrap();
         let mut queues = Vec::new();
         for q in 0..2usize {
-            let queue = SplitQueue {
-                base: 0x1000 + 0x10000 * q as u64,
-                next_desc: 0,
-                avail_idx: 0,
-                last_used: 0,
-                kick: EventFd::new(0).unwrap(),
-            };
+            let queue = DriverQueue::paged(0x1000 + 0x10000 * q as u64, QSIZE);
             fe.set_vring_num(q, QSIZE).unwrap();
             let addrs = VringConfigData {
                 queue_max_size: QSIZE,
                 queue_size: QSIZE,
                 flags: 0,
-                desc_table_addr: host_addr(&mem, queue.desc()),
-                used_ring_addr: host_addr(&mem, queue.used()),
-                avail_ring_addr: host_addr(&mem, queue.avail()),
+                desc_table_addr: host_addr(&mem, queue.desc),
+                used_ring_addr: host_addr(&mem, queue.used),
+                avail_ring_addr: host_addr(&mem, queue.avail),
                 log_addr: None,
             };
             fe.set_vring_addr(q, &addrs).unwrap();
             fe.set_vring_base(q, 0).unwrap();
             fe.set_vring_call(q, &call).unwrap();
-            fe.set_vring_kick(q, &queue.kick).unwrap();
+            fe.set_vring_kick(q, queue.kick_fd()).unwrap();
             fe.set_vring_enable(q, true).unwrap();
             queues.push(queue);
         }
         let tx = queues.pop().unwrap();
         let mut rx = queues.pop().unwrap();
         for i in 0..32 {
-            rx.add(
-                &mem,
-                &[(RX_BUFS + u64::from(RX_BUF_LEN) * i, RX_BUF_LEN, true)],
-            );
+            let buf = Buf::writable(RX_BUFS + u64::from(RX_BUF_LEN) * i, RX_BUF_LEN);
+            rx.add_chain(&mem, &[buf]);
+            rx.kick();
         }
         Guest {
             mem,
@@ -197,7 +122,7 @@ impl Guest {
 
     /// Next packet the device put on the RX ring.
     fn recv(&mut self) -> (VsockHeader, Vec<u8>) {
-        let (head, len) = self.rx.wait_used(&self.mem);
+        let (head, len) = self.rx.wait_used(&self.mem, USE_LIMIT);
         let addr = RX_BUFS + u64::from(RX_BUF_LEN) * u64::from(head);
         let mut bytes = vec![0u8; len as usize];
         self.mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
@@ -228,19 +153,19 @@ impl Guest {
         self.mem
             .write_slice(payload, GuestAddress(at + 0x100))
             .unwrap();
-        let mut chain = vec![(at, HDR_LEN as u32, false)];
+        let mut chain = vec![Buf::readable(at, HDR_LEN as u32)];
         if !payload.is_empty() {
-            chain.push((at + 0x100, payload.len() as u32, false));
+            chain.push(Buf::readable(at + 0x100, payload.len() as u32));
         }
-        self.tx.add(&self.mem, &chain);
-        self.tx.wait_used(&self.mem);
+        self.tx.add_chain(&self.mem, &chain);
+        self.tx.kick();
+        self.tx.wait_used(&self.mem, USE_LIMIT);
     }
 }
 
 #[test]
 fn vsock_host_connect_reaches_guest_and_bytes_flow_both_ways() {
-    let dir = std::env::temp_dir().join(format!("vsock-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("vsock-e2e");
     let uds_path: PathBuf = dir.join("v.sock");
     let config = VsockConfig {
         guest_cid: CID,
@@ -290,7 +215,6 @@ fn vsock_host_connect_reaches_guest_and_bytes_flow_both_ways() {
 
     handle.stop().unwrap();
     assert!(!uds_path.exists());
-    let _ = std::fs::remove_dir(&dir);
 }
 
 #[test]
@@ -299,8 +223,7 @@ fn vsock_frontend_constructor_negotiates_with_spawned_backend() {
     use vmm::device::VirtioDevice;
     use vsock_lite::VsockError;
 
-    let dir = std::env::temp_dir().join(format!("vsock-fe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("vsock-fe");
     let uds_path = dir.join("v.sock");
     for cid in [0, 1, 2, u64::from(u32::MAX)] {
         let config = VsockConfig {
@@ -330,5 +253,4 @@ fn vsock_frontend_constructor_negotiates_with_spawned_backend() {
     // Dropping the handle stops the threads and removes the host socket.
     drop(handle);
     assert!(!uds_path.exists());
-    let _ = std::fs::remove_dir(&dir);
 }

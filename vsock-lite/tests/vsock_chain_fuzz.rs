@@ -23,7 +23,6 @@
 
 mod chain_guest;
 mod fuzz_support;
-mod virtq_driver;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -31,8 +30,8 @@ use std::time::Duration;
 
 use chain_guest::{Guest, CID, QSIZE, TX_DATA, TX_DATA_END};
 use fuzz_support::{mutate, Budget, Rng, EDGE_U32};
+use keystone_test_kit::virtq::check_writes;
 use vhost_user_backend::{VhostUserBackend, VringT};
-use virtq_driver::check_writes;
 use vsock_lite::backend::{MUXER_EVENT, RX_QUEUE, TX_QUEUE};
 use vsock_lite::connection::CONN_BUF_SIZE;
 use vsock_lite::packet::{op, VsockHeader, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};

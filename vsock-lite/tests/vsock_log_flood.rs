@@ -7,14 +7,12 @@
 #[allow(dead_code)]
 mod chain_guest;
 mod fuzz_support;
-#[allow(dead_code)]
-mod virtq_driver;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chain_guest::{Guest, OUTSIDE, TX_DATA};
+use keystone_test_kit::virtq::Desc;
 use log_limit::BURST;
-use virtq_driver::Desc;
 use vm_memory::{Bytes, GuestAddress};
 use vsock_lite::backend::TX_QUEUE;
 use vsock_lite::packet::{op, VsockHeader, HDR_LEN, TYPE_STREAM};

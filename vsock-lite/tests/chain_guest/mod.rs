@@ -10,9 +10,10 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use crate::fuzz_support::Rng;
-use crate::virtq_driver::{
+use keystone_test_kit::virtq::{
     gather, overlapping, walk, Desc, DriverQueue, Segment, F_INDIRECT, F_NEXT, F_WRITE,
 };
+use keystone_test_kit::ScratchDir;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm::device::{create_memfd_memory, GuestMemoryMmap};
@@ -59,20 +60,12 @@ pub struct Guest {
     pub next_port: u32,
     pub rx_ops: [usize; 8],
     pub unchecked: usize,
-    pub dir: std::path::PathBuf,
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    pub dir: ScratchDir,
 }
 
 impl Guest {
     pub fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("vsock-chain-fuzz-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ScratchDir::new("vsock-chain-fuzz");
         let mem = create_memfd_memory(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let listener = UnixListener::bind(dir.join("vsock.sock")).unwrap();

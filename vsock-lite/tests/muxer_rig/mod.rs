@@ -11,6 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use crate::fuzz_support::Rng;
+use keystone_test_kit::ScratchDir;
 use vsock_lite::connection::CONN_BUF_SIZE;
 use vsock_lite::muxer::{Muxer, MAX_CONNECTIONS};
 use vsock_lite::packet::{op, parse_packet, VsockHeader, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};
@@ -30,7 +31,7 @@ pub struct Link {
 
 pub struct Rig {
     pub muxer: Muxer,
-    dir: PathBuf,
+    dir: ScratchDir,
     pub path: PathBuf,
     pub hosts: Vec<UnixStream>,
     /// Every connection the device offered, in order.
@@ -42,17 +43,9 @@ pub struct Rig {
     pub rx_ops: [usize; 8],
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 impl Rig {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ScratchDir::new(name);
         let path = dir.join("vsock.sock");
         let listener = UnixListener::bind(&path).unwrap();
         Self {
