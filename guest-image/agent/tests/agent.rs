@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader, Cursor, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use keystone_guest_agent::agent::{self, AgentConfig};
@@ -17,30 +16,17 @@ use keystone_guest_agent::protocol::{
     RawStreamRequest, TtySize,
 };
 use keystone_guest_agent::transport::AgentListener;
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+use keystone_test_kit::{fnv64, ScratchDir};
 
 struct Harness {
     client: AgentClient,
-    dir: PathBuf,
+    dir: ScratchDir,
     workspace: PathBuf,
     socket: PathBuf,
 }
 
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ks-agent-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch_dir() -> ScratchDir {
+    ScratchDir::new("agent")
 }
 
 fn config(workspace: PathBuf) -> AgentConfig {
@@ -129,7 +115,7 @@ fn fifty_mib_through_cat() {
         x ^= x << 5;
         *b = x as u8;
     }
-    let expected = fnv(&data);
+    let expected = fnv64(&data);
     let start = Instant::now();
     let mut out = Vec::with_capacity(data.len());
     let mut err = Vec::new();
@@ -145,15 +131,9 @@ fn fifty_mib_through_cat() {
     let took = start.elapsed();
     assert!(status.success());
     assert_eq!(out.len(), 50 << 20);
-    assert_eq!(fnv(&out), expected);
+    assert_eq!(fnv64(&out), expected);
     assert!(err.is_empty());
     eprintln!("50 MiB through cat: {took:?}");
-}
-
-fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 #[test]
@@ -302,7 +282,7 @@ fn push_file_is_confined_to_the_workspace() {
     }
     assert!(!h.dir.join("x").exists());
     // A symlink pointing out of the workspace is not followed.
-    std::os::unix::fs::symlink(&h.dir, h.workspace.join("out")).unwrap();
+    std::os::unix::fs::symlink(h.dir.path(), h.workspace.join("out")).unwrap();
     assert!(h.client.push_file("out/escaped", 0o644, b"no").is_err());
     assert!(!h.dir.join("escaped").exists());
 }
@@ -335,11 +315,11 @@ fn version_mismatch_is_reported_by_the_agent() {
 
 /// A fake VMM vsock socket: answers the CONNECT line with `answer`, then
 /// (when it is OK) serves the agent protocol on the same stream.
-fn fake_hybrid_vsock(answer: &'static str) -> (PathBuf, PathBuf) {
+fn fake_hybrid_vsock(answer: &'static str) -> (ScratchDir, PathBuf) {
     let dir = scratch_dir();
     let path = dir.join("vsock.sock");
     let listener = UnixListener::bind(&path).unwrap();
-    let workspace = dir.clone();
+    let workspace = dir.path().to_path_buf();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
@@ -363,13 +343,12 @@ fn hybrid_vsock_handshake() {
     let (dir, path) = fake_hybrid_vsock("OK 1073741824\n");
     let client = AgentClient::new(hybrid_vsock_connector(&path, 1024));
     assert!(client.ping().is_ok());
-    std::fs::remove_dir_all(dir).unwrap();
+    drop(dir);
 
-    let (dir, path) = fake_hybrid_vsock("ERROR no listener\n");
+    let (_dir, path) = fake_hybrid_vsock("ERROR no listener\n");
     let client = AgentClient::new(hybrid_vsock_connector(&path, 1024));
     let err = client.ping().unwrap_err().to_string();
     assert!(err.contains("expected `OK <n>`"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Not a test on its own: when `KS_SHIM_SOCKET` is set, this process is
@@ -420,7 +399,7 @@ fn git_fetch_through_raw_stream() {
             .current_dir(dir)
             .args(args)
             .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("HOME", &h.dir)
+            .env("HOME", h.dir.path())
             .output()
             .unwrap();
         assert!(
@@ -477,7 +456,7 @@ fn git_fetch_through_raw_stream() {
         .env("KS_SHIM_SOCKET", &h.socket)
         .env("KS_SHIM_REPO", &origin)
         .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", &h.dir)
+        .env("HOME", h.dir.path())
         .output()
         .unwrap();
     assert!(
@@ -543,7 +522,6 @@ fn a_retrying_client_waits_for_a_restarting_agent() {
     let out = retrying.exec_output(&["true"]).unwrap();
     assert!(out.status.success());
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Commands started through the spawn helper (the agent binary as
@@ -680,7 +658,6 @@ fn a_spawn_helper_that_dies_before_the_exec_is_retried() {
         err.contains("spawn helper ended before running it"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A request through the guest proxy at `proxy`; returns everything the

@@ -34,6 +34,7 @@ use keystone_guest_agent::protocol::{
     read_frame, EgressAsk, ExecRequest, ExitStatus, Frame, FrameKind, Hello, ProtocolError,
     PushFileRequest, RawStreamRequest, Request, Response, TtySize, UserSpec, WatchEvent,
 };
+use keystone_test_kit::ScratchDir;
 
 /// Programs the agent may run for this test.
 const SAFE_PROGRAMS: &[&[&str]] = &[&["cat"], &["true"], &["/nonexistent/program"]];
@@ -250,12 +251,11 @@ fn listing(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
 fn agent_reading_broken_host_frames_never_breaks() {
     let budget = Budget::from_env("agent_fuzz", 0x6e57_a6e7, 1_500, Duration::from_secs(25));
     let mut rng = Rng::new(budget.seed);
-    let dir = std::env::temp_dir().join(format!("agent-fuzz-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new("agent-fuzz");
     let workspace = dir.join("workspace");
     std::fs::create_dir_all(workspace.join("sub dir")).unwrap();
     std::fs::write(dir.join("outside.txt"), b"not the guest's").unwrap();
-    let before = listing(&dir);
+    let before = listing(dir.path());
     let shutdowns = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&shutdowns);
     let config = Arc::new(AgentConfig {
@@ -304,7 +304,6 @@ fn agent_reading_broken_host_frames_never_breaks() {
         budget.elapsed()
     );
     assert!(served >= 100, "only {served} conversations served");
-    let after = listing(&dir);
+    let after = listing(dir.path());
     assert_eq!(before, after, "something outside the workspace changed");
-    let _ = std::fs::remove_dir_all(&dir);
 }

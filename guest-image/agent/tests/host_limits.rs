@@ -7,17 +7,12 @@ use std::time::{Duration, Instant};
 
 use keystone_guest_agent::client::{unix_connector, AgentClient, ClientError, MAX_COLLECTED};
 use keystone_guest_agent::protocol::{ExecRequest, ProtocolError, MAX_GUEST_FRAME};
+use keystone_test_kit::ScratchDir;
 
-/// A "guest agent" on a fresh Unix socket that does `serve` with each
-/// connection it accepts.
-fn fake_agent(serve: fn(std::os::unix::net::UnixStream)) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ks-host-limits-{}-{}",
-        std::process::id(),
-        serve as usize
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// A "guest agent" on a fresh Unix socket (in the folder returned with
+/// it) that does `serve` with each connection it accepts.
+fn fake_agent(serve: fn(std::os::unix::net::UnixStream)) -> (ScratchDir, std::path::PathBuf) {
+    let dir = ScratchDir::new("host-limits");
     let path = dir.join("agent.sock");
     let listener = UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
@@ -25,12 +20,12 @@ fn fake_agent(serve: fn(std::os::unix::net::UnixStream)) -> std::path::PathBuf {
             std::thread::spawn(move || serve(s));
         }
     });
-    path
+    (dir, path)
 }
 
 #[test]
 fn an_agent_that_never_says_hello_is_given_up_on() {
-    let path = fake_agent(|mut s| {
+    let (_dir, path) = fake_agent(|mut s| {
         // Reads the host's hello, answers nothing, keeps the connection.
         let mut buf = [0u8; 1024];
         while s.read(&mut buf).is_ok_and(|n| n > 0) {}
@@ -47,7 +42,7 @@ fn an_agent_that_never_says_hello_is_given_up_on() {
 
 #[test]
 fn a_frame_over_the_guest_limit_is_refused_before_it_is_read() {
-    let path = fake_agent(|mut s| {
+    let (_dir, path) = fake_agent(|mut s| {
         let mut header = ((MAX_GUEST_FRAME + 1) as u32).to_le_bytes().to_vec();
         header.push(0x01); // Hello
         let _ = s.write_all(&header);
@@ -65,16 +60,15 @@ fn a_frame_over_the_guest_limit_is_refused_before_it_is_read() {
 
 #[test]
 fn collected_output_stops_at_its_limit() {
-    let dir = std::env::temp_dir().join(format!("ks-host-limits-agent-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("host-limits-agent");
+    let workspace = dir.path().to_path_buf();
     let path = dir.join("agent.sock");
     let listener = keystone_guest_agent::transport::AgentListener::unix(&path).unwrap();
     std::thread::spawn(move || {
         keystone_guest_agent::agent::serve(
             &listener,
             keystone_guest_agent::agent::AgentConfig {
-                workspace_root: dir.clone(),
+                workspace_root: workspace,
                 ..Default::default()
             },
         )

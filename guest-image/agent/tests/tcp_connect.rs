@@ -5,26 +5,19 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use keystone_guest_agent::agent::{self, AgentConfig};
 use keystone_guest_agent::client::{unix_connector, AgentClient, ClientError};
 use keystone_guest_agent::transport::{AgentListener, DuplexStream};
+use keystone_test_kit::{fnv64, ScratchDir};
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-fn start_agent() -> (AgentClient, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "ks-tcp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+fn start_agent() -> (AgentClient, ScratchDir) {
+    let dir = ScratchDir::new("tcp");
     let socket = dir.join("agent.sock");
     let listener = AgentListener::unix(&socket).unwrap();
     let cfg = AgentConfig {
-        workspace_root: dir.clone(),
+        workspace_root: dir.path().to_path_buf(),
         ..AgentConfig::default()
     };
     std::thread::spawn(move || agent::serve(&listener, cfg));
@@ -62,21 +55,15 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 % 253) as u8).collect()
 }
 
-fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 #[test]
 fn bytes_round_trip_both_ways_through_the_tunnel() {
-    let (client, dir) = start_agent();
+    let (client, _dir) = start_agent();
     let port = echo_server("127.0.0.1:0");
     let tunnel = client.tcp_connect(port).unwrap();
     assert_eq!(tunnel.guest_address().port(), port);
     assert!(tunnel.guest_address().ip().is_loopback());
     let data = pattern(8 << 20);
-    let sum = fnv(&data);
+    let sum = fnv64(&data);
     // The tunnel relayed to one end of a socket pair; the test drives the
     // other end from two threads.
     let (host_end, relay_end) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -91,15 +78,14 @@ fn bytes_round_trip_both_ways_through_the_tunnel() {
     host_end.read_to_end(&mut back).unwrap();
     writer.join().unwrap();
     assert_eq!(back.len(), 8 << 20);
-    assert_eq!(fnv(&back), sum, "the echoed bytes differ");
+    assert_eq!(fnv64(&back), sum, "the echoed bytes differ");
     let totals = t.join().unwrap();
     assert_eq!((totals.a_to_b, totals.b_to_a), (8 << 20, 8 << 20));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_server_that_speaks_first_and_a_request_response_loop() {
-    let (client, dir) = start_agent();
+    let (client, _dir) = start_agent();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -131,12 +117,11 @@ fn a_server_that_speaks_first_and_a_request_response_loop() {
     let mut rest = Vec::new();
     tunnel.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn nothing_listening_is_a_clear_error() {
-    let (client, dir) = start_agent();
+    let (client, _dir) = start_agent();
     // A port that was free a moment ago.
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -158,7 +143,6 @@ fn nothing_listening_is_a_clear_error() {
     }
     // The agent still answers afterwards.
     assert!(client.ping().is_ok());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -168,7 +152,7 @@ fn an_ipv6_only_server_is_reached_on_its_loopback() {
         return;
     }
     let port = echo_server("[::1]:0");
-    let (client, dir) = start_agent();
+    let (client, _dir) = start_agent();
     let mut tunnel = client.tcp_connect(port).unwrap();
     assert_eq!(tunnel.guest_address().to_string(), format!("[::1]:{port}"));
     tunnel.write_all(b"six").unwrap();
@@ -176,12 +160,11 @@ fn an_ipv6_only_server_is_reached_on_its_loopback() {
     let mut back = Vec::new();
     tunnel.read_to_end(&mut back).unwrap();
     assert_eq!(back, b"six");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn host_listener_relay_as_the_port_forwarder_uses_it() {
-    let (client, dir) = start_agent();
+    let (client, _dir) = start_agent();
     let port = echo_server("127.0.0.1:0");
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let front_port = front.local_addr().unwrap().port();
@@ -222,5 +205,4 @@ fn host_listener_relay_as_the_port_forwarder_uses_it() {
     for h in handles {
         h.join().unwrap();
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

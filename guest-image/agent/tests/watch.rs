@@ -6,7 +6,6 @@
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -17,30 +16,17 @@ use keystone_guest_agent::protocol::{
 };
 use keystone_guest_agent::transport::AgentListener;
 use keystone_guest_agent::WatchEvent;
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+use keystone_test_kit::ScratchDir;
 
 struct Harness {
     client: AgentClient,
-    dir: PathBuf,
+    /// The agent's folder, removed with the harness.
+    _dir: ScratchDir,
     workspace: PathBuf,
 }
 
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ks-watch-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch_dir() -> ScratchDir {
+    ScratchDir::new("watch")
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -77,7 +63,7 @@ fn start_agent() -> Harness {
     std::thread::spawn(move || agent::serve(&listener, cfg));
     Harness {
         client: AgentClient::new(unix_connector(&socket)),
-        dir,
+        _dir: dir,
         workspace,
     }
 }
@@ -239,7 +225,7 @@ fn old_agent(dir: &Path) -> PathBuf {
 #[test]
 fn an_old_agent_is_reported_clearly() {
     let dir = scratch_dir();
-    let client = AgentClient::new(unix_connector(old_agent(&dir)));
+    let client = AgentClient::new(unix_connector(old_agent(dir.path())));
     let err = client.watch(&[], 0).err().expect("old agent");
     assert!(matches!(err, ClientError::Unsupported { .. }), "{err}");
     assert_eq!(
@@ -254,5 +240,4 @@ fn an_old_agent_is_reported_clearly() {
     })
     .unwrap();
     assert!(wire.contains(r#""op":"watch""#), "{wire}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
