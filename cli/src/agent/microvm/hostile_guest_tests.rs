@@ -7,13 +7,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use keystone_guest_agent::protocol::{
     expect_frame, write_frame, ExitStatus, Frame, FrameKind, Hello, ListeningPort, Request,
     Response,
 };
+use keystone_test_kit::ScratchDir;
 
 use super::*;
 use crate::agent::config::Settings;
@@ -87,11 +88,8 @@ fn answer(conn: UnixStream, program: &Program) -> Option<()> {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ks-hostile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("hostile-{name}"))
 }
 
 /// `git worktree list --porcelain` as a hostile guest's git writes it,
@@ -115,7 +113,7 @@ fn hostile_git(argv: &[String]) -> (Vec<u8>, Vec<u8>, i32) {
 #[test]
 fn worktrees_and_live_status_of_a_hostile_guest_hold_nothing_raw() {
     let dir = scratch("worktrees");
-    let spec = serve(&dir, Arc::new(hostile_git));
+    let spec = serve(dir.path(), Arc::new(hostile_git));
     let list = MicroVmBackend.worktree(&spec, &WorktreeOp::List).unwrap();
     assert_eq!(list.len(), 2, "{list:?}");
     let status = MicroVmBackend.status(&spec).unwrap();
@@ -128,13 +126,12 @@ fn worktrees_and_live_status_of_a_hostile_guest_hold_nothing_raw() {
     assert!(list[0]
         .path
         .starts_with("/workspace/.worktrees/ok\\u{1b}]52;c;"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn errors_quoting_the_guests_stderr_hold_nothing_raw() {
     let dir = scratch("errors");
-    let spec = serve(&dir, Arc::new(hostile_git));
+    let spec = serve(dir.path(), Arc::new(hostile_git));
     let add = WorktreeOp::Add {
         branch: "feat".into(),
         create: true,
@@ -157,5 +154,4 @@ fn errors_quoting_the_guests_stderr_hold_nothing_raw() {
     let certs = vec![("a.crt".to_string(), "PEM".to_string())];
     let ca = hostca::import(&guest::client(&layout.vsock), &certs).unwrap_err();
     assert!(terminal_safe(&ca) && !ca.contains('\n'), "{ca:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

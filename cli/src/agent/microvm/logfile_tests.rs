@@ -7,6 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use keystone_test_kit::ScratchDir;
+
 use super::*;
 use crate::shown::{terminal_safe, HOSTILE};
 
@@ -16,11 +18,8 @@ const MAX_ON_DISK: u64 = 2 * ROTATE_AT;
 /// Names the child process of the capture test, with its log's path.
 const CAPTURE_CHILD: &str = "KEYSTONE_TEST_LOG_CAPTURE";
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ks-logfile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("logfile-{name}"))
 }
 
 /// The log's files on disk and their total size; each file's text must be
@@ -67,7 +66,7 @@ fn a_log_fed_20_mib_keeps_at_most_its_cap_on_disk() {
     let dir = scratch("cap");
     let path = dir.join("console.log");
     flood(CappedLog::open(&path).unwrap());
-    let (names, total) = on_disk(&dir);
+    let (names, total) = on_disk(dir.path());
     assert_eq!(names, ["console.log", "console.log.1"]);
     assert!(total <= MAX_ON_DISK, "{total} bytes on disk");
     // The newest lines are there, whole.
@@ -79,9 +78,8 @@ fn a_log_fed_20_mib_keeps_at_most_its_cap_on_disk() {
     let mut log = CappedLog::open(&path).unwrap();
     log.write_all(&vec![b'y'; 20 << 20]).unwrap();
     drop(log);
-    let (_, total) = on_disk(&dir);
+    let (_, total) = on_disk(dir.path());
     assert!(total <= MAX_ON_DISK, "{total} bytes on disk");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The child of the capture test: its output is captured into the log at
@@ -118,7 +116,7 @@ fn the_supervisors_output_is_captured_bounded_and_escaped() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let (names, total) = on_disk(&dir);
+    let (names, total) = on_disk(dir.path());
     assert_eq!(names, ["supervisor.log", "supervisor.log.1"]);
     assert!(total <= MAX_ON_DISK, "{total} bytes on disk");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -135,7 +133,6 @@ fn the_supervisors_output_is_captured_bounded_and_escaped() {
         text.contains("capture child done"),
         "the last lines reach the log"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -159,5 +156,4 @@ fn the_console_socket_writes_a_bounded_escaped_log() {
     let (names, total) = on_disk(&log);
     assert_eq!(names, ["console.log", "console.log.1"]);
     assert!(total <= MAX_ON_DISK, "{total} bytes on disk");
-    let _ = std::fs::remove_dir_all(&dir);
 }
