@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use keystone_tests::log_tail;
 use serde_json::{json, Value};
 use vsock_lite::{self as vsock, VsockConfig};
 
@@ -163,13 +164,7 @@ pub fn outcome_json(ctx: &Ctx<'_>, vmm: &Vmm, plan: &Plan, o: &BootOutcome, tag:
         "exit": o.exit,
         "serial_bytes": o.serial_bytes,
         "error": o.error,
-        "stderr_tail": stderr_tail(&ctx.work.join(format!("{tag}.stderr")), 8),
+        // The VMM's own messages, their last lines.
+        "stderr_tail": log_tail(&ctx.work.join(format!("{tag}.stderr")), 8),
     })
-}
-
-/// The last `n` lines of a VMM's stderr (the VMM's own messages).
-pub fn stderr_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use keystone_tests::last_lines;
 use keystone_tests::rig::{self, RigSize};
 
 use super::setup::Tools;
@@ -129,19 +130,6 @@ pub fn argv(args: &BootArgs, t: &Tools, out: &str) -> anyhow::Result<Vec<String>
     Ok(a)
 }
 
-/// A console line with control characters escaped, for the terminal.
-fn printable(line: &str) -> String {
-    line.chars()
-        .flat_map(|c| {
-            if c.is_control() && c != '\t' {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
 /// Boots L1, runs the inner benchmark there and returns its report, marked
 /// as measured in the rig.
 pub fn run(argv: &[String], out: &str, size: &RigSize) -> anyhow::Result<Value> {
@@ -163,9 +151,8 @@ pub fn run(argv: &[String], out: &str, size: &RigSize) -> anyhow::Result<Value> 
     let mut doc = match extract(&console) {
         Ok(d) => d,
         Err(why) => {
-            let tail: Vec<&str> = console.lines().rev().take(40).collect();
-            let tail: Vec<String> = tail.into_iter().rev().map(printable).collect();
-            anyhow::bail!("{why}; L1's console ends:\n{}", tail.join("\n"));
+            let tail = last_lines(&console, 40);
+            anyhow::bail!("{why}; L1's console ends:\n{tail}");
         }
     };
     doc["host"]["kvm"] = RIG_KVM.into();
@@ -216,7 +203,7 @@ mod tests {
         assert_eq!(doc["host"]["kvm_kind"], "hardware");
         assert!(extract("no markers").is_err());
         assert!(extract(&format!("{BEGIN}\n{{not json\n{END}\n")).is_err());
-        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(last_lines("a\u{1b}[2Jb", 40), "a\\u{1b}[2Jb");
     }
 
     #[test]

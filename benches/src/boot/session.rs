@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keystone_tests::log_tail;
 use serde::Serialize;
 use vmm::host::monotonic_ns;
 
@@ -90,8 +91,10 @@ fn ms_since(from: u64, at: Option<u64>) -> Option<f64> {
     at.map(|t| (t as f64 - from as f64) / 1e6)
 }
 
+/// The last `lines` lines of a log that are not blank, escaped, on one
+/// line (read from the end of the log only).
 fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = log_tail(path, usize::MAX);
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
