@@ -9,12 +9,11 @@ use keystone_agent_protocol::client::{unix_connector, AgentClient};
 use keystone_agent_protocol::protocol::{
     expect_frame, write_frame, Frame, FrameKind, Hello, RawStreamRequest, Response,
 };
+use keystone_test_kit::ScratchDir;
 
 #[test]
 fn a_silent_raw_stream_times_out_at_its_idle_deadline() {
-    let dir = std::env::temp_dir().join(format!("ks-raw-idle-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("raw-idle");
     let path = dir.join("agent.sock");
     let listener = UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
@@ -24,8 +23,11 @@ fn a_silent_raw_stream_times_out_at_its_idle_deadline() {
         expect_frame(&mut r).unwrap();
         write_frame(&mut w, &Frame::json(FrameKind::Hello, &Hello::current())).unwrap();
         expect_frame(&mut r).unwrap();
-        write_frame(&mut w, &Frame::json(FrameKind::Response, &Response::Started { pid: 7 }))
-            .unwrap();
+        write_frame(
+            &mut w,
+            &Frame::json(FrameKind::Response, &Response::Started { pid: 7 }),
+        )
+        .unwrap();
         // Then nothing, for longer than the test waits.
         let _ = r.fill_buf();
         std::thread::sleep(Duration::from_secs(60));
@@ -39,7 +41,9 @@ fn a_silent_raw_stream_times_out_at_its_idle_deadline() {
         })
         .unwrap();
     let (mut reader, _writer) = stream.into_split();
-    reader.set_idle_timeout(Some(Duration::from_millis(500))).unwrap();
+    reader
+        .set_idle_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let t = Instant::now();
     let mut buf = [0u8; 16];
     let err = reader.read(&mut buf).unwrap_err();
