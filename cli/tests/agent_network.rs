@@ -26,6 +26,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use keystone_test_kit::skip;
 
 /// A web server in its own network namespace, removed on drop.
 struct Outside {
@@ -280,10 +281,7 @@ fn a_request_right_after_start_goes_through() {
     let repo = env.path("proj");
     let outside = match Outside::start(&env.root) {
         Ok(o) => o,
-        Err(e) => {
-            eprintln!("SKIP: a request right after start: {e}");
-            return;
-        }
+        Err(e) => skip!("a request right after start: {e}"),
     };
     let config = env.path("config/keystone/agent.toml");
     let mut toml = std::fs::read_to_string(&config).unwrap();

@@ -7,6 +7,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 
 use common::Fuse;
+use keystone_test_kit::skip;
 use virtiofsd_lite::fuse::{self, fattr, opcode};
 use virtiofsd_lite::{IdMap, IdMaps, IdRule};
 use vm_memory::ByteValued;
@@ -24,8 +25,7 @@ fn is_root() -> bool {
 fn files_are_created_as_the_calling_guest_user() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIP: creating files as another user needs a root daemon");
-        return;
+        skip!("creating files as another user needs a root daemon");
     }
     let mut fs = Fuse::new("creds", |_| {});
     // The guest user may create in a directory it owns.
@@ -57,8 +57,7 @@ fn files_are_created_as_the_calling_guest_user() {
 #[test]
 fn owners_are_translated_both_ways() {
     if !is_root() {
-        println!("SKIP: creating files as another user needs a root daemon");
-        return;
+        skip!("creating files as another user needs a root daemon");
     }
     let mut fs = Fuse::new("idmap", |cfg| {
         cfg.ids = IdMaps {

@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 
-use keystone_test_kit::ScratchDir;
+use keystone_test_kit::{skip, ScratchDir};
 use virtiofsd_lite::descriptor::{Reader, Writer};
 use virtiofsd_lite::fuse::{self, opcode};
 use virtiofsd_lite::{FsConfig, PassthroughFs, Server};
@@ -80,11 +80,10 @@ fn more_files_than_the_fd_budget() {
 fn run(dir: &std::path::Path) {
     let pfs = PassthroughFs::new(&FsConfig::new(dir, "t")).unwrap();
     if !pfs.inodes().handles_supported() {
-        eprintln!(
-            "SKIP more_files_than_the_fd_budget: file handles unavailable here \
+        skip!(
+            "more_files_than_the_fd_budget: file handles unavailable here \
              (needs CAP_DAC_READ_SEARCH and an exportable file system)"
         );
-        return;
     }
     pfs.inodes().set_fd_budget(BUDGET);
     let mut fs = Fs {

@@ -6,6 +6,7 @@
 mod common;
 
 use common::{cstr, Fuse, ScratchDir};
+use keystone_test_kit::skip;
 use virtiofsd_lite::fuse::{self, opcode};
 use vm_memory::ByteValued;
 
@@ -54,8 +55,7 @@ fn a_four_gib_xattr_request_allocates_nothing_big() {
     std::fs::write(fs.path().join("file"), b"data").unwrap();
     let ino = fs.lookup(1, "file").unwrap().nodeid;
     if setxattr(&mut fs, ino, "user.key", b"value") == libc::EOPNOTSUPP {
-        println!("SKIP: the temporary folder has no user xattrs");
-        return;
+        skip!("the temporary folder has no user xattrs");
     }
     assert_eq!(setxattr(&mut fs, ino, "user.other", b"2"), 0);
     let peak = status_kib("VmPeak:");
@@ -93,8 +93,7 @@ fn a_four_gib_xattr_request_allocates_nothing_big() {
 fn a_list_longer_than_linux_allows_is_e2big() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIP: mounting a tmpfs needs root");
-        return;
+        skip!("mounting a tmpfs needs root");
     }
     // tmpfs keeps any number of user xattrs; the temporary folder's file
     // system may keep only a block's worth.
@@ -111,11 +110,8 @@ fn a_list_longer_than_linux_allows_is_e2big() {
         )
     };
     if mounted != 0 {
-        println!(
-            "SKIP: cannot mount tmpfs: {}",
-            std::io::Error::last_os_error()
-        );
-        return;
+        let e = std::io::Error::last_os_error();
+        skip!("cannot mount tmpfs: {e}");
     }
     let mut fs = Fuse::serve(dir, |_| {});
     std::fs::write(fs.path().join("file"), b"").unwrap();

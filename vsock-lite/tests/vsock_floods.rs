@@ -12,6 +12,7 @@ mod muxer_rig;
 
 use std::io::{ErrorKind, Read};
 
+use keystone_test_kit::skip;
 use muxer_rig::{Link, Rig};
 use vsock_lite::connection::CONN_BUF_SIZE;
 use vsock_lite::muxer::{MAX_CONNECTIONS, MAX_RST_QUEUE};
@@ -103,8 +104,7 @@ fn host_programs_past_the_cap_are_closed_and_guest_floods_stay_bounded() {
     // Both ends of every host program's stream live in this process.
     let fds = 2 * (MAX_CONNECTIONS as u64 + extra as u64) + 64;
     if !raise_fd_limit(fds) {
-        eprintln!("SKIP: this test needs {fds} open files and the hard limit is lower");
-        return;
+        skip!("this test needs {fds} open files and the hard limit is lower");
     }
     let mut rig = Rig::new("vsock-flood-connections");
     let links = established(&mut rig, MAX_CONNECTIONS as u32 + extra);

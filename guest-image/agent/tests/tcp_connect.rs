@@ -10,7 +10,7 @@ use std::time::Duration;
 use keystone_guest_agent::agent::{self, AgentConfig};
 use keystone_guest_agent::client::{unix_connector, AgentClient, ClientError};
 use keystone_guest_agent::transport::{AgentListener, DuplexStream};
-use keystone_test_kit::{fnv64, ScratchDir};
+use keystone_test_kit::{fnv64, skip, ScratchDir};
 
 fn start_agent() -> (AgentClient, ScratchDir) {
     let dir = ScratchDir::new("tcp");
@@ -148,8 +148,7 @@ fn nothing_listening_is_a_clear_error() {
 #[test]
 fn an_ipv6_only_server_is_reached_on_its_loopback() {
     if TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("SKIP: no IPv6 loopback on this host");
-        return;
+        skip!("no IPv6 loopback on this host");
     }
     let port = echo_server("[::1]:0");
     let (client, _dir) = start_agent();
