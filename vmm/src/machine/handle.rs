@@ -1,6 +1,6 @@
 //! The [`VmHandle`] of a running VM: waits for, pauses, stops and
-//! observes it, and on stop joins the vCPU threads and logs the exit
-//! counts.
+//! observes it, and on stop joins the vCPU threads, stops the ticker
+//! (which flushes the console a last time) and logs the exit counts.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::ticker::Ticker;
 use super::{VmExit, VmInfo};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{BootEvent, BootTimeline, ConsoleLog, Serial};
@@ -33,6 +34,8 @@ pub struct VmHandle {
     pub(super) serial: Arc<Mutex<Serial>>,
     pub(super) threads: Mutex<Vec<VcpuThread>>,
     pub(super) exits: ExitAccounts,
+    /// Taken (and stopped) when the vCPUs stop.
+    pub(super) ticker: Mutex<Option<Ticker>>,
     pub(super) vsock_host_socket: Option<std::path::PathBuf>,
     // Kept alive for the VM's lifetime; the vCPU threads and vhost-user
     // backends use them. Field order matters: threads are joined in Drop
@@ -189,6 +192,11 @@ impl VmHandle {
                 log::error!("a vCPU thread did not stop within 5 s; leaking it");
                 std::mem::forget(t.handle);
             }
+        }
+        // The vCPUs are gone: pass on the console output still held.
+        let ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = ticker {
+            t.stop();
         }
         self.timeline.record(BootEvent::Exit);
         if log::log_enabled!(log::Level::Debug) {

@@ -1,9 +1,11 @@
 //! Starting a VM from a [`VmConfig`] (`platform.rs` builds the VM, its
 //! devices and vCPUs), and the [`VmHandle`] that waits for, pauses, stops
-//! and observes it (`handle.rs`).
+//! and observes it (`handle.rs`), with the ticker thread that passes on held
+//! console output while it runs (`ticker.rs`).
 
 mod handle;
 mod platform;
+mod ticker;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,7 @@ use crate::vstate::vcpu::{install_kick_handler, run_vcpu, RunControl, VcpuContex
 pub use handle::VmHandle;
 use handle::{ExitAccounts, VcpuThread};
 use platform::{build_platform, validate};
+use ticker::{Duties, Ticker};
 
 /// Errors starting a VM. Each says what to change.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +275,10 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
     let mmio_bus = Arc::new(platform.mmio_bus);
     let exit = platform.exit;
     let others = Arc::new(OtherExits::default());
+    let ticker = Ticker::start(Duties {
+        serial: platform.serial.clone(),
+    })
+    .map_err(StartError::Thread)?;
     let mut threads = Vec::new();
     for (id, fd) in platform.vcpu_fds.into_iter().enumerate() {
         let finished = Arc::new(AtomicBool::new(false));
@@ -312,6 +319,7 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
             mmio_bus,
             others,
         },
+        ticker: Mutex::new(Some(ticker)),
         vsock_host_socket: config.vsock_host_socket.take(),
         _transports: platform.transports,
         _vm: platform.vm,

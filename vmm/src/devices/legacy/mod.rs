@@ -1,6 +1,7 @@
 //! Legacy PC devices: 16550 serial, i8042 (reset only) and the boot timer.
 
 pub mod boot_timer;
+pub mod console;
 pub mod i8042;
 pub mod serial;
 

@@ -1,17 +1,13 @@
-//! The 16550 UART on COM1 (vm-superio), with its output going to the
-//! embedder's sink, into a bounded in-memory [`ConsoleLog`] that the
-//! library's users can read and wait on, and past a line watcher that feeds
-//! the boot timeline (first kernel byte, "Run /init as init process").
+//! The 16550 UART on COM1 (vm-superio), with its output going to a
+//! [`ConsoleSink`] (the embedder's sink, the bounded in-memory
+//! [`ConsoleLog`], the boot timeline's line watcher; see `console.rs`).
 
-use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::io;
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::boot_timer::{BootEvent, BootTimeline};
+pub use super::console::{ConsoleLog, ConsoleSink};
 use crate::devices::bus::BusDevice;
 use log_limit::log_limited;
 
@@ -21,8 +17,6 @@ pub const SERIAL_PORT_COM1: u16 = 0x3f8;
 pub const SERIAL_PORT_COUNT: u64 = 8;
 /// IRQ of COM1.
 pub const SERIAL_IRQ: u32 = 4;
-const CONSOLE_LOG_CAPACITY: usize = 1 << 20;
-const LINE_CAPACITY: usize = 256;
 
 /// The UART's interrupt line: an `EventFd` registered as a KVM irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -31,121 +25,6 @@ impl Trigger for IrqTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
-    }
-}
-
-/// The last MiB of console output, shared with the embedder.
-#[derive(Default)]
-pub struct ConsoleLog {
-    buf: Mutex<VecDeque<u8>>,
-    grew: Condvar,
-}
-
-impl ConsoleLog {
-    /// An empty log.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn append(&self, bytes: &[u8]) {
-        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        buf.extend(bytes);
-        let excess = buf.len().saturating_sub(CONSOLE_LOG_CAPACITY);
-        buf.drain(..excess);
-        self.grew.notify_all();
-    }
-
-    /// Everything kept so far, lossily decoded.
-    pub fn contents(&self) -> String {
-        let buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        let (a, b) = buf.as_slices();
-        let mut bytes = a.to_vec();
-        bytes.extend_from_slice(b);
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// Waits until the log contains `needle`, or `timeout` passes.
-    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let (a, b) = buf.as_slices();
-            let mut hay = a.to_vec();
-            hay.extend_from_slice(b);
-            if String::from_utf8_lossy(&hay).contains(needle) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            buf = self
-                .grew
-                .wait_timeout(buf, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
-/// Where the UART's bytes go: the embedder's sink, the log, the watcher.
-pub struct ConsoleSink {
-    out: Box<dyn Write + Send>,
-    log: Arc<ConsoleLog>,
-    timeline: Arc<BootTimeline>,
-    line: Vec<u8>,
-}
-
-impl ConsoleSink {
-    /// A sink writing to `out` and `log`, reporting to `timeline`.
-    pub fn new(
-        out: Box<dyn Write + Send>,
-        log: Arc<ConsoleLog>,
-        timeline: Arc<BootTimeline>,
-    ) -> Self {
-        Self {
-            out,
-            log,
-            timeline,
-            line: Vec::with_capacity(LINE_CAPACITY),
-        }
-    }
-
-    fn watch(&mut self, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            self.timeline.record(BootEvent::KernelStart);
-        }
-        for &b in bytes {
-            if b == b'\n' {
-                if is_init_exec_line(&self.line) {
-                    self.timeline.record(BootEvent::InitExec);
-                }
-                self.line.clear();
-            } else if self.line.len() < LINE_CAPACITY {
-                self.line.push(b);
-            }
-        }
-    }
-}
-
-/// The kernel's "Run /init as init process" (any init path).
-fn is_init_exec_line(line: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(line);
-    text.contains("Run /") && text.contains(" as init process")
-}
-
-impl Write for ConsoleSink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.watch(buf);
-        self.log.append(buf);
-        // A closed or failing sink must not stop the guest's console.
-        let _ = self.out.write_all(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        let _ = self.out.flush();
-        Ok(())
     }
 }
 
@@ -160,6 +39,15 @@ impl Serial {
         Self {
             uart: vm_superio::Serial::new(IrqTrigger(irq), sink),
         }
+    }
+
+    /// Passes on the console output the sink holds (see `console.rs`);
+    /// true if there was any.
+    pub fn flush_console(&mut self) -> bool {
+        let sink = self.uart.writer_mut();
+        let had = sink.has_pending();
+        sink.flush_pending();
+        had
     }
 
     /// Queues host input for the guest; returns how many bytes fitted.
@@ -197,6 +85,10 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::legacy::{BootEvent, BootTimeline};
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -232,8 +124,14 @@ mod tests {
         for b in b"[    0.1] Linux version 6.12\n[    9.0] Run /init as init process\nhi" {
             s.write(0, &[*b]);
         }
-        assert!(out.0.lock().unwrap().ends_with(b"process\nhi"));
+        assert!(
+            out.0.lock().unwrap().ends_with(b"process\n"),
+            "lines go out whole"
+        );
         assert!(log.contents().contains("Linux version 6.12"));
+        assert!(s.flush_console(), "'hi' was held");
+        assert!(!s.flush_console());
+        assert!(out.0.lock().unwrap().ends_with(b"process\nhi"));
         assert!(log.wait_for("hi", Duration::from_millis(1)));
         assert!(!log.wait_for("absent", Duration::from_millis(1)));
         let k = timeline.get(BootEvent::KernelStart).unwrap();
