@@ -1,6 +1,6 @@
 //! The [`VmHandle`] of a running VM: waits for, pauses, stops and
 //! observes it, and on stop joins the vCPU threads, stops the ticker
-//! (which flushes the console a last time) and logs the exit counts.
+//! (which drains and flushes a last time) and logs the exit counts.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +13,7 @@ use super::{VmExit, VmInfo};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{BootEvent, BootTimeline, ConsoleLog, Serial};
 use crate::devices::virtio::transport::mmio::MmioTransport;
+use crate::vstate::coalesced::CoalescedIo;
 use crate::vstate::exit::{ExitSignal, VmExitReason};
 use crate::vstate::exit_stats::{ExitCount, OtherExits};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -50,6 +51,8 @@ pub(super) struct ExitAccounts {
     pub(super) io_bus: Arc<Bus>,
     pub(super) mmio_bus: Arc<Bus>,
     pub(super) others: Arc<OtherExits>,
+    /// Writes KVM coalesced (not exits; listed as `coalesced ...`).
+    pub(super) coalesced: Option<Arc<CoalescedIo>>,
 }
 
 impl ExitAccounts {
@@ -57,6 +60,7 @@ impl ExitAccounts {
         let mut all = self.io_bus.exit_counts("io");
         all.extend(self.mmio_bus.exit_counts("mmio"));
         all.extend(self.others.snapshot());
+        all.extend(self.coalesced.iter().flat_map(|c| c.counts()));
         all
     }
 }
@@ -193,7 +197,8 @@ impl VmHandle {
                 std::mem::forget(t.handle);
             }
         }
-        // The vCPUs are gone: pass on the console output still held.
+        // The vCPUs are gone: apply what they left in the ring and pass
+        // on the console output still held.
         let ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = ticker {
             t.stop();

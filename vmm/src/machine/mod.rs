@@ -1,7 +1,7 @@
 //! Starting a VM from a [`VmConfig`] (`platform.rs` builds the VM, its
 //! devices and vCPUs), and the [`VmHandle`] that waits for, pauses, stops
-//! and observes it (`handle.rs`), with the ticker thread that passes on held
-//! console output while it runs (`ticker.rs`).
+//! and observes it (`handle.rs`), with the ticker thread that looks after
+//! coalesced writes and held console output while it runs (`ticker.rs`).
 
 mod handle;
 mod platform;
@@ -15,7 +15,8 @@ use crate::arch::x86_64::cpuid::{CpuTemplate, VirtExtension};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::{boot, mptable, regs};
 use crate::config::{NestedMode, VmConfig};
-use crate::devices::legacy::{BootEvent, BootTimeline};
+use crate::devices::legacy::{BootEvent, BootTimeline, SERIAL_PORT_COM1};
+use crate::vstate::coalesced::{CoalescedIo, Zone};
 use crate::vstate::exit::VmExitReason;
 use crate::vstate::exit_stats::OtherExits;
 use crate::vstate::kvm::{HostKvm, KvmKind, COMMON_GUEST_CMDLINE};
@@ -275,7 +276,16 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
     let mmio_bus = Arc::new(platform.mmio_bus);
     let exit = platform.exit;
     let others = Arc::new(OtherExits::default());
+    // THR writes go to KVM's ring instead of exiting, where KVM can do it
+    // (see `vstate::coalesced`); the 1-byte zone leaves the UART's other
+    // registers, LCR included, exiting as before.
+    let coalesced = platform.vcpu_fds.first().and_then(|fd| {
+        let zones = vec![Zone::pio(SERIAL_PORT_COM1, 1, "io serial")];
+        CoalescedIo::register(&platform.vm.fd, fd, zones, io_bus.clone(), mmio_bus.clone())
+    });
+    let coalesced = coalesced.map(Arc::new);
     let ticker = Ticker::start(Duties {
+        coalesced: coalesced.clone(),
         serial: platform.serial.clone(),
     })
     .map_err(StartError::Thread)?;
@@ -289,6 +299,7 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
             control: control.clone(),
             timeline: timeline.clone(),
             others: others.clone(),
+            coalesced: coalesced.clone(),
             finished: finished.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -318,6 +329,7 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
             io_bus,
             mmio_bus,
             others,
+            coalesced,
         },
         ticker: Mutex::new(Some(ticker)),
         vsock_host_socket: config.vsock_host_socket.take(),

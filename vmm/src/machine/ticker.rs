@@ -1,10 +1,12 @@
-//! The VM's ticker: a thread that, every few milliseconds, passes on
-//! console output the serial sink holds (a prompt without a newline; see
-//! `devices::legacy::console`).
+//! The VM's ticker: a thread that, every few milliseconds, applies the
+//! guest writes KVM coalesced (a vCPU that wrote THR and then halted made
+//! no exit that would have drained them; see `vstate::coalesced`) and
+//! passes on console output the serial sink holds (a prompt without a
+//! newline; see `devices::legacy::console`).
 //!
 //! It ticks every [`TICK_BUSY`] while there is work, and slows down to
 //! [`TICK_IDLE_MAX`] while there is none, so an idle VM costs little. When
-//! the VM stops, [`Ticker::stop`] ends the thread and flushes once more,
+//! the VM stops, [`Ticker::stop`] ends the thread and does both once more,
 //! so nothing the guest wrote is left behind.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -13,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::devices::legacy::Serial;
+use crate::vstate::coalesced::CoalescedIo;
 
 /// The tick while the guest writes.
 pub const TICK_BUSY: Duration = Duration::from_millis(4);
@@ -22,6 +25,8 @@ pub const TICK_IDLE_MAX: Duration = Duration::from_millis(16);
 /// What the ticker looks after.
 #[derive(Clone)]
 pub struct Duties {
+    /// The coalesced ring, where KVM has one for this VM.
+    pub coalesced: Option<Arc<CoalescedIo>>,
     /// The UART, whose console sink holds output.
     pub serial: Arc<Mutex<Serial>>,
 }
@@ -29,10 +34,13 @@ pub struct Duties {
 impl Duties {
     /// One round; true if there was anything to do.
     pub fn run_once(&self) -> bool {
-        self.serial
+        let drained = self.coalesced.as_ref().map_or(0, |c| c.drain());
+        let flushed = self
+            .serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .flush_console()
+            .flush_console();
+        drained > 0 || flushed
     }
 }
 
@@ -73,8 +81,8 @@ impl Ticker {
         })
     }
 
-    /// Ends the thread, then flushes one last time (call once the vCPUs
-    /// stopped).
+    /// Ends the thread, then drains and flushes one last time (call once
+    /// the vCPUs stopped).
     pub fn stop(self) {
         let _ = self.stop.send(());
         if self.thread.join().is_err() {
@@ -121,6 +129,7 @@ mod tests {
     fn a_held_prompt_reaches_the_log_within_a_few_ticks() {
         let (serial, log) = serial();
         let ticker = Ticker::start(Duties {
+            coalesced: None,
             serial: serial.clone(),
         })
         .unwrap();
@@ -137,10 +146,59 @@ mod tests {
         ticker.stop();
     }
 
+    fn ring_on(serial: &Arc<Mutex<Serial>>) -> Arc<CoalescedIo> {
+        use crate::devices::bus::Bus;
+        use crate::vstate::coalesced::{ring::RingPage, Zone};
+        let mut io = Bus::new();
+        io.insert(serial.clone(), 0x3f8, 8, "serial").unwrap();
+        Arc::new(CoalescedIo::new(
+            RingPage::anonymous().unwrap(),
+            vec![Zone::pio(0x3f8, 1, "io serial")],
+            Arc::new(io),
+            Arc::new(Bus::new()),
+        ))
+    }
+
+    #[test]
+    fn a_write_a_halted_vcpu_left_in_the_ring_is_applied_in_a_few_ticks() {
+        let (serial, log) = serial();
+        let coalesced = ring_on(&serial);
+        let ticker = Ticker::start(Duties {
+            coalesced: Some(coalesced.clone()),
+            serial,
+        })
+        .unwrap();
+        // The guest wrote "ok\n" to THR, then halted: no exit follows.
+        for b in b"ok\n" {
+            assert!(coalesced.ring().push(0x3f8, true, &[*b]));
+        }
+        assert!(
+            log.wait_for("ok\n", Duration::from_secs(5)),
+            "the ticker drained the ring"
+        );
+        ticker.stop();
+    }
+
+    #[test]
+    fn stopping_drains_the_ring() {
+        let (serial, log) = serial();
+        let coalesced = ring_on(&serial);
+        let ticker = Ticker::start(Duties {
+            coalesced: Some(coalesced.clone()),
+            serial,
+        })
+        .unwrap();
+        assert!(coalesced.ring().push(0x3f8, true, b"z"));
+        ticker.stop();
+        assert!(coalesced.ring().is_empty());
+        assert_eq!(log.contents(), "z");
+    }
+
     #[test]
     fn stopping_passes_on_what_is_held() {
         let (serial, log) = serial();
         let ticker = Ticker::start(Duties {
+            coalesced: None,
             serial: serial.clone(),
         })
         .unwrap();

@@ -11,7 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_ioctls::VcpuFd;
 
-use super::exit::{handle_kvm_exit, ExitAction, ExitSignal, RegsSnapshot, StopCause, VmExitReason};
+use super::coalesced::{drain_then_handle, CoalescedIo};
+use super::exit::{ExitAction, ExitSignal, RegsSnapshot, StopCause, VmExitReason};
 use super::exit_stats::{OtherExits, Tally};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{BootEvent, BootTimeline};
@@ -88,6 +89,8 @@ pub struct VcpuContext {
     pub timeline: Arc<BootTimeline>,
     /// Exits that are not a bus access.
     pub others: Arc<OtherExits>,
+    /// The VM's coalesced ring, drained before every exit is handled.
+    pub coalesced: Option<Arc<CoalescedIo>>,
     /// Set by the thread when it leaves its loop.
     pub finished: Arc<AtomicBool>,
 }
@@ -172,10 +175,12 @@ pub fn run_vcpu(id: u8, mut fd: VcpuFd, ctx: VcpuContext) {
         }
         let action = match fd.run() {
             Ok(exit) => {
-                let t0 = std::time::Instant::now();
                 let tally = tally_for(&exit, &ctx);
-                let action = handle_kvm_exit(exit, &ctx.io_bus, &ctx.mmio_bus);
-                tally.record(t0.elapsed());
+                // Writes the guest queued before this exit are applied
+                // first (`vstate::coalesced`).
+                let (action, handling) =
+                    drain_then_handle(exit, &ctx.io_bus, &ctx.mmio_bus, ctx.coalesced.as_deref());
+                tally.record(handling);
                 action
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
