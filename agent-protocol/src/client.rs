@@ -3,8 +3,9 @@
 //! [`AgentClient`] opens a fresh byte stream per operation through a
 //! [`Connector`] (in production [`hybrid_vsock_connector`], the
 //! Firecracker-style `CONNECT <port>\n` handshake on the VMM's vsock Unix
-//! socket; in tests [`unix_connector`]), says hello, sends one request and
-//! runs the conversation described in [`crate::protocol`].
+//! socket, described in [`crate::hybrid`] and re-exported here; in tests
+//! [`unix_connector`]), says hello, sends one request and runs the
+//! conversation described in [`crate::protocol`].
 //!
 //! Everything it reads comes from the guest, which may be hostile: frames
 //! over [`MAX_GUEST_FRAME`] are refused, an agent that accepts a
@@ -14,7 +15,7 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::protocol::{
@@ -26,6 +27,10 @@ use crate::protocol::{
 use crate::relay::{relay, RelayTotals};
 use crate::transport::DuplexStream;
 
+pub use crate::hybrid::{
+    hybrid_vsock_connect, hybrid_vsock_connect_keeping_deadline, hybrid_vsock_connect_within,
+    hybrid_vsock_connector, hybrid_vsock_handshake, HANDSHAKE_TIMEOUT, MAX_ANSWER_LINE,
+};
 pub use crate::protocol::WatchEvent;
 
 /// Opens a new byte stream to the agent.
@@ -451,7 +456,7 @@ pub struct TcpTunnel {
 }
 
 impl TcpTunnel {
-    /// The guest address it is connected to (127.0.0.1:port or [::1]:port).
+    /// The guest address it is connected to (`127.0.0.1:port` or `[::1]:port`).
     pub fn guest_address(&self) -> std::net::SocketAddr {
         self.address
     }
@@ -880,64 +885,4 @@ impl Write for RawStreamWriter {
 pub fn unix_connector(path: impl Into<PathBuf>) -> Connector {
     let path = path.into();
     Box::new(move || Ok(Box::new(UnixStream::connect(&path)?) as Box<dyn DuplexStream>))
-}
-
-/// A connector for the VMM's hybrid vsock socket: each connection opens
-/// `uds_path` and performs the `CONNECT <port>\n` / `OK <n>\n` handshake.
-pub fn hybrid_vsock_connector(uds_path: impl Into<PathBuf>, port: u32) -> Connector {
-    let path = uds_path.into();
-    Box::new(move || Ok(Box::new(hybrid_vsock_connect(&path, port)?) as Box<dyn DuplexStream>))
-}
-
-/// Opens `uds_path` and performs the hybrid vsock handshake for `port`.
-pub fn hybrid_vsock_connect(uds_path: &Path, port: u32) -> io::Result<UnixStream> {
-    hybrid_vsock_connect_within(uds_path, port, HANDSHAKE_TIMEOUT)
-}
-
-/// How long the vsock backend has to answer `CONNECT` by default.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// [`hybrid_vsock_connect`] with a deadline of `handshake` for the answer
-/// line (a guest port that nobody accepts on never answers); the stream
-/// comes back without a read timeout.
-pub fn hybrid_vsock_connect_within(
-    uds_path: &Path,
-    port: u32,
-    handshake: std::time::Duration,
-) -> io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds_path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "connecting to the VM's vsock socket {}: {e} (is the sandbox running?)",
-                uds_path.display()
-            ),
-        )
-    })?;
-    stream.set_read_timeout(Some(handshake))?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Read the answer line byte by byte: anything after the newline is
-    // already the guest's data and must stay in the socket.
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 128 {
-        match stream.read(&mut byte)? {
-            0 => break,
-            _ if byte[0] == b'\n' => break,
-            _ => line.push(byte[0]),
-        }
-    }
-    let answer = String::from_utf8_lossy(&line).into_owned();
-    if !answer.starts_with("OK ") {
-        return Err(io::Error::new(
-            io::ErrorKind::ConnectionRefused,
-            format!(
-                "vsock handshake on {} for port {port}: expected `OK <n>`, got {answer:?}: \
-                 the guest agent is not listening (yet?) on that port",
-                uds_path.display()
-            ),
-        ));
-    }
-    stream.set_read_timeout(None)?;
-    Ok(stream)
 }

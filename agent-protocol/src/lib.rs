@@ -7,13 +7,15 @@
 //!   module documentation), the agent's vsock port, the frame limits;
 //! - [`transport`]: byte streams: the [`transport::DuplexStream`] trait,
 //!   AF_VSOCK in the guest, Unix sockets in tests, socket deadlines;
-//! - [`client`]: [`client::AgentClient`], used by the host, and the hybrid
-//!   vsock handshake (`CONNECT <port>\n`, `OK <n>\n`) that reaches a guest
-//!   port through a VMM's vsock socket;
+//! - [`client`]: [`client::AgentClient`], used by the host;
+//! - [`hybrid`]: the hybrid vsock handshake (`CONNECT <port>\n`,
+//!   `OK <n>\n`) that reaches a guest port through a VMM's vsock socket,
+//!   its answer bounded in time and length (re-exported by [`client`]);
 //! - [`relay`]: the two-way byte relay of `TcpConnect` (guest) and of the
 //!   host's forwards.
 
 pub mod client;
+pub mod hybrid;
 pub mod protocol;
 pub mod relay;
 pub mod transport;
