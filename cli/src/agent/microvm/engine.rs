@@ -11,8 +11,6 @@ use super::super::state::NestedStatus;
 
 /// QEMU's system emulator (engine `qemu`).
 pub const QEMU: &str = "qemu-system-x86_64";
-/// The guest agent's vsock port (the protocol's one constant).
-pub use keystone_guest_agent::protocol::AGENT_VSOCK_PORT as AGENT_PORT;
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
 /// The guest user commands run as by default (uid/gid 1000 in the rootfs).

@@ -3,12 +3,15 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystone_guest_agent::client::{AgentClient, ClientError, WatchCloser};
+use keystone_guest_agent::client::{
+    hybrid_vsock_connect_keeping_deadline, hybrid_vsock_connect_within, hybrid_vsock_connector,
+    AgentClient, ClientError, WatchCloser,
+};
 use keystone_guest_agent::protocol::{
     ExecRequest, ExitStatus, RawStreamRequest, TtySize, UserSpec, AGENT_VSOCK_PORT,
 };
@@ -19,47 +22,21 @@ use super::engine::GUEST_USER;
 use super::readiness::{Readiness, Service};
 use crate::terminal::RawMode;
 
-/// Opens `uds` and performs the `CONNECT <port>\n` / `OK <n>\n` handshake,
-/// giving up after `handshake` if nobody answers. With `keep_timeout`, the
-/// read timeout stays on the stream (for short requests such as a ping).
+/// Opens `uds` and performs the hybrid vsock handshake for `port` (the
+/// protocol crate's, whose answer line is bounded in length), giving up
+/// after `handshake` if nobody answers. With `keep_timeout`, the read
+/// timeout stays on the stream (for short requests such as a ping).
 pub fn connect(
     uds: &Path,
     port: u32,
     handshake: Duration,
     keep_timeout: bool,
 ) -> io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds)?;
-    stream.set_read_timeout(Some(handshake))?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 128 {
-        match stream.read(&mut byte)? {
-            0 => break,
-            _ if byte[0] == b'\n' => break,
-            _ => line.push(byte[0]),
-        }
+    if keep_timeout {
+        hybrid_vsock_connect_keeping_deadline(uds, port, handshake)
+    } else {
+        hybrid_vsock_connect_within(uds, port, handshake)
     }
-    if !line.starts_with(b"OK ") {
-        return Err(io::Error::new(
-            io::ErrorKind::ConnectionRefused,
-            format!(
-                "the guest agent is not listening on vsock port {port} (answer \"{}\")",
-                crate::shown::bytes(&line)
-            ),
-        ));
-    }
-    if !keep_timeout {
-        stream.set_read_timeout(None)?;
-    }
-    Ok(stream)
-}
-
-fn connector(uds: PathBuf, handshake: Duration, keep_timeout: bool) -> AgentClient {
-    AgentClient::new(Box::new(move || {
-        let s = connect(&uds, AGENT_VSOCK_PORT, handshake, keep_timeout)?;
-        Ok(Box::new(s) as Box<dyn DuplexStream>)
-    }))
 }
 
 /// How long a command waits for an agent that refuses connections (the
@@ -68,14 +45,14 @@ const AGENT_RESTART_WAIT: Duration = Duration::from_secs(20);
 
 /// A client for long-running operations (exec, sync).
 pub fn client(uds: &Path) -> AgentClient {
-    connector(uds.to_path_buf(), Duration::from_secs(30), false).retrying(AGENT_RESTART_WAIT)
+    single_try_client(uds).retrying(AGENT_RESTART_WAIT)
 }
 
 /// A client for long-lived connections opened while the guest may still
 /// be booting: one try per call (the caller paces its retries, since each
 /// refused try costs an emulated guest time).
 pub fn single_try_client(uds: &Path) -> AgentClient {
-    connector(uds.to_path_buf(), Duration::from_secs(30), false)
+    AgentClient::new(hybrid_vsock_connector(uds, AGENT_VSOCK_PORT))
 }
 
 /// A long-lived connection the supervisor holds while the guest runs (the
@@ -144,7 +121,11 @@ impl Held<'_> {
 
 /// A client whose every read times out after `timeout` (ping, status).
 pub fn quick_client(uds: &Path, timeout: Duration) -> AgentClient {
-    connector(uds.to_path_buf(), timeout, true)
+    let uds = uds.to_path_buf();
+    AgentClient::new(Box::new(move || {
+        let s = hybrid_vsock_connect_keeping_deadline(&uds, AGENT_VSOCK_PORT, timeout)?;
+        Ok(Box::new(s) as Box<dyn DuplexStream>)
+    }))
 }
 
 /// A client error as a backend error (exit 3), with a hint.
@@ -207,9 +188,9 @@ fn copy_out(
     let mut buf = vec![0u8; 64 << 10];
     let mut total = 0u64;
     loop {
-        let n = from.read(&mut buf).map_err(|e| {
-            BackendError::Failed(format!("{what}: reading from the sandbox: {e}"))
-        })?;
+        let n = from
+            .read(&mut buf)
+            .map_err(|e| BackendError::Failed(format!("{what}: reading from the sandbox: {e}")))?;
         if n == 0 {
             return Ok(CopyEnd::Done);
         }

@@ -616,7 +616,7 @@ pub fn agent_connect(
     uds: &Path,
     handshake: Duration,
 ) -> std::io::Result<std::os::unix::net::UnixStream> {
-    guest::connect(uds, engine::AGENT_PORT, handshake, true)
+    guest::connect(uds, keystone_guest_agent::protocol::AGENT_VSOCK_PORT, handshake, true)
 }
 
 /// `keystone agent forward`: raw TCP from 127.0.0.1:`host_port` to

@@ -12,11 +12,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keystone_guest_agent::client::{AgentClient, ClientError};
-use keystone_guest_agent::protocol::{RawStreamRequest, UserSpec};
+use keystone_guest_agent::protocol::{RawStreamRequest, UserSpec, AGENT_VSOCK_PORT};
 use keystone_guest_agent::transport::DuplexStream;
 
 use super::super::super::backend::{BackendError, BackendResult};
-use super::super::engine::{AGENT_PORT, GUEST_USER, GUEST_WORKSPACE};
+use super::super::engine::{GUEST_USER, GUEST_WORKSPACE};
 use super::super::guest;
 use super::shown;
 use super::tarcheck::{self, Limits, Sink};
@@ -139,7 +139,7 @@ impl Link {
         let watchdog = Arc::new(Watchdog::start(limit));
         let (uds, dog) = (vsock.to_path_buf(), watchdog.clone());
         let client = AgentClient::new(Box::new(move || {
-            let s = guest::connect(&uds, AGENT_PORT, Duration::from_secs(30), false)?;
+            let s = guest::connect(&uds, AGENT_VSOCK_PORT, Duration::from_secs(30), false)?;
             dog.watch(&s)?;
             Ok(Box::new(s) as Box<dyn DuplexStream>)
         }))

@@ -20,10 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keystone_guest_agent::client::{AgentClient, ClientError, TcpTunnel};
+use keystone_guest_agent::client::{hybrid_vsock_handshake, AgentClient, ClientError, TcpTunnel};
+use keystone_guest_agent::protocol::AGENT_VSOCK_PORT;
 use keystone_guest_agent::transport::DuplexStream;
-
-use super::super::engine::AGENT_PORT;
 
 /// How long the agent has to take an answer, from the first connect try.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
@@ -184,33 +183,16 @@ pub fn answer(
     Ok(answered)
 }
 
-/// Connects to the VMM's socket and does the `CONNECT` handshake for the
-/// agent's port, within `limits`.
+/// Connects to the VMM's socket and does the hybrid vsock handshake for
+/// the agent's port, within `limits` (the protocol crate's handshake also
+/// caps the answer line).
 fn open(uds: &Path, limits: &Arc<Limits>) -> io::Result<UnixStream> {
     let stream = connect(uds, limits)?;
     let mut bounded = Bounded {
         stream: stream.try_clone()?,
         limits: Arc::clone(limits),
     };
-    bounded.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 128 {
-        match bounded.read(&mut byte)? {
-            0 => break,
-            _ if byte[0] == b'\n' => break,
-            _ => line.push(byte[0]),
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(io::Error::new(
-            io::ErrorKind::ConnectionRefused,
-            format!(
-                "the guest agent is not listening on vsock port {AGENT_PORT} (answer {:?})",
-                String::from_utf8_lossy(&line)
-            ),
-        ));
-    }
+    hybrid_vsock_handshake(&mut bounded, AGENT_VSOCK_PORT)?;
     Ok(stream)
 }
 
@@ -337,6 +319,47 @@ mod tests {
         let _ = stopper.join();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(outcome.is_err());
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    /// The ask's answer against a VMM socket whose backend reads the
+    /// `CONNECT` line and replies `reply` (sent again and again with
+    /// `repeat`), holding the connection open.
+    fn answer_against(reply: &'static [u8], repeat: bool) -> (ClientError, Duration) {
+        let dir = keystone_test_kit::ScratchDir::new("answer-handshake");
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut connect = [0u8; 13];
+            let _ = s.read_exact(&mut connect);
+            assert_eq!(&connect, b"CONNECT 1023\n");
+            while s.write_all(reply).is_ok() && repeat {}
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        let t0 = Instant::now();
+        let outcome = answer(&path, 7, None, &Arc::new(AtomicBool::new(false)));
+        (outcome.err().expect("the ask was answered"), t0.elapsed())
+    }
+
+    #[test]
+    fn a_refused_handshake_names_the_agents_port() {
+        let (err, _) = answer_against(b"ERROR no listener\n", false);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "cannot reach the guest agent: the guest agent is not listening on vsock port 1023"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_endless_handshake_answer_is_cut_at_its_cap() {
+        let (err, took) = answer_against(b"OK 11111111", true);
+        assert!(err.to_string().contains("passed 128 bytes"), "{err}");
         assert!(took < Duration::from_secs(2), "{took:?}");
     }
 }
