@@ -18,6 +18,7 @@
 
 mod backend;
 mod config;
+pub mod devcontainer;
 mod fsutil;
 mod inspect;
 mod lifecycle;

@@ -1,0 +1,170 @@
+//! Finding and reading the file: the order of the places, symbolic links
+//! refused, the size cap, special files.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use crate::agent::fsutil::test_support::TempDir;
+
+use super::{find, load, DevcontainerError, MAX_FILE_BYTES};
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+#[test]
+fn a_project_without_the_file_has_no_plan() {
+    let tmp = TempDir::new("devcontainer-none");
+    assert!(find(tmp.path()).unwrap().is_none());
+    assert!(load(tmp.path(), "id").unwrap().is_none());
+    // An empty .devcontainer folder is not one.
+    fs::create_dir(tmp.path().join(".devcontainer")).unwrap();
+    assert!(load(tmp.path(), "id").unwrap().is_none());
+}
+
+#[test]
+fn the_folder_file_wins_over_the_top_level_file() {
+    let tmp = TempDir::new("devcontainer-order");
+    let project = tmp.path().join("my-app");
+    write(
+        &project.join(".devcontainer.json"),
+        r#"{"remoteUser": "top"}"#,
+    );
+    let plan = load(&project, "id").unwrap().unwrap();
+    assert_eq!(plan.source, ".devcontainer.json");
+    assert_eq!(plan.remote_user.as_deref(), Some("top"));
+
+    write(
+        &project.join(".devcontainer/devcontainer.json"),
+        "// folder\n{\"remoteUser\": \"folder\", \"postStartCommand\": \"echo ${localWorkspaceFolderBasename}\",}",
+    );
+    assert_eq!(
+        find(&project).unwrap().unwrap(),
+        project.join(".devcontainer/devcontainer.json")
+    );
+    let plan = load(&project, "id").unwrap().unwrap();
+    assert_eq!(plan.source, ".devcontainer/devcontainer.json");
+    assert_eq!(plan.remote_user.as_deref(), Some("folder"));
+    assert_eq!(plan.post_start[0].argv[2], "echo my-app");
+}
+
+#[test]
+fn a_symlinked_file_is_refused() {
+    let tmp = TempDir::new("devcontainer-link-file");
+    let outside = tmp.path().join("outside.json");
+    write(&outside, r#"{"postStartCommand": "from outside"}"#);
+    let project = tmp.path().join("p");
+    fs::create_dir_all(project.join(".devcontainer")).unwrap();
+    symlink(&outside, project.join(".devcontainer/devcontainer.json")).unwrap();
+    let err = load(&project, "id").unwrap_err();
+    assert!(matches!(err, DevcontainerError::Symlink { .. }), "{err:?}");
+    assert!(err.to_string().contains("a symbolic link"), "{err}");
+    assert!(find(&project).is_err());
+
+    let project = tmp.path().join("q");
+    fs::create_dir_all(&project).unwrap();
+    symlink(&outside, project.join(".devcontainer.json")).unwrap();
+    let err = load(&project, "id").unwrap_err();
+    assert!(matches!(err, DevcontainerError::Symlink { .. }), "{err:?}");
+}
+
+#[test]
+fn a_symlinked_folder_is_refused() {
+    let tmp = TempDir::new("devcontainer-link-dir");
+    let outside = tmp.path().join("elsewhere");
+    write(
+        &outside.join("devcontainer.json"),
+        r#"{"postStartCommand": "x"}"#,
+    );
+    let project = tmp.path().join("p");
+    fs::create_dir_all(&project).unwrap();
+    symlink(&outside, project.join(".devcontainer")).unwrap();
+    let err = load(&project, "id").unwrap_err();
+    assert!(
+        matches!(err, DevcontainerError::Symlink { ref path } if path.ends_with(".devcontainer")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn reading_refuses_a_link_swapped_in_after_the_look() {
+    // `find` saw a plain folder; by the time of the read it is a link.
+    let tmp = TempDir::new("devcontainer-swap");
+    let outside = tmp.path().join("elsewhere");
+    write(&outside.join("devcontainer.json"), "{}");
+    let project = tmp.path().join("p");
+    fs::create_dir_all(&project).unwrap();
+    symlink(&outside, project.join(".devcontainer")).unwrap();
+    let err =
+        super::source::read(&project, Path::new(".devcontainer/devcontainer.json")).unwrap_err();
+    assert!(matches!(err, DevcontainerError::Symlink { .. }), "{err:?}");
+}
+
+#[test]
+fn reading_refuses_a_file_link_swapped_in_after_the_look() {
+    let tmp = TempDir::new("devcontainer-swap-file");
+    let outside = tmp.path().join("outside.json");
+    write(&outside, "{}");
+    let project = tmp.path().join("p");
+    fs::create_dir_all(&project).unwrap();
+    symlink(&outside, project.join(".devcontainer.json")).unwrap();
+    let err = super::source::read(&project, Path::new(".devcontainer.json")).unwrap_err();
+    assert!(matches!(err, DevcontainerError::Symlink { .. }), "{err:?}");
+}
+
+#[test]
+fn a_file_over_one_mebibyte_is_refused() {
+    let tmp = TempDir::new("devcontainer-big");
+    let path = tmp.path().join(".devcontainer.json");
+    let mut text = String::from("{\"name\": \"");
+    text.push_str(&"x".repeat(MAX_FILE_BYTES as usize));
+    text.push_str("\"}");
+    write(&path, &text);
+    let err = load(tmp.path(), "id").unwrap_err();
+    assert!(matches!(err, DevcontainerError::TooLarge { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("(1 MiB)") && err.to_string().contains("shorten it"),
+        "{err}"
+    );
+
+    // Exactly 1 MiB is read.
+    let text = format!(
+        "{{\"name\": \"{}\"}}",
+        "x".repeat(MAX_FILE_BYTES as usize - 12)
+    );
+    assert_eq!(text.len() as u64, MAX_FILE_BYTES);
+    write(&path, &text);
+    assert!(load(tmp.path(), "id").unwrap().unwrap().is_empty());
+}
+
+#[test]
+fn a_fifo_is_refused_without_waiting_for_a_writer() {
+    let tmp = TempDir::new("devcontainer-fifo");
+    let path = tmp.path().join(".devcontainer.json");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c_path` is a valid NUL-terminated path for the call.
+    let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+    if rc != 0 {
+        println!("SKIP: mkfifo failed: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let err = load(tmp.path(), "id").unwrap_err();
+    assert!(matches!(err, DevcontainerError::NotAFile { .. }), "{err:?}");
+}
+
+#[test]
+fn a_syntax_error_names_the_file() {
+    let tmp = TempDir::new("devcontainer-syntax");
+    write(
+        &tmp.path().join(".devcontainer/devcontainer.json"),
+        "{\n  // comment\n  \"a\": 1\n  \"b\": 2\n}\n",
+    );
+    let err = load(tmp.path(), "id").unwrap_err().to_string();
+    let expected = format!(
+        "{}:4:3: expected `,` or `}}`; fix the file or remove it",
+        tmp.path().join(".devcontainer/devcontainer.json").display()
+    );
+    assert_eq!(err, expected);
+}
