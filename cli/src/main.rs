@@ -7,6 +7,7 @@ mod agent;
 mod embedded;
 mod exit_code;
 mod shown;
+mod signals;
 mod terminal;
 mod vm_check;
 mod vm_run;

@@ -3,28 +3,23 @@
 //! calls these methods only once a command's preconditions hold.
 //!
 //! Contract for implementations:
-//! - `start` boots the sandbox and returns once the agent is ready, with the
-//!   pid of a supervisor process that stays alive while the sandbox runs.
+//! - `start` boots the sandbox and returns once it is ready, with the pid
+//!   of a supervisor process that stays alive while the sandbox runs.
 //!   That process must run as `keystone agent __supervise <NAME> ...`
-//!   ([`SUPERVISOR_SUBCOMMAND`]): the liveness check reads its
-//!   `/proc/<pid>/cmdline`. The command layer records `starting` before the
-//!   call and `running` (or `error`) after it.
+//!   ([`SUPERVISOR_SUBCOMMAND`](super::state::SUPERVISOR_SUBCOMMAND)):
+//!   the liveness check reads its `/proc/<pid>/cmdline`. The supervisor
+//!   alone writes the sandbox's run state (`starting`, `running`,
+//!   `stopping`, `stopped`, `error`; see `state.rs`).
 //! - The command layer holds the sandbox lock during `start`, `stop` and
 //!   `destroy`, and calls `attach`, `exec`, `ssh`, `sync`, `worktree` and
 //!   `open_vscode` only for a sandbox whose supervisor is alive.
 //! - Errors are [`BackendError`]s; each maps to a SPEC.md exit code.
 //!   Never report success for work that was not done.
-//!
-//! Some option fields and variants are interface the micro-VM backend does
-//! not use yet (e.g. `StartOptions::agent`), hence the `dead_code` allowance.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 
 use super::config::{BackendKind, Settings};
 use super::registry::SandboxPaths;
-#[allow(unused_imports)]
-use super::state::SUPERVISOR_SUBCOMMAND;
 use super::state::{NestedStatus, SandboxState};
 use super::{CANCELLED, INVALID_STATE};
 use crate::exit_code;
@@ -45,17 +40,6 @@ pub struct SandboxSpec {
 /// with the others).
 pub use super::config::AgentKind;
 
-/// `start` options beyond the settings.
-#[derive(Clone, Debug, Default)]
-pub struct StartOptions {
-    /// The disk and state were just discarded (`--fresh`, or `persist =
-    /// false`): build the workspace clone from scratch.
-    pub fresh: bool,
-    /// The agent named by `--agent`, if any (the settings hold the one
-    /// in force).
-    pub agent: Option<AgentKind>,
-}
-
 /// What a successful start reports.
 #[derive(Clone, Debug)]
 pub struct StartOutcome {
@@ -66,6 +50,10 @@ pub struct StartOutcome {
     pub nested: NestedStatus,
     /// Why nesting is unavailable, when it is.
     pub nested_detail: Option<String>,
+    /// The steps of the start and how long each took, in order.
+    pub phases: Vec<(String, std::time::Duration)>,
+    /// From the launch of the supervisor to ready.
+    pub total: std::time::Duration,
 }
 
 /// `stop` options.
@@ -177,9 +165,6 @@ pub enum BackendError {
         backend: &'static str,
         detail: String,
     },
-    /// This build has no working implementation of the backend (exit 3).
-    #[error("the micro-VM backend is not wired in this build (cannot {operation})")]
-    NotWired { operation: &'static str },
     /// Host requirements are missing, e.g. no `/dev/kvm` (exit 4).
     #[error("{0}")]
     Requirements(String),
@@ -208,9 +193,19 @@ impl BackendError {
             Self::InvalidState(_) => INVALID_STATE,
             Self::NotFound(_) => exit_code::NOT_FOUND,
             Self::Cancelled(_) => CANCELLED,
-            Self::NotWired { .. } | Self::Conflict(_) | Self::Failed(_) => {
-                exit_code::OPERATION_FAILED
-            }
+            Self::Conflict(_) | Self::Failed(_) => exit_code::OPERATION_FAILED,
+        }
+    }
+
+    /// The error a process reported with exit code `code` (the
+    /// supervisor's failures reach `start` so).
+    pub fn with_code(code: i32, message: String) -> Self {
+        match code {
+            exit_code::REQUIREMENTS => Self::Requirements(message),
+            INVALID_STATE => Self::InvalidState(message),
+            exit_code::NOT_FOUND => Self::NotFound(message),
+            CANCELLED => Self::Cancelled(message),
+            _ => Self::Failed(message),
         }
     }
 
@@ -224,9 +219,6 @@ pub type BackendResult<T> = Result<T, BackendError>;
 
 /// What runs sandboxes. See the module documentation for the contract.
 pub trait Backend {
-    /// Which backend this is.
-    fn kind(&self) -> BackendKind;
-
     /// Fails if this backend cannot be used at all on this host or build.
     /// Every command calls it first, before touching any sandbox.
     fn check_available(&self) -> BackendResult<()>;
@@ -243,7 +235,6 @@ pub trait Backend {
     fn start(
         &self,
         sandbox: &SandboxSpec,
-        opts: &StartOptions,
         progress: &mut dyn FnMut(&str),
     ) -> BackendResult<StartOutcome>;
 
@@ -277,9 +268,10 @@ pub trait Backend {
     /// with no supervisor alive.
     fn destroy(&self, sandbox: &SandboxSpec) -> BackendResult<()>;
 
-    /// Body of the hidden `__supervise` subcommand: runs the sandbox's VM
-    /// and services until it stops; returns the process exit code.
-    fn supervise(&self, sandbox: &SandboxSpec) -> BackendResult<i32>;
+    /// Body of the hidden `__supervise NAME` subcommand: runs the
+    /// sandbox's VM and services, from the plan `start` writes to `plan`
+    /// (its standard input), until it stops; returns the exit code.
+    fn supervise(&self, name: &str, plan: &mut dyn std::io::Read) -> BackendResult<i32>;
 }
 
 /// The backend the settings select.
@@ -312,18 +304,10 @@ impl KubernetesBackend {
 }
 
 impl Backend for KubernetesBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Kubernetes
-    }
     fn check_available(&self) -> BackendResult<()> {
         self.no()
     }
-    fn start(
-        &self,
-        _: &SandboxSpec,
-        _: &StartOptions,
-        _: &mut dyn FnMut(&str),
-    ) -> BackendResult<StartOutcome> {
+    fn start(&self, _: &SandboxSpec, _: &mut dyn FnMut(&str)) -> BackendResult<StartOutcome> {
         self.no()
     }
     fn stop(&self, _: &SandboxSpec, _: &StopOptions) -> BackendResult<()> {
@@ -353,7 +337,7 @@ impl Backend for KubernetesBackend {
     fn destroy(&self, _: &SandboxSpec) -> BackendResult<()> {
         self.no()
     }
-    fn supervise(&self, _: &SandboxSpec) -> BackendResult<i32> {
+    fn supervise(&self, _: &str, _: &mut dyn std::io::Read) -> BackendResult<i32> {
         self.no()
     }
 }

@@ -55,7 +55,7 @@ use serde::Serialize;
 use super::backend::{BackendStatus, SandboxSpec};
 use super::config::Network;
 use super::registry::RegistryEntry;
-use super::state::{ProcProbe, StateRecord};
+use super::state::{ProcProbe, StateRecord, SyncRecord};
 use super::{store_err, Context, ListArgs, StatusArgs};
 use crate::{exit_code, shown};
 
@@ -108,7 +108,7 @@ fn view(
         created_at: entry.created_at.clone(),
         started_at: record.started_at.clone(),
         updated_at: record.updated_at.clone(),
-        last_sync: record.last_sync.clone(),
+        last_sync: SyncRecord::load(&spec.paths).ok().and_then(|r| r.last_sync),
         supervisor_pid: record.supervisor_pid.filter(|_| record.is_active()),
         backend: s.backend.to_string(),
         engine: record.engine.clone(),

@@ -6,11 +6,11 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::Result;
 
 use super::backend::{
-    AttachOptions, BackendError, SandboxSpec, StartOptions, StopOptions, SyncOptions,
+    AttachOptions, BackendError, SandboxSpec, StartOutcome, StopOptions, SyncOptions,
 };
 use super::config::{self, FlagOverrides, Network, Settings};
 use super::registry::{read_json, write_json, RegistryEntry, SandboxPaths};
-use super::state::{NestedStatus, ProcProbe, SandboxLock, SandboxState, StateRecord};
+use super::state::{NestedStatus, ProcProbe, SandboxLock, SandboxState, StateRecord, SyncRecord};
 use super::{fsutil, naming, project_top, store_err, Context, DestroyArgs, StartArgs, StopArgs};
 use super::{CANCELLED, INVALID_STATE};
 use crate::exit_code::{self, CodedError};
@@ -115,7 +115,7 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         ));
     }
 
-    let mut record = StateRecord::load_checked(&paths, &name, &ProcProbe).map_err(store_err)?;
+    let record = StateRecord::load_checked(&paths, &name, &ProcProbe).map_err(store_err)?;
     if record.is_active() {
         return Err(CodedError::error(
             INVALID_STATE,
@@ -141,10 +141,8 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         );
     }
 
-    let fresh = args.fresh || !settings.persist;
-    if fresh {
+    if args.fresh || !settings.persist {
         discard_state(&paths)?;
-        record = StateRecord::default();
         if args.fresh {
             println!("Discarded the state of sandbox {name} (--fresh)");
         }
@@ -171,46 +169,25 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         paths: paths.clone(),
         settings,
     };
-    record.state = SandboxState::Starting;
-    record.supervisor_pid = None;
-    record.last_error = None;
-    record.save(&paths).map_err(store_err)?;
-
     println!("Starting sandbox {name} for {}", project.display());
-    let opts = StartOptions {
-        fresh,
-        agent: args.agent,
-    };
     // Progress lines quote the guest (its errors, the versions it reports).
     let mut progress = |line: &str| println!("  {}", shown::line(line));
-    match ctx.backend.start(&spec, &opts, &mut progress) {
-        Ok(outcome) => {
-            record.state = SandboxState::Running;
-            record.supervisor_pid = Some(outcome.supervisor_pid);
-            record.started_at = Some(fsutil::now_rfc3339());
-            record.engine = Some(outcome.engine.clone());
-            record.nested = Some(outcome.nested);
-            record.nested_detail = outcome.nested_detail.clone();
-            record.save(&paths).map_err(store_err)?;
-            if let (NestedStatus::Unavailable, Some(detail)) =
-                (outcome.nested, &outcome.nested_detail)
-            {
-                eprintln!(
-                    "keystone: note: nested virtualization is {}: {}",
-                    outcome.nested.as_str(),
-                    shown::line(detail)
-                );
-            }
-            println!("Sandbox {name} is running (engine {})", outcome.engine);
-        }
-        Err(err) => {
-            record.state = SandboxState::Error;
-            record.supervisor_pid = None;
-            record.last_error = Some(err.to_string());
-            record.save(&paths).map_err(store_err)?;
-            return Err(err.coded());
-        }
+    // The supervisor records the run state, this failure included.
+    let outcome = ctx
+        .backend
+        .start(&spec, &mut progress)
+        .map_err(BackendError::coded)?;
+    if let (NestedStatus::Unavailable, Some(detail)) = (outcome.nested, &outcome.nested_detail) {
+        eprintln!(
+            "keystone: note: nested virtualization is {}: {}",
+            outcome.nested.as_str(),
+            shown::line(detail)
+        );
     }
+    if let Some(file) = &args.timings_json {
+        write_timings(file, &name, &outcome)?;
+    }
+    println!("Sandbox {name} is running (engine {})", outcome.engine);
     drop(_lock);
 
     if args.no_attach || !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
@@ -242,15 +219,12 @@ pub fn stop(ctx: &Context, args: StopArgs) -> Result<i32> {
     let (name, entry) = ctx.resolve(args.name.as_deref())?;
     let spec = ctx.spec(&name, &entry)?;
     let _lock = lock(&spec.paths, &name)?;
-    let mut record =
-        StateRecord::load_checked(&spec.paths, &name, &ProcProbe).map_err(store_err)?;
+    let record = StateRecord::load_checked(&spec.paths, &name, &ProcProbe).map_err(store_err)?;
     match record.state {
         SandboxState::Starting | SandboxState::Running | SandboxState::Stopping => {}
         SandboxState::Error => {
-            // The VM is already gone: record that it is stopped.
-            record.state = SandboxState::Stopped;
-            record.supervisor_pid = None;
-            record.save(&spec.paths).map_err(store_err)?;
+            // The VM is already gone: its supervisor cannot say so.
+            record.acknowledge_dead(&spec.paths).map_err(store_err)?;
             println!("Sandbox {name} was not running (its VM had died); marked stopped");
             return Ok(exit_code::OK);
         }
@@ -264,7 +238,7 @@ pub fn stop(ctx: &Context, args: StopArgs) -> Result<i32> {
     if args.sync {
         match ctx.backend.sync(&spec, &SyncOptions::default()) {
             Ok(report) => {
-                record.last_sync = Some(fsutil::now_rfc3339());
+                SyncRecord::synced_now(&spec.paths).map_err(store_err)?;
                 for line in &report.refs {
                     println!("  synced {}", shown::line(line));
                 }
@@ -277,20 +251,44 @@ pub fn stop(ctx: &Context, args: StopArgs) -> Result<i32> {
             Err(err) => return Err(err.coded()),
         }
     }
-    record.state = SandboxState::Stopping;
-    record.save(&spec.paths).map_err(store_err)?;
-    if let Err(err) = ctx.backend.stop(&spec, &StopOptions { force: args.force }) {
-        // Leave the truth to the liveness check: the supervisor may still
-        // be up (running) or gone (error).
-        record.state = SandboxState::Running;
-        record.save(&spec.paths).map_err(store_err)?;
-        return Err(err.coded());
+    // The supervisor records `stopping` and then `stopped`; one that had
+    // to be killed cannot, and is recorded here (it is dead, and the lock
+    // is ours).
+    ctx.backend
+        .stop(&spec, &StopOptions { force: args.force })
+        .map_err(BackendError::coded)?;
+    let after = StateRecord::load_checked(&spec.paths, &name, &ProcProbe).map_err(store_err)?;
+    if after.state != SandboxState::Stopped {
+        after.acknowledge_dead(&spec.paths).map_err(store_err)?;
     }
-    record.state = SandboxState::Stopped;
-    record.supervisor_pid = None;
-    record.save(&spec.paths).map_err(store_err)?;
     println!("Sandbox {name} stopped");
     Ok(exit_code::OK)
+}
+
+/// Writes `start --timings-json`: the phases the supervisor reported, in
+/// order, with their times, and the total.
+fn write_timings(file: &std::path::Path, name: &str, outcome: &StartOutcome) -> Result<()> {
+    let phases: Vec<serde_json::Value> = outcome
+        .phases
+        .iter()
+        .map(|(phase, took)| serde_json::json!({ "phase": phase, "ms": took.as_millis() as u64 }))
+        .collect();
+    let doc = serde_json::json!({
+        "schema": 1,
+        "sandbox": name,
+        "engine": outcome.engine,
+        "supervisor_pid": outcome.supervisor_pid,
+        "ready_ms": outcome.total.as_millis() as u64,
+        "phases": phases,
+    });
+    let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    text.push('\n');
+    std::fs::write(file, text).map_err(|e| {
+        CodedError::error(
+            exit_code::OPERATION_FAILED,
+            format!("--timings-json {}: {e}", file.display()),
+        )
+    })
 }
 
 /// Asks `question [y/N]` on the terminal.

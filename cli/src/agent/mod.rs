@@ -185,6 +185,12 @@ pub struct StartArgs {
     /// the choice is saved with the sandbox.
     #[arg(long, value_enum)]
     pub agent: Option<AgentKind>,
+    /// Write where the start's time went to FILE, as JSON: each step on
+    /// the host (images, clone, daemons, engine), in the guest (kernel,
+    /// /init, root, agent) and after (clock, .env, certificates), and when
+    /// each service came up.
+    #[arg(long, value_name = "FILE")]
+    pub timings_json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -34,7 +34,7 @@ pub struct SandboxStore {
 }
 
 /// One sandbox's files.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SandboxPaths {
     pub dir: PathBuf,
     pub config: PathBuf,

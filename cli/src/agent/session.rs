@@ -14,11 +14,9 @@ use super::backend::{
     AttachOptions, BackendError, ExecOptions, SandboxSpec, SyncOptions, VscodeTarget, WorktreeInfo,
     WorktreeOp,
 };
-use super::registry::write_json;
-use super::state::{ProcProbe, StateRecord};
+use super::state::{ProcProbe, StateRecord, SyncRecord};
 use super::{
-    fsutil, store_err, AttachArgs, Context, ExecArgs, NameArg, OpenVscodeArgs, SuperviseArgs,
-    SyncArgs,
+    store_err, AttachArgs, Context, ExecArgs, NameArg, OpenVscodeArgs, SuperviseArgs, SyncArgs,
 };
 use super::{WorktreeCommand, INVALID_STATE};
 use crate::exit_code::{self, CodedError};
@@ -100,11 +98,7 @@ pub fn sync(ctx: &Context, args: SyncArgs) -> Result<i32> {
         println!("Nothing to sync");
     }
     if !opts.dry_run {
-        // Record the sync; the lifecycle lock is not needed for one field,
-        // but re-read the state so a concurrent change is not undone.
-        let mut record = StateRecord::load(&spec.paths).map_err(store_err)?;
-        record.last_sync = Some(fsutil::now_rfc3339());
-        record.save(&spec.paths).map_err(store_err)?;
+        SyncRecord::synced_now(&spec.paths).map_err(store_err)?;
     }
     Ok(exit_code::OK)
 }
@@ -217,11 +211,10 @@ fn on_path(program: &str) -> bool {
 
 /// `keystone agent __supervise NAME`: the supervisor process body.
 pub fn supervise(ctx: &Context, args: SuperviseArgs) -> Result<i32> {
-    let (name, entry) = ctx.resolve(Some(&args.name))?;
-    let spec = ctx.spec(&name, &entry)?;
-    // Keep config.json as the record of what this supervisor runs.
-    write_json(&spec.paths.config, &spec.settings).map_err(store_err)?;
-    ctx.backend.supervise(&spec).map_err(BackendError::coded)
+    // Everything it runs is in the plan `start` writes to its stdin.
+    ctx.backend
+        .supervise(&args.name, &mut std::io::stdin().lock())
+        .map_err(BackendError::coded)
 }
 
 /// `keystone agent __git-upload-pack NAME`: git's `ext::` command for

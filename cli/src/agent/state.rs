@@ -8,7 +8,6 @@
 //!   "state": "running",           // created|starting|running|stopping|stopped|error
 //!   "supervisor_pid": 4242,       // the supervisor process while one exists
 //!   "started_at": "2026-...Z",    // last successful start
-//!   "last_sync": null,            // last sync to the host
 //!   "engine": "vmm",              // engine the last start used
 //!   "nested": "enabled",          // enabled|disabled|unavailable
 //!   "nested_detail": null,        // why nesting is unavailable, if it is
@@ -20,6 +19,14 @@
 //! A sandbox recorded as `starting`, `running` or `stopping` whose supervisor
 //! is gone (no such pid, a zombie, or a pid reused by another program) is
 //! reported as `error`, never as running.
+//!
+//! One writer: the sandbox's supervisor, through [`RunStateWriter`], from
+//! its first moment (`starting`) to its last (`stopped` or `error`). The
+//! command layer never writes the file while a supervisor lives; it only
+//! discards it (`start --fresh`, `destroy`) and, holding the sandbox lock,
+//! acknowledges a supervisor that died ([`StateRecord::acknowledge_dead`]).
+//! When the sandbox last synced is the sync command's, in `sync.json`
+//! ([`SyncRecord`]).
 
 use std::path::Path;
 
@@ -95,7 +102,8 @@ pub struct StateRecord {
     pub supervisor_pid: Option<i32>,
     #[serde(default)]
     pub started_at: Option<String>,
-    #[serde(default)]
+    /// Written by versions before `sync.json`; read by [`SyncRecord`].
+    #[serde(default, skip_serializing)]
     pub last_sync: Option<String>,
     #[serde(default)]
     pub engine: Option<String>,
@@ -115,10 +123,21 @@ impl StateRecord {
         Ok(read_json(&paths.state)?.unwrap_or_default())
     }
 
-    /// Writes `state.json` atomically, stamping `updated_at`.
-    pub fn save(&mut self, paths: &SandboxPaths) -> Result<(), StoreError> {
+    /// Writes `state.json` atomically, stamping `updated_at` (the writers
+    /// are [`RunStateWriter`] and [`Self::acknowledge_dead`]).
+    fn save(&mut self, paths: &SandboxPaths) -> Result<(), StoreError> {
         self.updated_at = Some(fsutil::now_rfc3339());
         write_json(&paths.state, self)
+    }
+
+    /// Records as `stopped` a sandbox whose supervisor died (its record
+    /// says `error` after the liveness check): what `stop` does for a VM
+    /// that is already gone. The caller holds the sandbox lock, and no
+    /// supervisor lives to write the record itself.
+    pub fn acknowledge_dead(mut self, paths: &SandboxPaths) -> Result<(), StoreError> {
+        self.state = SandboxState::Stopped;
+        self.supervisor_pid = None;
+        self.save(paths)
     }
 
     /// Reads `state.json` and applies the liveness check with `probe`.
@@ -157,6 +176,105 @@ impl StateRecord {
     /// Whether a live supervisor runs this sandbox (after the check).
     pub fn is_active(&self) -> bool {
         self.state.needs_supervisor()
+    }
+}
+
+/// The supervisor's hold on `state.json` (see the module documentation).
+#[derive(Clone)]
+pub struct RunStateWriter {
+    paths: SandboxPaths,
+    pid: i32,
+}
+
+impl RunStateWriter {
+    /// Records this process as the sandbox's supervisor, `starting`.
+    pub fn begin(paths: &SandboxPaths) -> Result<Self, StoreError> {
+        let writer = Self {
+            paths: paths.clone(),
+            pid: std::process::id() as i32,
+        };
+        let mut record = StateRecord::load(paths)?;
+        record.state = SandboxState::Starting;
+        record.supervisor_pid = Some(writer.pid);
+        record.last_error = None;
+        record.save(paths)?;
+        Ok(writer)
+    }
+
+    /// Changes the record, unless another supervisor has taken it over.
+    fn change(&self, f: impl FnOnce(&mut StateRecord)) -> Result<(), StoreError> {
+        let mut record = StateRecord::load(&self.paths)?;
+        if record.supervisor_pid.is_some_and(|p| p != self.pid) {
+            return Ok(());
+        }
+        f(&mut record);
+        record.save(&self.paths)
+    }
+
+    /// Every service is up: `running`, with what the engine set up.
+    pub fn running(
+        &self,
+        engine: &str,
+        nested: NestedStatus,
+        nested_detail: &str,
+    ) -> Result<(), StoreError> {
+        self.change(|r| {
+            r.state = SandboxState::Running;
+            r.started_at = Some(fsutil::now_rfc3339());
+            r.engine = Some(engine.to_string());
+            r.nested = Some(nested);
+            r.nested_detail = Some(nested_detail.to_string());
+        })
+    }
+
+    /// A stop was asked for.
+    pub fn stopping(&self) -> Result<(), StoreError> {
+        self.change(|r| r.state = SandboxState::Stopping)
+    }
+
+    /// The supervisor's last word: `stopped`, or `error` and why.
+    pub fn ended(&self, state: SandboxState, error: Option<String>) -> Result<(), StoreError> {
+        self.change(|r| {
+            r.state = state;
+            r.supervisor_pid = None;
+            if error.is_some() {
+                r.last_error = error;
+            }
+        })
+    }
+}
+
+/// `sync.json`: when the sandbox's commits last came to the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    #[serde(default)]
+    pub last_sync: Option<String>,
+}
+
+impl SyncRecord {
+    fn path(paths: &SandboxPaths) -> std::path::PathBuf {
+        paths.dir.join("sync.json")
+    }
+
+    /// The record; before the first sync of this version, what
+    /// `state.json` kept.
+    pub fn load(paths: &SandboxPaths) -> Result<Self, StoreError> {
+        match read_json::<Self>(&Self::path(paths))? {
+            Some(record) => Ok(record),
+            None => Ok(Self {
+                last_sync: StateRecord::load(paths)?.last_sync,
+            }),
+        }
+    }
+
+    /// Records a sync made now.
+    pub fn synced_now(paths: &SandboxPaths) -> Result<(), StoreError> {
+        write_json(
+            &Self::path(paths),
+            &Self {
+                last_sync: Some(fsutil::now_rfc3339()),
+            },
+        )
     }
 }
 

@@ -1,7 +1,9 @@
-//! `start`'s side of a boot: launches the sandbox's supervisor and waits,
-//! with deadlines and progress lines, until the supervisor reports the
-//! guest agent up and then every service ready (`readiness.rs`).
+//! `start`'s side of a boot: launches the sandbox's supervisor with its
+//! plan, shows what it reports (progress lines, the engine, each service
+//! as it comes up, the phases of the start) and returns once it reports
+//! the sandbox ready, or with its failure and the logs' tails.
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -10,15 +12,15 @@ use std::time::{Duration, Instant};
 
 use super::super::backend::{BackendError, BackendResult, SandboxSpec};
 use super::super::state::{NestedStatus, SUPERVISOR_SUBCOMMAND};
-use super::engine::{EngineKind, Layout};
+use super::engine::Layout;
+use super::plan::SupervisorPlan;
 use super::readiness::{self, NoEvent, ReadyEvent, ReadyReader, Service, READY_FD};
-use super::supervisor;
 
-/// How long `start` waits for the guest agent (a guest whose kernel KVM
-/// emulates takes minutes).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long the services get once the agent is up.
-const SERVICES_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long the guest agent may take to answer once the engine runs (a
+/// guest whose kernel KVM emulates takes minutes).
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the services and the setup get once the agent is up.
+pub const SERVICES_TIMEOUT: Duration = Duration::from_secs(180);
 /// How often a wait says it is still waiting.
 const NOTE_EVERY: Duration = Duration::from_secs(10);
 
@@ -44,11 +46,20 @@ fn io_failed(what: &str, e: impl std::fmt::Display) -> BackendError {
     BackendError::Failed(format!("{what}: {e}"))
 }
 
-/// What the supervisor needs besides the sandbox.
-pub struct Images<'a> {
-    pub kernel: &'a Path,
-    pub rootfs: &'a Path,
-    pub initrd: &'a Path,
+/// What the supervisor reported of a start that succeeded.
+pub struct BootReport {
+    /// The supervisor, which outlives `start`.
+    pub supervisor_pid: i32,
+    /// The engine that runs the guest.
+    pub engine: String,
+    /// Nested virtualization as the engine set it up, and how.
+    pub nested: (NestedStatus, String),
+    /// Services that came up, with the time since the launch.
+    pub services: Vec<(Service, Duration)>,
+    /// The steps of the start and how long each took, in order.
+    pub phases: Vec<(String, Duration)>,
+    /// From the launch to ready.
+    pub total: Duration,
 }
 
 /// A supervisor being started, and what it reported so far.
@@ -57,23 +68,16 @@ pub struct Boot<'a> {
     child: Child,
     events: ReadyReader,
     t0: Instant,
-    /// Services that came up, with the time since `start` launched them.
-    up: Vec<(Service, Duration)>,
-    ready: bool,
-    /// Nested virtualization as the engine set it up.
-    nested: Option<(NestedStatus, String)>,
+    engine: Option<(String, NestedStatus, String)>,
+    services: Vec<(Service, Duration)>,
+    phases: Vec<(String, Duration)>,
 }
 
 impl<'a> Boot<'a> {
     /// Launches `keystone agent __supervise NAME` in its own session, its
-    /// output going to the supervisor log, with the readiness pipe as
-    /// descriptor [`READY_FD`].
-    pub fn launch(
-        spec: &SandboxSpec,
-        layout: &'a Layout,
-        engine: EngineKind,
-        images: &Images<'_>,
-    ) -> BackendResult<Self> {
+    /// output going to the supervisor log, its plan on its standard input
+    /// and the readiness pipe as descriptor [`READY_FD`].
+    pub fn launch(spec: &SandboxSpec, layout: &'a Layout) -> BackendResult<Self> {
         let exe =
             std::env::current_exe().map_err(|e| io_failed("cannot find the keystone binary", e))?;
         let log = std::fs::OpenOptions::new()
@@ -88,11 +92,7 @@ impl<'a> Boot<'a> {
             readiness::pipe().map_err(|e| io_failed("cannot make the readiness pipe", e))?;
         let mut cmd = Command::new(exe);
         cmd.args(["agent", SUPERVISOR_SUBCOMMAND, &spec.name])
-            .env(supervisor::ENV_ENGINE, engine.as_str())
-            .env(supervisor::ENV_KERNEL, images.kernel)
-            .env(supervisor::ENV_ROOTFS, images.rootfs)
-            .env(supervisor::ENV_INITRD, images.initrd)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(log)
             .stderr(log2);
         let fd = write_end.as_raw_fd();
@@ -109,12 +109,19 @@ impl<'a> Boot<'a> {
                 Ok(())
             });
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| io_failed("cannot start the supervisor", e))?;
         // Only the supervisor may hold the write end: the pipe ends when it
         // does.
         drop::<OwnedFd>(write_end);
+        let plan = SupervisorPlan::new(spec, AGENT_TIMEOUT.as_secs(), SERVICES_TIMEOUT.as_secs());
+        if let Some(mut stdin) = child.stdin.take() {
+            // Closing it ends the plan.
+            stdin
+                .write_all(&plan.to_json())
+                .map_err(|e| io_failed("cannot hand the supervisor its plan", e))?;
+        }
         let events = ReadyReader::spawn(read_end)
             .map_err(|e| io_failed("cannot read the supervisor's readiness", e))?;
         Ok(Self {
@@ -122,108 +129,93 @@ impl<'a> Boot<'a> {
             child,
             events,
             t0: Instant::now(),
-            up: Vec::new(),
-            ready: false,
-            nested: None,
+            engine: None,
+            services: Vec::new(),
+            phases: Vec::new(),
         })
     }
 
-    /// The supervisor's process id.
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Nested virtualization as the engine reported it.
-    pub fn nested(&self) -> Option<&(NestedStatus, String)> {
-        self.nested.as_ref()
-    }
-
-    /// The services that came up, in order, with their times.
-    pub fn services_up(&self) -> &[(Service, Duration)] {
-        &self.up
-    }
-
-    /// Waits until the guest agent answers.
-    pub fn wait_agent(&mut self, progress: &mut dyn FnMut(&str)) -> BackendResult<()> {
-        self.wait_until(
-            |b| b.up.iter().any(|(s, _)| *s == Service::Agent),
-            BOOT_TIMEOUT,
-            "the guest agent",
-            progress,
-        )
-    }
-
-    /// Waits until every service of the sandbox is established.
-    pub fn wait_services(&mut self, progress: &mut dyn FnMut(&str)) -> BackendResult<()> {
-        self.wait_until(
-            |b| b.ready,
-            SERVICES_TIMEOUT,
-            "the sandbox's services",
-            progress,
-        )
-    }
-
-    fn wait_until(
-        &mut self,
-        done: impl Fn(&Self) -> bool,
-        limit: Duration,
-        what: &str,
-        progress: &mut dyn FnMut(&str),
-    ) -> BackendResult<()> {
-        let started = Instant::now();
+    /// Shows the supervisor's reports until it says the sandbox is ready
+    /// (or failed, or died). The supervisor keeps the deadlines of the
+    /// boot; this waits as long as it lives and reports.
+    pub fn run(mut self, progress: &mut dyn FnMut(&str)) -> BackendResult<BootReport> {
+        let mut last = String::from("the supervisor");
         let mut next_note = NOTE_EVERY;
-        while !done(self) {
+        let mut quiet_since = Instant::now();
+        loop {
             match self.events.next(Duration::from_millis(500)) {
-                Ok(event) => self.record(event, progress),
-                Err(NoEvent::Closed) => {
-                    // The supervisor ended, or closed the pipe without
-                    // saying ready: either way it is not coming up.
-                    return Err(self.died());
+                Ok(ReadyEvent::Ready { .. }) => break,
+                Ok(ReadyEvent::Failed { code, message }) => {
+                    let message = format!("{message}\n{}", self.logs());
+                    let _ = self.child.try_wait();
+                    return Err(BackendError::with_code(code, message));
                 }
+                Ok(event) => {
+                    if let Some(line) = self.record(event) {
+                        progress(&line);
+                        last = line;
+                    }
+                    quiet_since = Instant::now();
+                    next_note = NOTE_EVERY;
+                }
+                Err(NoEvent::Closed) => return Err(self.died()),
                 Err(NoEvent::Timeout) => {}
             }
             if let Ok(Some(_)) = self.child.try_wait() {
                 return Err(self.died());
             }
-            let waited = started.elapsed();
-            if waited > limit && !done(self) {
-                self.kill();
-                return Err(BackendError::Failed(format!(
-                    "{what} did not come up within {} s; stopped the VM.\n{}",
-                    limit.as_secs(),
-                    self.logs()
-                )));
-            }
-            if waited > next_note {
+            if quiet_since.elapsed() > next_note {
                 progress(&format!(
-                    "waiting for {what} ({} s)",
-                    self.t0.elapsed().as_secs()
+                    "still working ({} s): {}",
+                    self.t0.elapsed().as_secs(),
+                    last.trim_end_matches("...")
                 ));
                 next_note += NOTE_EVERY;
             }
         }
-        Ok(())
+        let (engine, nested, how) = self.engine.take().unwrap_or((
+            "unknown".into(),
+            NestedStatus::Unavailable,
+            "the engine did not report it".into(),
+        ));
+        Ok(BootReport {
+            supervisor_pid: self.child.id() as i32,
+            engine,
+            nested: (nested, how),
+            services: self.services,
+            phases: self.phases,
+            total: self.t0.elapsed(),
+        })
     }
 
-    fn record(&mut self, event: ReadyEvent, progress: &mut dyn FnMut(&str)) {
+    /// Keeps what an event says; returns the line to show, if any.
+    fn record(&mut self, event: ReadyEvent) -> Option<String> {
         let at = self.t0.elapsed();
         match event {
-            ReadyEvent::Up { service, .. } => {
-                if service == Service::Agent {
-                    progress(&format!(
-                        "guest agent ready after {:.1} s",
-                        at.as_secs_f64()
-                    ));
-                }
-                self.up.push((service, at));
+            ReadyEvent::Progress { line } => Some(line),
+            ReadyEvent::Phase { phase, ms } => {
+                self.phases.push((phase, Duration::from_millis(ms)));
+                None
             }
-            ReadyEvent::Unavailable { service, why, .. } => progress(&format!(
+            ReadyEvent::Engine {
+                engine,
+                nested,
+                how,
+            } => {
+                self.engine = Some((engine, nested, how));
+                None
+            }
+            ReadyEvent::Up { service, .. } => {
+                self.services.push((service, at));
+                (service == Service::Agent)
+                    .then(|| format!("guest agent ready after {:.1} s", at.as_secs_f64()))
+            }
+            ReadyEvent::Unavailable { service, why, .. } => Some(format!(
                 "warning: the {} is not available: {}",
                 service.describe(),
                 crate::shown::line(&why)
             )),
-            ReadyEvent::Ready { .. } => self.ready = true,
-            ReadyEvent::Engine { nested, how } => self.nested = Some((nested, how)),
+            ReadyEvent::Ready { .. } | ReadyEvent::Failed { .. } => None,
         }
     }
 
@@ -263,11 +255,6 @@ impl<'a> Boot<'a> {
             "the sandbox supervisor exited during boot ({status}).\n{}",
             self.logs()
         ))
-    }
-
-    /// Hands the running supervisor over (it outlives `start`).
-    pub fn into_pid(self) -> i32 {
-        self.pid()
     }
 }
 

@@ -20,7 +20,8 @@ pub const GUEST_UID: u32 = 1000;
 pub const GUEST_WORKSPACE: &str = "/workspace";
 
 /// The two engines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// Our VMM on KVM, in the supervisor process.
     Vmm,
@@ -33,14 +34,6 @@ impl EngineKind {
         match self {
             Self::Vmm => "vmm",
             Self::Qemu => "qemu",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "vmm" => Some(Self::Vmm),
-            "qemu" => Some(Self::Qemu),
-            _ => None,
         }
     }
 }
@@ -218,13 +211,13 @@ impl Layout {
         }
     }
 
-    /// The vhost-user socket of a share (engine qemu).
-    pub fn fs_socket(&self, tag: &str) -> PathBuf {
-        if tag == "workspace" {
-            // Its daemon acts as the guest user: a folder that user owns.
-            self.workspace_run().join(format!("fs-{tag}.sock"))
-        } else {
-            self.run.join(format!("fs-{tag}.sock"))
+    /// The vhost-user socket of a share.
+    pub fn fs_socket(&self, share: Share) -> PathBuf {
+        let name = format!("fs-{}.sock", share.tag());
+        match share {
+            // Its own folder, mode 0700 like the run folder (see `run_dir`).
+            Share::Workspace => self.workspace_run().join(name),
+            Share::Root | Share::State => self.run.join(name),
         }
     }
 
@@ -251,15 +244,42 @@ impl Layout {
 
     /// Every Unix socket path, to check against the 107-byte limit.
     pub fn sockets(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = SHARES.iter().map(|(t, _)| self.fs_socket(t)).collect();
+        let mut v: Vec<PathBuf> = Share::ALL.iter().map(|s| self.fs_socket(*s)).collect();
         v.push(self.vsock_vhost_socket());
         v.push(self.vsock.clone());
         v
     }
 }
 
-/// The three virtio-fs shares: tag and whether it is read-only.
-pub const SHARES: [(&str, bool); 3] = [("root", true), ("state", false), ("workspace", false)];
+/// The sandbox's three virtio-fs shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// The guest image's root directory, read-only.
+    Root,
+    /// The root overlay's writable layer (`upper/`, `work/`).
+    State,
+    /// The sandbox-private clone, at `/workspace`.
+    Workspace,
+}
+
+impl Share {
+    /// Every share, in the order the guest's devices get them.
+    pub const ALL: [Share; 3] = [Share::Root, Share::State, Share::Workspace];
+
+    /// The virtio-fs tag the guest mounts (`keystone.<tag>=` names it).
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::Root => "root",
+            Self::State => "state",
+            Self::Workspace => "workspace",
+        }
+    }
+
+    /// Whether the guest may only read it.
+    pub fn readonly(self) -> bool {
+        self == Self::Root
+    }
+}
 
 /// The longest Unix socket path (sun_path holds 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;

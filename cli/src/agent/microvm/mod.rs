@@ -32,6 +32,7 @@ mod guest;
 mod hostca;
 mod leftover;
 mod logfile;
+mod plan;
 mod readiness;
 mod run_dir;
 pub mod shares;
@@ -44,17 +45,17 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
+use keystone_guest_agent::protocol::ExecRequest;
 
 use super::backend::{
     AttachOptions, Backend, BackendError, BackendResult, BackendStatus, ExecOptions, PortForward,
-    SandboxSpec, StartOptions, StartOutcome, StopOptions, SyncOptions, SyncReport, VscodeTarget,
-    WorktreeInfo, WorktreeOp,
+    SandboxSpec, StartOutcome, StopOptions, SyncOptions, SyncReport, VscodeTarget, WorktreeInfo,
+    WorktreeOp,
 };
-use super::config::{AgentKind, BackendKind, Network};
-use super::state::{NestedStatus, ProcProbe, ProcessProbe, StateRecord};
+use super::config::{AgentKind, Network};
+use super::state::{ProcProbe, ProcessProbe, StateRecord};
 use crate::shown;
-use engine::{HostFacts, Layout, GUEST_WORKSPACE, MAX_SOCKET_PATH};
+use engine::{Layout, GUEST_WORKSPACE};
 
 /// How long `stop` waits for the supervisor before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -152,61 +153,6 @@ impl MicroVmBackend {
         Layout::new(&spec.paths)
     }
 
-    /// Sets the guest's clock from the host's: the micro-VM has no RTC
-    /// (QEMU's microvm runs with rtc=off), and commits made in the guest
-    /// must not be dated 1970.
-    fn set_guest_clock(layout: &Layout) -> Result<(), String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|e| e.to_string())?;
-        let mut req = ExecRequest::new(&["date", "-u", "-s", &format!("@{}", now.as_secs())]);
-        req.user = Some(UserSpec::Uid(0));
-        let out = guest::client(&layout.vsock)
-            .exec_request_output(req)
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(shown::bytes(&out.stderr))
-        }
-    }
-
-    /// Copies the project's `.env*` files into `/workspace`.
-    fn push_env_files(
-        spec: &SandboxSpec,
-        layout: &Layout,
-        progress: &mut dyn FnMut(&str),
-    ) -> BackendResult<()> {
-        let Ok(entries) = std::fs::read_dir(&spec.project) else {
-            return Ok(());
-        };
-        let client = guest::client(&layout.vsock);
-        let mut pushed = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            if !name.starts_with(".env") || !is_file {
-                continue;
-            }
-            let bytes = std::fs::read(entry.path())
-                .map_err(|e| io_failed(&entry.path().display().to_string(), e))?;
-            client
-                .push_file(&name, 0o600, &bytes)
-                .map_err(|e| guest::agent_err(&format!("pushing {name}"), e))?;
-            pushed.push(name);
-        }
-        if pushed.is_empty() {
-            return Ok(());
-        }
-        let mut argv = vec!["chown".to_string(), "agent:agent".to_string()];
-        argv.extend(pushed.iter().map(|n| format!("{GUEST_WORKSPACE}/{n}")));
-        let mut req = ExecRequest::new(&argv);
-        req.user = Some(UserSpec::Uid(0));
-        let _ = client.exec_request_output(req);
-        progress(&format!("copied {} into /workspace", pushed.join(", ")));
-        Ok(())
-    }
-
     fn run_exec(spec: &SandboxSpec, req: ExecRequest) -> BackendResult<i32> {
         let client = guest::client(&Self::layout(spec).vsock);
         let status = client
@@ -234,10 +180,6 @@ impl MicroVmBackend {
 }
 
 impl Backend for MicroVmBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::MicroVm
-    }
-
     /// `nat`: the guest's programs get outbound connections, made by the
     /// supervisor (see `egress`).
     fn network_available(&self) -> bool {
@@ -250,121 +192,27 @@ impl Backend for MicroVmBackend {
         Ok(())
     }
 
+    /// Hands the start to the sandbox's supervisor and shows what it
+    /// reports; then the summary of what runs.
     fn start(
         &self,
         spec: &SandboxSpec,
-        _opts: &StartOptions,
         progress: &mut dyn FnMut(&str),
     ) -> BackendResult<StartOutcome> {
-        let t0 = Instant::now();
-        let host = HostFacts::detect();
-        let choice =
-            engine::choose(spec.settings.engine, &host).map_err(BackendError::Requirements)?;
         let layout = Self::layout(spec);
-        if let Some(long) = layout
-            .sockets()
-            .into_iter()
-            .find(|p| p.as_os_str().len() > MAX_SOCKET_PATH)
-        {
-            return Err(BackendError::Requirements(format!(
-                "the socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter XDG_STATE_HOME",
-                long.display()
-            )));
-        }
-        progress("guest kernel: checking the cache (the first build takes ~7 min)...");
-        let kernel = guest_image::kernel::ensure_kernel()
-            .map_err(|e| BackendError::Requirements(format!("guest kernel: {e}")))?;
-        if !kernel.vmlinux.is_file() {
-            return Err(BackendError::Requirements(format!(
-                "guest kernel {} not found (build it with {})",
-                kernel.vmlinux.display(),
-                guest_image::kernel::build_script().display()
-            )));
-        }
-        progress("guest root file system: checking the cache (the first build takes ~2 min)...");
-        let rootfs = guest_image::rootfs::ensure_rootfs()
-            .map_err(|e| BackendError::Requirements(format!("guest root file system: {e}")))?;
-        // The agents this image carries, recorded for `status`.
-        let agent_pins = agents::record(&rootfs.dir, &spec.paths.dir).unwrap_or_else(|e| {
-            progress(&format!("warning: the guest image's agents lock: {e}"));
-            Vec::new()
-        });
-        let agent_dir = guest_image::cache_dir().join("agent");
-        let initrd = crate::embedded::agent_initramfs(&agent_dir)
-            .map_err(|e| io_failed("cannot write the agent initramfs", e))?;
-
-        for dir in [
-            layout.state.join("upper"),
-            layout.state.join("work"),
-            spec.paths.logs.clone(),
-        ] {
-            std::fs::create_dir_all(&dir).map_err(|e| io_failed(&dir.display().to_string(), e))?;
-        }
-        clone::ensure_clone(spec, &layout, progress)?;
-        let _ = std::fs::remove_file(&layout.vsock);
-
-        progress(&format!(
-            "booting the guest (engine {}, {} MiB, {} vCPU(s))",
-            choice.engine.as_str(),
-            spec.settings.memory_mib,
-            spec.settings.vcpus
-        ));
-        let images = boot::Images {
-            kernel: &kernel.vmlinux,
-            rootfs: &rootfs.dir,
-            initrd: &initrd,
-        };
-        let mut boot = boot::Boot::launch(spec, &layout, choice.engine, &images)?;
-        // Record the supervisor at once, so `status` and `stop` see a live
-        // `starting` sandbox rather than one with no supervisor.
-        if let Ok(mut record) = StateRecord::load(&spec.paths) {
-            record.supervisor_pid = Some(boot.pid());
-            let _ = record.save(&spec.paths);
-        }
-        boot.wait_agent(progress)?;
-        // The steps below run while the supervisor opens the services.
-        if let Err(e) = Self::set_guest_clock(&layout) {
-            progress(&format!("warning: cannot set the guest clock: {e}"));
-        }
-        if let Err(e) = Self::push_env_files(spec, &layout, progress) {
-            progress(&format!("warning: {e}"));
-        }
-        if spec.settings.network != Network::None {
-            let certs = hostca::host_certificates(Path::new(hostca::HOST_DIR));
-            match hostca::import(&guest::client(&layout.vsock), &certs) {
-                Ok(0) => {}
-                Ok(n) => progress(&format!(
-                    "the sandbox trusts the host's {n} added certificate authorit{} (from {})",
-                    if n == 1 { "y" } else { "ies" },
-                    hostca::HOST_DIR
-                )),
-                Err(e) => progress(&format!(
-                    "warning: cannot add the host's certificate authorities: {e}"
-                )),
-            }
-        }
-        progress(&agents::summary(spec.settings.agent, &agent_pins));
-        boot.wait_services(progress)?;
-        let services = boot::describe_services(boot.services_up());
+        let report = boot::Boot::launch(spec, &layout)?.run(progress)?;
+        let services = boot::describe_services(&report.services);
         if !services.is_empty() {
             progress(&format!("services up: {services}"));
         }
-        let (nested, how) = boot.nested().cloned().unwrap_or((
-            NestedStatus::Unavailable,
-            "the engine did not report it".to_string(),
-        ));
+        let (nested, how) = report.nested.clone();
         progress(&format!(
             "ready in {:.1} s: {} MiB, {} vCPU(s)",
-            t0.elapsed().as_secs_f64(),
+            report.total.as_secs_f64(),
             spec.settings.memory_mib,
             spec.settings.vcpus,
         ));
         progress(&format!("nested virtualization {}: {how}", nested.as_str()));
-        progress(&format!(
-            "engine {}: {}",
-            choice.engine.as_str(),
-            choice.reason
-        ));
         progress(&match spec.settings.network {
             Network::None => "network none: the guest's programs reach nothing outside".to_string(),
             _ => "network nat: outbound connections through the host (http(s)_proxy in the guest; \
@@ -385,10 +233,12 @@ impl Backend for MicroVmBackend {
             spec.paths.logs.display()
         ));
         Ok(StartOutcome {
-            supervisor_pid: boot.into_pid(),
-            engine: choice.engine.as_str().to_string(),
+            supervisor_pid: report.supervisor_pid,
+            engine: report.engine,
             nested,
             nested_detail: Some(how),
+            phases: report.phases,
+            total: report.total,
         })
     }
 
@@ -574,8 +424,8 @@ impl Backend for MicroVmBackend {
         Ok(())
     }
 
-    fn supervise(&self, spec: &SandboxSpec) -> BackendResult<i32> {
-        supervisor::supervise(spec)
+    fn supervise(&self, name: &str, plan: &mut dyn std::io::Read) -> BackendResult<i32> {
+        supervisor::supervise(name, plan)
     }
 }
 
@@ -616,7 +466,12 @@ pub fn agent_connect(
     uds: &Path,
     handshake: Duration,
 ) -> std::io::Result<std::os::unix::net::UnixStream> {
-    guest::connect(uds, keystone_guest_agent::protocol::AGENT_VSOCK_PORT, handshake, true)
+    guest::connect(
+        uds,
+        keystone_guest_agent::protocol::AGENT_VSOCK_PORT,
+        handshake,
+        true,
+    )
 }
 
 /// `keystone agent forward`: raw TCP from 127.0.0.1:`host_port` to

@@ -10,12 +10,15 @@
 //!
 //! `start` makes a pipe and gives its write end to the supervisor as
 //! descriptor [`READY_FD`]. The supervisor writes one JSON object per
-//! line ([`ReadyEvent`]): `up` when a service is first established,
-//! `unavailable` when one cannot be (it is then reported, not awaited),
-//! and `ready` once every expected service has settled; then it closes its
-//! end. Before those it says what the engine set up (`engine`: nested
-//! virtualization as the engine actually configured it). `start` reads the lines with a deadline; the end of the pipe
-//! before `ready` means the supervisor died.
+//! line ([`ReadyEvent`]): `progress` lines for the user while it prepares
+//! and boots, `phase` when a step of the start is done (with how long it
+//! took), `engine` once the engine runs the guest (nested virtualization
+//! as the engine actually configured it), `up` when a service is first
+//! established, `unavailable` when one cannot be (it is then reported, not
+//! awaited), and `ready` once every expected service has settled; or
+//! `failed` with the exit code and the reason. Then it closes its end.
+//! The end of the pipe before `ready` or `failed` means the supervisor
+//! died.
 //!
 //! The services wait for the agent to be up before their first try
 //! ([`Readiness::wait_up`]): one prober per boot (the supervisor's ping)
@@ -52,6 +55,9 @@ pub enum Service {
     AutoSync,
     /// The guest's listening ports have been read once.
     Ports,
+    /// The setup in the guest: its clock, the `.env` files, the host's
+    /// certificate authorities, the coding agents' record.
+    Setup,
 }
 
 impl Service {
@@ -62,6 +68,7 @@ impl Service {
             Self::Egress => "network",
             Self::AutoSync => "auto-sync watch",
             Self::Ports => "port watch",
+            Self::Setup => "setup",
         }
     }
 }
@@ -70,9 +77,20 @@ impl Service {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ReadyEvent {
-    /// The engine is running the guest, with nested virtualization as
+    /// A line for the user (the supervisor's own words, or the guest's
+    /// escaped by whoever shows it).
+    Progress { line: String },
+    /// A step of the start is done; it took `ms`.
+    Phase { phase: String, ms: u64 },
+    /// `engine` is running the guest, with nested virtualization as
     /// `nested`, set up as `how` says.
-    Engine { nested: NestedStatus, how: String },
+    Engine {
+        engine: String,
+        nested: NestedStatus,
+        how: String,
+    },
+    /// The start failed: the exit code `start` leaves with, and why.
+    Failed { code: i32, message: String },
     /// `service` is established, `after_ms` after the guest was launched.
     Up { service: Service, after_ms: u64 },
     /// `service` cannot be established; the sandbox runs without it.
@@ -85,9 +103,13 @@ pub enum ReadyEvent {
     Ready { after_ms: u64 },
 }
 
+/// What runs once every service has settled, before `start` hears it.
+type BeforeReady = Box<dyn FnOnce() + Send>;
+
 struct Inner {
     /// The pipe; `None` once `ready` was written (or there is none).
     out: Option<File>,
+    before_ready: Option<BeforeReady>,
     expected: BTreeSet<Service>,
     settled: BTreeMap<Service, Duration>,
     up: BTreeSet<Service>,
@@ -109,6 +131,7 @@ impl Readiness {
             t0: Instant::now(),
             inner: Mutex::new(Inner {
                 out,
+                before_ready: None,
                 expected: expected.iter().copied().collect(),
                 settled: BTreeMap::new(),
                 up: BTreeSet::new(),
@@ -136,15 +159,70 @@ impl Readiness {
     }
 
     /// Reports how the engine set the guest up.
-    pub fn engine(&self, nested: NestedStatus, how: &str) {
+    pub fn engine(&self, engine: &str, nested: NestedStatus, how: &str) {
         (self.log)(&format!("nested virtualization {}: {how}", nested.as_str()));
         write_event(
             &mut self.lock().out,
             &ReadyEvent::Engine {
+                engine: engine.to_string(),
                 nested,
                 how: how.to_string(),
             },
         );
+    }
+
+    /// A line for the user (also logged).
+    pub fn progress(&self, line: &str) {
+        (self.log)(line);
+        write_event(
+            &mut self.lock().out,
+            &ReadyEvent::Progress {
+                line: line.to_string(),
+            },
+        );
+    }
+
+    /// A step of the start is done after `took`.
+    pub fn phase(&self, phase: &str, took: Duration) {
+        (self.log)(&format!("phase: {phase} took {:.3} s", took.as_secs_f64()));
+        write_event(
+            &mut self.lock().out,
+            &ReadyEvent::Phase {
+                phase: phase.to_string(),
+                ms: took.as_millis() as u64,
+            },
+        );
+    }
+
+    /// The start failed: `start` leaves with `code` and says `message`.
+    /// Nothing more is reported.
+    pub fn failed(&self, code: i32, message: &str) {
+        let mut inner = self.lock();
+        write_event(
+            &mut inner.out,
+            &ReadyEvent::Failed {
+                code,
+                message: message.to_string(),
+            },
+        );
+        inner.out = None;
+    }
+
+    /// Runs `f` once every expected service has settled, before `ready`
+    /// is reported.
+    pub fn before_ready(&self, f: impl FnOnce() + Send + 'static) {
+        self.lock().before_ready = Some(Box::new(f));
+    }
+
+    /// Whether every expected service has settled.
+    pub fn is_ready(&self) -> bool {
+        let inner = self.lock();
+        inner.expected.iter().all(|s| inner.settled.contains_key(s))
+    }
+
+    /// Whether `service` is up.
+    pub fn is_up(&self, service: Service) -> bool {
+        self.lock().up.contains(&service)
     }
 
     /// `service` is established (only its first report counts).
@@ -184,7 +262,14 @@ impl Readiness {
             after.as_secs_f64()
         ));
         write_event(&mut inner.out, &event);
-        if inner.expected.iter().all(|s| inner.settled.contains_key(s)) && inner.out.is_some() {
+        let all = inner.expected.iter().all(|s| inner.settled.contains_key(s));
+        if all {
+            // The run state says `running` before `start` returns.
+            if let Some(f) = inner.before_ready.take() {
+                f();
+            }
+        }
+        if all && inner.out.is_some() {
             write_event(&mut inner.out, &ReadyEvent::Ready { after_ms });
             // Closing our end tells `start` that nothing more comes.
             inner.out = None;

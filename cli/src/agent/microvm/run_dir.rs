@@ -20,13 +20,14 @@ use crate::agent::fsutil;
 /// clone and the `.env` copies), the run folder and the workspace
 /// daemon's socket folder this user's alone, mode 0700: `start` creates
 /// the first so, and this takes back any an older version left open.
-pub fn prepare(layout: &Layout) -> Result<(), String> {
+pub fn prepare(layout: &Layout) -> std::io::Result<()> {
     let sandbox = layout.vsock.parent().map(Path::to_path_buf);
     for dir in sandbox
         .into_iter()
         .chain([layout.run.clone(), layout.workspace_run()])
     {
-        fsutil::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fsutil::private_dir(&dir)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
     }
     Ok(())
 }

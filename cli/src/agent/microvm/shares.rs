@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::engine::{Layout, GUEST_UID};
+use super::engine::{Layout, Share, GUEST_UID};
 
 /// How long a share daemon process has to start listening.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,23 +30,18 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// guest agent, and the root image never changes), so names, attributes and
 /// misses may be cached for long: each exec then costs a few FUSE round
 /// trips instead of dozens.
-pub fn config(
-    tag: &str,
-    readonly: bool,
-    rootfs: &Path,
-    layout: &Layout,
-) -> virtiofsd_lite::FsConfig {
-    let dir = match tag {
-        "root" => rootfs.to_path_buf(),
-        "state" => layout.state.clone(),
-        _ => layout.workspace.clone(),
+pub fn config(share: Share, rootfs: &Path, layout: &Layout) -> virtiofsd_lite::FsConfig {
+    let dir = match share {
+        Share::Root => rootfs.to_path_buf(),
+        Share::State => layout.state.clone(),
+        Share::Workspace => layout.workspace.clone(),
     };
-    let mut cfg = virtiofsd_lite::FsConfig::new(&dir, tag);
-    cfg.readonly = readonly;
+    let mut cfg = virtiofsd_lite::FsConfig::new(&dir, share.tag());
+    cfg.readonly = share.readonly();
     cfg.cache = virtiofsd_lite::CacheMode::Always;
     // SAFETY: getuid/getgid/geteuid have no preconditions.
     let (uid, gid, euid) = unsafe { (libc::getuid(), libc::getgid(), libc::geteuid()) };
-    if tag == "workspace" && euid != 0 {
+    if share == Share::Workspace && euid != 0 {
         // A daemon that is not root cannot give files to the guest user
         // (root chowns the workspace to it instead, in `clone`): it shows
         // its user's files as the guest user's and makes every guest owner
@@ -85,14 +80,36 @@ impl Drop for ShareServer {
     }
 }
 
+/// Why a share could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("cannot start the {tag} share's daemon")]
+    Spawn {
+        tag: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {tag} share's daemon ended ({status}) before listening")]
+    Ended { tag: String, status: String },
+    #[error("the {tag} share's daemon did not listen within {LISTEN_TIMEOUT:?}")]
+    NoListen { tag: String },
+    #[error("virtiofsd-lite {tag}")]
+    Daemon {
+        tag: String,
+        #[source]
+        source: virtiofsd_lite::Error,
+    },
+    #[error("cannot start a virtiofsd-lite thread")]
+    Thread(#[source] std::io::Error),
+}
+
 /// Serves `cfg` on `socket` for a frontend that connects there (QEMU).
 pub fn serve_on_socket(
     cfg: virtiofsd_lite::FsConfig,
-    readonly: bool,
     socket: &Path,
     log: fn(&str),
-) -> Result<ShareServer, String> {
-    if sandboxed(readonly) {
+) -> Result<ShareServer, ShareError> {
+    if sandboxed(cfg.readonly) {
         return spawn_process(&cfg, socket).map(ShareServer::Process);
     }
     let (tag, s) = (cfg.tag.clone(), socket.to_path_buf());
@@ -103,7 +120,7 @@ pub fn serve_on_socket(
                 log(&format!("virtiofsd-lite {tag}: {e}"));
             }
         })
-        .map_err(|e| format!("cannot start a virtiofsd-lite thread: {e}"))?;
+        .map_err(ShareError::Thread)?;
     Ok(ShareServer::Thread)
 }
 
@@ -112,13 +129,12 @@ pub fn serve_on_socket(
 /// sandbox's private run folder) until we connect.
 pub fn serve_paired(
     cfg: virtiofsd_lite::FsConfig,
-    readonly: bool,
     socket: &Path,
-) -> Result<(UnixStream, ShareServer), String> {
+) -> Result<(UnixStream, ShareServer), ShareError> {
     let tag = cfg.tag.clone();
-    if !sandboxed(readonly) {
-        let (stream, daemon) =
-            virtiofsd_lite::spawn_paired(cfg).map_err(|e| format!("virtiofsd-lite {tag}: {e}"))?;
+    if !sandboxed(cfg.readonly) {
+        let (stream, daemon) = virtiofsd_lite::spawn_paired(cfg)
+            .map_err(|source| ShareError::Daemon { tag, source })?;
         return Ok((stream, ShareServer::Paired { _daemon: daemon }));
     }
     let mut child = spawn_process(&cfg, socket)?;
@@ -130,24 +146,26 @@ pub fn serve_paired(
             return Ok((stream, ShareServer::Process(child)));
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "the {tag} share's daemon ended ({status}) before listening"
-            ));
+            return Err(ShareError::Ended {
+                tag,
+                status: status.to_string(),
+            });
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err(format!(
-                "the {tag} share's daemon did not listen within {LISTEN_TIMEOUT:?}"
-            ));
+            return Err(ShareError::NoListen { tag });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 /// Starts `keystone __share` for `cfg` on `socket`, dying with us.
-fn spawn_process(cfg: &virtiofsd_lite::FsConfig, socket: &Path) -> Result<Child, String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the keystone binary: {e}"))?;
+fn spawn_process(cfg: &virtiofsd_lite::FsConfig, socket: &Path) -> Result<Child, ShareError> {
+    let spawn_err = |source| ShareError::Spawn {
+        tag: cfg.tag.clone(),
+        source,
+    };
+    let exe = std::env::current_exe().map_err(spawn_err)?;
     let _ = std::fs::remove_file(socket);
     let mut cmd = Command::new(exe);
     cmd.arg("__share")
@@ -166,8 +184,7 @@ fn spawn_process(cfg: &virtiofsd_lite::FsConfig, socket: &Path) -> Result<Child,
             Ok(())
         });
     }
-    cmd.spawn()
-        .map_err(|e| format!("cannot start the {} share's daemon: {e}", cfg.tag))
+    cmd.spawn().map_err(spawn_err)
 }
 
 /// `keystone __share`: one writable share, served from a namespace sandbox.
