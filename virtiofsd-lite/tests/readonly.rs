@@ -211,16 +211,6 @@ fn overlayfs_whiteout_is_the_only_device_node_allowed() {
     assert_eq!(t.errno(opcode::UNLINK, 1, &[&cstr("wh")]), 0);
 }
 
-#[test]
-fn cli_accepts_readonly() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_virtiofsd-lite"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("--readonly"), "{help}");
-}
-
 fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
     let p = cstr(&path.display().to_string());
     let n = cstr(name);

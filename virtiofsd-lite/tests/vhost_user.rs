@@ -258,16 +258,8 @@ fn serve_listener_serves_one_connection() {
 }
 
 #[test]
-fn binary_documents_and_starts_the_namespace_sandbox() {
+fn the_binary_starts_the_namespace_sandbox() {
     let bin = env!("CARGO_BIN_EXE_virtiofsd-lite");
-    let help = std::process::Command::new(bin)
-        .arg("--help")
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("--sandbox"), "{help}");
-    assert!(help.contains("namespace"), "{help}");
-
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         skip!("namespace sandbox start: needs root");
