@@ -140,15 +140,32 @@ fn stop_reason(cause: StopCause, id: u8, fd: &mut VcpuFd) -> VmExitReason {
     }
 }
 
-/// Where an exit is counted: the bus device it reached, or its kind.
-fn tally_for<'a>(exit: &kvm_ioctls::VcpuExit<'_>, ctx: &'a VcpuContext) -> &'a Tally {
+/// Where an exit is counted: the bus device it reached, its kind, or the
+/// unclaimed port it touched.
+enum Counter<'a> {
+    Tally(&'a Tally),
+    UnclaimedPort(u16),
+}
+
+impl Counter<'_> {
+    fn record(&self, others: &OtherExits, handling: std::time::Duration) {
+        match self {
+            Counter::Tally(t) => t.record(handling),
+            Counter::UnclaimedPort(port) => others.io_unclaimed.record(*port, handling),
+        }
+    }
+}
+
+fn counter_for<'a>(exit: &kvm_ioctls::VcpuExit<'_>, ctx: &'a VcpuContext) -> Counter<'a> {
     use kvm_ioctls::VcpuExit;
     let others = &*ctx.others;
-    match exit {
-        VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => ctx
-            .io_bus
-            .tally(u64::from(*port))
-            .unwrap_or(&others.io_unclaimed),
+    Counter::Tally(match exit {
+        VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => {
+            match ctx.io_bus.tally(u64::from(*port)) {
+                Some(t) => t,
+                None => return Counter::UnclaimedPort(*port),
+            }
+        }
         VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
             ctx.mmio_bus.tally(*addr).unwrap_or(&others.mmio_unclaimed)
         }
@@ -157,7 +174,7 @@ fn tally_for<'a>(exit: &kvm_ioctls::VcpuExit<'_>, ctx: &'a VcpuContext) -> &'a T
         VcpuExit::IrqWindowOpen => &others.irq_window,
         VcpuExit::IoapicEoi(_) => &others.eoi,
         _ => &others.other,
-    }
+    })
 }
 
 /// The body of a vCPU thread: runs until the VM is asked to stop.
@@ -175,12 +192,12 @@ pub fn run_vcpu(id: u8, mut fd: VcpuFd, ctx: VcpuContext) {
         }
         let action = match fd.run() {
             Ok(exit) => {
-                let tally = tally_for(&exit, &ctx);
+                let counter = counter_for(&exit, &ctx);
                 // Writes the guest queued before this exit are applied
                 // first (`vstate::coalesced`).
                 let (action, handling) =
                     drain_then_handle(exit, &ctx.io_bus, &ctx.mmio_bus, ctx.coalesced.as_deref());
-                tally.record(handling);
+                counter.record(&ctx.others, handling);
                 action
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
