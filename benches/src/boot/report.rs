@@ -189,7 +189,7 @@ pub fn document(set: &Setting<'_>, columns: Vec<(Vmm, Vec<Value>)>) -> Value {
             "memory": procmem::METHOD,
             "vmm_exits": "keystone only: its timings JSON's exits (vmm_reported.exits: per device and kind, count and the VMM's handling time); vmm_reported.exits_total adds them up, leaving out 'coalesced ...' entries (guest writes KVM queued without an exit)",
             "memory_when": "at the marker line (marker boot) / at the first answered ping (agent boot)",
-            "cmdline": "every VMM gets guest.base_cmdline plus the root words (root=root rootfstype=virtiofs rw init=/init; rdinit=/init with an initramfs; keystone.root=root for the agent); each VMM adds its own device entries; keystone is given the line minus the words it adds itself (console=ttyS0 earlyprintk=ttyS0, reboot=k panic=-1 io_delay=none), with --no-host-cmdline; kernel_cmdline_seen is what the guest kernel printed",
+            "cmdline": format!("every VMM gets guest.base_cmdline plus the root words (root=root rootfstype=virtiofs rw init=/init; rdinit=/init with an initramfs; keystone.root=root for the agent); each VMM adds its own device entries; keystone is given the line minus the words it adds itself (console=ttyS0 earlyprintk=ttyS0, {}), with --no-host-cmdline; kernel_cmdline_seen is what the guest kernel printed", vmm::host::COMMON_GUEST_CMDLINE),
             "exit": "clean = milestone reached and the VMM exited by itself with status 0, or was stopped at the milestone as planned (agent boots; Cloud Hypervisor, which boots the guest again on reboot); killed if still running 60 s after the marker or past the per-boot timeout",
         },
         "targets": {

@@ -88,8 +88,13 @@ pub struct HostKvm {
 /// page-fault handler (`syscall_via_idt`, from our guest kernel patch).
 pub const PVM_GUEST_CMDLINE: &str = "noxsave clearcpuid=cx16,popcnt,smap,fsgsbase,pku,rdpid,rtm,hle,rdrand,rdseed,serialize,invpcid,pcid nosmap no_int3_selftest nokaslr lpj=5000000 tsc=reliable syscall_via_idt";
 
-/// Options every guest of ours gets, whatever the host.
-pub const COMMON_GUEST_CMDLINE: &str = "reboot=k panic=-1 io_delay=none";
+/// Options every guest of ours gets, whatever the host: reboot through the
+/// keyboard controller (the i8042 ends the VM), no waiting after a panic,
+/// no port 0x80 writes between PIT/PIC accesses (`io_delay=none`), and no
+/// PCI probing (`pci=off`): the VM has no PCI bus, and the probe (the
+/// early-quirks scan of bus 0, then the conf1/conf2 checks) was some 80
+/// exits to unclaimed ports 0xcf8-0xcff per boot.
+pub const COMMON_GUEST_CMDLINE: &str = "reboot=k panic=-1 io_delay=none pci=off";
 
 /// Tells a paravirtual KVM from a hardware one by the loaded module.
 pub fn detect_kind(sys_module: &Path) -> KvmKind {
@@ -162,6 +167,8 @@ mod tests {
         ] {
             assert!(PVM_GUEST_CMDLINE.contains(opt), "{opt}");
         }
-        assert!(COMMON_GUEST_CMDLINE.contains("reboot=k"));
+        for opt in ["reboot=k", "io_delay=none", "pci=off"] {
+            assert!(COMMON_GUEST_CMDLINE.contains(opt), "{opt}");
+        }
     }
 }
