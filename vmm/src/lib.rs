@@ -7,6 +7,13 @@
 //! devices (vhost-user devices such as virtio-fs) announced on the kernel
 //! command line.
 //!
+//! Exits are what a boot costs on hardware KVM, so the VMM avoids them
+//! where it can: the serial port's transmit register is coalesced port
+//! I/O (KVM queues the guest's writes in a ring instead of exiting, where
+//! it has `KVM_CAP_COALESCED_PIO`), the guest's command line turns off
+//! probes of hardware the VM lacks (`io_delay=none`, `pci=off`), and
+//! [`VmHandle::exit_counts`] says what is left, by device and kind.
+//!
 //! The library never exits the process and never panics on guest input:
 //! every failure is a typed error, and a VM that stops (reset, shutdown,
 //! triple fault, emulation failure) is reported through [`VmHandle::wait`].
