@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use log_limit::BURST;
+use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use virtiofsd_lite::vhost_user::FsBackend;
 use virtiofsd_lite::{FileSystem, Server};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
