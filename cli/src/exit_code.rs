@@ -8,12 +8,14 @@ pub const OPERATION_FAILED: i32 = 3;
 pub const REQUIREMENTS: i32 = 4;
 pub const CANCELLED: i32 = 5;
 
-/// A failure that carries its own exit code.
+/// A failure that carries its own exit code, and what caused it.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct CodedError {
     pub code: i32,
     pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl CodedError {
@@ -21,18 +23,38 @@ impl CodedError {
         anyhow::Error::new(Self {
             code,
             message: message.into(),
+            source: None,
+        })
+    }
+
+    /// `message`, caused by `source`, leaving with `code`.
+    pub fn because(
+        code: i32,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> anyhow::Error {
+        anyhow::Error::new(Self {
+            code,
+            message: message.into(),
+            source: Some(Box::new(source)),
         })
     }
 }
 
-/// The exit code for an error: its own code, 4 for a host without KVM,
+/// The exit code for an error: the first code its chain carries (a
+/// `CodedError`'s, a backend error's), 4 for a host without KVM,
 /// otherwise 3.
 pub fn for_error(err: &anyhow::Error) -> i32 {
-    if let Some(coded) = err.downcast_ref::<CodedError>() {
-        return coded.code;
-    }
-    if let Some(vmm::StartError::Kvm(_)) = err.downcast_ref::<vmm::StartError>() {
-        return REQUIREMENTS;
+    for cause in err.chain() {
+        if let Some(coded) = cause.downcast_ref::<CodedError>() {
+            return coded.code;
+        }
+        if let Some(backend) = cause.downcast_ref::<crate::agent::BackendError>() {
+            return backend.exit_code();
+        }
+        if let Some(vmm::StartError::Kvm(_)) = cause.downcast_ref::<vmm::StartError>() {
+            return REQUIREMENTS;
+        }
     }
     OPERATION_FAILED
 }

@@ -6,6 +6,7 @@
 mod agent;
 mod embedded;
 mod exit_code;
+mod logging;
 mod shown;
 mod signals;
 mod terminal;
@@ -68,7 +69,7 @@ fn main() {
             std::process::exit(code);
         }
     };
-    terminal::init_logging(cli.log_level.parse().unwrap_or(log::LevelFilter::Warn));
+    logging::init(cli.log_level.parse().unwrap_or(log::LevelFilter::Warn));
     let result = match cli.command {
         Command::Vm(VmCommand::Run(args)) => vm_run::run(args, process_start_ns),
         Command::Vm(VmCommand::MakeRoot(args)) => vm_run::make_root(args),

@@ -1,32 +1,6 @@
-//! Terminal handling: logging to stderr, raw mode for the serial console.
+//! Terminal handling: raw mode for the serial console and sessions.
 
 use std::io::IsTerminal;
-
-/// Minimal stderr logger for the `log` facade.
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            // Records quote the guest (its chains, names, requests).
-            let text = crate::shown::line(&record.args().to_string());
-            eprintln!("[{} {}] {text}", record.level(), record.target());
-        }
-    }
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLogger = StderrLogger;
-
-/// Routes `log` records at or above `level` to stderr.
-pub fn init_logging(level: log::LevelFilter) {
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
-    }
-}
 
 /// Puts stdin in raw mode while alive, if it is a terminal.
 pub struct RawMode {

@@ -92,9 +92,11 @@ pub fn make_root(args: MakeRootArgs) -> anyhow::Result<i32> {
     };
     match BusyboxRoot::create(&args.dir, &args.busybox, kind, "keystone") {
         Ok(_) => Ok(exit_code::OK),
-        Err(e @ (RootError::NoBusybox(_) | RootError::NotStatic(_))) => {
-            Err(CodedError::error(exit_code::REQUIREMENTS, e.to_string()))
-        }
+        Err(e @ (RootError::NoBusybox(_) | RootError::NotStatic(_))) => Err(CodedError::because(
+            exit_code::REQUIREMENTS,
+            "cannot lay out the busybox root",
+            e,
+        )),
         Err(e) => Err(e.into()),
     }
 }

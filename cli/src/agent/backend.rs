@@ -183,6 +183,20 @@ pub enum BackendError {
     /// Any other failure (exit 3).
     #[error("{0}")]
     Failed(String),
+    /// A step failed on the host's files or processes (exit 3).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest agent could not be reached or did not do it (exit 3).
+    #[error("{what}: {source}")]
+    Agent {
+        what: String,
+        #[source]
+        source: keystone_guest_agent::client::ClientError,
+    },
 }
 
 impl BackendError {
@@ -193,7 +207,9 @@ impl BackendError {
             Self::InvalidState(_) => INVALID_STATE,
             Self::NotFound(_) => exit_code::NOT_FOUND,
             Self::Cancelled(_) => CANCELLED,
-            Self::Conflict(_) | Self::Failed(_) => exit_code::OPERATION_FAILED,
+            Self::Conflict(_) | Self::Failed(_) | Self::Io { .. } | Self::Agent { .. } => {
+                exit_code::OPERATION_FAILED
+            }
         }
     }
 
@@ -209,9 +225,18 @@ impl BackendError {
         }
     }
 
-    /// As an `anyhow` error carrying the exit code.
+    /// `what` failed because of `source` on the host.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// As an `anyhow` error: the exit code and the causes go along
+    /// (`exit_code::for_error` finds the code, `main` prints the chain).
     pub fn coded(self) -> anyhow::Error {
-        crate::exit_code::CodedError::error(self.exit_code(), self.to_string())
+        anyhow::Error::new(self)
     }
 }
 

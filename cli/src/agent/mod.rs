@@ -19,11 +19,12 @@
 mod backend;
 mod config;
 pub mod devcontainer;
-mod fsutil;
+pub(crate) mod fsutil;
 mod inspect;
 mod lifecycle;
 mod microvm;
 
+pub use backend::BackendError;
 pub use microvm::shares::{share_main, ShareArgs};
 pub(crate) mod naming;
 mod netpolicy;
@@ -452,5 +453,6 @@ pub fn project_top(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
 
 /// Store failures are operation failures (exit 3).
 pub fn store_err(e: registry::StoreError) -> anyhow::Error {
-    CodedError::error(exit_code::OPERATION_FAILED, e.to_string())
+    // Exit 3, the error's own chain printed by `main`.
+    anyhow::Error::new(e)
 }

@@ -117,12 +117,7 @@ fn idle_ms(mode: SyncMode) -> u64 {
 
 /// Starts auto-sync for `spec` when its sync mode asks for it; `log`
 /// writes a line to the supervisor log.
-pub fn start(
-    spec: &SandboxSpec,
-    vsock: &Path,
-    ready: &Arc<Readiness>,
-    log: fn(&str),
-) -> Option<AutoSync> {
+pub fn start(spec: &SandboxSpec, vsock: &Path, ready: &Arc<Readiness>) -> Option<AutoSync> {
     let mode = spec.settings.sync_mode;
     if mode == SyncMode::Manual {
         return None;
@@ -135,9 +130,9 @@ pub fn start(
     let worker_spec = spec.clone();
     let spawned = std::thread::Builder::new()
         .name("autosync".into())
-        .spawn(move || worker(&worker_spec, mode, &rx, log));
+        .spawn(move || worker(&worker_spec, mode, &rx));
     if let Err(e) = spawned {
-        log(&format!("auto-sync: cannot start its thread: {e}"));
+        log::warn!("auto-sync: cannot start its thread: {e}");
         return None;
     }
     let stop = Arc::clone(&auto.stop);
@@ -151,22 +146,21 @@ pub fn start(
                 stop: &stop,
                 closer: &closer,
                 ready: &ready,
-                log,
             };
             watch_loop(mode, &uds, &held, &tx)
         });
     if let Err(e) = spawned {
-        log(&format!("auto-sync: cannot start its watch thread: {e}"));
+        log::warn!("auto-sync: cannot start its watch thread: {e}");
         return None;
     }
-    log(&format!(
+    log::info!(
         "auto-sync: mode {mode}{}",
         if mode == SyncMode::AutoIdle {
             format!(" (after {IDLE_SECONDS} s without changes)")
         } else {
             String::new()
         }
-    ));
+    );
     Some(auto)
 }
 
@@ -174,7 +168,7 @@ pub fn start(
 /// Each time the watch opens, what the guest did before it (a commit made
 /// while the guest booted, or while the watch was down) is caught up on.
 fn watch_loop(mode: SyncMode, uds: &Path, held: &guest::Held<'_>, tx: &SyncSender<Target>) {
-    let (stop, log) = (held.stop, held.log);
+    let stop = held.stop;
     // One try per round (a guest that reboots pays for each refused try).
     let client = guest::single_try_client(uds);
     let paths = vec![GUEST_WORKSPACE.to_string()];
@@ -186,10 +180,10 @@ fn watch_loop(mode: SyncMode, uds: &Path, held: &guest::Held<'_>, tx: &SyncSende
         ) else {
             return;
         };
-        log(&format!(
+        log::info!(
             "auto-sync: watching {GUEST_WORKSPACE} ({} directories)",
             events.directories()
-        ));
+        );
         if tx.send(Target::CatchUp).is_err() {
             return;
         }
@@ -203,7 +197,7 @@ fn watch_loop(mode: SyncMode, uds: &Path, held: &guest::Held<'_>, tx: &SyncSende
                     }
                 }
                 Err(e) => {
-                    log(&format!("auto-sync: the watch ended: {e}"));
+                    log::info!("auto-sync: the watch ended: {e}");
                     break;
                 }
             }
@@ -226,7 +220,7 @@ fn add_to_round(round: &mut BTreeSet<Target>, t: Target) {
 }
 
 /// Runs syncs one at a time, merging the targets that queued up meanwhile.
-fn worker(spec: &SandboxSpec, mode: SyncMode, rx: &Receiver<Target>, log: fn(&str)) {
+fn worker(spec: &SandboxSpec, mode: SyncMode, rx: &Receiver<Target>) {
     let mut reported = round::Reported::default();
     while let Ok(first) = rx.recv() {
         let mut targets = BTreeSet::from([first]);
@@ -240,10 +234,10 @@ fn worker(spec: &SandboxSpec, mode: SyncMode, rx: &Receiver<Target>, log: fn(&st
         }
         if let Err(e) = fetch_into(spec, &remote_ns(&spec.name)) {
             let e = printable(e.as_bytes());
-            log(&format!("auto-sync: fetching from the sandbox failed: {e}"));
+            log::warn!("auto-sync: fetching from the sandbox failed: {e}");
             continue;
         }
-        round::sync_round(&spec.project, &spec.name, mode, targets, &mut reported, log);
+        round::sync_round(&spec.project, &spec.name, mode, targets, &mut reported);
     }
 }
 

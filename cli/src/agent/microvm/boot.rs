@@ -42,8 +42,8 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn io_failed(what: &str, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Failed(format!("{what}: {e}"))
+fn io_failed(what: &str, e: std::io::Error) -> BackendError {
+    BackendError::io(what, e)
 }
 
 /// What the supervisor reported of a start that succeeded.

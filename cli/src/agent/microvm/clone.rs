@@ -54,8 +54,8 @@ pub enum CloneError {
     },
 }
 
-fn io_failed(what: &str, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Failed(format!("{what}: {e}"))
+fn io_failed(what: &str, e: std::io::Error) -> BackendError {
+    BackendError::io(what, e)
 }
 
 /// Makes the sandbox-private clone at the layout's workspace (first start,

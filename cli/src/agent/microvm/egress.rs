@@ -58,15 +58,10 @@ impl Drop for EgressService {
 
 /// Starts offering outbound connections to the guest of `spec` unless its
 /// network setting is `none`.
-pub fn start(
-    spec: &SandboxSpec,
-    vsock: &Path,
-    ready: &Arc<Readiness>,
-    log: fn(&str),
-) -> Option<EgressService> {
+pub fn start(spec: &SandboxSpec, vsock: &Path, ready: &Arc<Readiness>) -> Option<EgressService> {
     // `bridge` is not available and means nat (start says so).
     if spec.settings.network == Network::None {
-        log("network none: the guest's proxy answers that there is no network");
+        log::info!("network none: the guest's proxy answers that there is no network");
         return None;
     }
     let allow: Vec<Cidr> = spec
@@ -84,9 +79,9 @@ pub fn start(
     let (uds, ready) = (vsock.to_path_buf(), Arc::clone(ready));
     let spawned = std::thread::Builder::new()
         .name("egress".into())
-        .spawn(move || offer_loop(&uds, &policy, &stop, &closer, &ready, log));
+        .spawn(move || offer_loop(&uds, &policy, &stop, &closer, &ready));
     if let Err(e) = spawned {
-        log(&format!("egress: cannot start its thread: {e}"));
+        log::warn!("egress: cannot start its thread: {e}");
         return None;
     }
     Some(service)
@@ -105,22 +100,20 @@ fn offer_loop(
     stop: &AtomicBool,
     closer: &Mutex<Option<WatchCloser>>,
     ready: &Readiness,
-    log: fn(&str),
 ) {
     let held = guest::Held {
         service: Service::Egress,
         stop,
         closer,
         ready,
-        log,
     };
     let offering = guest::single_try_client(uds);
-    let asks_pool = AskPool::new(uds, Arc::clone(policy), log);
+    let asks_pool = AskPool::new(uds, Arc::clone(policy));
     while !stop.load(Ordering::SeqCst) {
         let Some(asks) = held.open(backoff, || offering.egress(), |a| a.closer()) else {
             return;
         };
-        log("egress: offering outbound connections to the guest");
+        log::info!("egress: offering outbound connections to the guest");
         for ask in asks {
             match ask {
                 Ok(ask) => asks_pool.submit(ask),

@@ -148,9 +148,9 @@ impl PortForwarder {
     /// its agent is up; the first answer reports the port watch up in
     /// `ready`. With `publish`, routable ports also get a host listener at
     /// their own number (`[proxy] publish_same_port`).
-    pub fn start(layout: &Layout, ready: &Arc<Readiness>, publish: bool, log: fn(&str)) -> Self {
+    pub fn start(layout: &Layout, ready: &Arc<Readiness>, publish: bool) -> Self {
         let file = forwards_file(layout);
-        write_file(&file, &[], log);
+        write_file(&file, &[]);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -161,7 +161,7 @@ impl PortForwarder {
                 .name("port-watch".into())
                 .spawn(move || {
                     if ready.wait_up(Service::Agent, &stop) {
-                        let watch = Watch::new(&vsock, publish, log);
+                        let watch = Watch::new(&vsock, publish);
                         poll_loop(watch, &file, &stop, &ready);
                     }
                 })
@@ -169,7 +169,7 @@ impl PortForwarder {
         let thread = match thread {
             Ok(t) => Some(t),
             Err(e) => {
-                log(&format!("cannot start the port watch: {e}"));
+                log::warn!("cannot start the port watch: {e}");
                 None
             }
         };
@@ -193,29 +193,27 @@ impl Drop for PortForwarder {
     }
 }
 
-fn write_file(file: &Path, forwards: &[PortForward], log: fn(&str)) {
+fn write_file(file: &Path, forwards: &[PortForward]) {
     if let Some(dir) = file.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     if let Err(e) = fsutil::write_json_atomic(file, &forwards) {
-        log(&format!("cannot write {}: {e}", file.display()));
+        log::warn!("cannot write {}: {e}", file.display());
     }
 }
 
 /// The watch's state between polls.
 struct Watch<'a> {
     vsock: &'a Path,
-    log: fn(&str),
     /// The host listeners, when ports are published.
     published: Option<publish::Publisher<'a>>,
 }
 
 impl<'a> Watch<'a> {
-    fn new(vsock: &'a Path, publish: bool, log: fn(&str)) -> Self {
+    fn new(vsock: &'a Path, publish: bool) -> Self {
         Self {
             vsock,
-            log,
-            published: publish.then(|| publish::Publisher::new(vsock, log)),
+            published: publish.then(|| publish::Publisher::new(vsock)),
         }
     }
 
@@ -223,10 +221,10 @@ impl<'a> Watch<'a> {
     fn reconcile(&mut self, listening: &[ListeningPort]) -> Vec<PortForward> {
         let wanted = by_port(listening);
         if wanted.len() > MAX_LISTED {
-            (self.log)(&format!(
+            log::info!(
                 "the guest listens on {} ports: listing the lowest {MAX_LISTED}",
                 wanted.len()
-            ));
+            );
         }
         let listed: BTreeMap<u16, Vec<IpAddr>> = wanted.into_iter().take(MAX_LISTED).collect();
         if let Some(p) = &mut self.published {
@@ -270,7 +268,7 @@ fn poll_interval(took: Duration) -> Duration {
 }
 
 fn poll_loop(mut watch: Watch<'_>, file: &Path, stop: &AtomicBool, ready: &Readiness) {
-    let (log, vsock) = (watch.log, watch.vsock);
+    let vsock = watch.vsock;
     let mut written: Vec<PortForward> = Vec::new();
     let mut reached = false;
     let mut failing = false;
@@ -285,14 +283,14 @@ fn poll_loop(mut watch: Watch<'_>, file: &Path, stop: &AtomicBool, ready: &Readi
                     failing = false;
                     let view = watch.reconcile(&ports);
                     if view != written {
-                        write_file(file, &view, log);
+                        write_file(file, &view);
                         written = view;
                     }
                     ready.up(Service::Ports);
                 }
                 Err(e) if reached && !failing => {
                     failing = true;
-                    log(&format!("cannot read the guest's listening ports: {e}"));
+                    log::warn!("cannot read the guest's listening ports: {e}");
                 }
                 Err(_) => {}
             }
@@ -350,11 +348,10 @@ mod tests {
 
     #[test]
     fn by_default_no_host_port_is_opened_for_a_guest_port() {
-        fn log(_: &str) {}
         // A port no test binds: had the watch opened a host listener for
         // it, 127.0.0.1 would accept there.
         let guest_port = 47391;
-        let mut watch = Watch::new(Path::new("/nonexistent/vsock.sock"), false, log);
+        let mut watch = Watch::new(Path::new("/nonexistent/vsock.sock"), false);
         let view = watch.reconcile(&[
             lp(guest_port, "127.0.0.1"),
             lp(5432, "0.0.0.0"),
@@ -374,8 +371,7 @@ mod tests {
 
     #[test]
     fn a_guest_with_many_ports_gets_a_bounded_list() {
-        fn log(_: &str) {}
-        let mut watch = Watch::new(Path::new("/nonexistent/vsock.sock"), false, log);
+        let mut watch = Watch::new(Path::new("/nonexistent/vsock.sock"), false);
         let ports: Vec<ListeningPort> = (0..MAX_LISTED as u16 + 50)
             .map(|i| lp(20000 + i, "127.0.0.1"))
             .collect();

@@ -65,7 +65,6 @@ pub struct Held<'a> {
     /// Receives the opened connection's closer, so that a stop ends it.
     pub closer: &'a Mutex<Option<WatchCloser>>,
     pub ready: &'a Readiness,
-    pub log: fn(&str),
 }
 
 impl Held<'_> {
@@ -99,7 +98,7 @@ impl Held<'_> {
                     return Some(held);
                 }
                 Err(e @ ClientError::Unsupported { .. }) => {
-                    (self.log)(&format!("{what} is off: {e}"));
+                    log::info!("{what} is off: {e}");
                     self.ready.unavailable(self.service, &e.to_string());
                     return None;
                 }
@@ -107,7 +106,7 @@ impl Held<'_> {
                     // The guest is rebooting, or the agent refused.
                     let msg = e.to_string();
                     if last_error.as_deref() != Some(msg.as_str()) {
-                        (self.log)(&format!("{what}: not open yet, retrying: {msg}"));
+                        log::info!("{what}: not open yet, retrying: {msg}");
                         last_error = Some(msg);
                     }
                     failures += 1;
@@ -128,9 +127,13 @@ pub fn quick_client(uds: &Path, timeout: Duration) -> AgentClient {
     }))
 }
 
-/// A client error as a backend error (exit 3), with a hint.
+/// A client error as a backend error (exit 3), the client's error kept
+/// as its cause.
 pub fn agent_err(what: &str, e: ClientError) -> BackendError {
-    BackendError::Failed(format!("{what}: {e}"))
+    BackendError::Agent {
+        what: what.to_string(),
+        source: e,
+    }
 }
 
 /// The terminal size of stdout (or stdin), if either is a terminal.

@@ -482,10 +482,9 @@ pub fn forward_port(
     host_port: u16,
     alive: &dyn Fn() -> bool,
     ready: &mut dyn FnMut(),
-    log: fn(&str),
 ) -> Result<(), ForwardError> {
     let vsock = Layout::new(&spec.paths).vsock;
-    forward::forward_until_interrupted(vsock, guest_port, host_port, alive, ready, log)
+    forward::forward_until_interrupted(vsock, guest_port, host_port, alive, ready)
 }
 
 /// `keystone agent __git-upload-pack NAME`.

@@ -31,6 +31,9 @@ pub struct SupervisorPlan {
     pub agent_timeout_s: u64,
     /// How long the other services and the setup may take after that.
     pub services_timeout_s: u64,
+    /// The level `start` logs at (`--log-level`).
+    #[serde(default)]
+    pub log_level: String,
 }
 
 /// Why a plan could not be read.
@@ -59,7 +62,15 @@ impl SupervisorPlan {
             settings: spec.settings.clone(),
             agent_timeout_s,
             services_timeout_s,
+            log_level: log::max_level().to_string(),
         }
+    }
+
+    /// The supervisor's level: its log tells the boot's steps (info) at
+    /// least, more when `start` ran with `--log-level debug` or `trace`.
+    pub fn log_level(&self) -> log::LevelFilter {
+        let asked = self.log_level.parse().unwrap_or(log::LevelFilter::Info);
+        asked.max(log::LevelFilter::Info)
     }
 
     /// The sandbox the plan runs.

@@ -121,12 +121,11 @@ pub struct Readiness {
     t0: Instant,
     inner: Mutex<Inner>,
     changed: Condvar,
-    log: fn(&str),
 }
 
 impl Readiness {
     /// Tracks `expected`, reporting on `out` (none: only logged).
-    pub fn new(out: Option<File>, expected: &[Service], log: fn(&str)) -> Self {
+    pub fn new(out: Option<File>, expected: &[Service]) -> Self {
         Self {
             t0: Instant::now(),
             inner: Mutex::new(Inner {
@@ -137,7 +136,6 @@ impl Readiness {
                 up: BTreeSet::new(),
             }),
             changed: Condvar::new(),
-            log,
         }
     }
 
@@ -160,7 +158,7 @@ impl Readiness {
 
     /// Reports how the engine set the guest up.
     pub fn engine(&self, engine: &str, nested: NestedStatus, how: &str) {
-        (self.log)(&format!("nested virtualization {}: {how}", nested.as_str()));
+        log::info!("nested virtualization {}: {how}", nested.as_str());
         write_event(
             &mut self.lock().out,
             &ReadyEvent::Engine {
@@ -173,7 +171,7 @@ impl Readiness {
 
     /// A line for the user (also logged).
     pub fn progress(&self, line: &str) {
-        (self.log)(line);
+        log::info!("{}", line);
         write_event(
             &mut self.lock().out,
             &ReadyEvent::Progress {
@@ -184,7 +182,7 @@ impl Readiness {
 
     /// A step of the start is done after `took`.
     pub fn phase(&self, phase: &str, took: Duration) {
-        (self.log)(&format!("phase: {phase} took {:.3} s", took.as_secs_f64()));
+        log::info!("phase: {phase} took {:.3} s", took.as_secs_f64());
         write_event(
             &mut self.lock().out,
             &ReadyEvent::Phase {
@@ -255,12 +253,12 @@ impl Readiness {
                 why: why.to_string(),
             },
         };
-        (self.log)(&format!(
+        log::info!(
             "ready: {} {} after {:.2} s",
             service.describe(),
             if why.is_none() { "up" } else { "unavailable" },
             after.as_secs_f64()
-        ));
+        );
         write_event(&mut inner.out, &event);
         let all = inner.expected.iter().all(|s| inner.settled.contains_key(s));
         if all {
@@ -273,10 +271,10 @@ impl Readiness {
             write_event(&mut inner.out, &ReadyEvent::Ready { after_ms });
             // Closing our end tells `start` that nothing more comes.
             inner.out = None;
-            (self.log)(&format!(
+            log::info!(
                 "ready: every service settled after {:.2} s",
                 after.as_secs_f64()
-            ));
+            );
         }
         drop(inner);
         self.changed.notify_all();
@@ -377,8 +375,6 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 mod tests {
     use super::*;
 
-    fn quiet(_: &str) {}
-
     fn pair() -> (ReadyReader, File) {
         let (r, w) = pipe().unwrap();
         (ReadyReader::spawn(r).unwrap(), File::from(w))
@@ -387,11 +383,7 @@ mod tests {
     #[test]
     fn ready_comes_once_every_expected_service_settled() {
         let (reader, w) = pair();
-        let ready = Readiness::new(
-            Some(w),
-            &[Service::Agent, Service::Egress, Service::Ports],
-            quiet,
-        );
+        let ready = Readiness::new(Some(w), &[Service::Agent, Service::Egress, Service::Ports]);
         ready.up(Service::Agent);
         ready.up(Service::Agent);
         ready.up(Service::Ports);
@@ -433,7 +425,7 @@ mod tests {
     #[test]
     fn a_supervisor_that_dies_closes_the_pipe() {
         let (reader, w) = pair();
-        let ready = Readiness::new(Some(w), &[Service::Agent, Service::Egress], quiet);
+        let ready = Readiness::new(Some(w), &[Service::Agent, Service::Egress]);
         ready.up(Service::Agent);
         drop(ready);
         assert!(matches!(
@@ -445,7 +437,7 @@ mod tests {
 
     #[test]
     fn services_wait_for_the_agent_or_a_stop() {
-        let ready = std::sync::Arc::new(Readiness::new(None, &[Service::Agent], quiet));
+        let ready = std::sync::Arc::new(Readiness::new(None, &[Service::Agent]));
         let stop = AtomicBool::new(false);
         let waiter = {
             let ready = std::sync::Arc::clone(&ready);

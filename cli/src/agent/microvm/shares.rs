@@ -107,7 +107,6 @@ pub enum ShareError {
 pub fn serve_on_socket(
     cfg: virtiofsd_lite::FsConfig,
     socket: &Path,
-    log: fn(&str),
 ) -> Result<ShareServer, ShareError> {
     if sandboxed(cfg.readonly) {
         return spawn_process(&cfg, socket).map(ShareServer::Process);
@@ -117,7 +116,7 @@ pub fn serve_on_socket(
         .name(format!("fs-{tag}"))
         .spawn(move || {
             if let Err(e) = virtiofsd_lite::serve_listener(&s, cfg) {
-                log(&format!("virtiofsd-lite {tag}: {e}"));
+                log::info!("virtiofsd-lite {tag}: {e}");
             }
         })
         .map_err(ShareError::Thread)?;

@@ -107,17 +107,6 @@ pub struct Ended {
     pub detail: String,
 }
 
-/// One line of the supervisor log (its standard error, which
-/// `logfile::capture_output` bounds); what it quotes of the guest is
-/// escaped and kept to the line.
-pub(super) fn log(msg: &str) {
-    eprintln!(
-        "[{}] supervisor: {}",
-        super::super::fsutil::now_rfc3339(),
-        crate::shown::line(msg)
-    );
-}
-
 /// The error and its causes on one line, as the user reads it.
 fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -145,16 +134,17 @@ pub fn supervise(name: &str, input: &mut dyn Read) -> BackendResult<i32> {
     let plan = SupervisorPlan::read(input, name).map_err(|e| BackendError::Failed(chain(&e)))?;
     let spec = plan.spec();
     let layout = Layout::new(&spec.paths);
+    crate::logging::daemon("supervisor", crate::logging::stderr_line, plan.log_level());
     // Every line of this process and of QEMU, bounded (dropped at return).
     let _output = logfile::capture_output(&layout.supervisor_log)
-        .map_err(|e| log(&format!("the supervisor log is not bounded: {e}")))
+        .map_err(|e| log::warn!("the supervisor log is not bounded: {e}"))
         .ok();
-    log(&format!(
+    log::info!(
         "sandbox {} supervisor pid {}",
         spec.name,
         std::process::id()
-    ));
-    let ready = Arc::new(Readiness::new(ready_pipe, &expected_services(&spec), log));
+    );
+    let ready = Arc::new(Readiness::new(ready_pipe, &expected_services(&spec)));
     let state = match RunStateWriter::begin(&spec.paths) {
         Ok(state) => state,
         Err(e) => {
@@ -191,13 +181,13 @@ pub fn supervise(name: &str, input: &mut dyn Read) -> BackendResult<i32> {
         ),
         Err(e) => (SandboxState::Error, Some(chain(e))),
     };
-    log(&format!(
+    log::info!(
         "guest ended: {}",
         match &result {
             Ok(e) => e.detail.clone(),
             Err(e) => chain(e),
         }
-    ));
+    );
     let code = match &result {
         Err(e) => e.exit_code(),
         Ok(_) if end == SandboxState::Stopped => exit_code::OK,
@@ -208,7 +198,7 @@ pub fn supervise(name: &str, input: &mut dyn Read) -> BackendResult<i32> {
         ready.failed(code, error);
     }
     if let Err(e) = state.ended(end, error) {
-        log(&format!("cannot record the end state: {e}"));
+        log::warn!("cannot record the end state: {e}");
     }
     let _ = std::fs::remove_file(layout.qemu_pid());
     Ok(code)

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use super::super::config::Settings;
 use super::super::registry::SandboxStore;
-use super::lifecycle::{self, bind, log};
+use super::lifecycle::{self, bind};
 use super::{dial, routing, server};
 
 /// Body of `keystone agent __proxy PORT`: serves until the state folder
 /// goes or no sandbox is registered for a while; a second proxy of the
 /// same state folder exits at once.
 pub fn run(store: &SandboxStore, settings: &Settings, port: u16) -> i32 {
+    crate::logging::daemon("proxy", lifecycle::write_line, log::LevelFilter::Info);
     let say = |line: &str| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
@@ -42,22 +43,19 @@ pub fn run(store: &SandboxStore, settings: &Settings, port: u16) -> i32 {
     let listeners = match bind(port, &hint) {
         Ok(l) => l,
         Err(why) => {
-            log(&why);
+            log::info!("{}", &why);
             say(&format!("error: {why}"));
             return 3;
         }
     };
     lifecycle::record(store, port);
-    log(&format!(
-        "listening on 127.0.0.1:{port} (pid {})",
-        std::process::id()
-    ));
+    log::info!("listening on 127.0.0.1:{port} (pid {})", std::process::id());
     say(&format!("listening {port}"));
     detach_stdout();
     let code = match serve(store, settings, port, listeners, watchdog) {
         Ok(()) => 0,
         Err(e) => {
-            log(&format!("stopped: {e}"));
+            log::info!("stopped: {e}");
             3
         }
     };
@@ -107,7 +105,7 @@ fn serve(
     let domains = domains(settings);
     let result = runtime.block_on(async move {
         let routes = routing::Routes::load(&store).unwrap_or_default();
-        let proxy = server::Proxy::new(routes, dial, limits, port, domains, log);
+        let proxy = server::Proxy::new(routes, dial, limits, port, domains);
         for l in listeners {
             l.set_nonblocking(true)?;
             let l = tokio::net::TcpListener::from_std(l)?;
@@ -121,7 +119,7 @@ fn serve(
                 .ok()
                 .flatten();
             if let Some(why) = watchdog.should_end(loaded.as_ref().map(|r| r.sandboxes.len())) {
-                log(&format!("exiting: {why}"));
+                log::info!("exiting: {why}");
                 return Ok(());
             }
             if let Some(routes) = loaded {

@@ -66,10 +66,9 @@ pub fn forward(ctx: &Context, args: &ForwardArgs) -> Result<i32> {
              (raw TCP; Ctrl-C stops)"
         );
     };
-    fn log(msg: &str) {
-        eprintln!("keystone: {msg}");
-    }
-    match microvm::forward_port(&spec, guest_port, host_port, &alive, &mut ready, log) {
+    // What happens to the connections is this command's output.
+    log::set_max_level(log::max_level().max(log::LevelFilter::Info));
+    match microvm::forward_port(&spec, guest_port, host_port, &alive, &mut ready) {
         Ok(()) => Ok(exit_code::OK),
         Err(e @ ForwardError::AgentPort(_)) => {
             Err(CodedError::error(exit_code::NOT_FOUND, e.to_string()))

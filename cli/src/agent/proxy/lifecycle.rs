@@ -62,12 +62,12 @@ pub fn running(store: &SandboxStore) -> Option<Option<ProxyInfo>> {
     }
 }
 
-/// Writes one line on the proxy's log (its stderr, `proxy.log`), starting
-/// the file over once it passes [`MAX_LOG`].
-pub fn log(msg: &str) {
+/// The proxy's log sink (see `crate::logging`): writes one line on its
+/// stderr, `proxy.log`, starting the file over once it passes [`MAX_LOG`].
+pub fn write_line(line: &str) {
     static LOCK: Mutex<()> = Mutex::new(());
     static WRITTEN: AtomicU64 = AtomicU64::new(u64::MAX);
-    let line = format!("[{}] proxy: {msg}\n", fsutil::now_rfc3339());
+    let line = format!("{line}\n");
     let _one = LOCK
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -174,7 +174,7 @@ pub(super) fn record(store: &SandboxStore, port: u16) {
         port,
     };
     if let Err(e) = fsutil::write_json_atomic(&files(store).info, &info) {
-        log(&format!("cannot write proxy.json: {e}"));
+        log::warn!("cannot write proxy.json: {e}");
     }
 }
 

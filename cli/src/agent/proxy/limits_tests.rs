@@ -283,14 +283,12 @@ fn the_vsock_dialer_reaches_guest_ports_through_the_agent() {
         let port = server.port();
         let mut route = running(&[port]);
         route.vsock = vsock.clone();
-        fn log(_: &str) {}
         let proxy = super::server::Proxy::new(
             routes(&[("box", route)]),
             Box::new(dial),
             Limits::default(),
             7300,
             vec!["localhost".into()],
-            log,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

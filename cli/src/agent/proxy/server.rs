@@ -91,7 +91,6 @@ pub struct Proxy {
     domains: Vec<String>,
     connections: Arc<Semaphore>,
     per_sandbox: Mutex<HashMap<String, Arc<Semaphore>>>,
-    log: fn(&str),
 }
 
 impl Proxy {
@@ -101,7 +100,6 @@ impl Proxy {
         limits: Limits,
         port: u16,
         domains: Vec<String>,
-        log: fn(&str),
     ) -> Arc<Self> {
         Arc::new(Self {
             routes: RwLock::new(Arc::new(routes)),
@@ -111,7 +109,6 @@ impl Proxy {
             port,
             domains,
             per_sandbox: Mutex::new(HashMap::new()),
-            log,
         })
     }
 
@@ -151,7 +148,7 @@ impl Proxy {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     if !warned {
-                        (self.log)(&format!("accept failed: {e}"));
+                        log::warn!("accept failed: {e}");
                         warned = true;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -241,7 +238,7 @@ impl Proxy {
             match tokio::time::timeout(self.limits.handshake, self.dial.dial(vsock, port)).await {
                 Ok(Ok(io)) => io,
                 Ok(Err(e)) => {
-                    (self.log)(&format!("{sandbox} port {port}: {e}"));
+                    log::info!("{sandbox} port {port}: {e}");
                     return Err(pages::unreachable(sandbox, port, &e.to_string()));
                 }
                 Err(_) => {
@@ -249,7 +246,7 @@ impl Proxy {
                         "the sandbox did not answer within {} s",
                         self.limits.handshake.as_secs()
                     );
-                    (self.log)(&format!("{sandbox} port {port}: {why}"));
+                    log::info!("{sandbox} port {port}: {why}");
                     return Err(pages::unreachable(sandbox, port, &why));
                 }
             };
@@ -322,7 +319,7 @@ impl Proxy {
                         Some(unsent) if tries < 2 => req = unsent,
                         _ => {
                             let why = format!("the server closed the connection: {}", e.error());
-                            (self.log)(&format!("{sandbox} port {port}: {why}"));
+                            log::info!("{sandbox} port {port}: {why}");
                             return page_response(pages::unreachable(sandbox, port, &why));
                         }
                     }

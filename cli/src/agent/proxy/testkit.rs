@@ -141,9 +141,8 @@ pub async fn start_proxy(
     dial: FakeDial,
     limits: Limits,
 ) -> (SocketAddr, Arc<Proxy>) {
-    fn log(_: &str) {}
     let domains = vec!["localhost".to_string(), "sandbox.local".to_string()];
-    let proxy = Proxy::new(routes, Box::new(dial), limits, 7300, domains, log);
+    let proxy = Proxy::new(routes, Box::new(dial), limits, 7300, domains);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(Arc::clone(&proxy).serve(listener));

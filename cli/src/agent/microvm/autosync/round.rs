@@ -49,13 +49,12 @@ pub fn sync_round(
     mode: SyncMode,
     targets: BTreeSet<Target>,
     reported: &mut Reported,
-    log: fn(&str),
 ) {
     let refs = match HostRefs::read(project) {
         Ok(refs) => refs,
         Err(e) => {
             let e = printable(e.as_bytes());
-            log(&format!("auto-sync: cannot read the host's refs: {e}"));
+            log::warn!("auto-sync: cannot read the host's refs: {e}");
             return;
         }
     };
@@ -73,7 +72,8 @@ pub fn sync_round(
                 Some(head) => {
                     branches.insert(head.clone());
                 }
-                None => log(
+                None => log::info!(
+                    "{}",
                     "auto-sync: the host checkout is on a detached HEAD: nothing synced \
                      (run `keystone agent sync --branch B`)",
                 ),
@@ -87,13 +87,13 @@ pub fn sync_round(
     for branch in branches {
         let (tip, line) = match fast_forward(project, name, &branch, current.as_deref(), &refs) {
             Ok(Some(line)) => {
-                log(&format!("auto-sync: {line}"));
+                log::info!("auto-sync: {line}");
                 continue;
             }
             Ok(None) => continue,
             Err(NotSynced::Failed(e)) => {
                 let (b, e) = (shown(&branch), printable(e.as_bytes()));
-                log(&format!("auto-sync: {b}: {e}"));
+                log::info!("auto-sync: {b}: {e}");
                 continue;
             }
             Err(NotSynced::Diverged { tip }) => {
@@ -134,7 +134,7 @@ pub fn sync_round(
             }
         };
         if reported.0.get(&branch) != Some(&tip) {
-            log(&line);
+            log::info!("{}", &line);
             reported.0.insert(branch, tip);
         }
     }

@@ -1,7 +1,6 @@
 //! Auto-sync rounds on real host repositories, with the fetched
 //! `refs/remotes/sandbox-s/*` set by hand (no guest needed).
 
-use std::cell::RefCell;
 use std::collections::BTreeSet;
 
 use super::super::super::super::backend::SyncOptions;
@@ -12,17 +11,9 @@ use super::super::super::sync::testrepo::TempRepo;
 use super::super::Target;
 use super::{fast_forward, sync_round, NotSynced, Reported};
 
-thread_local! {
-    static LOG: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The supervisor log, for one test thread.
-fn log(line: &str) {
-    LOG.with(|l| l.borrow_mut().push(line.to_string()));
-}
-
+/// The supervisor log's lines of this test thread since the last call.
 fn take_log() -> Vec<String> {
-    LOG.with(|l| std::mem::take(&mut *l.borrow_mut()))
+    crate::logging::capture::take()
 }
 
 fn set_sandbox(host: &TempRepo, branch: &str, id: &str) {
@@ -47,6 +38,7 @@ fn ff(host: &TempRepo, branch: &str) -> Result<Option<String>, NotSynced> {
 
 #[test]
 fn only_fast_forwards_of_branches_the_host_has_move_it() {
+    crate::logging::capture::this_thread();
     let host = TempRepo::new("autosync-ff", true);
     let base = host.commit("a", "a", "a");
     // The sandbox is one commit ahead on main (checked out here).
@@ -86,6 +78,7 @@ fn only_fast_forwards_of_branches_the_host_has_move_it() {
 
 #[test]
 fn auto_commit_creates_no_branch_and_moves_none_under_a_refused_name() {
+    crate::logging::capture::this_thread();
     let host = TempRepo::new("autosync-names", true);
     let base = host.commit("a", "a\n", "base");
     host.git(&["remote", "add", "origin", "https://example.com/r.git"]);
@@ -110,7 +103,6 @@ fn auto_commit_creates_no_branch_and_moves_none_under_a_refused_name() {
         SyncMode::AutoCommit,
         targets.clone(),
         &mut reported,
-        log,
     );
     let lines = take_log();
     let all = lines.join("\n");
@@ -136,14 +128,7 @@ fn auto_commit_creates_no_branch_and_moves_none_under_a_refused_name() {
 
     // The same tips again: nothing new to say.
     set_sandbox(&host, "main", &ahead);
-    sync_round(
-        &host.dir,
-        "s",
-        SyncMode::AutoCommit,
-        targets,
-        &mut reported,
-        log,
-    );
+    sync_round(&host.dir, "s", SyncMode::AutoCommit, targets, &mut reported);
     let again = take_log();
     assert!(
         again
@@ -163,6 +148,7 @@ fn auto_commit_creates_no_branch_and_moves_none_under_a_refused_name() {
 
 #[test]
 fn auto_idle_fills_the_checked_out_branch_before_its_first_commit() {
+    crate::logging::capture::this_thread();
     let host = TempRepo::new("autosync-unborn", true);
     let donor = TempRepo::new("autosync-unborn-donor", true);
     let tip = donor.commit("f", "from the sandbox\n", "first");
@@ -174,14 +160,7 @@ fn auto_idle_fills_the_checked_out_branch_before_its_first_commit() {
     ]);
     let mut reported = Reported::default();
     let targets = BTreeSet::from([Target::HostHead]);
-    sync_round(
-        &host.dir,
-        "s",
-        SyncMode::AutoIdle,
-        targets,
-        &mut reported,
-        log,
-    );
+    sync_round(&host.dir, "s", SyncMode::AutoIdle, targets, &mut reported);
     let all = take_log().join("\n");
     assert_eq!(host.git(&["rev-parse", "HEAD"]), tip, "{all}");
     assert_eq!(

@@ -182,30 +182,20 @@ fn egress_threads() -> usize {
 
 /// The service of a sandbox in `dir` (network nat), offering to `agent`
 /// once it is up.
-fn start_against(dir: &Path, agent: &FakeAgent, log: fn(&str)) -> EgressService {
+fn start_against(dir: &Path, agent: &FakeAgent) -> EgressService {
     let spec = SandboxSpec {
         name: "t".into(),
         project: dir.to_path_buf(),
         paths: SandboxStore::at(dir).paths("t"),
         settings: Settings::default(),
     };
-    let ready = Arc::new(Readiness::new(
-        None,
-        &[Service::Agent, Service::Egress],
-        log,
-    ));
+    let ready = Arc::new(Readiness::new(None, &[Service::Agent, Service::Egress]));
     ready.up(Service::Agent);
-    start(&spec, &agent.path, &ready, log).unwrap()
+    start(&spec, &agent.path, &ready).unwrap()
 }
 
 /// The tests count this process's threads: one runs at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-static FLOOD_LOG_LINES: AtomicUsize = AtomicUsize::new(0);
-
-fn count_flood_log(_: &str) {
-    FLOOD_LOG_LINES.fetch_add(1, Ordering::SeqCst);
-}
 
 fn temp_dir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ks-egress-{what}-{}", std::process::id()));
@@ -227,7 +217,9 @@ fn a_flood_of_unanswered_asks_keeps_the_supervisor_bounded() {
     let threads_before = status_kib_or_count("Threads:");
     let rss_before = status_kib_or_count("VmRSS:");
 
-    let service = start_against(&dir, &agent, count_flood_log);
+    crate::logging::capture::install();
+    let lines_before = crate::logging::capture::count(pool::ASKS_TARGET);
+    let service = start_against(&dir, &agent);
     let (mut threads, mut rss, mut ours) = (0, 0, 0);
     let t0 = Instant::now();
     let mut flooded_at = None;
@@ -244,7 +236,7 @@ fn a_flood_of_unanswered_asks_keeps_the_supervisor_bounded() {
         ours = ours.max(egress_threads());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let lines = FLOOD_LOG_LINES.load(Ordering::SeqCst);
+    let lines = crate::logging::capture::count(pool::ASKS_TARGET) - lines_before;
     let stopping = Instant::now();
     service.stop();
     let stop_took = stopping.elapsed();
@@ -302,7 +294,7 @@ fn every_ask_is_answered_and_no_refusal_names_an_address() {
         .map(|i| (names[i % names.len()].clone(), 80))
         .collect();
     let agent = FakeAgent::start(&dir, asks, Attaches::Answered);
-    let service = start_against(&dir, &agent, |_| {});
+    let service = start_against(&dir, &agent);
     let t0 = Instant::now();
     while agent.refusals.lock().unwrap().len() < ASKS && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(20));

@@ -94,12 +94,12 @@ pub(super) struct AskPool {
 }
 
 impl AskPool {
-    pub fn new(uds: &Path, policy: Arc<Policy>, log: fn(&str)) -> Self {
+    pub fn new(uds: &Path, policy: Arc<Policy>) -> Self {
         AskPool {
             shared: Arc::new(Shared {
                 uds: uds.to_path_buf(),
                 policy,
-                log: LogLimit::new(log),
+                log: LogLimit::new(ASKS_TARGET),
                 closed: Arc::new(AtomicBool::new(false)),
                 live: AtomicUsize::new(0),
                 work: Mutex::new(Work {
@@ -185,9 +185,13 @@ fn work_on(shared: &Arc<Shared>, mut next: Pending) {
 /// the first line after a full interval (or the end of the service) says
 /// how many were left out.
 pub(super) struct LogLimit {
-    log: fn(&str),
+    /// The log target its lines go out under.
+    target: &'static str,
     state: Mutex<LogWindow>,
 }
+
+/// The log target of the lines about asks.
+pub(super) const ASKS_TARGET: &str = "keystone::egress::asks";
 
 struct LogWindow {
     since: Instant,
@@ -196,9 +200,9 @@ struct LogWindow {
 }
 
 impl LogLimit {
-    pub fn new(log: fn(&str)) -> Self {
+    pub fn new(target: &'static str) -> Self {
         LogLimit {
-            log,
+            target,
             state: Mutex::new(LogWindow {
                 since: Instant::now(),
                 written: 0,
@@ -219,7 +223,7 @@ impl LogLimit {
         }
         if w.written < LINES_PER_MINUTE {
             w.written += 1;
-            (self.log)(line);
+            log::info!(target: self.target, "{line}");
         } else {
             w.left_out += 1;
         }
@@ -227,11 +231,12 @@ impl LogLimit {
 
     fn summarise(&self, w: &mut LogWindow) {
         if w.left_out > 0 {
-            (self.log)(&format!(
+            log::info!(
+                target: self.target,
                 "egress: {} more lines about asks were left out of the log in {} s",
                 w.left_out,
                 w.since.elapsed().as_secs()
-            ));
+            );
             w.left_out = 0;
         }
     }
@@ -267,26 +272,22 @@ pub(super) fn printable(text: &str) -> String {
 mod tests {
     use super::*;
 
-    static LINES: AtomicUsize = AtomicUsize::new(0);
-    static SUMMARIES: AtomicUsize = AtomicUsize::new(0);
-
-    fn count(line: &str) {
-        LINES.fetch_add(1, Ordering::SeqCst);
-        if line.contains("1000 more lines") {
-            SUMMARIES.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     #[test]
     fn the_log_takes_a_bounded_number_of_lines_then_counts_the_rest() {
-        let limit = LogLimit::new(count);
+        const TARGET: &str = "keystone::egress::test-limit";
+        crate::logging::capture::this_thread();
+        let limit = LogLimit::new(TARGET);
         for n in 0..LINES_PER_MINUTE + 1000 {
             limit.line(&format!("egress refused: {n}"));
         }
-        assert_eq!(LINES.load(Ordering::SeqCst), LINES_PER_MINUTE);
+        assert_eq!(crate::logging::capture::count(TARGET), LINES_PER_MINUTE);
         drop(limit);
-        assert_eq!(LINES.load(Ordering::SeqCst), LINES_PER_MINUTE + 1);
-        assert_eq!(SUMMARIES.load(Ordering::SeqCst), 1);
+        assert_eq!(crate::logging::capture::count(TARGET), LINES_PER_MINUTE + 1);
+        let lines = crate::logging::capture::take();
+        assert!(
+            lines.last().unwrap().contains("1000 more lines"),
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -83,12 +83,7 @@ struct Listener {
 }
 
 impl Listener {
-    fn open(
-        listener: TcpListener,
-        guest_port: u16,
-        vsock: &Path,
-        log: fn(&str),
-    ) -> io::Result<Self> {
+    fn open(listener: TcpListener, guest_port: u16, vsock: &Path) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -96,13 +91,9 @@ impl Listener {
             std::thread::Builder::new()
                 .name(format!("publish-{guest_port}"))
                 .spawn(move || {
-                    accept_loop(
-                        &listener,
-                        guest_port,
-                        &vsock,
-                        &|| !stop.load(Ordering::SeqCst),
-                        log,
-                    )
+                    accept_loop(&listener, guest_port, &vsock, &|| {
+                        !stop.load(Ordering::SeqCst)
+                    })
                 })?
         };
         Ok(Self {
@@ -134,7 +125,6 @@ fn accept_loop(
     guest_port: u16,
     vsock: &Path,
     keep_going: &dyn Fn() -> bool,
-    log: fn(&str),
 ) {
     let relays = Arc::new(AtomicUsize::new(0));
     let mut warned = false;
@@ -160,18 +150,16 @@ fn accept_loop(
                 let spawned = std::thread::Builder::new()
                     .name(format!("publish-{guest_port}-conn"))
                     .spawn(move || {
-                        relay_connection(stream, guest_port, &vsock, log);
+                        relay_connection(stream, guest_port, &vsock);
                         relays.fetch_sub(1, Ordering::SeqCst);
                     });
                 if let Err(e) = spawned {
-                    log(&format!(
-                        "port {guest_port}: cannot start a relay thread: {e}"
-                    ));
+                    log::warn!("port {guest_port}: cannot start a relay thread: {e}");
                 }
             }
             Err(e) => {
                 if !warned {
-                    log(&format!("port {guest_port}: accept failed: {e}"));
+                    log::warn!("port {guest_port}: accept failed: {e}");
                     warned = true;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -181,31 +169,29 @@ fn accept_loop(
 }
 
 /// Relays one accepted host connection to the guest port.
-fn relay_connection(stream: TcpStream, guest_port: u16, vsock: &Path, log: fn(&str)) {
+fn relay_connection(stream: TcpStream, guest_port: u16, vsock: &Path) {
     let _ = stream.set_nodelay(true);
     match guest::client(vsock).tcp_connect(guest_port) {
         Ok(tunnel) => {
             let _ = tunnel.relay(Box::new(stream) as Box<dyn DuplexStream>);
         }
         // The peer sees its connection closed, as with a refused port.
-        Err(e) => log(&format!("port {guest_port}: {e}")),
+        Err(e) => log::info!("port {guest_port}: {e}"),
     }
 }
 
 /// The supervisor's published ports (`[proxy] publish_same_port`).
 pub struct Publisher<'a> {
     vsock: &'a Path,
-    log: fn(&str),
     open: BTreeMap<u16, Listener>,
     /// Ports whose host listener could not be opened (logged once).
     failed: BTreeMap<u16, String>,
 }
 
 impl<'a> Publisher<'a> {
-    pub fn new(vsock: &'a Path, log: fn(&str)) -> Self {
+    pub fn new(vsock: &'a Path) -> Self {
         Self {
             vsock,
-            log,
             open: BTreeMap::new(),
             failed: BTreeMap::new(),
         }
@@ -223,9 +209,7 @@ impl<'a> Publisher<'a> {
         let mut closing = Vec::new();
         for port in gone {
             if let Some(l) = self.open.remove(&port) {
-                (self.log)(&format!(
-                    "guest port {port} stopped listening: closing 127.0.0.1:{port}"
-                ));
+                log::info!("guest port {port} stopped listening: closing 127.0.0.1:{port}");
                 l.signal();
                 closing.push(l);
             }
@@ -250,10 +234,10 @@ impl<'a> Publisher<'a> {
         }
         let opened = bind_free(port)
             .map_err(|e| e.to_string())
-            .and_then(|l| Listener::open(l, port, self.vsock, self.log).map_err(|e| e.to_string()));
+            .and_then(|l| Listener::open(l, port, self.vsock).map_err(|e| e.to_string()));
         match opened {
             Ok(l) => {
-                (self.log)(&format!("publishing guest port {port} on 127.0.0.1:{port}"));
+                log::info!("publishing guest port {port} on 127.0.0.1:{port}");
                 self.failed.remove(&port);
                 self.open.insert(port, l);
                 Ok(port)
@@ -261,7 +245,7 @@ impl<'a> Publisher<'a> {
             Err(e) => {
                 let why = format!("not published on the host: {e}");
                 if self.failed.insert(port, why.clone()).is_none() {
-                    (self.log)(&format!("guest port {port}: {why}"));
+                    log::info!("guest port {port}: {why}");
                 }
                 Err(why)
             }
@@ -279,14 +263,13 @@ pub fn forward_until_interrupted(
     host_port: u16,
     alive: &dyn Fn() -> bool,
     ready: &mut dyn FnMut(),
-    log: fn(&str),
 ) -> Result<(), ForwardError> {
     if AGENT_OWN_PORTS.contains(&guest_port) {
         return Err(ForwardError::AgentPort(guest_port));
     }
     let listener = bind_free(host_port)?;
     ready();
-    accept_loop(&listener, guest_port, &vsock, alive, log);
+    accept_loop(&listener, guest_port, &vsock, alive);
     Err(ForwardError::SandboxStopped)
 }
 
@@ -349,8 +332,7 @@ mod tests {
 
     #[test]
     fn the_agents_own_ports_are_never_published() {
-        fn log(_: &str) {}
-        let mut p = Publisher::new(Path::new("/nonexistent/vsock.sock"), log);
+        let mut p = Publisher::new(Path::new("/nonexistent/vsock.sock"));
         let err = p.publish(3128).unwrap_err();
         assert!(err.contains("never forwarded"), "{err}");
         let err = forward_until_interrupted(
@@ -359,7 +341,6 @@ mod tests {
             free_port(),
             &|| false,
             &mut || panic!("no listener for the agent's own port"),
-            log,
         )
         .unwrap_err();
         assert!(matches!(err, ForwardError::AgentPort(3128)), "{err}");

@@ -19,7 +19,7 @@ use super::super::engine::{
 use super::super::readiness::Readiness;
 use super::super::{logfile, run_dir, shares};
 use super::prepare::Prepared;
-use super::{log, SupervisorError};
+use super::SupervisorError;
 
 /// A running guest and what serves it.
 pub struct Launched {
@@ -88,7 +88,7 @@ fn launch_qemu(
     for share in Share::ALL {
         let cfg = shares::config(share, &prepared.rootfs, layout);
         let socket = layout.fs_socket(share);
-        servers.push(shares::serve_on_socket(cfg, &socket, log)?);
+        servers.push(shares::serve_on_socket(cfg, &socket)?);
         sockets.push((socket, share.tag().to_string()));
     }
     let vhost_vsock = layout.vsock_vhost_socket();
@@ -105,7 +105,7 @@ fn launch_qemu(
                     uds_path: uds,
                 };
                 if let Err(e) = vsock_lite::serve_listener(&socket, config) {
-                    log(&format!("vsock backend: {e}"));
+                    log::info!("vsock backend: {e}");
                 }
             })
             .map_err(|e| SupervisorError::io("cannot start the vsock thread", e))?;
@@ -132,7 +132,7 @@ fn launch_qemu(
     logfile::serve_console(&plan.console_socket, &layout.console_log)
         .map_err(|e| SupervisorError::io("the console log", e))?;
     let args = qemu_args(&plan);
-    log(&format!("{QEMU} {}", args.join(" ")));
+    log::info!("{QEMU} {}", args.join(" "));
     let mut cmd = Command::new(QEMU);
     cmd.args(&args).stdin(Stdio::null());
     // SAFETY: prctl is async-signal-safe; QEMU dies with the supervisor.

@@ -25,8 +25,8 @@ pub struct Prepared {
     pub agent_pins: Vec<AgentPin>,
 }
 
-fn io_failed(what: &str, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Failed(format!("{what}: {e}"))
+fn io_failed(what: &str, e: std::io::Error) -> BackendError {
+    BackendError::io(what, e)
 }
 
 /// Makes everything ready for the engine, reporting each step.

@@ -20,7 +20,7 @@ use super::super::readiness::{Readiness, Service};
 use super::super::{autosync, egress, forward, guest};
 use super::engines::Launched;
 use super::prepare::Prepared;
-use super::{log, setup, Ended, SupervisorError};
+use super::{setup, Ended, SupervisorError};
 
 /// How long the guest gets to shut down after the agent was asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -62,7 +62,7 @@ pub fn watch(
         );
         move || {
             if let Err(e) = state.running(engine, nested, &how) {
-                log(&format!("cannot record the running state: {e}"));
+                log::warn!("cannot record the running state: {e}");
             }
         }
     });
@@ -87,13 +87,13 @@ pub fn watch(
             }
         }
     })?;
-    let auto = autosync::start(spec, &layout.vsock, ready, log);
+    let auto = autosync::start(spec, &layout.vsock, ready);
     // Outbound connections for the guest's programs; ended on return.
-    let egress = egress::start(spec, &layout.vsock, ready, log);
+    let egress = egress::start(spec, &layout.vsock, ready);
     // Watches the guest's ports while the guest runs; dropped (published
     // ports closed) on return.
     let publish = spec.settings.proxy_publish_same_port;
-    let mut ports = forward::PortForwarder::start(layout, ready, publish, log);
+    let mut ports = forward::PortForwarder::start(layout, ready, publish);
     let stop_services = |ports: &mut forward::PortForwarder| {
         if let Some(a) = &auto {
             a.stop();
@@ -142,7 +142,7 @@ pub fn watch(
                     .guest
                     .force_stop()
                     .unwrap_or_else(|e| e.to_string());
-                log(&format!("{what} did not come up within {secs} s: {how}"));
+                log::warn!("{what} did not come up within {secs} s: {how}");
                 return Err(SupervisorError::Timeout {
                     what,
                     secs,
@@ -152,9 +152,9 @@ pub fn watch(
         }
         match run.stops.recv_timeout(TICK) {
             Ok(_) if asked_at.is_none() => {
-                log("stop requested: asking the guest to shut down");
+                log::info!("stop requested: asking the guest to shut down");
                 if let Err(e) = run.state.stopping() {
-                    log(&format!("cannot record the stopping state: {e}"));
+                    log::warn!("cannot record the stopping state: {e}");
                 }
                 stop_services(&mut ports);
                 asked_at = Some(Instant::now());
@@ -165,7 +165,7 @@ pub fn watch(
             Err(RecvTimeoutError::Disconnected) => std::thread::sleep(TICK),
         }
         if asked_at.is_some_and(|t| t.elapsed() > SHUTDOWN_GRACE) {
-            log("the guest did not shut down in time: stopping it");
+            log::warn!("the guest did not shut down in time: stopping it");
             let how = launched
                 .guest
                 .force_stop()
@@ -194,8 +194,8 @@ fn ask_shutdown(vsock: &Path) {
     std::thread::spawn(move || {
         let client = guest::quick_client(&uds, Duration::from_secs(5));
         match client.shutdown(false) {
-            Ok(()) => log("guest agent acknowledged the shutdown"),
-            Err(e) => log(&format!("shutdown request failed: {e}")),
+            Ok(()) => log::info!("guest agent acknowledged the shutdown"),
+            Err(e) => log::warn!("shutdown request failed: {e}"),
         }
     });
 }
