@@ -161,7 +161,7 @@ fn the_kernel_patches_are_the_patch_files_in_order() {
         .filter(|n| n.ends_with(".patch"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert!(files.len() >= 4, "the recipe has lost patches: {files:?}");
     let expected: Vec<Value> = files
         .iter()
         .map(|f| json!({ "name": f.trim_end_matches(".patch"), "file": f }))

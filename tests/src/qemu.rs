@@ -61,7 +61,8 @@ pub fn qemu_missing() -> Option<String> {
 /// microvm has no i8042, and the kernel's keyboard-controller reset
 /// attempts cost ~25 s under TCG before it falls back to a triple fault,
 /// which ends QEMU at once with `-no-reboot`.
-pub const BASE_CMDLINE: &str = "console=ttyS0 lpj=5000000 tsc=reliable reboot=t panic=-1 nokaslr";
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 lpj=5000000 tsc=reliable reboot=t panic=-1 nokaslr lapic_timer_period=10000000";
 
 /// Builder for a [`QemuGuest`]. Every setter is optional except the kernel.
 #[derive(Clone, Debug)]
