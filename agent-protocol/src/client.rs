@@ -22,7 +22,7 @@ use crate::protocol::{
     expect_guest_frame, printable, read_frame_within, write_frame, write_raw, BootTimes, EgressAsk,
     ExecRequest, ExitStatus, Frame, FrameKind, Hello, ListeningPort, ProtocolError,
     PushFileRequest, RawStreamRequest, Request, Response, TtySize, MAX_GUEST_FRAME, MINOR_EGRESS,
-    MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
+    MINOR_SET_CLOCK, MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
 };
 use crate::relay::{relay, RelayTotals};
 use crate::transport::DuplexStream;
@@ -268,6 +268,18 @@ impl AgentClient {
             bytes: bytes.to_vec(),
         });
         match self.call(&req)? {
+            Response::Done => Ok(()),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+
+    /// Sets the guest's wall clock to `unix_ms` (milliseconds since the
+    /// Unix epoch); an agent older than protocol 1.5 gives
+    /// [`ClientError::Unsupported`].
+    pub fn set_clock(&self, unix_ms: u64) -> Result<(), ClientError> {
+        let req = Request::SetClock { unix_ms };
+        let mut conn = self.start_needing(&req, Some(("setting the clock", MINOR_SET_CLOCK)))?;
+        match conn.response()? {
             Response::Done => Ok(()),
             other => Err(ClientError::UnexpectedResponse(other)),
         }

@@ -99,6 +99,9 @@
 //! - 1.3: `Egress`, `EgressAttach` and the `EgressAsk` frame.
 //! - 1.4: `Response::Pong` carries the guest's [`BootTimes`] when the agent
 //!   is the guest's `/init` (older agents leave it out).
+//! - 1.5: [`BootTimes::wall_ms`], the guest's wall clock, so that the
+//!   host sets it only when it is wrong (older agents leave it 0), and
+//!   `SetClock`, which sets it without starting a process.
 
 use std::io::{self, Read, Write};
 
@@ -107,17 +110,20 @@ use serde::{Deserialize, Serialize};
 /// The protocol major version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The protocol minor version (additive changes only).
-pub const PROTOCOL_MINOR: u32 = 4;
+pub const PROTOCOL_MINOR: u32 = 5;
 /// The first minor version with `Watch` and `Event` frames.
 pub const MINOR_WATCH: u32 = 1;
 /// The first minor version with `TcpConnect`.
 pub const MINOR_TCP_CONNECT: u32 = 2;
 /// The first minor version with `Egress` and `EgressAttach`.
 pub const MINOR_EGRESS: u32 = 3;
+/// The first minor version with `SetClock`.
+pub const MINOR_SET_CLOCK: u32 = 5;
 const _: () = assert!(
     MINOR_WATCH <= PROTOCOL_MINOR
         && MINOR_TCP_CONNECT <= PROTOCOL_MINOR
         && MINOR_EGRESS <= PROTOCOL_MINOR
+        && MINOR_SET_CLOCK <= PROTOCOL_MINOR
 );
 /// The guest vsock port the agent listens on: a privileged one (below
 /// 1024), so that no guest user but root may bind it, and its listener is
@@ -270,8 +276,19 @@ impl Frame {
 /// The most characters of a peer's text that [`printable`] keeps.
 pub const MAX_SHOWN_TEXT: usize = 4096;
 
+/// Characters that reorder the text around them (Unicode's explicit
+/// directional formatting characters and marks): a line holding one can
+/// read other than it is.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 /// A peer's bytes as text that is safe to show on a terminal: invalid
-/// UTF-8 replaced, control characters escaped (`\u{1b}`), at most
+/// UTF-8 replaced, control and bidirectional characters escaped
+/// (`\u{1b}`, `\u{202e}`), at most
 /// [`MAX_SHOWN_TEXT`] characters followed by how many bytes were left out.
 pub fn printable(bytes: &[u8]) -> String {
     let mut out = String::new();
@@ -284,7 +301,7 @@ pub fn printable(bytes: &[u8]) -> String {
                 out.push_str(&format!("... ({} more bytes)", bytes.len() - used));
                 return out;
             }
-            if c.is_control() {
+            if c.is_control() || is_bidi_control(c) {
                 out.extend(c.escape_default());
             } else {
                 out.push(c);
@@ -530,6 +547,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         refused: Option<String>,
     },
+    /// Set the guest's wall clock (`CLOCK_REALTIME`) to `unix_ms`,
+    /// milliseconds since the Unix epoch (minor 5). Answered with `Done`,
+    /// or an `Error` frame when the agent may not set it.
+    SetClock {
+        unix_ms: u64,
+    },
 }
 
 /// A guest program's wish to reach `host:port` (minor 3).
@@ -603,6 +626,10 @@ pub struct BootTimes {
     pub listening_ms: u64,
     /// When this answer was sent.
     pub now_ms: u64,
+    /// The guest's wall clock (`CLOCK_REALTIME`, milliseconds since the
+    /// Unix epoch) when this answer was sent; 0 from agents before 1.5.
+    #[serde(default)]
+    pub wall_ms: u64,
 }
 
 /// How a process ended.
@@ -661,6 +688,23 @@ mod tests {
     }
 
     #[test]
+    fn printable_escapes_what_a_terminal_acts_on_and_bidirectional_controls() {
+        let shown = printable("ok\u{1b}]52;c;x\u{7}\u{9b}31m\u{202e}gpj.exe\u{2066}\n".as_bytes());
+        assert_eq!(
+            shown,
+            "ok\\u{1b}]52;c;x\\u{7}\\u{9b}31m\\u{202e}gpj.exe\\u{2066}\\n"
+        );
+        assert_eq!(printable("plain: é ✓".as_bytes()), "plain: é ✓");
+    }
+
+    #[test]
+    fn boot_times_from_an_agent_before_1_5_have_no_wall_clock() {
+        let old = r#"{"init_ms":400,"root_ms":450,"listening_ms":490,"now_ms":500}"#;
+        let b: BootTimes = serde_json::from_str(old).unwrap();
+        assert_eq!((b.init_ms, b.now_ms, b.wall_ms), (400, 500, 0));
+    }
+
+    #[test]
     fn requests_round_trip() {
         let reqs = vec![
             Request::Ping,
@@ -686,6 +730,9 @@ mod tests {
                 bytes: vec![0, 1, 255],
             }),
             Request::Shutdown { reboot: true },
+            Request::SetClock {
+                unix_ms: 1_800_000_000_123,
+            },
             Request::Watch {
                 paths: vec!["/workspace".into(), "sub dir".into()],
                 idle_ms: 30_000,

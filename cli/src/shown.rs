@@ -12,9 +12,8 @@
 //! - [`line`]: one line: every control character escaped as Rust writes it
 //!   (`\n`, `\t`, `\u{1b}`, `\u{9b}`), bidirectional controls too, at most
 //!   [`MAX_SHOWN_TEXT`](keystone_guest_agent::protocol::MAX_SHOWN_TEXT)
-//!   characters (this is
-//!   [`keystone_guest_agent::protocol::printable`] plus the bidirectional
-//!   controls);
+//!   characters (this is [`keystone_guest_agent::protocol::printable`],
+//!   which every error quoting the guest goes through too);
 //! - [`bytes`]: the same for a guest program's output, with the white
 //!   space around it trimmed;
 //! - [`lines`]: text meant to be several lines (the tail of a log): each
@@ -34,16 +33,7 @@
 //! `ssh` and `docker exec` do). Whatever else the CLI prints about the
 //! guest is text that keystone shows, and is escaped.
 
-use keystone_guest_agent::protocol::printable;
-
-/// Characters that reorder the text around them (Unicode's explicit
-/// directional formatting characters and marks).
-fn is_bidi_control(c: char) -> bool {
-    matches!(
-        c,
-        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-    )
-}
+use keystone_guest_agent::protocol::{is_bidi_control, printable};
 
 /// Whether a terminal may act on `c` (or read the text around it other
 /// than it is).
@@ -51,34 +41,15 @@ fn is_active(c: char) -> bool {
     c.is_control() || is_bidi_control(c)
 }
 
-/// `bytes` as one line: invalid UTF-8 replaced, control and
-/// bidirectional characters escaped, at most `MAX_SHOWN_TEXT`
-/// characters followed by how many bytes were left out.
-fn escaped(bytes: &[u8]) -> String {
-    let shown = printable(bytes);
-    if !shown.chars().any(is_bidi_control) {
-        return shown;
-    }
-    let mut out = String::with_capacity(shown.len() + 16);
-    for c in shown.chars() {
-        if is_bidi_control(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// `text` as one line fit for a terminal (see the module documentation).
 pub fn line(text: &str) -> String {
-    escaped(text.as_bytes())
+    printable(text.as_bytes())
 }
 
 /// A guest program's output (or any bytes from outside) as one line,
 /// without the white space around it.
 pub fn bytes(raw: &[u8]) -> String {
-    escaped(raw.trim_ascii())
+    printable(raw.trim_ascii())
 }
 
 /// Text meant to be several lines: each line as [`line`] gives it.

@@ -124,6 +124,7 @@ fn answer(rng: &mut Rng, op: Op) -> Response {
                 root_ms: rng.next() >> 1,
                 listening_ms: rng.next() >> 1,
                 now_ms: rng.next() >> 1,
+                wall_ms: rng.next() >> 1,
             }),
         },
         Response::ListeningPorts { ports },

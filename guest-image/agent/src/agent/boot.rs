@@ -54,7 +54,29 @@ pub fn times() -> Option<BootTimes> {
         root_ms: ROOT_MS.load(Ordering::Relaxed),
         listening_ms: LISTENING_MS.load(Ordering::Relaxed),
         now_ms: uptime_ms(),
+        wall_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     })
+}
+
+/// Sets the wall clock (`CLOCK_REALTIME`) to `unix_ms` milliseconds
+/// since the Unix epoch; needs CAP_SYS_TIME (the agent is PID 1, root).
+pub fn set_clock(unix_ms: u64) -> std::io::Result<()> {
+    let secs = libc::time_t::try_from(unix_ms / 1000)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let ts = libc::timespec {
+        tv_sec: secs,
+        // Below 1e9: (unix_ms % 1000) * 1e6.
+        tv_nsec: ((unix_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid, initialised timespec that outlives the
+    // call, which only reads it.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -76,5 +98,10 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(5));
         mark_listening();
         assert_eq!(times().unwrap().listening_ms, first.listening_ms);
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(wall.abs_diff(times().unwrap().wall_ms) < 1000);
     }
 }

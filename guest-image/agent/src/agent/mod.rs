@@ -171,6 +171,10 @@ pub fn handle_connection(
                 "shutdown is only available when the agent runs as PID 1",
             ),
         },
+        Request::SetClock { unix_ms } => match boot::set_clock(unix_ms) {
+            Ok(()) => respond(&mut writer, &Response::Done),
+            Err(e) => fail(&mut writer, &format!("setting the clock: {e}")),
+        },
         Request::Watch { paths, idle_ms } => {
             watch::run_watch(reader, writer, &paths, idle_ms, config)
         }

@@ -5,9 +5,10 @@
 //! fails is a warning, never the end of the start.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_image::agents::AgentPin;
+use keystone_guest_agent::client::ClientError;
 use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
 
 use super::super::super::backend::SandboxSpec;
@@ -18,58 +19,119 @@ use super::super::{agents, guest, hostca};
 use crate::shown;
 
 /// Runs every step, reporting each on `ready`; `agent_pins` are the
-/// coding agents the image carries.
+/// coding agents the image carries. The steps touch separate things in
+/// the guest, each over its own connection, so they run side by side.
 pub fn run(spec: &SandboxSpec, layout: &Layout, agent_pins: &[AgentPin], ready: &Readiness) {
-    let step = Instant::now();
-    if let Err(e) = set_guest_clock(layout) {
-        ready.progress(&format!("warning: cannot set the guest clock: {e}"));
-    }
-    ready.phase("setup: clock", step.elapsed());
-
-    let step = Instant::now();
-    match push_env_files(&spec.project, layout) {
-        Ok(pushed) if pushed.is_empty() => {}
-        Ok(pushed) => ready.progress(&format!("copied {} into /workspace", pushed.join(", "))),
-        Err(e) => ready.progress(&format!("warning: {e}")),
-    }
-    ready.phase("setup: .env files", step.elapsed());
-
-    if spec.settings.network != Network::None {
-        let step = Instant::now();
-        let certs = hostca::host_certificates(Path::new(hostca::HOST_DIR));
-        match hostca::import(&guest::client(&layout.vsock), &certs) {
-            Ok(0) => {}
-            Ok(n) => ready.progress(&format!(
-                "the sandbox trusts the host's {n} added certificate authorit{} (from {})",
-                if n == 1 { "y" } else { "ies" },
-                hostca::HOST_DIR
-            )),
-            Err(e) => ready.progress(&format!(
-                "warning: cannot add the host's certificate authorities: {e}"
-            )),
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let step = Instant::now();
+            match set_guest_clock(layout, false) {
+                Ok(ClockSet::AlreadyRight) => {
+                    ready.phase("setup: clock (already right)", step.elapsed())
+                }
+                Ok(ClockSet::Set) => ready.phase("setup: clock", step.elapsed()),
+                Err(e) => {
+                    ready.progress(&format!("warning: cannot set the guest clock: {e}"));
+                    ready.phase("setup: clock", step.elapsed());
+                }
+            }
+        });
+        s.spawn(|| {
+            let step = Instant::now();
+            match push_env_files(&spec.project, layout) {
+                Ok(pushed) if pushed.is_empty() => {}
+                Ok(pushed) => {
+                    ready.progress(&format!("copied {} into /workspace", pushed.join(", ")))
+                }
+                Err(e) => ready.progress(&format!("warning: {e}")),
+            }
+            ready.phase("setup: .env files", step.elapsed());
+        });
+        if spec.settings.network != Network::None {
+            s.spawn(|| {
+                let step = Instant::now();
+                import_host_certificates(layout, ready);
+                ready.phase("setup: certificate authorities", step.elapsed());
+            });
         }
-        ready.phase("setup: certificate authorities", step.elapsed());
-    }
+    });
     ready.progress(&agents::summary(spec.settings.agent, agent_pins));
 }
 
-/// Sets the guest's clock from the host's, to the second: the guest's
-/// RTC gives it at boot, and this keeps a guest whose clock source drifted
-/// from dating its commits wrong.
-pub(in crate::agent::microvm) fn set_guest_clock(layout: &Layout) -> Result<(), String> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+/// Adds the host's added certificate authorities to the guest's store.
+fn import_host_certificates(layout: &Layout, ready: &Readiness) {
+    let certs = hostca::host_certificates(Path::new(hostca::HOST_DIR));
+    match hostca::import(&guest::client(&layout.vsock), &certs) {
+        Ok(0) => {}
+        Ok(n) => ready.progress(&format!(
+            "the sandbox trusts the host's {n} added certificate authorit{} (from {})",
+            if n == 1 { "y" } else { "ies" },
+            hostca::HOST_DIR
+        )),
+        Err(e) => ready.progress(&format!(
+            "warning: cannot add the host's certificate authorities: {e}"
+        )),
+    }
+}
+
+/// What [`set_guest_clock`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::agent::microvm) enum ClockSet {
+    /// The guest's clock was within [`CLOCK_TOLERANCE`] of the host's.
+    AlreadyRight,
+    Set,
+}
+
+/// How far the guest's clock may be from the host's before it is set.
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// Sets the guest's clock from the host's, unless the
+/// guest says (in its agent's answer to a ping) that it is within a
+/// second already, or `always`. The guest's RTC gives it the time at
+/// boot, so a fresh guest is usually right; this keeps a guest whose clock
+/// drifted, or was resumed, from dating its commits wrong.
+pub(in crate::agent::microvm) fn set_guest_clock(
+    layout: &Layout,
+    always: bool,
+) -> Result<ClockSet, String> {
+    let client = guest::client(&layout.vsock);
+    if !always {
+        let (_, boot) = client.pong().map_err(|e| e.to_string())?;
+        let guest_wall = boot.map(|b| b.wall_ms).filter(|&ms| ms != 0);
+        if guest_wall.is_some_and(|ms| clock_is_right(ms, SystemTime::now())) {
+            return Ok(ClockSet::AlreadyRight);
+        }
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
         .map_err(|e| e.to_string())?;
-    let mut req = ExecRequest::new(&["date", "-u", "-s", &format!("@{}", now.as_secs())]);
+    let unix_ms = u64::try_from(now.as_millis()).map_err(|e| e.to_string())?;
+    match client.set_clock(unix_ms) {
+        Ok(()) => return Ok(ClockSet::Set),
+        Err(ClientError::Unsupported { .. }) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    // An agent before protocol 1.5: `date`, to the millisecond (`@seconds`
+    // alone would leave the guest up to a second behind).
+    let at = format!("@{}.{:03}", now.as_secs(), now.subsec_millis());
+    let mut req = ExecRequest::new(&["date", "-u", "-s", &at]);
     req.user = Some(UserSpec::Uid(0));
-    let out = guest::client(&layout.vsock)
-        .exec_request_output(req)
-        .map_err(|e| e.to_string())?;
+    let out = client.exec_request_output(req).map_err(|e| e.to_string())?;
     if out.status.success() {
-        Ok(())
+        Ok(ClockSet::Set)
     } else {
         Err(shown::bytes(&out.stderr))
     }
+}
+
+/// Whether a guest clock that read `guest_wall_ms` is within
+/// [`CLOCK_TOLERANCE`] of `host_now`.
+fn clock_is_right(guest_wall_ms: u64, host_now: SystemTime) -> bool {
+    let Ok(host) = host_now.duration_since(UNIX_EPOCH) else {
+        return false;
+    };
+    let host_ms = u64::try_from(host.as_millis()).unwrap_or(u64::MAX);
+    host_ms.abs_diff(guest_wall_ms) <= CLOCK_TOLERANCE.as_millis() as u64
 }
 
 /// Copies the project's `.env*` files (regular files at its top, not
@@ -102,4 +164,21 @@ fn push_env_files(project: &Path, layout: &Layout) -> Result<Vec<String>, String
     req.user = Some(UserSpec::Uid(0));
     let _ = client.exec_request_output(req);
     Ok(pushed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_clock_within_a_second_is_left_alone() {
+        let host = UNIX_EPOCH + Duration::from_millis(1_800_000_000_000);
+        assert!(clock_is_right(1_800_000_000_000, host));
+        assert!(clock_is_right(1_800_000_000_900, host));
+        assert!(clock_is_right(1_799_999_999_000, host));
+        assert!(!clock_is_right(1_800_000_001_001, host));
+        assert!(!clock_is_right(1_799_999_998_000, host));
+        // A guest that booted in 1970 (no RTC) is set.
+        assert!(!clock_is_right(5_000, host));
+    }
 }
