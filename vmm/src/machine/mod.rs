@@ -15,8 +15,8 @@ use crate::arch::x86_64::cpuid::{CpuTemplate, VirtExtension};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::{boot, mptable, regs};
 use crate::config::{NestedMode, VmConfig};
-use crate::devices::legacy::{BootEvent, BootTimeline};
-use crate::vstate::coalesced::CoalescedIo;
+use crate::devices::legacy::{BootEvent, BootTimeline, SERIAL_PORT_COM1};
+use crate::vstate::coalesced::{CoalescedIo, Zone};
 use crate::vstate::exit::VmExitReason;
 use crate::vstate::exit_stats::OtherExits;
 use crate::vstate::kvm::{HostKvm, KvmKind, COMMON_GUEST_CMDLINE};
@@ -276,10 +276,11 @@ pub fn start(mut config: VmConfig) -> Result<VmHandle, StartError> {
     let mmio_bus = Arc::new(platform.mmio_bus);
     let exit = platform.exit;
     let others = Arc::new(OtherExits::default());
-    // Writes to THR and the virtio interrupt acks go to KVM's ring
-    // instead of exiting, where KVM can do it (see `vstate::coalesced`).
-    let zones = platform.coalesced_zones;
+    // THR writes go to KVM's ring instead of exiting, where KVM can do it
+    // (see `vstate::coalesced`); the 1-byte zone leaves the UART's other
+    // registers, LCR included, exiting as before.
     let coalesced = platform.vcpu_fds.first().and_then(|fd| {
+        let zones = vec![Zone::pio(SERIAL_PORT_COM1, 1, "io serial")];
         CoalescedIo::register(&platform.vm.fd, fd, zones, io_bus.clone(), mmio_bus.clone())
     });
     let coalesced = coalesced.map(Arc::new);

@@ -18,10 +18,9 @@ use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::serial::{ConsoleSink, SERIAL_IRQ, SERIAL_PORT_COUNT};
 use crate::devices::legacy::{i8042, BootTimeline, BootTimer, ConsoleLog, Serial, I8042};
 use crate::devices::legacy::{BOOT_TIMER_PORT, SERIAL_PORT_COM1};
-use crate::devices::virtio::transport::mmio::{MmioTransport, INTERRUPT_ACK_OFFSET};
+use crate::devices::virtio::transport::mmio::MmioTransport;
 use crate::devices::virtio::vhost_user::VhostUserDevice;
 use crate::devices::virtio::VirtioDevice;
-use crate::vstate::coalesced::Zone;
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::kvm::HostKvm;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -93,11 +92,6 @@ pub(super) struct Platform {
     pub(super) mmio_bus: Bus,
     pub(super) transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub(super) device_args: Vec<String>,
-    /// Registers whose writes KVM may queue instead of exiting
-    /// (`vstate::coalesced`): COM1's THR (1 byte: the UART's other
-    /// registers, LCR included, still exit) and each virtio-mmio device's
-    /// `InterruptACK`.
-    pub(super) coalesced_zones: Vec<Zone>,
     pub(super) vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
 }
 
@@ -181,16 +175,10 @@ pub(super) fn build_platform(
     let mut mmio_bus = Bus::new();
     let mut transports = Vec::new();
     let mut device_args = Vec::new();
-    let mut coalesced_zones = vec![Zone::pio(SERIAL_PORT_COM1, 1, "io serial")];
     for (index, spec) in std::mem::take(&mut config.devices).into_iter().enumerate() {
         let name = device_name(&spec);
         let device = make_device(index, spec)?;
         let base = VIRTIO_MMIO_START + index as u64 * MMIO_DEVICE_SIZE;
-        coalesced_zones.push(Zone::mmio(
-            base + INTERRUPT_ACK_OFFSET,
-            4,
-            &format!("mmio {name} interrupt ack"),
-        ));
         let irq = IRQ_BASE + index as u32;
         let transport =
             MmioTransport::new(device, mem.clone()).map_err(|e| StartError::Device {
@@ -238,7 +226,6 @@ pub(super) fn build_platform(
         mmio_bus,
         transports,
         device_args,
-        coalesced_zones,
         vcpu_fds,
     })
 }

@@ -1,16 +1,12 @@
 //! Coalesced port I/O: guest writes KVM queues in a ring instead of
 //! exiting, applied to the devices later by the VMM.
 //!
-//! The zones: the UART's transmit register (port 0x3f8): the Linux 8250
-//! console reads LSR and then writes THR for every character, so each
-//! character cost two exits; with THR coalesced it costs one (the LSR
-//! read). And each virtio-mmio device's `InterruptACK` register: the
-//! driver reads `InterruptStatus` and then writes `InterruptACK` for every
-//! interrupt, so each interrupt cost two exits, now one. On hardware KVM
-//! every exit saved is a return to the VMM and back. Where KVM lacks
-//! `KVM_CAP_COALESCED_PIO` or `KVM_CAP_COALESCED_MMIO` (or the ring page
-//! cannot be mapped), those zones are not registered and their writes
-//! exit as before.
+//! The UART's transmit register (port 0x3f8) is the one zone: the Linux
+//! 8250 console reads LSR and then writes THR for every character, so
+//! each character cost two exits; with THR coalesced it costs one (the
+//! LSR read), and on hardware KVM every exit saved is a guest/host round
+//! trip. Where KVM lacks `KVM_CAP_COALESCED_PIO` (or the ring page cannot
+//! be mapped), nothing is registered and every write exits as before.
 //!
 //! The rules that keep the guest's view exact:
 //! - Order: a queued write happened before anything the guest does after
@@ -20,8 +16,7 @@
 //!   bit 7 (DLAB) set it is the divisor latch, and LCR (0x3fb) still
 //!   exits, so a queued THR byte is applied before the LCR write that
 //!   turns it into a divisor write, and a queued divisor byte before the
-//!   LCR write that turns DLAB off. Likewise an interrupt acknowledgement
-//!   is applied before the driver's next `InterruptStatus` read.
+//!   LCR write that turns DLAB off.
 //! - One consumer: the ring is VM-wide (one page for all vCPUs), so
 //!   draining takes a VM-wide lock and applies entries while holding it;
 //!   a vCPU that finds the ring empty without the lock knows every entry
@@ -76,17 +71,6 @@ impl Zone {
         }
     }
 
-    /// An MMIO zone of `len` bytes at `base`.
-    pub fn mmio(base: u64, len: u32, name: &str) -> Self {
-        Self {
-            pio: false,
-            base,
-            len,
-            name: name.to_string(),
-            writes: Tally::default(),
-        }
-    }
-
     fn holds(&self, e: &RingEntry, len: usize) -> bool {
         e.pio == self.pio
             && e.addr >= self.base
@@ -132,7 +116,7 @@ impl CoalescedIo {
         let offset = vm.check_extension_int(Cap::CoalescedMmio);
         let pio = vm.check_extension(Cap::CoalescedPio);
         let Ok(offset @ 1..) = u32::try_from(offset) else {
-            log::debug!("KVM coalesces no writes; serial output and interrupt acks exit");
+            log::debug!("KVM has no coalesced MMIO; serial output exits per byte");
             return None;
         };
         // Map first: a zone registered without a reader would swallow

@@ -24,14 +24,6 @@ use log_limit::log_limited;
 
 /// Offset of the `QueueNotify` register, where ioeventfds are registered.
 pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
-/// Offset of the `InterruptACK` register. Writes to it may be coalesced
-/// (applied by the VMM before any later exit, see `vstate::coalesced`):
-/// acknowledging a used-buffer interrupt changes nothing here (the irqfd
-/// is edge-like, `InterruptStatus` reports used buffers while the device
-/// is active), and a configuration acknowledgement is applied before the
-/// driver's next register or configuration access, which is when it
-/// could observe it.
-pub const INTERRUPT_ACK_OFFSET: u64 = 0x64;
 /// The virtio-mmio magic value, "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
 /// The only transport version implemented (virtio 1.x, no legacy).
@@ -70,7 +62,7 @@ mod reg {
     pub const QUEUE_READY: u64 = 0x044;
     pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
     pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = super::INTERRUPT_ACK_OFFSET;
+    pub const INTERRUPT_ACK: u64 = 0x064;
     pub const STATUS: u64 = 0x070;
     pub const QUEUE_DESC_LOW: u64 = 0x080;
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
