@@ -36,10 +36,11 @@
 //! | `proxy.port` | number | its loopback port `P` |
 //! | `proxy.running` | bool | whether it runs now |
 //! | `proxy.url` | string | the sandbox's primary URL, `http://<name>.localhost:<P>/` |
-//! | `proxy.primary_port` | number? | the guest port that URL reaches now (`[proxy] primary_port`, else the lowest routable listening port; `null` when none listens) |
+//! | `proxy.primary_port` | number? | the guest port that URL reaches now (`[proxy] primary_port`, else devcontainer.json's first `forwardPorts`, else the lowest routable listening port; `null` when none listens) |
 //! | `live` | object? | what the running backend reports; `null` when it is not running or cannot be asked |
 //! | `live.ports[]` | array | the guest's listening TCP ports (see below) |
 //! | `live.worktrees[]` | array | `{branch, path}` |
+//! | `devcontainer` | object? | what the last start applied of the project's devcontainer.json (`null` without one): `source`, `env`, `user`, `primary_port`, `ports[]` (`{port, label, on_auto_forward, protocol}`), `port_labels[]`, `post_attach[]`, `features[]` (`{id, kind: provided, packages or unsupported, ...}`), `commands[]` (`{hook, name, argv, outcome: {state: waiting, running, succeeded, failed (why) or skipped (why)}}`), `refused[]`, `ignored[]`, `warnings[]` |
 //!
 //! Each `live.ports` entry is `{guest_port, guest_address, host_port, url,
 //! note}`: `url` is the port's proxy URL `http://<port>.<name>.localhost:<P>/`
@@ -54,6 +55,7 @@ use serde::Serialize;
 
 use super::backend::{BackendStatus, SandboxSpec};
 use super::config::Network;
+use super::devcontainer::applied::{self, Applied};
 use super::registry::RegistryEntry;
 use super::state::{ProcProbe, StateRecord, SyncRecord};
 use super::{store_err, Context, ListArgs, StatusArgs};
@@ -91,6 +93,7 @@ struct StatusView {
     sandbox: SandboxView,
     proxy: Option<super::proxy::ProxyView>,
     live: Option<BackendStatus>,
+    devcontainer: Option<Applied>,
 }
 
 fn view(
@@ -215,17 +218,20 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<i32> {
         let mut live = live;
         let mut no_ports = Vec::new();
         let ports = live.as_mut().map_or(&mut no_ports, |l| &mut l.ports);
+        let devcontainer = applied::read(&spec.paths);
+        let devcontainer_primary = devcontainer.as_ref().and_then(|d| d.primary_port);
         let proxy = super::proxy::describe(
             &ctx.store,
             &ctx.settings,
             name,
-            spec.settings.proxy_primary_port,
+            spec.settings.proxy_primary_port.or(devcontainer_primary),
             ports,
         );
         out.push(StatusView {
             sandbox,
             proxy,
             live,
+            devcontainer,
         });
     }
     if args.json {
@@ -246,6 +252,54 @@ pub fn status(ctx: &Context, args: StatusArgs) -> Result<i32> {
         print_status(s);
     }
     Ok(exit_code::OK)
+}
+
+/// The devcontainer.json lines of `status`: what applied, and how its
+/// commands went.
+fn print_devcontainer(d: &Applied) {
+    let mut parts = Vec::new();
+    if !d.env.is_empty() {
+        let n = d.env.len();
+        parts.push(format!(
+            "{n} environment variable{}",
+            if n == 1 { "" } else { "s" }
+        ));
+    }
+    if let Some(user) = &d.user {
+        parts.push(format!("user {}", shown::line(user)));
+    }
+    if !d.ports.is_empty() {
+        let ports: Vec<String> = d
+            .ports
+            .iter()
+            .map(|p| match &p.label {
+                Some(label) => format!("{} ({})", p.port, shown::line(label)),
+                None => p.port.to_string(),
+            })
+            .collect();
+        parts.push(format!("ports {}", ports.join(", ")));
+    }
+    if !d.features.is_empty() {
+        let n = d.features.len();
+        parts.push(format!("{n} feature{}", if n == 1 { "" } else { "s" }));
+    }
+    let applied = if parts.is_empty() {
+        "nothing to apply".to_string()
+    } else {
+        parts.join(", ")
+    };
+    println!("Devcontainer: {} ({applied})", shown::line(&d.source));
+    for c in &d.commands {
+        let what = c.name.clone().unwrap_or_else(|| c.argv.join(" "));
+        let outcome = match &c.outcome {
+            applied::Outcome::Waiting => "waiting".to_string(),
+            applied::Outcome::Running => "running".to_string(),
+            applied::Outcome::Succeeded => "succeeded".to_string(),
+            applied::Outcome::Failed { why } => format!("failed: {}", shown::line(why)),
+            applied::Outcome::Skipped { why } => format!("skipped: {}", shown::line(why)),
+        };
+        println!("  {} `{}`: {outcome}", c.hook, shown::line(&what));
+    }
 }
 
 fn print_status(s: &StatusView) {
@@ -330,9 +384,18 @@ fn print_status(s: &StatusView) {
             );
         }
     }
+    if let Some(d) = &s.devcontainer {
+        print_devcontainer(d);
+    }
     if let Some(live) = &s.live {
         for p in &live.ports {
-            let guest = format!("guest {}:{}", p.guest_address, p.guest_port);
+            let label = s
+                .devcontainer
+                .as_ref()
+                .and_then(|d| d.label(p.guest_port))
+                .map(|l| format!("{} ", shown::line(l)))
+                .unwrap_or_default();
+            let guest = format!("{label}guest {}:{}", p.guest_address, p.guest_port);
             let published = p
                 .host_port
                 .map(|h| format!("; published on 127.0.0.1:{h}"))

@@ -3,8 +3,9 @@
 use serde_json::json;
 
 use super::features::short_id;
+use super::model::{PortPlan, PortRangePlan};
 use super::plan_tests::plan;
-use super::{DevcontainerPlan, FeatureKind, PortPlan, PortRangePlan};
+use super::{DevcontainerPlan, FeatureKind};
 
 fn has_warning(plan: &DevcontainerPlan, part: &str) -> bool {
     plan.warnings.iter().any(|w| w.contains(part))

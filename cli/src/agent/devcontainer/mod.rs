@@ -1,8 +1,8 @@
 //! A project's `devcontainer.json`, turned into a typed plan that the
 //! sandbox applies.
 //!
-//! [`load`] finds the file ([`find`]: `.devcontainer/devcontainer.json`,
-//! then `.devcontainer.json`), reads it as hostile repository content
+//! [`load`] finds the file (`.devcontainer/devcontainer.json`, then
+//! `.devcontainer.json`), reads it as hostile repository content
 //! (no symbolic links, at most 1 MiB: `source.rs`), parses it as JSON with
 //! comments and trailing commas (`jsonc.rs`) and builds a
 //! [`DevcontainerPlan`] (`plan.rs`, `ports.rs`, `features.rs`, with the
@@ -28,9 +28,7 @@
 //! plan (`${localEnv:...}` and `${localWorkspaceFolder}` become empty
 //! strings, with a warning).
 
-// The commands that apply the plan read only some of its API.
-#![allow(dead_code)]
-
+pub mod applied;
 mod features;
 mod jsonc;
 mod model;
@@ -52,10 +50,7 @@ mod source_tests;
 
 use std::path::{Path, PathBuf};
 
-#[allow(unused_imports)] // the plan's types, for the commands that apply it
-pub use model::{
-    DevcontainerPlan, FeatureKind, FeaturePlan, LifecycleCommand, PortPlan, PortRangePlan,
-};
+pub use model::{DevcontainerPlan, FeatureKind, LifecycleCommand};
 pub use source::MAX_FILE_BYTES;
 
 /// Why a project's devcontainer.json could not be turned into a plan.
@@ -106,13 +101,6 @@ pub enum DevcontainerError {
 
 fn shown_path(path: &Path) -> String {
     crate::shown::line(&path.display().to_string())
-}
-
-/// The path of `project`'s devcontainer.json (`.devcontainer/
-/// devcontainer.json`, else `.devcontainer.json`), or `None` when it has
-/// none. A symbolic link in either place is an error.
-pub fn find(project: &Path) -> Result<Option<PathBuf>, DevcontainerError> {
-    Ok(source::find_relative(project)?.map(|relative| project.join(relative)))
 }
 
 /// The plan of `project`'s devcontainer.json, or `None` when it has none.

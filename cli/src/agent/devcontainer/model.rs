@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the sandbox makes of a project's devcontainer.json.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevcontainerPlan {
     /// The file read, relative to the project folder
     /// (`.devcontainer/devcontainer.json` or `.devcontainer.json`).
@@ -62,7 +62,7 @@ pub struct DevcontainerPlan {
 /// the array form runs as it is, and the object form gives one named
 /// command per entry; the commands of one hook run in parallel when they
 /// are named, and a hook waits for all of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LifecycleCommand {
     /// The entry's name in the object form.
     pub name: Option<String>,
@@ -75,7 +75,7 @@ pub struct LifecycleCommand {
 /// SECURITY: reached through the dev-server proxy by name
 /// (`http://<port>.<sandbox>.localhost:P/`), never bound on the host by
 /// number.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortPlan {
     pub port: u16,
     /// `portsAttributes[port].label`.
@@ -88,7 +88,7 @@ pub struct PortPlan {
 }
 
 /// `portsAttributes` of the ports `from..=to`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRangePlan {
     pub from: u16,
     pub to: u16,
@@ -98,7 +98,7 @@ pub struct PortRangePlan {
 }
 
 /// One entry of `features`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeaturePlan {
     /// The id as written (at most 256 characters).
     pub id: String,
@@ -108,7 +108,7 @@ pub struct FeaturePlan {
 
 /// What the sandbox does for a feature. Never a silent skip: a feature it
 /// does not map is `Unsupported`, with the reason.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FeatureKind {
     /// The guest image already has it.

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use crate::agent::fsutil::test_support::TempDir;
 
-use super::{find, load, DevcontainerError, MAX_FILE_BYTES};
+use super::source::find_relative;
+use super::{load, DevcontainerError, MAX_FILE_BYTES};
 
 fn write(path: &Path, text: &str) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -17,7 +18,7 @@ fn write(path: &Path, text: &str) {
 #[test]
 fn a_project_without_the_file_has_no_plan() {
     let tmp = TempDir::new("devcontainer-none");
-    assert!(find(tmp.path()).unwrap().is_none());
+    assert!(find_relative(tmp.path()).unwrap().is_none());
     assert!(load(tmp.path(), "id").unwrap().is_none());
     // An empty .devcontainer folder is not one.
     fs::create_dir(tmp.path().join(".devcontainer")).unwrap();
@@ -41,8 +42,8 @@ fn the_folder_file_wins_over_the_top_level_file() {
         "// folder\n{\"remoteUser\": \"folder\", \"postStartCommand\": \"echo ${localWorkspaceFolderBasename}\",}",
     );
     assert_eq!(
-        find(&project).unwrap().unwrap(),
-        project.join(".devcontainer/devcontainer.json")
+        find_relative(&project).unwrap().unwrap(),
+        Path::new(".devcontainer/devcontainer.json")
     );
     let plan = load(&project, "id").unwrap().unwrap();
     assert_eq!(plan.source, ".devcontainer/devcontainer.json");
@@ -61,7 +62,7 @@ fn a_symlinked_file_is_refused() {
     let err = load(&project, "id").unwrap_err();
     assert!(matches!(err, DevcontainerError::Symlink { .. }), "{err:?}");
     assert!(err.to_string().contains("a symbolic link"), "{err}");
-    assert!(find(&project).is_err());
+    assert!(find_relative(&project).is_err());
 
     let project = tmp.path().join("q");
     fs::create_dir_all(&project).unwrap();

@@ -45,7 +45,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keystone_guest_agent::protocol::ExecRequest;
+use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
 
 use super::backend::{
     AttachOptions, Backend, BackendError, BackendResult, BackendStatus, ExecOptions, PortForward,
@@ -53,6 +53,7 @@ use super::backend::{
     WorktreeOp,
 };
 use super::config::{AgentKind, Network};
+use super::devcontainer;
 use super::state::{ProcProbe, ProcessProbe, StateRecord};
 use crate::shown;
 use engine::{Layout, GUEST_WORKSPACE};
@@ -151,6 +152,55 @@ exec bash -l -c 'if command -v zellij >/dev/null 2>&1; then if [ -f "$1" ]; then
 impl MicroVmBackend {
     fn layout(spec: &SandboxSpec) -> Layout {
         Layout::new(&spec.paths)
+    }
+
+    /// A command or session the user asked for, in `dir`: as `user`, else
+    /// the devcontainer.json's `remoteUser` (when the image has it), else
+    /// the agent user; with the devcontainer.json's environment.
+    fn user_request(
+        spec: &SandboxSpec,
+        argv: Vec<String>,
+        dir: &str,
+        user: Option<&str>,
+    ) -> ExecRequest {
+        let applied = devcontainer::applied::read(&spec.paths).unwrap_or_default();
+        let mut req = guest::request(argv, dir, user.or(applied.user.as_deref()));
+        req.env = applied.env_pairs();
+        req
+    }
+
+    /// Runs the devcontainer.json's `postAttachCommand` in the background,
+    /// its output and any failure into `logs/devcontainer.log`.
+    fn post_attach(spec: &SandboxSpec, layout: &Layout) {
+        let Some(applied) = devcontainer::applied::read(&spec.paths) else {
+            return;
+        };
+        if applied.post_attach.is_empty() {
+            return;
+        }
+        let Ok(supervisor::devcontainer::SharedLog(log)) =
+            supervisor::devcontainer::open_log(layout)
+        else {
+            return;
+        };
+        let layout = layout.clone();
+        let user = applied.user.clone().map(UserSpec::Name);
+        let _ = std::thread::Builder::new()
+            .name("post-attach".into())
+            .spawn(move || {
+                for command in &applied.post_attach {
+                    let env = applied.env_pairs();
+                    let hook = "postAttachCommand";
+                    let _ = supervisor::devcontainer::run_logged(
+                        &layout,
+                        &log,
+                        hook,
+                        command,
+                        env,
+                        user.clone(),
+                    );
+                }
+            });
     }
 
     fn run_exec(spec: &SandboxSpec, req: ExecRequest) -> BackendResult<i32> {
@@ -310,7 +360,8 @@ impl Backend for MicroVmBackend {
             attach_command(&spec.name, opts.worktree.as_deref(), spec.settings.agent),
         ];
         let client = guest::client(&layout.vsock);
-        let status = guest::interactive(&client, guest::request(argv, &dir, None))
+        Self::post_attach(spec, &layout);
+        let status = guest::interactive(&client, Self::user_request(spec, argv, &dir, None))
             .map_err(|e| guest::agent_err("attach", e))?;
         Ok(status.code_or_signal())
     }
@@ -319,13 +370,14 @@ impl Backend for MicroVmBackend {
         let dir = guest_dir(opts.worktree.as_deref())?;
         Self::run_exec(
             spec,
-            guest::request(opts.command.clone(), &dir, opts.user.as_deref()),
+            Self::user_request(spec, opts.command.clone(), &dir, opts.user.as_deref()),
         )
     }
 
     fn ssh(&self, spec: &SandboxSpec) -> BackendResult<i32> {
         let client = guest::client(&Self::layout(spec).vsock);
-        let req = guest::request(vec!["bash".into(), "-l".into()], GUEST_WORKSPACE, None);
+        let argv = vec!["bash".into(), "-l".into()];
+        let req = Self::user_request(spec, argv, GUEST_WORKSPACE, None);
         if !std::io::stdin().is_terminal() {
             // No terminal: a plain shell reading commands from stdin.
             return Self::run_exec(spec, req);

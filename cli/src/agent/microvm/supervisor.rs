@@ -18,6 +18,7 @@
 //!
 //! Every line it writes goes to the sandbox's supervisor log (bounded).
 
+pub(super) mod devcontainer;
 mod engines;
 mod prepare;
 pub(super) mod setup;

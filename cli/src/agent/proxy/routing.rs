@@ -4,7 +4,8 @@
 //!
 //! Names, lowest label first, under `localhost` (or the `[proxy] domain`):
 //! - `<sandbox>.localhost`: the sandbox's primary server, the guest port
-//!   `[proxy] primary_port` names, else its lowest routable listening port;
+//!   `[proxy] primary_port` names, else the first of devcontainer.json's
+//!   `forwardPorts`, else its lowest routable listening port;
 //! - `<port>.<sandbox>.localhost`: guest port `<port>`.
 //!
 //! Case does not matter, a trailing dot and a `:port` suffix are dropped.
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::super::config::Settings;
+use super::super::devcontainer::applied;
 use super::super::microvm;
 use super::super::naming;
 use super::super::registry::{read_json, SandboxStore};
@@ -172,7 +174,8 @@ impl Routes {
             let configured_primary = read_json::<Settings>(&paths.config)
                 .ok()
                 .flatten()
-                .and_then(|s| s.proxy_primary_port);
+                .and_then(|s| s.proxy_primary_port)
+                .or_else(|| applied::read(&paths).and_then(|d| d.primary_port));
             let ports = if running {
                 microvm::routable_ports(&paths)
             } else {

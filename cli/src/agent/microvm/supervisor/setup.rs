@@ -1,7 +1,8 @@
 //! The setup in the guest once its agent answers, while the services
 //! open: the guest's clock, the project's `.env*` files in `/workspace`,
-//! the host's added certificate authorities (network `nat`), and the line
-//! about the coding agents. Each step is a phase of the start; a step that
+//! the host's added certificate authorities (network `nat`), the
+//! project's devcontainer.json (`devcontainer.rs`), and the line about the
+//! coding agents. Each step is a phase of the start; a step that
 //! fails is a warning, never the end of the start.
 
 use std::path::Path;
@@ -55,6 +56,10 @@ pub fn run(spec: &SandboxSpec, layout: &Layout, agent_pins: &[AgentPin], ready: 
             });
         }
     });
+    // After the rest: its commands may need the .env files and the CAs.
+    let step = Instant::now();
+    super::devcontainer::apply(spec, layout, ready);
+    ready.phase("setup: devcontainer", step.elapsed());
     ready.progress(&agents::summary(spec.settings.agent, agent_pins));
 }
 
