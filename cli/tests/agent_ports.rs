@@ -104,9 +104,6 @@ fn host_listens(addr: &str) -> bool {
 
 #[test]
 fn guest_servers_are_reached_by_name_and_never_squat_host_ports() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("ports", "ports") else {
         return;
     };
@@ -255,9 +252,6 @@ fn web_url_and_token(out: &str) -> (String, String) {
 
 #[test]
 fn attach_web_serves_the_session_to_a_browser() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("web", "web") else {
         return;
     };

@@ -90,9 +90,6 @@ fn rps<S: std::io::Read + std::io::Write + Send + 'static>(
 #[test]
 #[ignore = "a measurement: cargo test -p keystone --test agent_ports -- --ignored --nocapture latency"]
 fn latency() {
-    let _one = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let Some(env) = setup("portlat", "plat") else {
         return;
     };

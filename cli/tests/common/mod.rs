@@ -13,14 +13,9 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use keystone_test_kit::{guest_lock, skip, GuestLock, ScratchDir};
-
-/// A lock some tests take before [`setup`]. Guests are kept one at a time
-/// by the guest lock that [`setup`] takes; this one adds nothing to it.
-pub static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 pub struct Env {
     /// The sandbox the test uses (destroyed when the test ends).
