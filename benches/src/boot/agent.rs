@@ -5,51 +5,24 @@
 //! and the guest's answer goes through the agent client's own frame-size
 //! checks.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use keystone_guest_agent::client::AgentClient;
+use keystone_guest_agent::hybrid::hybrid_vsock_connect_keeping_deadline;
 use keystone_guest_agent::protocol::AGENT_VSOCK_PORT;
 use keystone_guest_agent::transport::DuplexStream;
 
-/// Longest wait for any one read or write on the socket.
+/// Longest wait for the handshake's answer and any later read.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
-/// The handshake answer (`OK <port>\n`) is short.
-const ANSWER_CAP: usize = 64;
 
-/// Opens `uds`, asks for the agent's port and returns the stream once the
-/// other side said `OK`.
-fn connect(uds: &Path) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(uds)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes())?;
-    let mut answer = Vec::new();
-    let mut byte = [0u8; 1];
-    while answer.len() < ANSWER_CAP {
-        match s.read(&mut byte)? {
-            0 => break,
-            _ if byte[0] == b'\n' => break,
-            _ => answer.push(byte[0]),
-        }
-    }
-    if answer.starts_with(b"OK ") {
-        Ok(s)
-    } else {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "the guest agent is not listening yet",
-        ))
-    }
-}
-
-/// A client of the agent behind `uds`.
+/// A client of the agent behind `uds`: each connection does the protocol
+/// crate's hybrid vsock handshake, its reads bounded by [`IO_TIMEOUT`].
 pub fn client(uds: &Path) -> AgentClient {
-    let uds: PathBuf = uds.to_path_buf();
+    let uds = uds.to_path_buf();
     AgentClient::new(Box::new(move || {
-        connect(&uds).map(|s| Box::new(s) as Box<dyn DuplexStream>)
+        hybrid_vsock_connect_keeping_deadline(&uds, AGENT_VSOCK_PORT, IO_TIMEOUT)
+            .map(|s| Box::new(s) as Box<dyn DuplexStream>)
     }))
 }
 
@@ -60,6 +33,8 @@ pub fn ping(client: &AgentClient) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
 
     /// A stand-in for the VMM's hybrid socket that refuses the port.

@@ -10,7 +10,7 @@
 
 pub mod agent;
 
-pub use keystone_agent_protocol::{client, protocol, relay, transport};
+pub use keystone_agent_protocol::{client, hybrid, protocol, relay, transport};
 pub use keystone_agent_protocol::{
     hybrid_vsock_connector, unix_connector, AgentClient, ClientError, Watch, WatchEvent,
 };
