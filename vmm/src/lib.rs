@@ -48,7 +48,7 @@ mod vstate;
 pub use arch::x86_64::cpuid::{CpuTemplate, VirtExtension};
 pub use config::{DeviceSpec, NestedMode, SerialOutput, VmBuilder, VmConfig};
 pub use devices::legacy::{BootEvent, BootTimeline, ConsoleLog};
-pub use machine::{start, NestedStatus, StartError, VmExit, VmHandle, VmInfo};
+pub use machine::{start, DeviceError, NestedStatus, StartError, VmExit, VmHandle, VmInfo};
 pub use vstate::exit::{RegsSnapshot, VmExitReason};
 pub use vstate::exit_stats::ExitCount;
 pub use vstate::kvm::KvmKind;

@@ -73,13 +73,16 @@ pub enum StartError {
     },
     /// A device could not be set up (its backend refused, or its settings
     /// are wrong).
-    #[error("device {index}: {message}")]
+    #[error("device {index}: {source}")]
     Device {
         /// The device's place in [`crate::VmConfig::devices`].
         index: usize,
         /// What went wrong.
-        message: String,
+        source: DeviceError,
     },
+    /// Two devices were given overlapping I/O or MMIO ranges.
+    #[error(transparent)]
+    Bus(#[from] crate::devices::bus::BusError),
     /// More virtio devices than the MMIO window holds.
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(usize),
@@ -89,6 +92,18 @@ pub enum StartError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+}
+
+/// Why a device could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// Its vhost-user backend refused or failed the set-up.
+    #[error(transparent)]
+    VhostUser(#[from] crate::devices::virtio::vhost_user::VhostUserError),
+    /// Its virtio-mmio transport could not be made.
+    #[error(transparent)]
+    Transport(#[from] crate::devices::virtio::transport::mmio::TransportError),
 }
 
 /// What nested virtualization the guest got, and why.

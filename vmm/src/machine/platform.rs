@@ -47,7 +47,7 @@ fn device_name(spec: &DeviceSpec) -> String {
 fn make_device(index: usize, spec: DeviceSpec) -> Result<Box<dyn VirtioDevice>, StartError> {
     let err = |e: crate::devices::virtio::vhost_user::VhostUserError| StartError::Device {
         index,
-        message: e.to_string(),
+        source: e.into(),
     };
     Ok(match spec {
         DeviceSpec::VhostUserFs {
@@ -145,31 +145,24 @@ pub(super) fn build_platform(
         ConsoleSink::new(out, console.clone(), timeline.clone()),
     )));
     let mut io_bus = Bus::new();
-    let insert_err = |e: crate::devices::bus::BusError| StartError::Config(e.to_string());
-    io_bus
-        .insert(
-            serial.clone(),
-            u64::from(SERIAL_PORT_COM1),
-            SERIAL_PORT_COUNT,
-            "serial",
-        )
-        .map_err(insert_err)?;
-    io_bus
-        .insert(
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-            u64::from(i8042::I8042_DATA_PORT),
-            i8042::I8042_PORT_COUNT,
-            "i8042",
-        )
-        .map_err(insert_err)?;
-    io_bus
-        .insert(
-            Arc::new(Mutex::new(BootTimer::new(timeline.clone()))),
-            u64::from(BOOT_TIMER_PORT),
-            1,
-            "boot timer",
-        )
-        .map_err(insert_err)?;
+    io_bus.insert(
+        serial.clone(),
+        u64::from(SERIAL_PORT_COM1),
+        SERIAL_PORT_COUNT,
+        "serial",
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        u64::from(i8042::I8042_DATA_PORT),
+        i8042::I8042_PORT_COUNT,
+        "i8042",
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(BootTimer::new(timeline.clone()))),
+        u64::from(BOOT_TIMER_PORT),
+        1,
+        "boot timer",
+    )?;
 
     // virtio-mmio devices.
     let mut mmio_bus = Bus::new();
@@ -183,7 +176,7 @@ pub(super) fn build_platform(
         let transport =
             MmioTransport::new(device, mem.clone()).map_err(|e| StartError::Device {
                 index,
-                message: e.to_string(),
+                source: e.into(),
             })?;
         for (evt, offset, datamatch) in transport.ioevents() {
             vm.register_mmio_ioevent(evt, base + offset, datamatch)?;
@@ -191,9 +184,7 @@ pub(super) fn build_platform(
         vm.register_irqfd(transport.call_eventfd(), irq)?;
         let transport = Arc::new(Mutex::new(transport));
         let dev: Arc<Mutex<dyn BusDevice>> = transport.clone();
-        mmio_bus
-            .insert(dev, base, MMIO_DEVICE_SIZE, name)
-            .map_err(insert_err)?;
+        mmio_bus.insert(dev, base, MMIO_DEVICE_SIZE, name)?;
         device_args.push(crate::devices::virtio::transport::mmio::device_cmdline_arg(
             base,
             MMIO_DEVICE_SIZE,

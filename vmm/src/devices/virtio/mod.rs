@@ -64,9 +64,10 @@ pub enum ActivateError {
     #[error("the driver set no queue ready")]
     NoQueues,
     #[error("vhost-user backend: {0}")]
-    VhostUser(String),
+    VhostUser(#[source] vhost_user::VhostUserError),
+    /// A device of the embedder's own failed; the source says why.
     #[error("{0}")]
-    Other(String),
+    Other(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A virtio device model, independent of its transport.

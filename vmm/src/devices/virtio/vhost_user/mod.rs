@@ -139,7 +139,7 @@ impl From<VhostUserError> for ActivateError {
     fn from(e: VhostUserError) -> Self {
         match e {
             VhostUserError::NoQueues => ActivateError::NoQueues,
-            e => ActivateError::VhostUser(e.to_string()),
+            e => ActivateError::VhostUser(e),
         }
     }
 }
