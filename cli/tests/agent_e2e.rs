@@ -196,14 +196,15 @@ fn a_newcomer_session_on_a_real_guest() {
     assert_eq!(status["engine"], "qemu", "{status}");
     // TCG emulates SVM: nested virtualization is on by default.
     assert_eq!(status["nested"], "enabled", "{status}");
-    // The run folder (the devices' sockets, QEMU's pid file) is this
-    // user's alone, and the console reaches its log through the supervisor.
+    // The sandbox's folder (its disk, the agent's socket) and the run
+    // folder (the devices' sockets, QEMU's pid file) are this user's
+    // alone, and the console reaches its log through the supervisor.
     {
         use std::os::unix::fs::MetadataExt;
         let dir = env.path(&format!("state/keystone/sandboxes/{}", env.name));
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
-        for run in [dir.join("run"), dir.join("run/ws")] {
+        for run in [dir.clone(), dir.join("run"), dir.join("run/ws")] {
             let meta = std::fs::metadata(&run).unwrap();
             assert_eq!(
                 (meta.uid(), meta.mode() & 0o777),
