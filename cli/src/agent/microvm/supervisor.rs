@@ -194,12 +194,14 @@ pub fn supervise(name: &str, input: &mut dyn Read) -> BackendResult<i32> {
         Ok(_) if end == SandboxState::Stopped => exit_code::OK,
         Ok(_) => exit_code::OPERATION_FAILED,
     };
+    // Recorded before `start` hears of the failure, so that what it and
+    // any command after it read is the end state, never `starting`.
+    if let Err(e) = state.ended(end, error.clone()) {
+        log::warn!("cannot record the end state: {e}");
+    }
     if let Some(error) = &error {
         // Only heard while `start` waits (the pipe is closed after ready).
         ready.failed(code, error);
-    }
-    if let Err(e) = state.ended(end, error) {
-        log::warn!("cannot record the end state: {e}");
     }
     let _ = std::fs::remove_file(layout.qemu_pid());
     Ok(code)
