@@ -100,11 +100,14 @@ impl Backend for MicroVmBackend {
             progress(&format!("services up: {services}"));
         }
         let (nested, how) = report.nested.clone();
+        let vcpus = match report.engine.as_str() {
+            "qemu" => engine::qemu_vcpus(spec.settings.vcpus, engine::host_cores()),
+            _ => spec.settings.vcpus,
+        };
         progress(&format!(
-            "ready in {:.1} s: {} MiB, {} vCPU(s)",
+            "ready in {:.1} s: {} MiB, {vcpus} vCPU(s)",
             report.total.as_secs_f64(),
             spec.settings.memory_mib,
-            spec.settings.vcpus,
         ));
         progress(&format!("nested virtualization {}: {how}", nested.as_str()));
         progress(&match spec.settings.network {

@@ -13,8 +13,8 @@ use vmm::{NestedMode, SerialOutput, VmBuilder};
 use super::super::super::backend::SandboxSpec;
 use super::super::super::state::NestedStatus;
 use super::super::engine::{
-    guest_cmdline, qemu_args, qemu_nested, vmm_nested, EngineKind, Layout, QemuPlan, Share,
-    GUEST_CID, QEMU,
+    guest_cmdline, host_cores, qemu_args, qemu_nested, qemu_vcpus, vmm_nested, EngineKind, Layout,
+    QemuPlan, Share, GUEST_CID, QEMU,
 };
 use super::super::readiness::Readiness;
 use super::super::{logfile, run_dir, shares};
@@ -118,11 +118,20 @@ fn launch_qemu(
     ready.phase("daemons", step.elapsed());
 
     let step = Instant::now();
+    let cores = host_cores();
+    let vcpus = qemu_vcpus(spec.settings.vcpus, cores);
+    if vcpus < spec.settings.vcpus {
+        ready.progress(&format!(
+            "engine qemu: {vcpus} vCPU(s) of the {} configured: software emulation runs each \
+             vCPU on a host core, and this host has {cores}",
+            spec.settings.vcpus
+        ));
+    }
     let plan = QemuPlan {
         kernel: prepared.kernel.clone(),
         initrd: prepared.initrd.clone(),
         memory_mib: spec.settings.memory_mib,
-        vcpus: spec.settings.vcpus,
+        vcpus,
         nested: spec.settings.nested_virt,
         cmdline: guest_cmdline(EngineKind::Qemu, &spec.name, spec.settings.network, tsc_khz),
         shares: sockets,
