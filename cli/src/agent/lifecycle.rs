@@ -141,11 +141,14 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
         );
     }
 
-    if args.fresh || !settings.persist {
-        discard_state(&paths)?;
-        if args.fresh {
-            println!("Discarded the state of sandbox {name} (--fresh)");
-        }
+    if !settings.persist {
+        discard_state(&paths, Keep::Nothing)?;
+    } else if args.fresh {
+        discard_state(&paths, Keep::Workspace)?;
+        println!(
+            "Discarded the root layer and saved settings of sandbox {name} (--fresh); \
+             /workspace and its commits are kept"
+        );
     }
     let paths = ctx.store.create_dirs(&name).map_err(store_err)?;
     // A sandbox keeps its own settings between starts; flags of this start
@@ -201,7 +204,18 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
 
 /// Removes the disk, `state.json` and `config.json` (not the lock we hold,
 /// nor the logs).
-fn discard_state(paths: &SandboxPaths) -> Result<()> {
+/// What [`discard_state`] keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    /// The sandbox's clone (`disk/workspace`): `--fresh` discards the
+    /// guest's root layer, never work that may not be synced yet.
+    Workspace,
+}
+
+/// Removes the sandbox's disk (all of it, or all but the workspace), its
+/// run state and its saved settings.
+fn discard_state(paths: &SandboxPaths, keep: Keep) -> Result<()> {
     let gone = |r: std::io::Result<()>, path: &std::path::Path| match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CodedError::error(
             exit_code::OPERATION_FAILED,
@@ -209,7 +223,26 @@ fn discard_state(paths: &SandboxPaths) -> Result<()> {
         )),
         _ => Ok(()),
     };
-    gone(fsutil::remove_tree(&paths.disk), &paths.disk)?;
+    match keep {
+        Keep::Nothing => gone(fsutil::remove_tree(&paths.disk), &paths.disk)?,
+        Keep::Workspace => {
+            let entries = match std::fs::read_dir(&paths.disk) {
+                Ok(entries) => entries,
+                Err(e) => return gone(Err(e), &paths.disk),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| {
+                    CodedError::error(
+                        exit_code::OPERATION_FAILED,
+                        format!("{}: {e}", paths.disk.display()),
+                    )
+                })?;
+                if entry.file_name() != "workspace" {
+                    gone(fsutil::remove_tree(&entry.path()), &entry.path())?;
+                }
+            }
+        }
+    }
     gone(std::fs::remove_file(&paths.state), &paths.state)?;
     gone(std::fs::remove_file(&paths.config), &paths.config)
 }

@@ -162,7 +162,9 @@ pub struct StartArgs {
     /// Do not expose nested virtualization to the guest.
     #[arg(long, overrides_with = "nested")]
     pub no_nested: bool,
-    /// Discard the sandbox's persistent state and disk before starting.
+    /// Discard the sandbox's root layer (what was installed or changed
+    /// outside /workspace) and saved settings before starting;
+    /// /workspace and its commits are kept.
     #[arg(long)]
     pub fresh: bool,
     /// Guest networking [default: nat]: nat (outbound connections made by

@@ -1,0 +1,197 @@
+//! The corners of the CLI contract a newcomer session does not reach, on
+//! a real guest (engine qemu):
+//! - `start PROJECT_PATH` from a folder outside the project;
+//! - `status --all --json` lists the sandbox;
+//! - `ssh` without a terminal: a login shell in /workspace, as the agent
+//!   user, reading its commands from standard input;
+//! - `stop --sync`: the guest's commit reaches the host as it stops;
+//! - `start --fresh`: the root layer is discarded, /workspace and a commit
+//!   not synced yet are kept;
+//! - `destroy` answered "y" on a terminal removes the sandbox.
+//!
+//! Skips (printing `SKIP: <reason>`) without /dev/kvm, qemu-system-x86_64
+//! or a guest kernel and rootfs.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+
+use common::*;
+
+const NAME: &str = "corner";
+
+fn ok(env: &Env, args: &[&str], dir: &Path) -> String {
+    let out = env.run(args, dir);
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+    stdout(&out)
+}
+
+fn guest_sh(env: &Env, dir: &Path, script: &str) -> String {
+    ok(env, &["exec", NAME, "--", "sh", "-c", script], dir)
+}
+
+#[test]
+fn the_seeds_corners_on_a_real_guest() {
+    let Some(env) = setup("corners", NAME) else {
+        return;
+    };
+    let repo = env.path("proj");
+    let elsewhere = env.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let project = repo.to_str().unwrap();
+
+    // start PROJECT_PATH, from outside the project.
+    ok(
+        &env,
+        &[
+            "start",
+            project,
+            "--name",
+            NAME,
+            "--no-attach",
+            "--memory",
+            "1024",
+            "--vcpus",
+            "1",
+        ],
+        &elsewhere,
+    );
+
+    // status --all: every sandbox, as a JSON array.
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&env, &["status", "--all", "--json"], &elsewhere)).unwrap();
+    let listed = all.as_array().expect("an array");
+    assert_eq!(listed.len(), 1, "{all}");
+    assert_eq!(listed[0]["name"], NAME);
+    assert_eq!(listed[0]["state"], "running");
+    let recorded = Path::new(listed[0]["project"].as_str().unwrap());
+    assert_eq!(
+        recorded.canonicalize().unwrap(),
+        repo.canonicalize().unwrap()
+    );
+
+    // ssh without a terminal: commands from standard input.
+    let mut ssh = env
+        .command(&["ssh", NAME], &elsewhere)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    ssh.stdin
+        .take()
+        .unwrap()
+        .write_all(b"pwd; whoami; git log --oneline | wc -l\nexit 7\n")
+        .unwrap();
+    let out = ssh.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert_eq!(stdout(&out), "/workspace\nagent\n1\n", "{}", text(&out));
+
+    // stop --sync: the guest's commit reaches the host.
+    guest_sh(
+        &env,
+        &elsewhere,
+        "echo kept > kept && git add kept && git -c user.name=a -c user.email=a@b commit -qm synced-on-stop",
+    );
+    ok(
+        &env,
+        &[
+            "exec",
+            NAME,
+            "--user",
+            "root",
+            "--",
+            "sh",
+            "-c",
+            "echo x > /etc/corner-root-layer",
+        ],
+        &elsewhere,
+    );
+    ok(&env, &["stop", NAME, "--sync"], &elsewhere);
+    assert!(
+        git(&repo, &["log", "--oneline"]).contains("synced-on-stop"),
+        "{}",
+        git(&repo, &["log", "--oneline"])
+    );
+
+    // start --fresh: the root layer goes, the workspace stays.
+    ok(
+        &env,
+        &[
+            "start",
+            project,
+            "--name",
+            NAME,
+            "--no-attach",
+            "--memory",
+            "1024",
+            "--vcpus",
+            "1",
+        ],
+        &elsewhere,
+    );
+    guest_sh(
+        &env,
+        &elsewhere,
+        "git -c user.name=a -c user.email=a@b commit -q --allow-empty -m not-synced-yet",
+    );
+    ok(
+        &env,
+        &[
+            "exec",
+            NAME,
+            "--user",
+            "root",
+            "--",
+            "test",
+            "-e",
+            "/etc/corner-root-layer",
+        ],
+        &elsewhere,
+    );
+    ok(&env, &["stop", NAME], &elsewhere);
+    let out = ok(
+        &env,
+        &[
+            "start",
+            project,
+            "--name",
+            NAME,
+            "--no-attach",
+            "--fresh",
+            "--memory",
+            "1024",
+            "--vcpus",
+            "1",
+        ],
+        &elsewhere,
+    );
+    assert!(out.contains("/workspace and its commits are kept"), "{out}");
+    let out = env.run(
+        &["exec", NAME, "--", "test", "-e", "/etc/corner-root-layer"],
+        &elsewhere,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the root layer is gone: {}",
+        text(&out)
+    );
+    assert!(
+        guest_sh(&env, &elsewhere, "git log --oneline").contains("not-synced-yet"),
+        "the workspace's commits are kept"
+    );
+
+    // destroy, answered "y" on a terminal.
+    ok(&env, &["stop", NAME], &elsewhere);
+    let out = env.run_on_pty(&["destroy", NAME], &elsewhere, "y\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&env, &["list", "--json"], &elsewhere)).unwrap();
+    assert_eq!(listed, serde_json::json!([]));
+    assert!(!env
+        .path(&format!("state/keystone/sandboxes/{NAME}"))
+        .exists());
+}
