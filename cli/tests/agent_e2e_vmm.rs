@@ -143,9 +143,10 @@ impl Session<'_> {
         assert_eq!(
             out.status.code(),
             Some(0),
-            "keystone agent {}: {}\n{}",
+            "keystone agent {}: {}\n{}\n{}",
             args.join(" "),
             text(&out),
+            supervisor_tail(self.env, 30),
             console_tail(self.env, 40)
         );
         out

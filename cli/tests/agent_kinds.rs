@@ -104,20 +104,29 @@ fn attach_until_drawn(env: &Env, repo: &Path, session: &str) {
 
 /// The layout of the running session `session`, as Zellij dumps it.
 fn session_layout(env: &Env, repo: &Path, session: &str) -> String {
-    let out = env.run(
-        &[
-            "exec",
-            "--",
-            "zellij",
-            "-s",
-            session,
-            "action",
-            "dump-layout",
-        ],
-        repo,
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    stdout(&out)
+    // A session whose client has just gone may answer with an empty
+    // layout for a moment while its server settles: ask again.
+    let t = Instant::now();
+    loop {
+        let out = env.run(
+            &[
+                "exec",
+                "--",
+                "zellij",
+                "-s",
+                session,
+                "action",
+                "dump-layout",
+            ],
+            repo,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let layout = stdout(&out);
+        if !layout.trim().is_empty() || t.elapsed() > Duration::from_secs(30) {
+            return layout;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]
