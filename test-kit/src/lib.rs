@@ -10,7 +10,10 @@
 //! - [`fnv64`]: a 64-bit FNV-1a checksum, to compare bytes that went
 //!   through a guest with what was sent;
 //! - [`virtq`]: the driver side of a split virtqueue in guest memory, for
-//!   tests that play the guest to a device.
+//!   tests that play the guest to a device;
+//! - [`vhost_frontend`]: the frontend side of vhost-user for a process
+//!   that plays the VMM (shared guest memory, a queue handed over), for
+//!   the daemons' protocol tests and the virtio-fs benchmarks.
 //!
 //! The crate depends on no workspace crate, so any of them may list it
 //! under `[dev-dependencies]`. Its helpers panic with a message on what
@@ -20,6 +23,7 @@
 mod guest_lock;
 mod log_tail;
 mod scratch;
+pub mod vhost_frontend;
 pub mod virtq;
 
 pub use guest_lock::{guest_lock, GuestLock};

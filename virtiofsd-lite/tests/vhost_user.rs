@@ -17,10 +17,7 @@ use virtiofsd_lite::{spawn_paired, FsConfig};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-#[path = "../examples/support/frontend.rs"]
-mod frontend;
-
-use frontend::SharedMemory;
+use keystone_test_kit::vhost_frontend::SharedMemory;
 
 const MEM_BASE: u64 = 0x10_0000;
 const MEM_SIZE: usize = 0x40_0000;

@@ -26,8 +26,8 @@
 //! what the daemon costs per line whatever the guest's speed.
 //!
 //! ```text
-//! cargo build -p virtiofsd-lite --release --bins --examples
-//! cargo run -p virtiofsd-lite --release --example bench_vs_virtiofsd -- --runs 3
+//! cargo build -p virtiofsd-lite -p keystone-benches --release --bins
+//! cargo run -p keystone-benches --release --bin bench-virtiofs-vs-virtiofsd -- --runs 3
 //! ```
 //! Environment: `VIRTIOFSD_BIN` (default
 //! `/work/.cache-virtiofsd/bin/virtiofsd`), `VIRTIOFSD_LITE_BIN` (default:

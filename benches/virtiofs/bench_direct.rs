@@ -24,8 +24,8 @@
 //! `/dev/shm`, so no disk sits in the measurement).
 //!
 //! ```text
-//! cargo build -p virtiofsd-lite --release --bins --examples
-//! cargo run -p virtiofsd-lite --release --example bench_direct -- --runs 3
+//! cargo build -p virtiofsd-lite -p keystone-benches --release --bins
+//! cargo run -p keystone-benches --release --bin bench-virtiofs-direct -- --runs 3
 //! ```
 //! `--only rand_read_4KiB,...` runs some lines (for profiling one).
 
@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::frontend::SharedMemory;
+use keystone_test_kit::vhost_frontend::SharedMemory;
 use support::{cpu_ns, json_str, lower_is_better, summary, Samples, LITE, VFSD};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};

@@ -1,8 +1,8 @@
 //! The frontend side of vhost-user-fs for a process that plays the VMM:
 //! guest memory in one memfd region, shared with the daemon, and a split
-//! virtqueue handed to it. Used by `bench_direct` and by the in-process
-//! protocol tests (`tests/vhost_user.rs`).
-#![allow(dead_code)]
+//! virtqueue handed to it. Used by the virtio-fs benchmark `bench_direct`
+//! (`benches/virtiofs/`) and by virtiofsd-lite's in-process protocol tests
+//! (`virtiofsd-lite/tests/vhost_user.rs`).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};

@@ -1,8 +1,7 @@
 //! What the two virtiofsd comparisons share: finding the two daemons,
 //! watching a daemon process (RSS, CPU time) and summarising figures.
+// Each benchmark uses part of it.
 #![allow(dead_code)]
-
-pub mod frontend;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,13 +15,12 @@ pub const VFSD: &str = "virtiofsd-1.14";
 pub const DAEMON_OPTS: [&str; 4] = ["--cache", "never", "--sandbox", "none"];
 
 /// The two daemon binaries: `VIRTIOFSD_LITE_BIN` (default: `virtiofsd-lite`
-/// in this example's profile folder) and `VIRTIOFSD_BIN` (default
+/// beside this benchmark's binary, in the same profile folder) and `VIRTIOFSD_BIN` (default
 /// `/work/.cache-virtiofsd/bin/virtiofsd`).
 pub fn daemon_binaries() -> Result<(String, String), String> {
     let exe = std::env::current_exe().unwrap_or_default();
     let default_lite = exe
         .parent()
-        .and_then(Path::parent)
         .map(|p| p.join("virtiofsd-lite"))
         .unwrap_or_else(|| PathBuf::from("virtiofsd-lite"));
     let lite = std::env::var("VIRTIOFSD_LITE_BIN").map_or(default_lite, PathBuf::from);
