@@ -28,6 +28,25 @@ fn ok(env: &Env, args: &[&str], dir: &Path) -> String {
     stdout(&out)
 }
 
+/// `start PROJECT --name corner --no-attach` with 1 GiB and one vCPU,
+/// plus `extra`, run from `dir`; its output.
+fn start(env: &Env, project: &Path, dir: &Path, extra: &[&str]) -> String {
+    let project = project.to_str().unwrap();
+    let mut args = vec![
+        "start",
+        project,
+        "--name",
+        NAME,
+        "--no-attach",
+        "--memory",
+        "1024",
+        "--vcpus",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    ok(env, &args, dir)
+}
+
 fn guest_sh(env: &Env, dir: &Path, script: &str) -> String {
     ok(env, &["exec", NAME, "--", "sh", "-c", script], dir)
 }
@@ -40,24 +59,9 @@ fn the_seeds_corners_on_a_real_guest() {
     let repo = env.path("proj");
     let elsewhere = env.path("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
-    let project = repo.to_str().unwrap();
 
     // start PROJECT_PATH, from outside the project.
-    ok(
-        &env,
-        &[
-            "start",
-            project,
-            "--name",
-            NAME,
-            "--no-attach",
-            "--memory",
-            "1024",
-            "--vcpus",
-            "1",
-        ],
-        &elsewhere,
-    );
+    start(&env, &repo, &elsewhere, &[]);
 
     // status --all: every sandbox, as a JSON array.
     let all: serde_json::Value =
@@ -117,21 +121,7 @@ fn the_seeds_corners_on_a_real_guest() {
     );
 
     // start --fresh: the root layer goes, the workspace stays.
-    ok(
-        &env,
-        &[
-            "start",
-            project,
-            "--name",
-            NAME,
-            "--no-attach",
-            "--memory",
-            "1024",
-            "--vcpus",
-            "1",
-        ],
-        &elsewhere,
-    );
+    start(&env, &repo, &elsewhere, &[]);
     guest_sh(
         &env,
         &elsewhere,
@@ -152,22 +142,7 @@ fn the_seeds_corners_on_a_real_guest() {
         &elsewhere,
     );
     ok(&env, &["stop", NAME], &elsewhere);
-    let out = ok(
-        &env,
-        &[
-            "start",
-            project,
-            "--name",
-            NAME,
-            "--no-attach",
-            "--fresh",
-            "--memory",
-            "1024",
-            "--vcpus",
-            "1",
-        ],
-        &elsewhere,
-    );
+    let out = start(&env, &repo, &elsewhere, &["--fresh"]);
     assert!(out.contains("/workspace and its commits are kept"), "{out}");
     let out = env.run(
         &["exec", NAME, "--", "test", "-e", "/etc/corner-root-layer"],

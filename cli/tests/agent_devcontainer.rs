@@ -18,9 +18,7 @@
 
 mod common;
 
-use std::os::fd::FromRawFd;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -209,30 +207,7 @@ fn devcontainer_json_is_applied_on_a_real_guest() {
     );
 
     // attach: postAttachCommand.
-    let (_master, slave) = {
-        let (mut m, mut s) = (-1, -1);
-        // SAFETY: openpty writes two new descriptors into m and s; the
-        // name, termios and winsize pointers may be null.
-        let rc = unsafe {
-            libc::openpty(
-                &mut m,
-                &mut s,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors are new and owned by nothing else.
-        unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
-    };
-    let mut cmd = env.command(&["attach"], &repo);
-    cmd.env("TERM", "xterm-256color")
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave));
-    let mut attach = cmd.spawn().unwrap();
-    drop(cmd);
+    let (_master, mut attach) = env.spawn_on_pty(&["attach"], &repo);
     let t = Instant::now();
     let attached = loop {
         let out = env.run(&["exec", "--", "cat", "/var/tmp/dc-attached"], &repo);

@@ -18,9 +18,8 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -45,29 +44,7 @@ fn guest_sh(env: &Env, repo: &Path, script: &str) -> String {
 /// `keystone agent attach` on a pseudo-terminal until the session
 /// `session` is drawn; then the client is ended (the session lives on).
 fn attach_until_drawn(env: &Env, repo: &Path, session: &str) {
-    let (master, slave) = {
-        let (mut m, mut s) = (-1, -1);
-        let ws = libc::winsize {
-            ws_row: 40,
-            ws_col: 120,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: openpty writes two new descriptors into m and s; the
-        // winsize pointer is valid, name and termios may be null.
-        let rc =
-            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors are new and owned by nothing else.
-        unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
-    };
-    let mut cmd = env.command(&["attach"], repo);
-    cmd.env("TERM", "xterm-256color")
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave));
-    let mut child = cmd.spawn().unwrap();
-    drop(cmd);
+    let (master, mut child) = env.spawn_on_pty(&["attach"], repo);
     let drawn = format!("Zellij ({session})");
     let mut seen = Vec::new();
     let mut buf = [0u8; 65536];

@@ -17,9 +17,8 @@
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -214,30 +213,8 @@ fn attach_figures(env: &Env, repo: &Path) -> serde_json::Map<String, serde_json:
 /// ms until its first output bytes and until Zellij has drawn `session`
 /// (its name in the status bar), then kills it.
 fn attach_ms(env: &Env, repo: &Path, session: &str) -> (f64, f64) {
-    let (master, slave) = {
-        let (mut m, mut s) = (-1, -1);
-        let ws = libc::winsize {
-            ws_row: 40,
-            ws_col: 120,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: openpty writes two new descriptors into m and s; the
-        // winsize pointer is valid, name and termios may be null.
-        let rc =
-            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors are new and owned by nothing else.
-        unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
-    };
-    let mut cmd = env.command(&["attach"], repo);
-    cmd.env("TERM", "xterm-256color")
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave));
     let t = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    drop(cmd);
+    let (master, mut child) = env.spawn_on_pty(&["attach"], repo);
     let drawn = format!("Zellij ({session})");
     let (mut seen, mut first, mut buf) = (Vec::new(), None, [0u8; 65536]);
     while t.elapsed() < Duration::from_secs(60) {

@@ -12,7 +12,7 @@
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Instant;
 
 use keystone_test_kit::{guest_lock, skip, GuestLock, ScratchDir};
@@ -69,23 +69,7 @@ impl Env {
 
     /// Runs with stdin on a pseudo-terminal that receives `input`.
     pub fn run_on_pty(&self, args: &[&str], dir: &Path, input: &str) -> Output {
-        let (mut master, slave) = {
-            let (mut m, mut s) = (-1, -1);
-            // SAFETY: openpty writes two new descriptors into m and s; the
-            // name, termios and winsize pointers may be null.
-            let rc = unsafe {
-                libc::openpty(
-                    &mut m,
-                    &mut s,
-                    std::ptr::null_mut(),
-                    std::ptr::null(),
-                    std::ptr::null(),
-                )
-            };
-            assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-            // SAFETY: both descriptors are new and owned by nothing else.
-            unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
-        };
+        let (mut master, slave) = open_pty();
         let mut cmd = self.command(args, dir);
         cmd.stdin(Stdio::from(slave))
             .stdout(Stdio::piped())
@@ -100,6 +84,20 @@ impl Env {
             out.status.code()
         );
         out
+    }
+
+    /// `keystone agent ARGS` with a new pseudo-terminal as its standard
+    /// input, output and error (`TERM=xterm-256color`); returns the
+    /// terminal's master side and the process.
+    pub fn spawn_on_pty(&self, args: &[&str], dir: &Path) -> (std::fs::File, Child) {
+        let (master, slave) = open_pty();
+        let mut cmd = self.command(args, dir);
+        cmd.env("TERM", "xterm-256color")
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        let child = cmd.spawn().unwrap();
+        (master, child)
     }
 
     /// `start --no-attach` of this sandbox with 1 GiB and one vCPU (what
@@ -260,3 +258,20 @@ pub fn host_snapshot(repo: &Path) -> (String, String, String, String) {
 }
 
 pub const COMMIT: [&str; 5] = ["-c", "user.name=t", "-c", "user.email=t@t", "commit"];
+
+/// A new pseudo-terminal of 40 rows and 120 columns: (master, slave).
+pub fn open_pty() -> (std::fs::File, std::fs::File) {
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two new descriptors into m and s; the winsize
+    // pointer is valid, name and termios may be null.
+    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and owned by nothing else.
+    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+}
