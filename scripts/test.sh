@@ -19,6 +19,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== cargo test"
+# The log goes to ./target even when CARGO_TARGET_DIR builds elsewhere.
+mkdir -p target
 KEYSTONE_KERNEL_DIR="$kernel_dir" KEYSTONE_ROOTFS_DIR="$rootfs_dir" KEYSTONE_PJDFSTEST="$pjdfstest_bin" cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.log
 echo "== skipped tests (counted as skipped, not passed)"
 grep -h "^SKIP:" target/test-output.log | sort | uniq -c || echo "none"

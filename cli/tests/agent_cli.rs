@@ -1,6 +1,7 @@
 //! `keystone agent` end to end, without a guest: the built binary runs with
 //! its XDG directories (and HOME) pointed at a temporary folder.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -329,9 +330,15 @@ fn start_records_the_sandbox_and_fails_cleanly_without_a_guest_kernel() {
 fn a_live_supervisor_means_running_and_a_dead_one_error() {
     let s = Sandbox::new("live");
     let repo = s.git_repo("proj");
-    // A stand-in whose command line looks like a supervisor's.
+    // A stand-in whose command line looks like a supervisor's, in a
+    // process group of its own and with no pipe of the test's: its
+    // `sleep` is killed with it, and nothing of it outlives the test.
     let mut fake = Command::new("sh")
         .args(["-c", "sleep 600; true", "__supervise", "proj-3"])
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     s.register("proj-3", &repo, "running", Some(fake.id()));
@@ -354,7 +361,8 @@ fn a_live_supervisor_means_running_and_a_dead_one_error() {
     let out = s.run(&["destroy", "proj-3"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 
-    fake.kill().unwrap();
+    // SAFETY: kill has no memory effects; the group is the stand-in's.
+    unsafe { libc::kill(-(fake.id() as i32), libc::SIGKILL) };
     fake.wait().unwrap();
     let status = json(&s.run(&["status", "proj-3", "--json"]));
     assert_eq!(status["state"], "error");
