@@ -325,6 +325,11 @@ impl QemuGuest {
         }
     }
 
+    /// Whether QEMU has exited.
+    pub fn exited(&mut self) -> bool {
+        self.try_status().is_some()
+    }
+
     /// Kills QEMU now (idempotent).
     pub fn kill(&mut self) {
         if self.try_status().is_none() {

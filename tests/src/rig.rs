@@ -114,7 +114,19 @@ pub fn where_to_run_with(name: &str, size: &RigSize) -> Where {
         return Where::Done;
     }
     let t = Instant::now();
-    let outcome = run_in_l1(name, size);
+    let outcome = match run_in_l1(name, size) {
+        // L1 itself died (its kernel panicked, QEMU exited) before the
+        // test ended: the emulated machine failed, not the test, which
+        // gets one more L1. A test that fails in L1 is never rerun.
+        Err(RigError::L1Died(why)) => {
+            eprintln!(
+                "rig: L1 died before {name} ended; booting a new L1 once more:
+{why}"
+            );
+            run_in_l1(name, size)
+        }
+        other => other,
+    };
     eprintln!("rig: {name} in L1 took {:.1?}", t.elapsed());
     match outcome {
         Ok(()) => Where::Done,
@@ -181,9 +193,10 @@ fn sh_quote(s: &str) -> String {
 /// environment the guest tests need (kernel and rootfs folders from this
 /// host, writable homes and caches in L1's `/tmp`). `Ok` when the inner
 /// run passed; the error says how it ended (L1's console is printed).
-pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), String> {
-    let kernel = guest_image::kernel::ensure_kernel().map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), RigError> {
+    let kernel =
+        guest_image::kernel::ensure_kernel().map_err(|e| RigError::Failed(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| RigError::Failed(e.to_string()))?;
     // What the inner test needs from this host's environment.
     let mut env = vec![
         (INNER_ENV.to_string(), "1".to_string()),
@@ -233,9 +246,28 @@ pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), String> {
     if code == "0" && passed {
         Ok(())
     } else {
-        Err(format!(
+        Err(RigError::Failed(format!(
             "the inner run of {name} exited {code} (see L1's console above)"
-        ))
+        )))
+    }
+}
+
+/// Why a run in L1 did not pass.
+#[derive(Debug)]
+pub enum RigError {
+    /// L1 itself stopped (QEMU exited, L1's kernel panicked) before the
+    /// command ended; the console tail says how.
+    L1Died(String),
+    /// The command or test failed in L1, or L1 could not be set up.
+    Failed(String),
+}
+
+impl std::fmt::Display for RigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RigError::L1Died(why) => write!(f, "L1 died: {why}"),
+            RigError::Failed(why) => f.write_str(why),
+        }
     }
 }
 
@@ -245,7 +277,7 @@ pub fn run_in_l1(name: &str, size: &RigSize) -> Result<(), String> {
 /// script's output, the inner exit code on the `RIG-EXIT` line) when the
 /// script exited 0; the error carries that console too.
 pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String> {
-    let (code, inner) = boot_l1("command", script, size)?;
+    let (code, inner) = boot_l1("command", script, size).map_err(|e| e.to_string())?;
     if code == "0" {
         Ok(inner)
     } else {
@@ -258,12 +290,13 @@ pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String>
 /// Boots L1 with `script` as the command its `/init` runs, waits for it
 /// to end (or `size.timeout`), and returns its exit code (as L1 printed
 /// it; `?` when it did not) and L1's console after L1 came up.
-fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String), String> {
-    let kernel = guest_image::kernel::ensure_kernel().map_err(|e| e.to_string())?;
+fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String), RigError> {
+    let failed = |e: String| RigError::Failed(e);
+    let kernel = guest_image::kernel::ensure_kernel().map_err(|e| failed(e.to_string()))?;
     let scratch = ScratchDir::at(shared_scratch(label));
     let dir = scratch.path();
     let busybox = std::fs::read(guest_image::busybox::DEFAULT_BUSYBOX)
-        .map_err(|e| format!("busybox: {e}"))?;
+        .map_err(|e| failed(format!("busybox: {e}")))?;
     let mut archive = guest_image::initramfs::Archive::new();
     archive
         .dir("bin", 0o755)
@@ -275,9 +308,9 @@ fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String)
         .dir("mnt", 0o755)
         .file("init", 0o755, L1_INIT.as_bytes());
     let initrd = dir.join("l1.cpio");
-    std::fs::write(&initrd, archive.finish()).map_err(|e| e.to_string())?;
+    std::fs::write(&initrd, archive.finish()).map_err(|e| failed(e.to_string()))?;
     let script_path = dir.join("command.sh");
-    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
+    std::fs::write(&script_path, script).map_err(|e| failed(e.to_string()))?;
 
     let socket = dir.join("hostroot.sock");
     let mut cfg = virtiofsd_lite::FsConfig::new(Path::new("/"), "hostroot");
@@ -291,7 +324,7 @@ fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String)
         .vhost_user_fs(&socket, "hostroot")
         .append(&l1_cmdline(&script_path))
         .start()
-        .map_err(|e| format!("cannot start QEMU: {e}"))?;
+        .map_err(|e| failed(format!("cannot start QEMU: {e}")))?;
     let t0 = Instant::now();
     let up = guest.wait_for(UP_MARKER, Duration::from_secs(300));
     if up.is_ok() {
@@ -302,9 +335,16 @@ fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String)
         guest.wait_for(EXIT_MARKER, rest)
     });
     let console = guest.console();
+    let died = guest.exited();
     guest.kill();
     drop(daemon);
-    waited?;
+    waited.map_err(|e| {
+        if died {
+            RigError::L1Died(e)
+        } else {
+            RigError::Failed(e)
+        }
+    })?;
     let inner = console
         .split_once(UP_MARKER)
         .map_or(console.as_str(), |(_, after)| after)
