@@ -47,6 +47,13 @@ fn start(env: &Env, project: &Path, dir: &Path, extra: &[&str]) -> String {
     ok(env, &args, dir)
 }
 
+/// `exec --user root -- ARGV` in the sandbox, which must exit 0.
+fn as_root(env: &Env, dir: &Path, argv: &[&str]) -> String {
+    let mut args = vec!["exec", NAME, "--user", "root", "--"];
+    args.extend_from_slice(argv);
+    ok(env, &args, dir)
+}
+
 fn guest_sh(env: &Env, dir: &Path, script: &str) -> String {
     ok(env, &["exec", NAME, "--", "sh", "-c", script], dir)
 }
@@ -99,19 +106,10 @@ fn the_seeds_corners_on_a_real_guest() {
         &elsewhere,
         "echo kept > kept && git add kept && git -c user.name=a -c user.email=a@b commit -qm synced-on-stop",
     );
-    ok(
+    as_root(
         &env,
-        &[
-            "exec",
-            NAME,
-            "--user",
-            "root",
-            "--",
-            "sh",
-            "-c",
-            "echo x > /etc/corner-root-layer",
-        ],
         &elsewhere,
+        &["sh", "-c", "echo x > /etc/corner-root-layer"],
     );
     ok(&env, &["stop", NAME, "--sync"], &elsewhere);
     assert!(
@@ -127,20 +125,7 @@ fn the_seeds_corners_on_a_real_guest() {
         &elsewhere,
         "git -c user.name=a -c user.email=a@b commit -q --allow-empty -m not-synced-yet",
     );
-    ok(
-        &env,
-        &[
-            "exec",
-            NAME,
-            "--user",
-            "root",
-            "--",
-            "test",
-            "-e",
-            "/etc/corner-root-layer",
-        ],
-        &elsewhere,
-    );
+    as_root(&env, &elsewhere, &["test", "-e", "/etc/corner-root-layer"]);
     ok(&env, &["stop", NAME], &elsewhere);
     let out = start(&env, &repo, &elsewhere, &["--fresh"]);
     assert!(out.contains("/workspace and its commits are kept"), "{out}");

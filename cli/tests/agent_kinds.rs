@@ -17,8 +17,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -44,39 +42,8 @@ fn guest_sh(env: &Env, repo: &Path, script: &str) -> String {
 /// `keystone agent attach` on a pseudo-terminal until the session
 /// `session` is drawn; then the client is ended (the session lives on).
 fn attach_until_drawn(env: &Env, repo: &Path, session: &str) {
-    let (master, mut child) = env.spawn_on_pty(&["attach"], repo);
-    let drawn = format!("Zellij ({session})");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 65536];
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(180) {
-        let mut pfd = libc::pollfd {
-            fd: master.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd on the master we hold.
-        if unsafe { libc::poll(&mut pfd, 1, 100) } != 1 {
-            continue;
-        }
-        let n = (&master).read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&seen).contains(&drawn) {
-            eprintln!("attach drew {session} in {:.1?}", t.elapsed());
-            let _ = child.kill();
-            let _ = child.wait();
-            return;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!(
-        "attach did not draw {drawn:?}; it printed {:?}",
-        String::from_utf8_lossy(&seen)
-    );
+    let drawn = env.attach_until_drawn(repo, session, Duration::from_secs(180));
+    eprintln!("attach drew {session} in {:.1?}", drawn.drawn);
 }
 
 /// The layout of the running session `session`, as Zellij dumps it.

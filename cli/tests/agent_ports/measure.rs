@@ -15,9 +15,7 @@
 //!   output bytes and to the session drawn (median of 10), beside `exec --
 //!   true` and `exec -- zellij --version` (median of 5 each).
 
-use std::io::Read;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -213,34 +211,7 @@ fn attach_figures(env: &Env, repo: &Path) -> serde_json::Map<String, serde_json:
 /// ms until its first output bytes and until Zellij has drawn `session`
 /// (its name in the status bar), then kills it.
 fn attach_ms(env: &Env, repo: &Path, session: &str) -> (f64, f64) {
-    let t = Instant::now();
-    let (master, mut child) = env.spawn_on_pty(&["attach"], repo);
-    let drawn = format!("Zellij ({session})");
-    let (mut seen, mut first, mut buf) = (Vec::new(), None, [0u8; 65536]);
-    while t.elapsed() < Duration::from_secs(60) {
-        let mut pfd = libc::pollfd {
-            fd: master.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd on the master we hold.
-        if unsafe { libc::poll(&mut pfd, 1, 100) } != 1 {
-            continue;
-        }
-        let n = (&master).read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
-        seen.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&seen).contains(&drawn) {
-            let screen = t.elapsed().as_secs_f64() * 1e3;
-            let _ = child.kill();
-            let _ = child.wait();
-            return (first.unwrap_or(screen), screen);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("attach did not draw {drawn:?} within 60 s");
+    let drawn = env.attach_until_drawn(repo, session, Duration::from_secs(60));
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (ms(drawn.first_output), ms(drawn.drawn))
 }

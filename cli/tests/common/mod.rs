@@ -9,11 +9,11 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
-use std::os::fd::FromRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keystone_test_kit::{guest_lock, skip, GuestLock, ScratchDir};
 
@@ -98,6 +98,51 @@ impl Env {
             .stderr(Stdio::from(slave));
         let child = cmd.spawn().unwrap();
         (master, child)
+    }
+
+    /// `keystone agent attach` on a new pseudo-terminal until Zellij has
+    /// drawn the session `session` (its name in the status bar), within
+    /// `limit`; then the client is killed (the session lives on). Times
+    /// are from the spawn; panics, quoting what attach printed, when the
+    /// session was not drawn.
+    pub fn attach_until_drawn(&self, dir: &Path, session: &str, limit: Duration) -> Drawn {
+        let t = Instant::now();
+        let (master, mut child) = self.spawn_on_pty(&["attach"], dir);
+        let drawn = format!("Zellij ({session})");
+        let (mut seen, mut first, mut buf) = (Vec::new(), None, [0u8; 65536]);
+        let mut result = None;
+        while t.elapsed() < limit {
+            let mut pfd = libc::pollfd {
+                fd: master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd on the master we hold.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } != 1 {
+                continue;
+            }
+            let n = (&master).read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let first_output = *first.get_or_insert_with(|| t.elapsed());
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains(&drawn) {
+                result = Some(Drawn {
+                    first_output,
+                    drawn: t.elapsed(),
+                });
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        result.unwrap_or_else(|| {
+            panic!(
+                "attach did not draw {drawn:?} within {limit:?}; it printed {:?}",
+                String::from_utf8_lossy(&seen)
+            )
+        })
     }
 
     /// `start --no-attach` of this sandbox with 1 GiB and one vCPU (what
@@ -258,6 +303,12 @@ pub fn host_snapshot(repo: &Path) -> (String, String, String, String) {
 }
 
 pub const COMMIT: [&str; 5] = ["-c", "user.name=t", "-c", "user.email=t@t", "commit"];
+
+/// When `attach` showed its first bytes and drew its session.
+pub struct Drawn {
+    pub first_output: Duration,
+    pub drawn: Duration,
+}
 
 /// A new pseudo-terminal of 40 rows and 120 columns: (master, slave).
 pub fn open_pty() -> (std::fs::File, std::fs::File) {
