@@ -22,7 +22,7 @@ use crate::protocol::{
     expect_guest_frame, printable, read_frame_within, write_frame, write_raw, BootTimes, EgressAsk,
     ExecRequest, ExitStatus, Frame, FrameKind, Hello, ListeningPort, ProtocolError,
     PushFileRequest, RawStreamRequest, Request, Response, TtySize, MAX_GUEST_FRAME, MINOR_EGRESS,
-    MINOR_SET_CLOCK, MINOR_TCP_CONNECT, MINOR_WATCH, STREAM_CHUNK,
+    MINOR_SET_CLOCK, MINOR_TCP_CONNECT, MINOR_TRUST_CERTIFICATES, MINOR_WATCH, STREAM_CHUNK,
 };
 use crate::relay::{relay, RelayTotals};
 use crate::transport::DuplexStream;
@@ -279,6 +279,22 @@ impl AgentClient {
     pub fn set_clock(&self, unix_ms: u64) -> Result<(), ClientError> {
         let req = Request::SetClock { unix_ms };
         let mut conn = self.start_needing(&req, Some(("setting the clock", MINOR_SET_CLOCK)))?;
+        match conn.response()? {
+            Response::Done => Ok(()),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+
+    /// Adds the certificate authorities in `pem` to the guest's trust
+    /// store under `name` (see [`Request::TrustCertificates`]); an agent
+    /// older than protocol 1.6 gives [`ClientError::Unsupported`].
+    pub fn trust_certificates(&self, name: &str, pem: &str) -> Result<(), ClientError> {
+        let req = Request::TrustCertificates {
+            name: name.to_string(),
+            pem: pem.to_string(),
+        };
+        let needs = Some(("adding certificate authorities", MINOR_TRUST_CERTIFICATES));
+        let mut conn = self.start_needing(&req, needs)?;
         match conn.response()? {
             Response::Done => Ok(()),
             other => Err(ClientError::UnexpectedResponse(other)),

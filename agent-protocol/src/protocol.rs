@@ -102,6 +102,8 @@
 //! - 1.5: [`BootTimes::wall_ms`], the guest's wall clock, so that the
 //!   host sets it only when it is wrong (older agents leave it 0), and
 //!   `SetClock`, which sets it without starting a process.
+//! - 1.6: `TrustCertificates`, which adds certificate authorities to the
+//!   guest's trust store without starting a process.
 
 use std::io::{self, Read, Write};
 
@@ -110,7 +112,7 @@ use serde::{Deserialize, Serialize};
 /// The protocol major version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The protocol minor version (additive changes only).
-pub const PROTOCOL_MINOR: u32 = 5;
+pub const PROTOCOL_MINOR: u32 = 6;
 /// The first minor version with `Watch` and `Event` frames.
 pub const MINOR_WATCH: u32 = 1;
 /// The first minor version with `TcpConnect`.
@@ -119,11 +121,14 @@ pub const MINOR_TCP_CONNECT: u32 = 2;
 pub const MINOR_EGRESS: u32 = 3;
 /// The first minor version with `SetClock`.
 pub const MINOR_SET_CLOCK: u32 = 5;
+/// The first minor version with `TrustCertificates`.
+pub const MINOR_TRUST_CERTIFICATES: u32 = 6;
 const _: () = assert!(
     MINOR_WATCH <= PROTOCOL_MINOR
         && MINOR_TCP_CONNECT <= PROTOCOL_MINOR
         && MINOR_EGRESS <= PROTOCOL_MINOR
         && MINOR_SET_CLOCK <= PROTOCOL_MINOR
+        && MINOR_TRUST_CERTIFICATES <= PROTOCOL_MINOR
 );
 /// The guest vsock port the agent listens on: a privileged one (below
 /// 1024), so that no guest user but root may bind it, and its listener is
@@ -553,6 +558,19 @@ pub enum Request {
     SetClock {
         unix_ms: u64,
     },
+    /// Trust the certificate authorities in `pem` (PEM `CERTIFICATE`
+    /// blocks only; minor 6). The agent keeps them as
+    /// `/usr/local/share/ca-certificates/<name>`, where
+    /// `update-ca-certificates` finds them, and appends them to the bundle
+    /// that curl, git and OpenSSL read, once per `name`: a name that is
+    /// already there is answered `Done` with nothing written, so `name`
+    /// should identify the content (a hash of it). `name` is a plain file
+    /// name ending in `.crt` (letters, digits, `.`, `-`, `_`; no leading
+    /// dot). Answered with `Done`, or an `Error` frame.
+    TrustCertificates {
+        name: String,
+        pem: String,
+    },
 }
 
 /// A guest program's wish to reach `host:port` (minor 3).
@@ -732,6 +750,10 @@ mod tests {
             Request::Shutdown { reboot: true },
             Request::SetClock {
                 unix_ms: 1_800_000_000_123,
+            },
+            Request::TrustCertificates {
+                name: "keystone-host-0123456789abcdef.crt".into(),
+                pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----".into(),
             },
             Request::Watch {
                 paths: vec!["/workspace".into(), "sub dir".into()],

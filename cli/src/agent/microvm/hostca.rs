@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use keystone_guest_agent::client::ClientError;
 use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
 
 use super::super::naming;
@@ -61,11 +62,9 @@ pub fn host_certificates(dir: &Path) -> Vec<(String, String)> {
     found
 }
 
-/// Run as root in the guest with the certificates as `$1` and a name
-/// holding their hash as `$2`: keeps them where `update-ca-certificates`
-/// finds them and adds them to the bundle that curl, git and OpenSSL read,
-/// once per distinct set. Shell built-ins only: each process started costs
-/// seconds on an emulating KVM.
+/// For an agent before protocol 1.6: run as root in the guest with the
+/// certificates as `$1` and their name as `$2`, it does what
+/// `TrustCertificates` does, with shell built-ins only.
 const SCRIPT: &str = r#"set -eu
 f=/usr/local/share/ca-certificates/$2
 [ -e "$f" ] && exit 0
@@ -73,7 +72,8 @@ printf '%s\n' "$1" >> /etc/ssl/certs/ca-certificates.crt
 printf '%s\n' "$1" > "$f"
 "#;
 
-/// Adds `certs` to the guest's trust store; returns how many.
+/// Adds `certs` to the guest's trust store, once per distinct set (named
+/// by its hash); returns how many.
 pub fn import(
     client: &keystone_guest_agent::AgentClient,
     certs: &[(String, String)],
@@ -87,6 +87,11 @@ pub fn import(
         .collect::<Vec<_>>()
         .join("\n");
     let name = format!("keystone-host-{:016x}.crt", naming::fnv1a(pem.as_bytes()));
+    match client.trust_certificates(&name, &pem) {
+        Ok(()) => return Ok(certs.len()),
+        Err(ClientError::Unsupported { .. }) => {}
+        Err(e) => return Err(e.to_string()),
+    }
     let request = ExecRequest {
         user: Some(UserSpec::Uid(0)),
         cwd: Some("/".into()),

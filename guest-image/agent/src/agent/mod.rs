@@ -14,6 +14,7 @@
 //! - [`logger`]: logs to `/dev/kmsg` or stderr.
 
 pub mod boot;
+pub mod certs;
 pub mod crash;
 pub mod egress;
 pub mod exec;
@@ -175,6 +176,12 @@ pub fn handle_connection(
             Ok(()) => respond(&mut writer, &Response::Done),
             Err(e) => fail(&mut writer, &format!("setting the clock: {e}")),
         },
+        Request::TrustCertificates { name, pem } => {
+            match certs::trust(&certs::TrustStore::system(), &name, &pem) {
+                Ok(()) => respond(&mut writer, &Response::Done),
+                Err(e) => fail(&mut writer, &e.to_string()),
+            }
+        }
         Request::Watch { paths, idle_ms } => {
             watch::run_watch(reader, writer, &paths, idle_ms, config)
         }
