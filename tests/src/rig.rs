@@ -59,7 +59,13 @@ const EXIT_MARKER: &str = "RIG-EXIT ";
 pub struct RigSize {
     /// L1's memory, MiB (room for the sandboxes it runs).
     pub memory_mib: u32,
-    /// L1's vCPUs (each a TCG thread on this host).
+    /// L1's vCPUs (each a TCG thread on this host). One by default
+    /// (`KEYSTONE_RIG_VCPUS` sets another count): with two, L1's kernel
+    /// crashed now and then in the threads that run KVM_RUN (a double
+    /// fault, a stack guard page hit, a corrupted preempt count) and L2
+    /// guests triple-faulted, signs of TCG emulating SVM on several
+    /// threads at once; with one, L2's vCPUs share L1's and the rig's
+    /// tests take about as long.
     pub vcpus: u32,
     /// The longest the whole L1 run may take.
     pub timeout: Duration,
@@ -69,7 +75,10 @@ impl Default for RigSize {
     fn default() -> Self {
         Self {
             memory_mib: 3072,
-            vcpus: 2,
+            vcpus: std::env::var("KEYSTONE_RIG_VCPUS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
             timeout: Duration::from_secs(1500),
         }
     }
