@@ -301,6 +301,18 @@ impl AgentClient {
         }
     }
 
+    /// Brings in the memory the guest booted without (see
+    /// [`Request::AddMemory`]); returns how many bytes were added. An agent
+    /// older than protocol 1.6 gives [`ClientError::Unsupported`].
+    pub fn add_memory(&self) -> Result<u64, ClientError> {
+        let needs = Some(("adding memory", MINOR_TRUST_CERTIFICATES));
+        let mut conn = self.start_needing(&Request::AddMemory, needs)?;
+        match conn.response()? {
+            Response::MemoryAdded { bytes } => Ok(bytes),
+            other => Err(ClientError::UnexpectedResponse(other)),
+        }
+    }
+
     /// Asks the guest to shut down (or reboot); the agent answers before
     /// it starts tearing down.
     pub fn shutdown(&self, reboot: bool) -> Result<(), ClientError> {

@@ -103,7 +103,9 @@
 //!   host sets it only when it is wrong (older agents leave it 0), and
 //!   `SetClock`, which sets it without starting a process.
 //! - 1.6: `TrustCertificates`, which adds certificate authorities to the
-//!   guest's trust store without starting a process.
+//!   guest's trust store without starting a process, and `AddMemory` with
+//!   `Response::MemoryAdded`, which brings in the memory a guest booted
+//!   without (`mem=`).
 
 use std::io::{self, Read, Write};
 
@@ -121,7 +123,7 @@ pub const MINOR_TCP_CONNECT: u32 = 2;
 pub const MINOR_EGRESS: u32 = 3;
 /// The first minor version with `SetClock`.
 pub const MINOR_SET_CLOCK: u32 = 5;
-/// The first minor version with `TrustCertificates`.
+/// The first minor version with `TrustCertificates` and `AddMemory`.
 pub const MINOR_TRUST_CERTIFICATES: u32 = 6;
 const _: () = assert!(
     MINOR_WATCH <= PROTOCOL_MINOR
@@ -571,6 +573,13 @@ pub enum Request {
         name: String,
         pem: String,
     },
+    /// Add the memory that the firmware's memory map has and the kernel
+    /// lacks (a guest booted with `mem=` below its size) and put it online
+    /// (minor 6). The host asks once the sandbox is ready, so that setting
+    /// up that memory's page structures does not delay the start.
+    /// Answered with `MemoryAdded` once all of it is online (nothing
+    /// missing is `bytes: 0`), or an `Error` frame.
+    AddMemory,
 }
 
 /// A guest program's wish to reach `host:port` (minor 3).
@@ -625,6 +634,10 @@ pub enum Response {
     /// The guest is connected to `address`; raw bytes follow both ways.
     Connected {
         address: std::net::SocketAddr,
+    },
+    /// The answer to `AddMemory`: how much memory was added.
+    MemoryAdded {
+        bytes: u64,
     },
 }
 
@@ -755,6 +768,7 @@ mod tests {
                 name: "keystone-host-0123456789abcdef.crt".into(),
                 pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----".into(),
             },
+            Request::AddMemory,
             Request::Watch {
                 paths: vec!["/workspace".into(), "sub dir".into()],
                 idle_ms: 30_000,

@@ -443,6 +443,27 @@ fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
         (&status["memory_mib"], &status["vcpus"]),
         (&1536.into(), &1.into())
     );
+    // The guest booted with 1 GiB of it; the rest arrives after ready.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = env.run(
+            &["exec", "--", "sh", "-c", "grep MemTotal /proc/meminfo"],
+            &repo,
+        );
+        let kib: u64 = stdout(&out)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{}", text(&out)));
+        if kib > 1400 * 1024 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest has {kib} KiB a minute after start, not 1536 MiB"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Exit 5: destroy asks on a terminal; "n" cancels and keeps it.
     let out = env.run(&["stop"], &repo);

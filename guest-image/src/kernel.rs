@@ -1,7 +1,7 @@
 //! The guest kernel: built by `kernel/build.sh` from Debian's
 //! linux-source-6.12, our config fragment and patches, cached by recipe hash.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Errors finding or building the kernel.
@@ -37,6 +37,22 @@ impl GuestKernel {
             dir,
         }
     }
+}
+
+/// Whether the kernel at `vmlinux` can be booted with part of its
+/// memory and given the rest later (memory hotplug with the probe
+/// interface, and the firmware's memory map to find the rest), as its
+/// `config` beside it says. A kernel without a `config` cannot.
+pub fn adds_memory_after_boot(vmlinux: &Path) -> bool {
+    let Some(config) = vmlinux
+        .parent()
+        .and_then(|d| std::fs::read_to_string(d.join("config")).ok())
+    else {
+        return false;
+    };
+    ["CONFIG_ARCH_MEMORY_PROBE=y", "CONFIG_FIRMWARE_MEMMAP=y"]
+        .iter()
+        .all(|want| config.lines().any(|l| l == *want))
 }
 
 /// The path of the build script.

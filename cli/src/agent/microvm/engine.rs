@@ -312,6 +312,21 @@ pub fn host_cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// What a guest bigger than this boots with, MiB: the rest comes after
+/// ready (see [`boot_memory`]).
+pub const BOOT_MEMORY_MIB: u32 = 1024;
+
+/// The memory a guest of `memory_mib` boots with, when that is less than
+/// all of it: a kernel sets up the page structures of all the memory it
+/// boots with before it runs `/init` (some 0.4 s for 8 GiB under QEMU's
+/// TCG), so a guest whose kernel can take memory later (`kernel_can`, see
+/// `guest_image::kernel::adds_memory_after_boot`) boots with
+/// [`BOOT_MEMORY_MIB`] and its agent adds the rest once the sandbox is
+/// ready (`AddMemory`).
+pub fn boot_memory(memory_mib: u32, kernel_can: bool) -> Option<u32> {
+    (kernel_can && memory_mib > BOOT_MEMORY_MIB).then_some(BOOT_MEMORY_MIB)
+}
+
 /// The guest kernel command line for `engine`. Our VMM adds its own host
 /// options (`reboot=k`, the kvm_pvm workarounds) to it. `keystone.network`
 /// lets the guest agent's proxy tell a sandbox without network from one
@@ -319,11 +334,15 @@ pub fn host_cores() -> usize {
 /// is the guest's under QEMU's TCG) spares the guest a calibration that
 /// fails on a loaded host and leaves it with no TSC, and then with a KVM
 /// whose every KVM_RUN hangs (see `vmm::arch::x86_64::tsc`).
+/// `boot_memory_mib` (from [`boot_memory`]) limits what the guest boots
+/// with (`mem=`), and puts the page structures of what is added later in
+/// that memory itself.
 pub fn guest_cmdline(
     engine: EngineKind,
     hostname: &str,
     network: Network,
     tsc_khz: Option<u32>,
+    boot_memory_mib: Option<u32>,
 ) -> String {
     let base = match engine {
         EngineKind::Qemu => QEMU_BASE_CMDLINE,
@@ -332,7 +351,10 @@ pub fn guest_cmdline(
     let tsc = tsc_khz
         .map(|khz| format!(" tsc_early_khz={khz}"))
         .unwrap_or_default();
-    let base = format!("{base} {LAPIC_TIMER_PERIOD}");
+    let memory = boot_memory_mib
+        .map(|mib| format!(" mem={mib}M memory_hotplug.memmap_on_memory=1"))
+        .unwrap_or_default();
+    let base = format!("{base} {LAPIC_TIMER_PERIOD}{memory}");
     // `bridge` is not available and means nat (start says so).
     let network = match network {
         Network::None => "none",
@@ -488,7 +510,13 @@ mod tests {
 
     #[test]
     fn cmdlines_name_the_shares_and_hostname() {
-        let q = guest_cmdline(EngineKind::Qemu, "app-1", Network::Nat, Some(2_600_000));
+        let q = guest_cmdline(
+            EngineKind::Qemu,
+            "app-1",
+            Network::Nat,
+            Some(2_600_000),
+            None,
+        );
         for want in [
             "reboot=t",
             "lpj=5000000",
@@ -502,11 +530,28 @@ mod tests {
         ] {
             assert!(q.contains(want), "{q} lacks {want}");
         }
-        let v = guest_cmdline(EngineKind::Vmm, "app-1", Network::None, None);
+        let v = guest_cmdline(EngineKind::Vmm, "app-1", Network::None, None, None);
         assert!(v.contains("keystone.network=none"), "{v}");
-        assert!(guest_cmdline(EngineKind::Vmm, "a", Network::Bridge, None)
-            .contains("keystone.network=nat"));
+        assert!(
+            guest_cmdline(EngineKind::Vmm, "a", Network::Bridge, None, None)
+                .contains("keystone.network=nat")
+        );
         assert!(!v.contains("reboot=t") && v.contains("keystone.root=root"));
+        assert!(!q.contains("mem=") && !v.contains("mem="));
+        let small = guest_cmdline(EngineKind::Qemu, "a", Network::Nat, None, Some(1024));
+        assert!(small.contains(" mem=1024M memory_hotplug.memmap_on_memory=1"));
+    }
+
+    #[test]
+    fn only_a_bigger_guest_whose_kernel_can_boots_with_less() {
+        assert_eq!(boot_memory(8192, true), Some(BOOT_MEMORY_MIB));
+        assert_eq!(
+            boot_memory(BOOT_MEMORY_MIB + 1, true),
+            Some(BOOT_MEMORY_MIB)
+        );
+        assert_eq!(boot_memory(BOOT_MEMORY_MIB, true), None);
+        assert_eq!(boot_memory(512, true), None);
+        assert_eq!(boot_memory(8192, false), None);
     }
 
     #[test]
@@ -535,7 +580,7 @@ mod tests {
         let period = 1_000_000_000 / hz;
         assert_eq!(LAPIC_TIMER_PERIOD, format!("lapic_timer_period={period}"));
         for engine in [EngineKind::Qemu, EngineKind::Vmm] {
-            let line = guest_cmdline(engine, "a", Network::Nat, None);
+            let line = guest_cmdline(engine, "a", Network::Nat, None, None);
             assert!(line.contains(LAPIC_TIMER_PERIOD), "{line}");
         }
         let patches = include_str!(

@@ -282,9 +282,21 @@ impl Readiness {
 
     /// Waits until `service` is up; false when `stop` was set first.
     pub fn wait_up(&self, service: Service, stop: &AtomicBool) -> bool {
+        self.wait_for(stop, |inner| inner.up.contains(&service))
+    }
+
+    /// Waits until every expected service has settled (the sandbox is
+    /// ready); false when `stop` was set first.
+    pub fn wait_ready(&self, stop: &AtomicBool) -> bool {
+        self.wait_for(stop, |inner| {
+            inner.expected.iter().all(|s| inner.settled.contains_key(s))
+        })
+    }
+
+    fn wait_for(&self, stop: &AtomicBool, done: impl Fn(&Inner) -> bool) -> bool {
         let mut inner = self.lock();
         loop {
-            if inner.up.contains(&service) {
+            if done(&inner) {
                 return true;
             }
             if stop.load(Ordering::SeqCst) {

@@ -20,6 +20,7 @@
 
 pub(super) mod devcontainer;
 mod engines;
+mod memory;
 mod prepare;
 pub(super) mod setup;
 mod watch;

@@ -21,6 +21,7 @@ pub mod exec;
 pub mod files;
 pub mod init;
 pub mod logger;
+pub mod memory;
 pub mod ports;
 pub mod tcp;
 pub mod users;
@@ -175,6 +176,19 @@ pub fn handle_connection(
         Request::SetClock { unix_ms } => match boot::set_clock(unix_ms) {
             Ok(()) => respond(&mut writer, &Response::Done),
             Err(e) => fail(&mut writer, &format!("setting the clock: {e}")),
+        },
+        Request::AddMemory => match memory::add_missing(&memory::MemorySysfs::system()) {
+            Ok(added) => {
+                if added.blocks > 0 {
+                    log::info!(
+                        "memory: added {} MiB in {} block(s)",
+                        added.bytes >> 20,
+                        added.blocks
+                    );
+                }
+                respond(&mut writer, &Response::MemoryAdded { bytes: added.bytes })
+            }
+            Err(e) => fail(&mut writer, &format!("adding memory: {e}")),
         },
         Request::TrustCertificates { name, pem } => {
             match certs::trust(&certs::TrustStore::system(), &name, &pem) {

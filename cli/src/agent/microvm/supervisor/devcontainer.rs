@@ -116,6 +116,12 @@ pub fn apply(spec: &SandboxSpec, layout: &Layout, ready: &Readiness) {
     record.save();
 
     if first_start {
+        // These run before ready, when a large guest has only the memory
+        // it booted with.
+        super::memory::add(
+            &layout.vsock,
+            "before the devcontainer's first-start commands",
+        );
         install_packages(spec, &plan, &runner, ready);
         for hook in ["onCreateCommand", "updateContentCommand"] {
             for warning in runner.run_hook(hook) {

@@ -13,8 +13,8 @@ use vmm::{NestedMode, SerialOutput, VmBuilder};
 use super::super::super::backend::SandboxSpec;
 use super::super::super::state::NestedStatus;
 use super::super::engine::{
-    guest_cmdline, host_cores, qemu_args, qemu_nested, qemu_vcpus, vmm_nested, EngineKind, Layout,
-    QemuPlan, Share, GUEST_CID, QEMU,
+    boot_memory, guest_cmdline, host_cores, qemu_args, qemu_nested, qemu_vcpus, vmm_nested,
+    EngineKind, Layout, QemuPlan, Share, GUEST_CID, QEMU,
 };
 use super::super::readiness::Readiness;
 use super::super::{logfile, run_dir, shares};
@@ -31,6 +31,9 @@ pub struct Launched {
     /// When the engine was started (the guest's boot times count from
     /// the kernel's start, a little later).
     pub launched_at: Instant,
+    /// The memory the guest booted with, MiB, when it has more to add
+    /// once ready (see `engine::boot_memory`).
+    pub boot_memory_mib: Option<u32>,
     /// The share daemons (dropped after the guest: they end with it).
     _servers: Vec<shares::ShareServer>,
     /// Our VMM's vsock backend, paired with it.
@@ -45,9 +48,11 @@ pub fn launch(
     ready: &Readiness,
 ) -> Result<Launched, SupervisorError> {
     run_dir::prepare(layout).map_err(|e| SupervisorError::io("the run folder", e))?;
+    let kernel_can = guest_image::kernel::adds_memory_after_boot(&prepared.kernel);
+    let boot_memory_mib = boot_memory(spec.settings.memory_mib, kernel_can);
     let launched = match prepared.choice.engine {
-        EngineKind::Qemu => launch_qemu(spec, layout, prepared, ready)?,
-        EngineKind::Vmm => launch_vmm(spec, layout, prepared, ready)?,
+        EngineKind::Qemu => launch_qemu(spec, layout, prepared, ready, boot_memory_mib)?,
+        EngineKind::Vmm => launch_vmm(spec, layout, prepared, ready, boot_memory_mib)?,
     };
     ready.engine(
         launched.engine.as_str(),
@@ -78,6 +83,7 @@ fn launch_qemu(
     layout: &Layout,
     prepared: &Prepared,
     ready: &Readiness,
+    boot_memory_mib: Option<u32>,
 ) -> Result<Launched, SupervisorError> {
     let step = Instant::now();
     for s in layout.sockets() {
@@ -133,7 +139,13 @@ fn launch_qemu(
         memory_mib: spec.settings.memory_mib,
         vcpus,
         nested: spec.settings.nested_virt,
-        cmdline: guest_cmdline(EngineKind::Qemu, &spec.name, spec.settings.network, tsc_khz),
+        cmdline: guest_cmdline(
+            EngineKind::Qemu,
+            &spec.name,
+            spec.settings.network,
+            tsc_khz,
+            boot_memory_mib,
+        ),
         shares: sockets,
         vsock_socket: vhost_vsock,
         console_socket: layout.console_socket(),
@@ -164,6 +176,7 @@ fn launch_qemu(
         nested,
         nested_how,
         launched_at,
+        boot_memory_mib,
         _servers: servers,
         _vsock: None,
     })
@@ -174,6 +187,7 @@ fn launch_vmm(
     layout: &Layout,
     prepared: &Prepared,
     ready: &Readiness,
+    boot_memory_mib: Option<u32>,
 ) -> Result<Launched, SupervisorError> {
     let step = Instant::now();
     let console = logfile::CappedLog::open(&layout.console_log)
@@ -194,6 +208,7 @@ fn launch_vmm(
             &spec.name,
             spec.settings.network,
             None,
+            boot_memory_mib,
         ));
     let mut servers = Vec::new();
     for share in Share::ALL {
@@ -225,6 +240,7 @@ fn launch_vmm(
         nested,
         nested_how,
         launched_at,
+        boot_memory_mib,
         _servers: servers,
         _vsock: Some(vsock),
     })

@@ -20,7 +20,7 @@ use super::super::readiness::{Readiness, Service};
 use super::super::{autosync, egress, forward, guest};
 use super::engines::Launched;
 use super::prepare::Prepared;
-use super::{setup, Ended, SupervisorError};
+use super::{memory, setup, Ended, SupervisorError};
 
 /// How long the guest gets to shut down after the agent was asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -87,6 +87,17 @@ pub fn watch(
             }
         }
     })?;
+    if let Some(booted) = launched.boot_memory_mib {
+        spawn("memory", {
+            let (vsock, ready, stop) =
+                (layout.vsock.clone(), Arc::clone(ready), Arc::clone(&stop.0));
+            move || {
+                if ready.wait_ready(&stop) {
+                    memory::add(&vsock, &format!("after ready (booted with {booted} MiB)"));
+                }
+            }
+        })?;
+    }
     let auto = autosync::start(spec, &layout.vsock, ready);
     // Outbound connections for the guest's programs; ended on return.
     let egress = egress::start(spec, &layout.vsock, ready);
