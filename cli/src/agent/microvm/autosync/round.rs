@@ -53,7 +53,7 @@ pub fn sync_round(
     let refs = match HostRefs::read(project) {
         Ok(refs) => refs,
         Err(e) => {
-            let e = printable(e.as_bytes());
+            let e = printable(e.to_string().as_bytes());
             log::warn!("auto-sync: cannot read the host's refs: {e}");
             return;
         }

@@ -49,7 +49,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{git, HOST_GIT_CONFIG};
+use super::{git, GitError, HOST_GIT_CONFIG};
 
 /// The merge driver that replaces every configured one: git's own
 /// three-way text merge, with the conflict marker size git asks for.
@@ -109,7 +109,7 @@ impl ContentGit {
             config.push(format!("merge.{name}.driver={TEXT_MERGE}"));
         }
         let attr_source = if git_version().is_some_and(|v| v >= ATTR_SOURCE_SINCE) {
-            Some(head_tree(project)?)
+            Some(head_tree(project).map_err(|e| e.to_string())?)
         } else {
             None
         };
@@ -126,8 +126,8 @@ impl ContentGit {
         &self.config
     }
 
-    /// Runs git with the overrides: `Ok(stdout)` or `Err(stderr)`.
-    pub fn run(&self, args: &[&str]) -> Result<String, String> {
+    /// Runs git with the overrides; its trimmed stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String, GitError> {
         let mut all: Vec<&str> = Vec::with_capacity(self.config.len() * 2 + args.len());
         for c in &self.config {
             all.extend(["-c", c.as_str()]);
@@ -162,7 +162,7 @@ pub fn parse_version(text: &str) -> Option<(u32, u32)> {
 
 /// The tree attributes are read from: the host's `HEAD` before the sync,
 /// or the empty tree on a branch with no commit yet.
-fn head_tree(project: &Path) -> Result<String, String> {
+fn head_tree(project: &Path) -> Result<String, GitError> {
     if let Ok(tree) = git(
         project,
         &["rev-parse", "--verify", "--quiet", "HEAD^{tree}"],
