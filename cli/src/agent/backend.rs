@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 
 use super::config::{BackendKind, Settings};
-use super::microvm::GitError;
+use super::microvm::{ContentError, GitError};
 use super::registry::SandboxPaths;
 use super::state::{NestedStatus, SandboxState};
 use super::{CANCELLED, INVALID_STATE};
@@ -206,11 +206,21 @@ pub enum BackendError {
         #[source]
         source: GitError,
     },
+    /// Git on the host could not be readied to take the sandbox's content
+    /// (exit 3).
+    #[error("{0}")]
+    Content(#[source] ContentError),
 }
 
 /// `what: ` before a cause, when there is a `what`.
 fn step(what: &Option<String>) -> String {
     what.as_ref().map(|w| format!("{w}: ")).unwrap_or_default()
+}
+
+impl From<ContentError> for BackendError {
+    fn from(source: ContentError) -> Self {
+        Self::Content(source)
+    }
 }
 
 impl From<GitError> for BackendError {
@@ -232,7 +242,8 @@ impl BackendError {
             | Self::Failed(_)
             | Self::Io { .. }
             | Self::Agent { .. }
-            | Self::Git { .. } => exit_code::OPERATION_FAILED,
+            | Self::Git { .. }
+            | Self::Content(_) => exit_code::OPERATION_FAILED,
         }
     }
 

@@ -262,6 +262,7 @@ pub fn agent_versions(
 }
 
 pub use forward::{is_routable, ForwardError};
+pub use sync::content::ContentError;
 pub use sync::GitError;
 
 /// The hybrid vsock socket of the sandbox whose files are `paths`.

@@ -196,7 +196,8 @@ pub fn fast_forward(
         Decision::Merge => return Err(NotSynced::Diverged { tip }),
         Decision::FastForward | Decision::Create if checked_out => {
             // --ff-only can never make a merge commit.
-            let content = ContentGit::new(project, &[&tip]).map_err(NotSynced::Failed)?;
+            let content =
+                ContentGit::new(project, &[&tip]).map_err(|e| NotSynced::Failed(e.to_string()))?;
             content
                 .run(&["merge", "--ff-only", "--quiet", &tip])
                 .map_err(|e| {

@@ -11,7 +11,7 @@ use keystone_guest_agent::protocol::printable;
 use super::super::super::backend::{BackendError, BackendResult, SyncOptions, SyncReport};
 use super::branches::{sandbox_only, shown, HostRefs};
 use super::content::ContentGit;
-use super::{decide, failed, git, is_ancestor, parse_shortstat, rev, said, short, Decision};
+use super::{decide, failed, git, is_ancestor, parse_shortstat, rev, short, Decision};
 
 /// The most sandbox-only branches a report lists.
 const MAX_LISTED: usize = 20;
@@ -154,7 +154,7 @@ pub(in super::super) fn integrate(
             shown(&branch)
         )));
     }
-    let content = ContentGit::new(project, &[&tip]).map_err(|e| failed(said(&e)))?;
+    let content = ContentGit::new(project, &[&tip])?;
     let range = match &host_tip {
         Some(h) => format!("{h}..{tip}"),
         None => tip.clone(),
