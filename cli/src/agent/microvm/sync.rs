@@ -81,9 +81,10 @@ pub fn ext_escape(word: &str) -> String {
     word.replace('%', "%%").replace(' ', "% ")
 }
 
-/// A git command on the host that did not succeed. Its text is what the
-/// user reads: git's own words (escaped, see [`said`]), or the command and
-/// its exit status when git said nothing.
+/// A git command that did not succeed: on the host (sync's), or in the
+/// sandbox (the worktree commands'). Its text is what the user reads:
+/// git's own words, escaped, or on the host the command and its exit
+/// status when git said nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
     /// git could not be started.
@@ -97,6 +98,15 @@ pub enum GitError {
         status: std::process::ExitStatus,
         /// git's standard error, trimmed, as it wrote it.
         stderr: String,
+    },
+    /// git in the sandbox ran and exited with a failure; its words are
+    /// the guest's, shown as one escaped line.
+    #[error("{}", crate::shown::bytes(.stderr))]
+    InSandbox {
+        args: Vec<String>,
+        /// The exit code, or 128 + the signal.
+        code: i32,
+        stderr: Vec<u8>,
     },
 }
 
