@@ -38,7 +38,7 @@ use std::process::Command;
 use super::super::backend::{BackendError, BackendResult, SandboxSpec, SyncOptions, SyncReport};
 use super::super::config;
 use super::engine::Layout;
-use super::sync;
+use super::sync::{self, GitError};
 use landing::{Landed, Tree};
 use link::Link;
 use policy::{Dest, Policy, Verdict};
@@ -361,7 +361,7 @@ fn host_tracked(project: &Path) -> BackendResult<Vec<u8>> {
         .args(["ls-files", "-z"])
         .current_dir(project)
         .output()
-        .map_err(|e| BackendError::Failed(format!("cannot run git: {e}")))?;
+        .map_err(|e| BackendError::from(GitError::Spawn(e)))?;
     if !out.status.success() {
         return Err(BackendError::Failed(format!(
             "git ls-files in {} failed: {}",
