@@ -19,6 +19,7 @@
 use std::path::PathBuf;
 
 use super::config::{BackendKind, Settings};
+use super::microvm::{ContentError, GitError};
 use super::registry::SandboxPaths;
 use super::state::{NestedStatus, SandboxState};
 use super::{CANCELLED, INVALID_STATE};
@@ -197,6 +198,36 @@ pub enum BackendError {
         #[source]
         source: keystone_guest_agent::client::ClientError,
     },
+    /// A git command on the host failed (exit 3); `what` names the step
+    /// where git's words alone would not say it.
+    #[error("{}{source}", step(.what))]
+    Git {
+        what: Option<String>,
+        #[source]
+        source: GitError,
+    },
+    /// Git on the host could not be readied to take the sandbox's content
+    /// (exit 3).
+    #[error("{0}")]
+    Content(#[source] ContentError),
+}
+
+/// `what: ` before a cause, when there is a `what`.
+fn step(what: &Option<String>) -> String {
+    what.as_ref().map(|w| format!("{w}: ")).unwrap_or_default()
+}
+
+impl From<ContentError> for BackendError {
+    fn from(source: ContentError) -> Self {
+        Self::Content(source)
+    }
+}
+
+impl From<GitError> for BackendError {
+    /// Git's words alone.
+    fn from(source: GitError) -> Self {
+        Self::Git { what: None, source }
+    }
 }
 
 impl BackendError {
@@ -207,9 +238,12 @@ impl BackendError {
             Self::InvalidState(_) => INVALID_STATE,
             Self::NotFound(_) => exit_code::NOT_FOUND,
             Self::Cancelled(_) => CANCELLED,
-            Self::Conflict(_) | Self::Failed(_) | Self::Io { .. } | Self::Agent { .. } => {
-                exit_code::OPERATION_FAILED
-            }
+            Self::Conflict(_)
+            | Self::Failed(_)
+            | Self::Io { .. }
+            | Self::Agent { .. }
+            | Self::Git { .. }
+            | Self::Content(_) => exit_code::OPERATION_FAILED,
         }
     }
 
@@ -229,6 +263,14 @@ impl BackendError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             what: what.into(),
+            source,
+        }
+    }
+
+    /// `what` failed because of git on the host.
+    pub fn git(what: impl Into<String>, source: GitError) -> Self {
+        Self::Git {
+            what: Some(what.into()),
             source,
         }
     }

@@ -62,7 +62,8 @@ pub fn start(ctx: &Context, args: StartArgs) -> Result<i32> {
 
     let name = match &args.name {
         Some(name) => {
-            naming::validate(name).map_err(|e| CodedError::error(exit_code::NOT_FOUND, e))?;
+            naming::validate(name)
+                .map_err(|e| CodedError::error(exit_code::NOT_FOUND, e.to_string()))?;
             name.clone()
         }
         None => ctx

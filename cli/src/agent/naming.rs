@@ -22,8 +22,16 @@ use std::process::Command;
 /// Longest sanitized basename kept in a derived name.
 const BASE_MAX: usize = 40;
 
+/// A name that is not a valid sandbox name (see the module overview).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid sandbox name {0:?}: use 1 to 63 characters from a-z, 0-9 and '-', \
+     not starting or ending with '-'"
+)]
+pub struct InvalidName(pub String);
+
 /// Why a name is not a valid sandbox name, if it is not.
-pub fn validate(name: &str) -> Result<(), String> {
+pub fn validate(name: &str) -> Result<(), InvalidName> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
@@ -33,10 +41,7 @@ pub fn validate(name: &str) -> Result<(), String> {
         || name.starts_with('-')
         || name.ends_with('-')
     {
-        return Err(format!(
-            "invalid sandbox name {name:?}: use 1 to 63 characters from a-z, 0-9 and '-', \
-             not starting or ending with '-'"
-        ));
+        return Err(InvalidName(name.to_string()));
     }
     Ok(())
 }
@@ -167,5 +172,11 @@ mod tests {
             assert!(validate(bad).is_err(), "{bad:?}");
         }
         validate("my-app-1").unwrap();
+        let err = validate("A").unwrap_err();
+        assert_eq!(err, InvalidName("A".into()));
+        assert!(
+            err.to_string().starts_with("invalid sandbox name \"A\": "),
+            "{err}"
+        );
     }
 }

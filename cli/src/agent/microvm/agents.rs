@@ -18,7 +18,7 @@
 //! credential is copied in (security invariant 3).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use guest_image::agents::{self as lock, AgentPin};
 
@@ -45,19 +45,37 @@ fn title(kind: AgentKind) -> &'static str {
     }
 }
 
+/// Why the image's agents lock was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The lock could not be read or does not parse.
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    /// The copy into the sandbox's folder failed.
+    #[error("{}: {source}", .path.display())]
+    Copy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Copies the agents lock kept beside the root directory `rootfs_dir`
 /// into the sandbox folder `sandbox_dir` and returns its pins. An image
 /// without one (a `KEYSTONE_ROOTFS_DIR` of another making) records
 /// nothing and gives no pins; a lock that does not parse is an error.
-pub fn record(rootfs_dir: &Path, sandbox_dir: &Path) -> Result<Vec<AgentPin>, String> {
+pub fn record(rootfs_dir: &Path, sandbox_dir: &Path) -> Result<Vec<AgentPin>, RecordError> {
     let target = sandbox_dir.join(RECORD_FILE);
     let source = lock::image_lock_path(rootfs_dir);
     if !source.is_file() {
         let _ = std::fs::remove_file(&target);
         return Ok(Vec::new());
     }
-    let pins = lock::read_lock(&source).map_err(|e| e.to_string())?;
-    std::fs::copy(&source, &target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let pins = lock::read_lock(&source)?;
+    std::fs::copy(&source, &target).map_err(|source| RecordError::Copy {
+        path: target,
+        source,
+    })?;
     Ok(pins)
 }
 

@@ -38,7 +38,7 @@ use std::process::Command;
 use super::super::backend::{BackendError, BackendResult, SandboxSpec, SyncOptions, SyncReport};
 use super::super::config;
 use super::engine::Layout;
-use super::sync;
+use super::sync::{self, GitError};
 use landing::{Landed, Tree};
 use link::Link;
 use policy::{Dest, Policy, Verdict};
@@ -66,6 +66,28 @@ impl Outcome {
     fn changed(&self) -> bool {
         !self.staged.is_empty() || !self.in_place.is_empty()
     }
+}
+
+/// The sandbox lists more files to copy than one sync takes.
+#[derive(Debug, thiserror::Error)]
+#[error("the sandbox has more than {0} files to copy; delete some there first")]
+pub struct TooManyFiles(u64);
+
+/// Why an entry of the stream is not taken (the line that refuses it).
+#[derive(Debug, thiserror::Error)]
+enum NotTaken {
+    /// The policy leaves it to move some other way.
+    #[error("{0}")]
+    Quiet(&'static str),
+    /// The policy refuses it.
+    #[error("{0}")]
+    Refused(String),
+    /// The host did not ask for it.
+    #[error("not one of the paths asked for")]
+    NotAsked,
+    /// The stream holds it already.
+    #[error("sent twice")]
+    SentTwice,
 }
 
 /// Takes the checked stream's entries: judges them and lands them.
@@ -101,7 +123,7 @@ impl<'a> Receiver<'a> {
 
     /// Judges the sandbox's `git ls-files -z --others` output; returns the
     /// paths to ask for (and remembers them: nothing else is taken).
-    pub fn ask(&mut self, listing: &[u8], limits: &Limits) -> Result<Vec<String>, String> {
+    pub fn ask(&mut self, listing: &[u8], limits: &Limits) -> Result<Vec<String>, TooManyFiles> {
         let mut asked = Vec::new();
         for name in listing.split(|b| *b == 0).filter(|n| !n.is_empty()) {
             // git lists a nested repository as its folder, with a slash.
@@ -123,10 +145,7 @@ impl<'a> Receiver<'a> {
                 Verdict::Refuse(why) => self.refuse(name, why),
             }
             if asked.len() as u64 > limits.max_entries {
-                return Err(format!(
-                    "the sandbox has more than {} files to copy; delete some there first",
-                    limits.max_entries
-                ));
+                return Err(TooManyFiles(limits.max_entries));
             }
         }
         self.asked = asked.iter().cloned().collect();
@@ -134,17 +153,17 @@ impl<'a> Receiver<'a> {
     }
 
     /// Where an entry of the stream goes, or why it does not.
-    fn destination(&mut self, path: &str) -> Result<Dest, String> {
+    fn destination(&mut self, path: &str) -> Result<Dest, NotTaken> {
         let dest = match self.policy.judge(path) {
             Verdict::Take(dest) => dest,
-            Verdict::Quiet(why) => return Err(why.into()),
-            Verdict::Refuse(why) => return Err(why),
+            Verdict::Quiet(why) => return Err(NotTaken::Quiet(why)),
+            Verdict::Refuse(why) => return Err(NotTaken::Refused(why)),
         };
         if !self.asked.contains(path) {
-            return Err("not one of the paths asked for".into());
+            return Err(NotTaken::NotAsked);
         }
         if !self.seen.insert(path.to_string()) {
-            return Err("sent twice".into());
+            return Err(NotTaken::SentTwice);
         }
         Ok(dest)
     }
@@ -299,7 +318,7 @@ pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport>
     let mut receiver = Receiver::new(&policy, &staging, &project, opts.dry_run);
     let asked = receiver
         .ask(&listing, &limits)
-        .map_err(BackendError::Failed)?;
+        .map_err(|e| BackendError::Failed(e.to_string()))?;
     let copied = match asked.is_empty() {
         true => Ok(Vec::new()),
         false => link.tar(&asked, &limits, &mut receiver),
@@ -342,7 +361,7 @@ fn host_tracked(project: &Path) -> BackendResult<Vec<u8>> {
         .args(["ls-files", "-z"])
         .current_dir(project)
         .output()
-        .map_err(|e| BackendError::Failed(format!("cannot run git: {e}")))?;
+        .map_err(|e| BackendError::from(GitError::Spawn(e)))?;
     if !out.status.success() {
         return Err(BackendError::Failed(format!(
             "git ls-files in {} failed: {}",

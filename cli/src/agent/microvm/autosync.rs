@@ -233,7 +233,7 @@ fn worker(spec: &SandboxSpec, mode: SyncMode, rx: &Receiver<Target>) {
             }
         }
         if let Err(e) = fetch_into(spec, &remote_ns(&spec.name)) {
-            let e = printable(e.as_bytes());
+            let e = printable(e.to_string().as_bytes());
             log::warn!("auto-sync: fetching from the sandbox failed: {e}");
             continue;
         }

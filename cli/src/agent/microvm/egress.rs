@@ -154,6 +154,13 @@ impl Refused {
     }
 }
 
+impl From<NotATarget> for Refused {
+    /// The guest knows the name it sent.
+    fn from(e: NotATarget) -> Self {
+        Refused::plain(e.to_string())
+    }
+}
+
 /// Where `host:port` may be reached: the allowed addresses, or why none.
 pub fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<SocketAddr>, Refused> {
     let addrs: Vec<SocketAddr> = (host, port)
@@ -210,10 +217,19 @@ fn connect(addrs: &[SocketAddr], host: &str, port: u16) -> Result<TcpStream, Ref
     })
 }
 
+/// A guest's ask that names no host and port; the host name is quoted
+/// and shortened, so that a log line stays one line.
+#[derive(Debug, thiserror::Error)]
+#[error("not a host name and port: {host:?}:{port}")]
+pub struct NotATarget {
+    /// The first 80 characters of the host name asked for.
+    host: String,
+    port: u16,
+}
+
 /// The guest is not trusted to have checked the name it asks for: a host
-/// name or address literal and a port, or why not (quoted, shortened, so a
-/// log line stays one line).
-fn check_target(host: &str, port: u16) -> Result<(), String> {
+/// name or address literal and a port, or why not.
+fn check_target(host: &str, port: u16) -> Result<(), NotATarget> {
     let valid = !host.is_empty()
         && host.len() <= 253
         && host
@@ -222,10 +238,10 @@ fn check_target(host: &str, port: u16) -> Result<(), String> {
     if valid && port != 0 {
         Ok(())
     } else {
-        Err(format!(
-            "not a host name and port: {:?}:{port}",
-            host.chars().take(80).collect::<String>()
-        ))
+        Err(NotATarget {
+            host: host.chars().take(80).collect(),
+            port,
+        })
     }
 }
 
@@ -235,7 +251,7 @@ fn check_target(host: &str, port: u16) -> Result<(), String> {
 /// reason it will not.
 fn serve_ask(shared: &Arc<Shared>, ask: Pending) {
     let Pending { id, target, .. } = ask;
-    let connected = target.map_err(Refused::plain).and_then(|(host, port)| {
+    let connected = target.map_err(Refused::from).and_then(|(host, port)| {
         let slot = shared.take_slot().ok_or_else(|| {
             Refused::plain(format!(
                 "the sandbox has {MAX_CONNECTIONS} outbound connections open already"
@@ -302,7 +318,7 @@ mod tests {
         assert!(check_target("api.example.com", 443).is_ok());
         assert!(check_target("2001:db8::1", 443).is_ok());
         for (host, port) in [("", 80), ("a\nb", 80), ("a b", 80), ("h", 0), ("a/b", 1)] {
-            let err = check_target(host, port).unwrap_err();
+            let err = check_target(host, port).unwrap_err().to_string();
             assert!(!err.contains('\n'), "{err}");
         }
         assert!(check_target(&"a".repeat(254), 80).is_err());

@@ -78,9 +78,31 @@ const QEMU_MISSING: &str =
     "qemu-system-x86_64 is not installed (Debian/Ubuntu: apt-get install qemu-system-x86)";
 const KVM_MISSING: &str = "/dev/kvm is missing or not accessible (load kvm_intel/kvm_amd, or add yourself to the kvm group)";
 
-/// Picks the engine for `requested` on `host`; `Err` is a requirements
-/// message (exit 4).
-pub fn choose(requested: Engine, host: &HostFacts) -> Result<EngineChoice, String> {
+/// Why no engine can run the guest on this host (a requirements failure,
+/// exit 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoEngine {
+    /// `engine = "vmm"`, and no usable `/dev/kvm`.
+    #[error(
+        "engine vmm needs KVM: {}; or set [backend.microvm] engine = \"qemu\" \
+         in ~/.config/keystone/agent.toml to use QEMU's software emulation",
+        KVM_MISSING
+    )]
+    VmmWithoutKvm,
+    /// `engine = "qemu"`, and no QEMU.
+    #[error("engine qemu needs QEMU: {}", QEMU_MISSING)]
+    QemuMissing,
+    /// `engine = "auto"`, and neither.
+    #[error(
+        "no engine can run here: {}, and {} for the fallback engine = \"qemu\"",
+        KVM_MISSING,
+        QEMU_MISSING
+    )]
+    Neither,
+}
+
+/// Picks the engine for `requested` on `host`.
+pub fn choose(requested: Engine, host: &HostFacts) -> Result<EngineChoice, NoEngine> {
     let pick = |engine, reason: &str| {
         Ok(EngineChoice {
             engine,
@@ -90,16 +112,13 @@ pub fn choose(requested: Engine, host: &HostFacts) -> Result<EngineChoice, Strin
     match requested {
         Engine::Vmm => match host.kvm {
             Some(_) => pick(EngineKind::Vmm, "engine = \"vmm\" in the configuration"),
-            None => Err(format!(
-                "engine vmm needs KVM: {KVM_MISSING}; or set [backend.microvm] engine = \"qemu\" \
-                 in ~/.config/keystone/agent.toml to use QEMU's software emulation"
-            )),
+            None => Err(NoEngine::VmmWithoutKvm),
         },
         Engine::Qemu => {
             if host.qemu {
                 pick(EngineKind::Qemu, "engine = \"qemu\" in the configuration")
             } else {
-                Err(format!("engine qemu needs QEMU: {QEMU_MISSING}"))
+                Err(NoEngine::QemuMissing)
             }
         }
         Engine::Auto => match (host.kvm, host.qemu) {
@@ -117,10 +136,7 @@ pub fn choose(requested: Engine, host: &HostFacts) -> Result<EngineChoice, Strin
                 EngineKind::Qemu,
                 "no usable /dev/kvm: QEMU's software emulation",
             ),
-            (None, false) => Err(format!(
-                "no engine can run here: {KVM_MISSING}, and {QEMU_MISSING} for the fallback \
-                 engine = \"qemu\""
-            )),
+            (None, false) => Err(NoEngine::Neither),
         },
     }
 }
@@ -469,18 +485,19 @@ mod tests {
             kvm: None,
             qemu: false,
         };
-        let err = choose(Engine::Auto, &nothing).unwrap_err();
+        let err = choose(Engine::Auto, &nothing).unwrap_err().to_string();
         assert!(
             err.contains("/dev/kvm") && err.contains("engine = \"qemu\""),
             "{err}"
         );
-        let err = choose(Engine::Vmm, &nothing).unwrap_err();
+        let err = choose(Engine::Vmm, &nothing).unwrap_err().to_string();
         assert!(
             err.contains("/dev/kvm") && err.contains("engine = \"qemu\""),
             "{err}"
         );
         assert!(choose(Engine::Qemu, &nothing)
             .unwrap_err()
+            .to_string()
             .contains("qemu-system-x86"));
         let no_kvm = HostFacts {
             kvm: None,

@@ -243,7 +243,7 @@ impl<'a> Watch<'a> {
                 if let Some(p) = &mut self.published {
                     match p.publish(*port) {
                         Ok(host_port) => entry.host_port = Some(host_port),
-                        Err(why) => entry.note = Some(why),
+                        Err(why) => entry.note = Some(why.to_string()),
                     }
                 }
             }

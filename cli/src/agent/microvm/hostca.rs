@@ -72,12 +72,24 @@ printf '%s\n' "$1" >> /etc/ssl/certs/ca-certificates.crt
 printf '%s\n' "$1" > "$f"
 "#;
 
+/// Why the certificates were not added.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The guest agent did not add them, or did not run the script to
+    /// the end.
+    #[error("{0}")]
+    Agent(#[source] ClientError),
+    /// The script failed; its standard error, shown as one escaped line.
+    #[error("{}", crate::shown::bytes(.0))]
+    Script(Vec<u8>),
+}
+
 /// Adds `certs` to the guest's trust store, once per distinct set (named
 /// by its hash); returns how many.
 pub fn import(
     client: &keystone_guest_agent::AgentClient,
     certs: &[(String, String)],
-) -> Result<usize, String> {
+) -> Result<usize, ImportError> {
     if certs.is_empty() {
         return Ok(0);
     }
@@ -90,7 +102,7 @@ pub fn import(
     match client.trust_certificates(&name, &pem) {
         Ok(()) => return Ok(certs.len()),
         Err(ClientError::Unsupported { .. }) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(ImportError::Agent(e)),
     }
     let request = ExecRequest {
         user: Some(UserSpec::Uid(0)),
@@ -99,9 +111,9 @@ pub fn import(
     };
     let out = client
         .exec_request_output(request)
-        .map_err(|e| e.to_string())?;
+        .map_err(ImportError::Agent)?;
     if !out.status.success() {
-        return Err(crate::shown::bytes(&out.stderr));
+        return Err(ImportError::Script(out.stderr));
     }
     Ok(certs.len())
 }

@@ -149,9 +149,13 @@ fn errors_quoting_the_guests_stderr_hold_nothing_raw() {
     );
 
     let layout = MicroVmBackend::layout(&spec);
-    let clock = super::supervisor::setup::set_guest_clock(&layout, true).unwrap_err();
+    let clock = super::supervisor::setup::set_guest_clock(&layout, true)
+        .unwrap_err()
+        .to_string();
     assert!(terminal_safe(&clock) && !clock.contains('\n'), "{clock:?}");
     let certs = vec![("a.crt".to_string(), "PEM".to_string())];
-    let ca = hostca::import(&guest::client(&layout.vsock), &certs).unwrap_err();
+    let ca = hostca::import(&guest::client(&layout.vsock), &certs)
+        .unwrap_err()
+        .to_string();
     assert!(terminal_safe(&ca) && !ca.contains('\n'), "{ca:?}");
 }

@@ -262,6 +262,8 @@ pub fn agent_versions(
 }
 
 pub use forward::{is_routable, ForwardError};
+pub use sync::content::ContentError;
+pub use sync::GitError;
 
 /// The hybrid vsock socket of the sandbox whose files are `paths`.
 pub fn vsock_path(paths: &super::registry::SandboxPaths) -> std::path::PathBuf {

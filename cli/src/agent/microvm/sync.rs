@@ -81,14 +81,51 @@ pub fn ext_escape(word: &str) -> String {
     word.replace('%', "%%").replace(' ', "% ")
 }
 
-/// Runs git in `dir` with [`HOST_GIT_CONFIG`]; `Ok(stdout)` on success,
-/// `Err(stderr)` otherwise.
-pub(super) fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+/// A git command that did not succeed: on the host (sync's), or in the
+/// sandbox (the worktree commands'). Its text is what the user reads:
+/// git's own words, escaped, or on the host the command and its exit
+/// status when git said nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// git could not be started.
+    #[error("cannot run git: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// git ran and exited with a failure.
+    #[error("{}", exited_text(.args, .status, .stderr))]
+    Exited {
+        /// The arguments after the settings of [`HOST_GIT_CONFIG`].
+        args: Vec<String>,
+        status: std::process::ExitStatus,
+        /// git's standard error, trimmed, as it wrote it.
+        stderr: String,
+    },
+    /// git in the sandbox ran and exited with a failure; its words are
+    /// the guest's, shown as one escaped line.
+    #[error("{}", crate::shown::bytes(.stderr))]
+    InSandbox {
+        args: Vec<String>,
+        /// The exit code, or 128 + the signal.
+        code: i32,
+        stderr: Vec<u8>,
+    },
+}
+
+/// The text of [`GitError::Exited`].
+fn exited_text(args: &[String], status: &std::process::ExitStatus, stderr: &str) -> String {
+    if stderr.is_empty() {
+        said(&format!("git {} failed ({status})", args.join(" ")))
+    } else {
+        said(stderr)
+    }
+}
+
+/// Runs git in `dir` with [`HOST_GIT_CONFIG`]; its trimmed stdout.
+pub(super) fn git(dir: &Path, args: &[&str]) -> Result<String, GitError> {
     git_env(dir, args, &[])
 }
 
 /// [`git`] with more environment.
-fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
+fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, GitError> {
     let out = Command::new("git")
         .args(HOST_GIT_CONFIG.iter().flat_map(|c| ["-c", c]))
         .args(args)
@@ -97,16 +134,40 @@ fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, St
         .env("GIT_TERMINAL_PROMPT", "0")
         .envs(env.iter().copied())
         .output()
-        .map_err(|e| format!("cannot run git: {e}"))?;
+        .map_err(GitError::Spawn)?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     } else {
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(if err.is_empty() {
-            format!("git {} failed ({})", args.join(" "), out.status)
-        } else {
-            err
+        Err(GitError::Exited {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+}
+
+/// Why [`fetch_into`] fetched nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The path of this binary, which git's `ext::` transport runs, is
+    /// unknown.
+    #[error("cannot find the keystone binary: {0}")]
+    Exe(#[source] std::io::Error),
+    /// The fetch failed.
+    #[error(transparent)]
+    Git(#[from] GitError),
+}
+
+impl FetchError {
+    /// As the error of the command that fetched.
+    fn into_backend(self) -> BackendError {
+        const WHAT: &str = "fetching from the sandbox failed";
+        match self {
+            FetchError::Exe(e) => {
+                BackendError::io(format!("{WHAT}: cannot find the keystone binary"), e)
+            }
+            FetchError::Git(e) => BackendError::git(WHAT, e),
+        }
     }
 }
 
@@ -174,9 +235,8 @@ pub(super) fn remote_ns(name: &str) -> String {
 /// `agent __git-upload-pack NAME`). Runs no hook or config of the sandbox
 /// repository; the objects are checked as they arrive and no submodule is
 /// fetched.
-pub(super) fn fetch_into(spec: &SandboxSpec, ns: &str) -> Result<(), String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the keystone binary: {e}"))?;
+pub(super) fn fetch_into(spec: &SandboxSpec, ns: &str) -> Result<(), FetchError> {
+    let exe = std::env::current_exe().map_err(FetchError::Exe)?;
     let url = format!(
         "ext::{} agent __git-upload-pack {}",
         ext_escape(&exe.display().to_string()),
@@ -198,8 +258,8 @@ pub(super) fn fetch_into(spec: &SandboxSpec, ns: &str) -> Result<(), String> {
             &url,
             &refspec,
         ],
-    )
-    .map(|_| ())
+    )?;
+    Ok(())
 }
 
 /// `keystone agent sync`.
@@ -213,7 +273,7 @@ pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport>
     };
     let fetched = fetch_into(spec, &ns);
     let result = fetched
-        .map_err(|e| failed(format!("fetching from the sandbox failed: {}", said(&e))))
+        .map_err(FetchError::into_backend)
         .and_then(|_| integrate(project, name, opts, &ns));
     if opts.dry_run {
         if let Ok(refs) = git(project, &["for-each-ref", "--format=%(refname)", &ns]) {
@@ -279,5 +339,34 @@ mod tests {
     #[test]
     fn ext_words_are_escaped() {
         assert_eq!(ext_escape("/a b/k%s"), "/a% b/k%%s");
+    }
+
+    #[test]
+    fn git_failures_read_as_git_said_them_and_keep_their_cause() {
+        let repo = testrepo::TempRepo::new("git-error", true);
+        let err = git(&repo.dir, &["cat-file", "-t", "nope\u{1b}[31m"]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("fatal: "), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+
+        let err = git(&repo.dir, &["rev-parse", "--verify", "--quiet", "nope"]).unwrap_err();
+        assert!(
+            matches!(&err, GitError::Exited { stderr, .. } if stderr.is_empty()),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("git rev-parse --verify --quiet nope failed ("),
+            "{text}"
+        );
+        let backend = BackendError::git("updating main", err);
+        assert_eq!(backend.to_string(), format!("updating main: {text}"));
+        assert_eq!(backend.exit_code(), crate::exit_code::OPERATION_FAILED);
+        let cause = std::error::Error::source(&backend);
+        assert!(cause.is_some_and(|c| c.is::<GitError>()), "{cause:?}");
+        assert_eq!(
+            BackendError::from(GitError::Spawn(std::io::Error::other("x"))).to_string(),
+            "cannot run git: x"
+        );
     }
 }

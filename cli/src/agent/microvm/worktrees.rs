@@ -5,6 +5,7 @@
 use super::super::backend::{BackendError, BackendResult, SandboxSpec, WorktreeInfo, WorktreeOp};
 use super::engine::{Layout, GUEST_WORKSPACE};
 use super::guest;
+use super::sync::GitError;
 use crate::shown;
 
 /// The guest directory of a worktree (or the workspace).
@@ -59,12 +60,12 @@ fn parse_worktrees(porcelain: &str) -> Vec<WorktreeInfo> {
 }
 
 /// Runs a git command in the guest's workspace as the agent user;
-/// returns stdout (the guest's bytes: escape what is shown of it) or
-/// the error text (escaped, one line).
+/// returns stdout (the guest's bytes: escape what is shown of it) or how
+/// git failed ([`GitError::InSandbox`]). The outer error is the agent's.
 pub(super) fn guest_git(
     spec: &SandboxSpec,
     args: &[&str],
-) -> BackendResult<Result<String, String>> {
+) -> BackendResult<Result<String, GitError>> {
     let mut argv = vec!["git".to_string(), "-C".into(), GUEST_WORKSPACE.into()];
     argv.extend(args.iter().map(|s| s.to_string()));
     let client = guest::client(&Layout::new(&spec.paths).vsock);
@@ -74,7 +75,11 @@ pub(super) fn guest_git(
     Ok(if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     } else {
-        Err(shown::bytes(&out.stderr))
+        Err(GitError::InSandbox {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            code: out.status.code_or_signal(),
+            stderr: out.stderr,
+        })
     })
 }
 
@@ -89,12 +94,12 @@ pub(super) fn worktree(spec: &SandboxSpec, op: &WorktreeOp) -> BackendResult<Vec
                 vec!["worktree", "add", &path, branch]
             };
             if let Err(e) = guest_git(spec, &args)? {
-                if !create && e.contains("invalid reference") {
+                if !create && e.to_string().contains("invalid reference") {
                     return Err(BackendError::NotFound(format!(
                         "the sandbox has no branch {branch}; pass --create to create it"
                     )));
                 }
-                return Err(BackendError::Failed(format!("git worktree add: {e}")));
+                return Err(BackendError::git("git worktree add", e));
             }
         }
         WorktreeOp::Remove { branch, force } => {
@@ -106,16 +111,16 @@ pub(super) fn worktree(spec: &SandboxSpec, op: &WorktreeOp) -> BackendResult<Vec
             }
             args.push(&path);
             if let Err(e) = guest_git(spec, &args)? {
-                if e.contains("is not a working tree") {
+                if e.to_string().contains("is not a working tree") {
                     return Err(BackendError::NotFound(format!("no worktree {branch}")));
                 }
-                return Err(BackendError::Failed(format!("git worktree remove: {e}")));
+                return Err(BackendError::git("git worktree remove", e));
             }
         }
         WorktreeOp::List => {}
     }
     let list = guest_git(spec, &["worktree", "list", "--porcelain"])?
-        .map_err(|e| BackendError::Failed(format!("git worktree list: {e}")))?;
+        .map_err(|e| BackendError::git("git worktree list", e))?;
     Ok(parse_worktrees(&list))
 }
 
@@ -146,5 +151,18 @@ mod tests {
             "/workspace/.worktrees/feat/x"
         );
         assert_eq!(guest_dir(None).unwrap(), "/workspace");
+    }
+
+    #[test]
+    fn a_failed_git_in_the_sandbox_reads_as_its_escaped_words() {
+        let e = GitError::InSandbox {
+            args: vec!["worktree".into(), "add".into()],
+            code: 128,
+            stderr: b"fatal: no\x1b]52;c;\nmore\n".to_vec(),
+        };
+        let err = BackendError::git("git worktree add", e);
+        let text = err.to_string();
+        assert_eq!(text, "git worktree add: fatal: no\\u{1b}]52;c;\\nmore");
+        assert_eq!(err.exit_code(), crate::exit_code::OPERATION_FAILED);
     }
 }

@@ -243,24 +243,33 @@ fn ambiguous_and_site_local_forms_are_refused() {
     assert_eq!(p.check(ip("2002:5db8:d822::1")), Verdict::Allowed);
 }
 
+/// Why a test cannot have a network namespace of its own here.
+#[derive(Debug, thiserror::Error)]
+enum NoNetns {
+    #[error("not root (a network namespace needs it)")]
+    NotRoot,
+    #[error("iproute2's `ip` is not installed")]
+    NoIp(#[source] std::io::Error),
+    #[error("unshare(CLONE_NEWNET): {0}")]
+    Unshare(#[source] std::io::Error),
+}
+
 /// Runs `f` on a thread in a network namespace of its own (where `ip`
 /// commands it runs apply too); the reason when that cannot be done here.
-fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, NoNetns> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("not root (a network namespace needs it)".into());
+        return Err(NoNetns::NotRoot);
     }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Err("iproute2's `ip` is not installed".into());
-    }
+    Command::new("ip")
+        .arg("-V")
+        .output()
+        .map_err(NoNetns::NoIp)?;
     std::thread::spawn(move || {
         // SAFETY: unshare with CLONE_NEWNET moves only this thread into a
         // new network namespace; it touches no memory of ours.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "unshare(CLONE_NEWNET): {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(NoNetns::Unshare(std::io::Error::last_os_error()));
         }
         Ok(f())
     })

@@ -18,14 +18,23 @@ use crate::exit_code::{self, CodedError};
 /// How often the sandbox's state is looked at while forwarding.
 const ALIVE_CHECK: Duration = Duration::from_secs(1);
 
+/// Why the command's arguments name no sandbox and ports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ArgsError {
+    #[error("{0:?} is not a port (1 to 65535)")]
+    NotAPort(String),
+    #[error("expected [NAME] GUEST_PORT [HOST_PORT]")]
+    Count,
+}
+
 /// `(sandbox, guest port, host port)` from the command's arguments: a
 /// first argument that is not a port, or the first of three, names the
 /// sandbox (a sandbox named by digits only needs all three).
-fn parse_args(args: &[String]) -> Result<(Option<&str>, u16, u16), String> {
-    let port = |s: &str| -> Result<u16, String> {
+fn parse_args(args: &[String]) -> Result<(Option<&str>, u16, u16), ArgsError> {
+    let port = |s: &str| -> Result<u16, ArgsError> {
         match s.parse::<u16>() {
             Ok(p) if p > 0 => Ok(p),
-            _ => Err(format!("{s:?} is not a port (1 to 65535)")),
+            _ => Err(ArgsError::NotAPort(s.to_string())),
         }
     };
     let is_port = |s: &str| port(s).is_ok();
@@ -34,7 +43,7 @@ fn parse_args(args: &[String]) -> Result<(Option<&str>, u16, u16), String> {
         [a, b] if is_port(a) => Ok((None, port(a)?, port(b)?)),
         [name, g] => Ok((Some(name), port(g)?, port(g)?)),
         [name, g, h] => Ok((Some(name), port(g)?, port(h)?)),
-        _ => Err("expected [NAME] GUEST_PORT [HOST_PORT]".into()),
+        _ => Err(ArgsError::Count),
     }
 }
 
@@ -84,7 +93,7 @@ pub fn forward(ctx: &Context, args: &ForwardArgs) -> Result<i32> {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<(Option<String>, u16, u16), String> {
+    fn parse(args: &[&str]) -> Result<(Option<String>, u16, u16), ArgsError> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         parse_args(&args).map(|(n, g, h)| (n.map(str::to_string), g, h))
     }

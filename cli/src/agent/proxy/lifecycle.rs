@@ -85,26 +85,54 @@ pub fn write_line(line: &str) {
     WRITTEN.store(size + line.len() as u64, Ordering::Relaxed);
 }
 
+/// Why the proxy cannot listen; each says what to do, naming the config
+/// file (`config_hint`).
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// Another program holds the port on one of the loopbacks.
+    #[error(
+        "the dev-server proxy cannot listen on {at}:{port}: another program uses that \
+         port; set `[proxy] port` to a free port in {config_hint}, or \
+         `[proxy] enable = false`"
+    )]
+    Taken {
+        at: &'static str,
+        port: u16,
+        config_hint: String,
+    },
+    /// The port is below 1024, and this user may not listen there.
+    #[error(
+        "the dev-server proxy may not listen on port {port} (a privileged port); set \
+         `[proxy] port = {DEFAULT_PORT}` in {config_hint}"
+    )]
+    Privileged { port: u16, config_hint: String },
+    /// Listening failed otherwise.
+    #[error("the dev-server proxy cannot listen on 127.0.0.1:{port}: {source}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Listens on 127.0.0.1:`port`, and on [::1]:`port` where the host has
 /// IPv6 (browsers may resolve `*.localhost` to either); a port another
 /// program holds on either is an error that says what to do.
-pub fn bind(port: u16, config_hint: &str) -> Result<Vec<TcpListener>, String> {
-    let taken = |at: &str| {
-        format!(
-            "the dev-server proxy cannot listen on {at}:{port}: another program uses that \
-             port; set `[proxy] port` to a free port in {config_hint}, or \
-             `[proxy] enable = false`"
-        )
+pub fn bind(port: u16, config_hint: &str) -> Result<Vec<TcpListener>, BindError> {
+    let taken = |at| BindError::Taken {
+        at,
+        port,
+        config_hint: config_hint.to_string(),
     };
     let v4 =
         TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).map_err(|e| {
             match e.kind() {
                 io::ErrorKind::AddrInUse => taken("127.0.0.1"),
-                io::ErrorKind::PermissionDenied => format!(
-                    "the dev-server proxy may not listen on port {port} (a privileged port); set \
-                 `[proxy] port = {DEFAULT_PORT}` in {config_hint}"
-                ),
-                _ => format!("the dev-server proxy cannot listen on 127.0.0.1:{port}: {e}"),
+                io::ErrorKind::PermissionDenied => BindError::Privileged {
+                    port,
+                    config_hint: config_hint.to_string(),
+                },
+                _ => BindError::Listen { port, source: e },
             }
         })?;
     let mut listeners = vec![v4];
@@ -199,7 +227,9 @@ mod tests {
     fn a_taken_port_is_an_error_that_says_what_to_do() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
-        let err = bind(port, "/home/u/.config/keystone/agent.toml").unwrap_err();
+        let err = bind(port, "/home/u/.config/keystone/agent.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
         assert!(err.contains("another program uses that port"), "{err}");
         assert!(
@@ -208,7 +238,7 @@ mod tests {
         );
         if let Ok(v6) = TcpListener::bind("[::1]:0") {
             let port = v6.local_addr().unwrap().port();
-            let err = bind(port, "agent.toml").unwrap_err();
+            let err = bind(port, "agent.toml").unwrap_err().to_string();
             assert!(err.contains(&format!("[::1]:{port}")), "{err}");
             assert!(
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),

@@ -19,7 +19,7 @@ use super::super::super::backend::{BackendError, BackendResult};
 use super::super::engine::{GUEST_USER, GUEST_WORKSPACE};
 use super::super::guest;
 use super::shown;
-use super::tarcheck::{self, Limits, Sink};
+use super::tarcheck::{self, Limits, Sink, TarError};
 
 /// The guest command that writes the archive of the paths on its stdin
 /// (a file that vanished or cannot be read is a warning, not a failure).
@@ -127,6 +127,20 @@ fn shut_all(sockets: &Mutex<Vec<UnixStream>>) {
     }
 }
 
+/// Why the transfer of the artifacts stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The guest agent did not run tar, or did not answer in time.
+    #[error("{0}")]
+    Link(#[source] BackendError),
+    /// The stream broke a rule, or could not be read or landed.
+    #[error("{0}")]
+    Stream(#[source] TarError),
+    /// tar failed; the lines it wrote, escaped.
+    #[error("tar in the sandbox failed (exit {code}): {}", .said.join("; "))]
+    Tar { code: i32, said: Vec<String> },
+}
+
 /// The guest agent, for one transfer under one time limit.
 pub struct Link {
     client: AgentClient,
@@ -196,7 +210,7 @@ impl Link {
         asked: &[String],
         limits: &Limits,
         sink: &mut dyn Sink,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, TransferError> {
         let request = RawStreamRequest {
             argv: TAR_ARGV.map(String::from).to_vec(),
             cwd: Some(GUEST_WORKSPACE.into()),
@@ -207,7 +221,7 @@ impl Link {
         let stream = self
             .client
             .raw_stream(request)
-            .map_err(|e| self.err(what, e).to_string())?;
+            .map_err(|e| TransferError::Link(self.err(what, e)))?;
         let (mut reader, mut writer) = stream.into_split();
         let list: Vec<u8> = asked.iter().flat_map(|p| p.bytes().chain([0])).collect();
         std::thread::spawn(move || {
@@ -216,8 +230,10 @@ impl Link {
             }
         });
         tarcheck::read_archive(&mut reader, limits, self.watchdog.deadline(), sink)
-            .map_err(|e| e.to_string())?;
-        let exit = reader.wait().map_err(|e| self.err(what, e).to_string())?;
+            .map_err(TransferError::Stream)?;
+        let exit = reader
+            .wait()
+            .map_err(|e| TransferError::Link(self.err(what, e)))?;
         let said: Vec<String> = exit.stderr[..exit.stderr.len().min(4096)]
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
@@ -226,11 +242,10 @@ impl Link {
             .collect();
         match exit.status.code {
             Some(0) | Some(1) => Ok(said),
-            _ => Err(format!(
-                "{what} failed (exit {}): {}",
-                exit.status.code_or_signal(),
-                said.join("; ")
-            )),
+            _ => Err(TransferError::Tar {
+                code: exit.status.code_or_signal(),
+                said,
+            }),
         }
     }
 }

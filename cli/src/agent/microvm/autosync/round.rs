@@ -10,8 +10,8 @@ use keystone_guest_agent::protocol::printable;
 
 use super::super::super::config::SyncMode;
 use super::super::sync::branches::{shown, HostRefs, Refused};
-use super::super::sync::content::ContentGit;
-use super::super::sync::{decide, git, is_ancestor, remote_ns, rev, short, Decision};
+use super::super::sync::content::{ContentError, ContentGit};
+use super::super::sync::{decide, git, is_ancestor, remote_ns, rev, short, Decision, GitError};
 use super::Target;
 
 /// Outcomes remembered (each logged once per sandbox tip).
@@ -38,7 +38,28 @@ pub enum NotSynced {
         why: Refused,
         tip: String,
     },
-    Failed(String),
+    Failed(FastForwardError),
+}
+
+/// Why a fast-forward that may happen failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FastForwardError {
+    /// The fetched sandbox branch is not there.
+    #[error("the sandbox has no such branch")]
+    NoSuchBranch,
+    /// Git could not be readied for the sandbox's content.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// The merge that fast-forwards the host checkout failed.
+    #[error("fast-forward failed (the host checkout is left as it was): {0}")]
+    Checkout(#[source] GitError),
+    /// The compare-and-swap of the branch's ref failed.
+    #[error("updating {host_ref}: {source}")]
+    Update {
+        host_ref: String,
+        #[source]
+        source: GitError,
+    },
 }
 
 /// Syncs the branches that `targets` name; `log` writes a line to the
@@ -53,7 +74,7 @@ pub fn sync_round(
     let refs = match HostRefs::read(project) {
         Ok(refs) => refs,
         Err(e) => {
-            let e = printable(e.as_bytes());
+            let e = printable(e.to_string().as_bytes());
             log::warn!("auto-sync: cannot read the host's refs: {e}");
             return;
         }
@@ -92,7 +113,7 @@ pub fn sync_round(
             }
             Ok(None) => continue,
             Err(NotSynced::Failed(e)) => {
-                let (b, e) = (shown(&branch), printable(e.as_bytes()));
+                let (b, e) = (shown(&branch), printable(e.to_string().as_bytes()));
                 log::info!("auto-sync: {b}: {e}");
                 continue;
             }
@@ -173,7 +194,7 @@ pub fn fast_forward(
         return Err(NotSynced::Refused { why, tip });
     }
     let Some(tip) = rev(project, &sandbox_ref) else {
-        return Err(NotSynced::Failed("the sandbox has no such branch".into()));
+        return Err(NotSynced::Failed(FastForwardError::NoSuchBranch));
     };
     let host_ref = format!("refs/heads/{branch}");
     let host_tip = rev(project, &host_ref);
@@ -196,19 +217,20 @@ pub fn fast_forward(
         Decision::Merge => return Err(NotSynced::Diverged { tip }),
         Decision::FastForward | Decision::Create if checked_out => {
             // --ff-only can never make a merge commit.
-            let content = ContentGit::new(project, &[&tip]).map_err(NotSynced::Failed)?;
+            let content =
+                ContentGit::new(project, &[&tip]).map_err(|e| NotSynced::Failed(e.into()))?;
             content
                 .run(&["merge", "--ff-only", "--quiet", &tip])
-                .map_err(|e| {
-                    NotSynced::Failed(format!(
-                        "fast-forward failed (the host checkout is left as it was): {e}"
-                    ))
-                })?;
+                .map_err(|e| NotSynced::Failed(FastForwardError::Checkout(e)))?;
         }
         Decision::FastForward | Decision::Create => {
             // Compare-and-swap: a host commit made meanwhile wins.
-            git(project, &["update-ref", &host_ref, &tip, &old])
-                .map_err(|e| NotSynced::Failed(format!("updating {host_ref}: {e}")))?;
+            git(project, &["update-ref", &host_ref, &tip, &old]).map_err(|source| {
+                NotSynced::Failed(FastForwardError::Update {
+                    host_ref: host_ref.clone(),
+                    source,
+                })
+            })?;
         }
     }
     let how = if decision == Decision::Create {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use keystone_guest_agent::protocol::EgressAsk;
 
 use super::super::super::netpolicy::Policy;
-use super::{check_target, serve_ask, MAX_CONNECTIONS};
+use super::{check_target, serve_ask, NotATarget, MAX_CONNECTIONS};
 
 /// Threads resolving, connecting and answering asks at once.
 pub const MAX_WORKERS: usize = 16;
@@ -43,7 +43,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(super) struct Pending {
     pub id: u64,
     /// The host and port, or why they are not a target.
-    pub target: Result<(String, u16), String>,
+    pub target: Result<(String, u16), NotATarget>,
     queued: Instant,
 }
 

@@ -12,7 +12,7 @@
 //! other than the one asked for, and never at one of the guest agent's
 //! own ports. Relays per listener are bounded ([`MAX_RELAYS`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -180,12 +180,29 @@ fn relay_connection(stream: TcpStream, guest_port: u16, vsock: &Path) {
     }
 }
 
+/// Why a guest port is not published (the note `status` shows for it).
+#[derive(Debug, thiserror::Error)]
+pub enum NotPublished {
+    /// It is one of the guest agent's own ports.
+    #[error(transparent)]
+    AgentPort(ForwardError),
+    /// [`MAX_PUBLISHED`] ports are published already.
+    #[error("not published: {MAX_PUBLISHED} guest ports are published already")]
+    Full,
+    /// The host port could not be taken.
+    #[error("not published on the host: {0}")]
+    Bind(#[source] ForwardError),
+    /// The listener's thread could not start.
+    #[error("not published on the host: {0}")]
+    Thread(#[source] io::Error),
+}
+
 /// The supervisor's published ports (`[proxy] publish_same_port`).
 pub struct Publisher<'a> {
     vsock: &'a Path,
     open: BTreeMap<u16, Listener>,
     /// Ports whose host listener could not be opened (logged once).
-    failed: BTreeMap<u16, String>,
+    failed: BTreeSet<u16>,
 }
 
 impl<'a> Publisher<'a> {
@@ -193,7 +210,7 @@ impl<'a> Publisher<'a> {
         Self {
             vsock,
             open: BTreeMap::new(),
-            failed: BTreeMap::new(),
+            failed: BTreeSet::new(),
         }
     }
 
@@ -215,26 +232,24 @@ impl<'a> Publisher<'a> {
             }
         }
         drop(closing);
-        self.failed.retain(|p, _| listed.contains_key(p));
+        self.failed.retain(|p| listed.contains_key(p));
     }
 
     /// Publishes the routable guest `port` at its own number on the host;
     /// the host port, or a note saying why it is not published.
-    pub fn publish(&mut self, port: u16) -> Result<u16, String> {
+    pub fn publish(&mut self, port: u16) -> Result<u16, NotPublished> {
         if self.open.contains_key(&port) {
             return Ok(port);
         }
         if AGENT_OWN_PORTS.contains(&port) {
-            return Err(ForwardError::AgentPort(port).to_string());
+            return Err(NotPublished::AgentPort(ForwardError::AgentPort(port)));
         }
         if self.open.len() >= MAX_PUBLISHED {
-            return Err(format!(
-                "not published: {MAX_PUBLISHED} guest ports are published already"
-            ));
+            return Err(NotPublished::Full);
         }
         let opened = bind_free(port)
-            .map_err(|e| e.to_string())
-            .and_then(|l| Listener::open(l, port, self.vsock).map_err(|e| e.to_string()));
+            .map_err(NotPublished::Bind)
+            .and_then(|l| Listener::open(l, port, self.vsock).map_err(NotPublished::Thread));
         match opened {
             Ok(l) => {
                 log::info!("publishing guest port {port} on 127.0.0.1:{port}");
@@ -242,9 +257,8 @@ impl<'a> Publisher<'a> {
                 self.open.insert(port, l);
                 Ok(port)
             }
-            Err(e) => {
-                let why = format!("not published on the host: {e}");
-                if self.failed.insert(port, why.clone()).is_none() {
+            Err(why) => {
+                if self.failed.insert(port) {
                     log::info!("guest port {port}: {why}");
                 }
                 Err(why)
@@ -333,7 +347,7 @@ mod tests {
     #[test]
     fn the_agents_own_ports_are_never_published() {
         let mut p = Publisher::new(Path::new("/nonexistent/vsock.sock"));
-        let err = p.publish(3128).unwrap_err();
+        let err = p.publish(3128).unwrap_err().to_string();
         assert!(err.contains("never forwarded"), "{err}");
         let err = forward_until_interrupted(
             PathBuf::from("/nonexistent/vsock.sock"),

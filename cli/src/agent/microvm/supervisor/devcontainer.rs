@@ -22,6 +22,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use keystone_guest_agent::client::ClientError;
 use keystone_guest_agent::protocol::{ExecRequest, UserSpec};
 
 use super::super::super::backend::SandboxSpec;
@@ -283,7 +284,9 @@ impl Runner {
             self.record.set(*index, Outcome::Running);
             let outcome = match self.run_one(hook, command, user.clone()) {
                 Ok(()) => Outcome::Succeeded,
-                Err(why) => Outcome::Failed { why },
+                Err(why) => Outcome::Failed {
+                    why: why.to_string(),
+                },
             };
             self.record.set(*index, outcome.clone());
             match outcome {
@@ -313,7 +316,7 @@ impl Runner {
         hook: &str,
         command: &LifecycleCommand,
         user: Option<UserSpec>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommandError> {
         let env = self.record.env();
         run_logged(&self.layout, &self.log, hook, command, env, user)
     }
@@ -325,6 +328,18 @@ pub(in crate::agent::microvm) fn open_log(layout: &Layout) -> std::io::Result<Sh
     Ok(SharedLog(Arc::new(Mutex::new(log))))
 }
 
+/// Why a devcontainer command did not succeed (its record and warning
+/// say it).
+#[derive(Debug, thiserror::Error)]
+pub(in crate::agent::microvm) enum CommandError {
+    /// It ran and exited with a failure (the code, or 128 + the signal).
+    #[error("exit code {0}")]
+    Exit(i32),
+    /// The guest agent did not run it to the end.
+    #[error("running it: {0}")]
+    Agent(#[source] ClientError),
+}
+
 /// Runs one command of `hook` in `/workspace` with `env`, as `user` (else
 /// the agent user), its output into `log`; `Err` says why it failed.
 pub(in crate::agent::microvm) fn run_logged(
@@ -334,7 +349,7 @@ pub(in crate::agent::microvm) fn run_logged(
     command: &LifecycleCommand,
     env: Vec<(String, String)>,
     user: Option<UserSpec>,
-) -> Result<(), String> {
+) -> Result<(), CommandError> {
     let started = Instant::now();
     log_line(log, &format!("== {hook} {}: started", describe(command)));
     let request = ExecRequest {
@@ -351,16 +366,14 @@ pub(in crate::agent::microvm) fn run_logged(
         SharedLog(Arc::clone(log)),
         SharedLog(Arc::clone(log)),
     );
-    let (line, result) = match result {
-        Ok(status) if status.success() => ("exited 0".to_string(), Ok(())),
-        Ok(status) => {
-            let why = format!("exit code {}", status.code_or_signal());
-            (why.clone(), Err(why))
-        }
-        Err(e) => {
-            let why = guest::agent_err("running it", e).to_string();
-            (why.clone(), Err(why))
-        }
+    let result = match result {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(CommandError::Exit(status.code_or_signal())),
+        Err(e) => Err(CommandError::Agent(e)),
+    };
+    let line = match &result {
+        Ok(()) => "exited 0".to_string(),
+        Err(why) => why.to_string(),
     };
     log_line(
         log,
@@ -392,17 +405,31 @@ fn describe(command: &LifecycleCommand) -> String {
     }
 }
 
+/// Why a command of the setup's own, run as root, did not exit 0.
+#[derive(Debug, thiserror::Error)]
+enum RootCommandError {
+    /// It exited with a failure (the code, or 128 + the signal).
+    #[error("exit code {0}")]
+    Exit(i32),
+    /// The guest agent did not run it to the end.
+    #[error("{0}")]
+    Agent(#[source] ClientError),
+}
+
 /// Runs `argv` as root in the guest; `Err` says why it did not exit 0.
-fn run_as_root(client: &keystone_guest_agent::AgentClient, argv: &[&str]) -> Result<(), String> {
+fn run_as_root(
+    client: &keystone_guest_agent::AgentClient,
+    argv: &[&str],
+) -> Result<(), RootCommandError> {
     let mut request = ExecRequest::new(argv);
     request.user = Some(UserSpec::Uid(0));
     let out = client
         .exec_request_output(request)
-        .map_err(|e| e.to_string())?;
+        .map_err(RootCommandError::Agent)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("exit code {}", out.status.code_or_signal()))
+        Err(RootCommandError::Exit(out.status.code_or_signal()))
     }
 }
 

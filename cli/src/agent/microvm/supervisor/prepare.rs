@@ -33,7 +33,8 @@ fn io_failed(what: &str, e: std::io::Error) -> BackendError {
 pub fn prepare(spec: &SandboxSpec, layout: &Layout, ready: &Readiness) -> BackendResult<Prepared> {
     let step = Instant::now();
     let host = HostFacts::detect();
-    let choice = engine::choose(spec.settings.engine, &host).map_err(BackendError::Requirements)?;
+    let choice = engine::choose(spec.settings.engine, &host)
+        .map_err(|e| BackendError::Requirements(e.to_string()))?;
     if let Some(long) = layout
         .sockets()
         .into_iter()

@@ -5,7 +5,7 @@
 //! coding agents. Each step is a phase of the start; a step that
 //! fails is a warning, never the end of the start.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_image::agents::AgentPin;
@@ -87,6 +87,24 @@ pub(in crate::agent::microvm) enum ClockSet {
     Set,
 }
 
+/// Why the guest's clock could not be set.
+#[derive(Debug, thiserror::Error)]
+pub(in crate::agent::microvm) enum ClockError {
+    /// The guest agent did not answer or did not do it.
+    #[error("{0}")]
+    Agent(#[source] ClientError),
+    /// The host's clock is before 1970.
+    #[error("{0}")]
+    HostBeforeEpoch(#[source] std::time::SystemTimeError),
+    /// The host's clock is past what milliseconds in a u64 hold.
+    #[error("{0}")]
+    HostTooLate(#[source] std::num::TryFromIntError),
+    /// `date` in the guest (an agent before protocol 1.5) failed; its
+    /// standard error, shown as one escaped line.
+    #[error("{}", shown::bytes(.0))]
+    Date(Vec<u8>),
+}
+
 /// How far the guest's clock may be from the host's before it is set.
 const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
 
@@ -98,10 +116,10 @@ const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
 pub(in crate::agent::microvm) fn set_guest_clock(
     layout: &Layout,
     always: bool,
-) -> Result<ClockSet, String> {
+) -> Result<ClockSet, ClockError> {
     let client = guest::client(&layout.vsock);
     if !always {
-        let (_, boot) = client.pong().map_err(|e| e.to_string())?;
+        let (_, boot) = client.pong().map_err(ClockError::Agent)?;
         let guest_wall = boot.map(|b| b.wall_ms).filter(|&ms| ms != 0);
         if guest_wall.is_some_and(|ms| clock_is_right(ms, SystemTime::now())) {
             return Ok(ClockSet::AlreadyRight);
@@ -109,23 +127,23 @@ pub(in crate::agent::microvm) fn set_guest_clock(
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_err(|e| e.to_string())?;
-    let unix_ms = u64::try_from(now.as_millis()).map_err(|e| e.to_string())?;
+        .map_err(ClockError::HostBeforeEpoch)?;
+    let unix_ms = u64::try_from(now.as_millis()).map_err(ClockError::HostTooLate)?;
     match client.set_clock(unix_ms) {
         Ok(()) => return Ok(ClockSet::Set),
         Err(ClientError::Unsupported { .. }) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(ClockError::Agent(e)),
     }
     // An agent before protocol 1.5: `date`, to the millisecond (`@seconds`
     // alone would leave the guest up to a second behind).
     let at = format!("@{}.{:03}", now.as_secs(), now.subsec_millis());
     let mut req = ExecRequest::new(&["date", "-u", "-s", &at]);
     req.user = Some(UserSpec::Uid(0));
-    let out = client.exec_request_output(req).map_err(|e| e.to_string())?;
+    let out = client.exec_request_output(req).map_err(ClockError::Agent)?;
     if out.status.success() {
         Ok(ClockSet::Set)
     } else {
-        Err(shown::bytes(&out.stderr))
+        Err(ClockError::Date(out.stderr))
     }
 }
 
@@ -139,9 +157,28 @@ fn clock_is_right(guest_wall_ms: u64, host_now: SystemTime) -> bool {
     host_ms.abs_diff(guest_wall_ms) <= CLOCK_TOLERANCE.as_millis() as u64
 }
 
+/// Why a `.env*` file did not reach the guest.
+#[derive(Debug, thiserror::Error)]
+enum EnvFileError {
+    /// The host's file could not be read.
+    #[error("{}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest agent did not take it.
+    #[error("pushing {name}: {source}")]
+    Push {
+        name: String,
+        #[source]
+        source: ClientError,
+    },
+}
+
 /// Copies the project's `.env*` files (regular files at its top, not
 /// links) into `/workspace`, owned by the agent user; returns their names.
-fn push_env_files(project: &Path, layout: &Layout) -> Result<Vec<String>, String> {
+fn push_env_files(project: &Path, layout: &Layout) -> Result<Vec<String>, EnvFileError> {
     let Ok(entries) = std::fs::read_dir(project) else {
         return Ok(Vec::new());
     };
@@ -153,11 +190,16 @@ fn push_env_files(project: &Path, layout: &Layout) -> Result<Vec<String>, String
         if !name.starts_with(".env") || !is_file {
             continue;
         }
-        let bytes =
-            std::fs::read(entry.path()).map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        let bytes = std::fs::read(entry.path()).map_err(|source| EnvFileError::Read {
+            path: entry.path(),
+            source,
+        })?;
         client
             .push_file(&name, 0o600, &bytes)
-            .map_err(|e| guest::agent_err(&format!("pushing {name}"), e).to_string())?;
+            .map_err(|source| EnvFileError::Push {
+                name: name.clone(),
+                source,
+            })?;
         pushed.push(name);
     }
     if pushed.is_empty() {

@@ -28,7 +28,7 @@ use std::path::Path;
 
 use keystone_guest_agent::protocol::printable;
 
-use super::git;
+use super::{git, GitError};
 
 /// Ref folders a branch name may not start with.
 const REF_FOLDERS: [&str; 5] = ["refs", "heads", "tags", "remotes", "notes"];
@@ -61,7 +61,7 @@ pub struct HostRefs {
 
 impl HostRefs {
     /// Reads the host project's refs and remotes.
-    pub fn read(project: &Path) -> Result<Self, String> {
+    pub fn read(project: &Path) -> Result<Self, GitError> {
         let refs: BTreeSet<String> = git(project, &["for-each-ref", "--format=%(refname)"])?
             .lines()
             .map(str::to_string)

@@ -49,7 +49,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{git, HOST_GIT_CONFIG};
+use super::{git, GitError, HOST_GIT_CONFIG};
 
 /// The merge driver that replaces every configured one: git's own
 /// three-way text merge, with the conflict marker size git asks for.
@@ -63,6 +63,42 @@ const ATTRIBUTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The first git with `GIT_ATTR_SOURCE`.
 const ATTR_SOURCE_SINCE: (u32, u32) = (2, 42);
+
+/// Why git could not be readied for the sandbox's content (nothing of
+/// the sync has run then).
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    /// A git command failed.
+    #[error(transparent)]
+    Git(#[from] GitError),
+    /// A driver the host defines has a name `git -c` cannot carry.
+    #[error(
+        "the host's git config defines the driver {0:?}, whose name `git -c` cannot \
+         override: rename it (no `=` in it) before syncing"
+    )]
+    DriverName(String),
+    /// `git grep` gave no pipe to read its output from.
+    #[error("git grep gave no output pipe")]
+    NoPipe,
+    /// The thread that reads `git grep` could not start.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// Reading `git grep`'s output failed.
+    #[error("reading the sandbox's .gitattributes: {0}")]
+    ReadAttributes(#[source] std::io::Error),
+    /// `git grep` did not finish within [`ATTRIBUTE_TIMEOUT`].
+    #[error(
+        "reading the sandbox's .gitattributes took over {} s",
+        ATTRIBUTE_TIMEOUT.as_secs()
+    )]
+    AttributesTimeout,
+    /// Waiting for `git grep` to exit failed.
+    #[error("git grep: {0}")]
+    Wait(#[source] std::io::Error),
+    /// `git grep` failed (it exits 0 with matches, 1 without).
+    #[error("git grep of the sandbox's .gitattributes failed ({0})")]
+    Grep(std::process::ExitStatus),
+}
 
 /// The drivers named in config or attributes.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -83,7 +119,7 @@ pub struct ContentGit {
 impl ContentGit {
     /// Prepares the overrides for taking the sandbox commits `tips` into
     /// `project`.
-    pub fn new(project: &Path, tips: &[&str]) -> Result<Self, String> {
+    pub fn new(project: &Path, tips: &[&str]) -> Result<Self, ContentError> {
         let mut drivers = configured_drivers(project)?;
         for tip in tips {
             let named = attribute_drivers(project, tip)?;
@@ -126,8 +162,8 @@ impl ContentGit {
         &self.config
     }
 
-    /// Runs git with the overrides: `Ok(stdout)` or `Err(stderr)`.
-    pub fn run(&self, args: &[&str]) -> Result<String, String> {
+    /// Runs git with the overrides; its trimmed stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String, GitError> {
         let mut all: Vec<&str> = Vec::with_capacity(self.config.len() * 2 + args.len());
         for c in &self.config {
             all.extend(["-c", c.as_str()]);
@@ -162,7 +198,7 @@ pub fn parse_version(text: &str) -> Option<(u32, u32)> {
 
 /// The tree attributes are read from: the host's `HEAD` before the sync,
 /// or the empty tree on a branch with no commit yet.
-fn head_tree(project: &Path) -> Result<String, String> {
+fn head_tree(project: &Path) -> Result<String, GitError> {
     if let Ok(tree) = git(
         project,
         &["rev-parse", "--verify", "--quiet", "HEAD^{tree}"],
@@ -173,7 +209,7 @@ fn head_tree(project: &Path) -> Result<String, String> {
 }
 
 /// Splits `filter.<name>.<var>` / `merge.<name>.<var>` keys.
-fn add_key(drivers: &mut Drivers, key: &str) -> Result<(), String> {
+fn add_key(drivers: &mut Drivers, key: &str) -> Result<(), ContentError> {
     let (set, rest) = if let Some(rest) = key.strip_prefix("filter.") {
         (&mut drivers.filters, rest)
     } else if let Some(rest) = key.strip_prefix("merge.") {
@@ -185,10 +221,7 @@ fn add_key(drivers: &mut Drivers, key: &str) -> Result<(), String> {
         return Ok(());
     };
     if name.contains('=') || name.contains('\n') {
-        return Err(format!(
-            "the host's git config defines the driver {name:?}, whose name `git -c` cannot \
-             override: rename it (no `=` in it) before syncing"
-        ));
+        return Err(ContentError::DriverName(name.to_string()));
     }
     set.insert(name.to_string());
     Ok(())
@@ -196,7 +229,7 @@ fn add_key(drivers: &mut Drivers, key: &str) -> Result<(), String> {
 
 /// The filters and merge drivers the host's git config defines (every
 /// level, includes followed, as the merge itself reads them).
-pub fn configured_drivers(project: &Path) -> Result<Drivers, String> {
+pub fn configured_drivers(project: &Path) -> Result<Drivers, ContentError> {
     let mut drivers = Drivers::default();
     let listed = git(
         project,
@@ -219,7 +252,7 @@ pub fn configured_drivers(project: &Path) -> Result<Drivers, String> {
 /// The filter and merge driver names that the `.gitattributes` files of
 /// the commit `tip` use (bounded: [`MAX_ATTRIBUTE_BYTES`] read, at most
 /// [`MAX_ATTRIBUTE_NAMES`] names, [`ATTRIBUTE_TIMEOUT`]).
-pub fn attribute_drivers(project: &Path, tip: &str) -> Result<Drivers, String> {
+pub fn attribute_drivers(project: &Path, tip: &str) -> Result<Drivers, ContentError> {
     let mut child = Command::new("git")
         .args(HOST_GIT_CONFIG.iter().flat_map(|c| ["-c", c]))
         .args(["-c", "submodule.recurse=false", "grep", "-I", "-h", "-o"])
@@ -231,11 +264,11 @@ pub fn attribute_drivers(project: &Path, tip: &str) -> Result<Drivers, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run git: {e}"))?;
+        .map_err(GitError::Spawn)?;
     let Some(stdout) = child.stdout.take() else {
         let _ = child.kill();
         let _ = child.wait();
-        return Err("git grep gave no output pipe".into());
+        return Err(ContentError::NoPipe);
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::Builder::new()
@@ -248,22 +281,19 @@ pub fn attribute_drivers(project: &Path, tip: &str) -> Result<Drivers, String> {
     if let Err(e) = reader {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(format!("cannot start a thread: {e}"));
+        return Err(ContentError::Thread(e));
     }
     let bytes = match rx.recv_timeout(ATTRIBUTE_TIMEOUT) {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("reading the sandbox's .gitattributes: {e}"));
+            return Err(ContentError::ReadAttributes(e));
         }
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!(
-                "reading the sandbox's .gitattributes took over {} s",
-                ATTRIBUTE_TIMEOUT.as_secs()
-            ));
+            return Err(ContentError::AttributesTimeout);
         }
     };
     let capped = bytes.len() as u64 >= MAX_ATTRIBUTE_BYTES;
@@ -271,12 +301,10 @@ pub fn attribute_drivers(project: &Path, tip: &str) -> Result<Drivers, String> {
         // The rest is not read: stop git.
         let _ = child.kill();
     }
-    let status = child.wait().map_err(|e| format!("git grep: {e}"))?;
+    let status = child.wait().map_err(ContentError::Wait)?;
     // 0: matches, 1: none.
     if !capped && !matches!(status.code(), Some(0) | Some(1)) {
-        return Err(format!(
-            "git grep of the sandbox's .gitattributes failed ({status})"
-        ));
+        return Err(ContentError::Grep(status));
     }
     Ok(parse_attribute_names(&String::from_utf8_lossy(&bytes)))
 }

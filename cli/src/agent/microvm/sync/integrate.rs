@@ -11,7 +11,7 @@ use keystone_guest_agent::protocol::printable;
 use super::super::super::backend::{BackendError, BackendResult, SyncOptions, SyncReport};
 use super::branches::{sandbox_only, shown, HostRefs};
 use super::content::ContentGit;
-use super::{decide, failed, git, is_ancestor, parse_shortstat, rev, said, short, Decision};
+use super::{decide, failed, git, is_ancestor, parse_shortstat, rev, short, Decision};
 
 /// The most sandbox-only branches a report lists.
 const MAX_LISTED: usize = 20;
@@ -89,7 +89,7 @@ pub(in super::super) fn integrate(
             ))
         }
     };
-    let refs = HostRefs::read(project).map_err(|e| failed(said(&e)))?;
+    let refs = HostRefs::read(project)?;
     let mut others = sandbox_only(project, ns, &refs, MAX_LISTED + 1);
     others.retain(|b| *b != branch);
     others.truncate(MAX_LISTED);
@@ -154,7 +154,7 @@ pub(in super::super) fn integrate(
             shown(&branch)
         )));
     }
-    let content = ContentGit::new(project, &[&tip]).map_err(|e| failed(said(&e)))?;
+    let content = ContentGit::new(project, &[&tip])?;
     let range = match &host_tip {
         Some(h) => format!("{h}..{tip}"),
         None => tip.clone(),
@@ -253,10 +253,7 @@ fn apply(
             content
                 .run(&["merge", "--ff-only", "--quiet", tip])
                 .map_err(|e| {
-                    failed(format!(
-                        "fast-forward of {shown_branch} failed: {}",
-                        said(&e)
-                    ))
+                    BackendError::git(format!("fast-forward of {shown_branch} failed"), e)
                 })?;
         }
         Decision::Merge if checked_out => {
@@ -266,10 +263,10 @@ fn apply(
                     .run(&["diff", "--name-only", "--diff-filter=U"])
                     .unwrap_or_default();
                 if conflicts.trim().is_empty() {
-                    return Err(failed(format!(
-                        "merging {remote_name} failed: {}",
-                        said(&e)
-                    )));
+                    return Err(BackendError::git(
+                        format!("merging {remote_name} failed"),
+                        e,
+                    ));
                 }
                 let _ = content.run(&["merge", "--abort"]);
                 return Err(BackendError::Conflict(format!(
@@ -286,7 +283,7 @@ fn apply(
                 project,
                 &["update-ref", &host_ref, tip, host_tip.unwrap_or_default()],
             )
-            .map_err(|e| failed(format!("updating {shown_branch}: {}", said(&e))))?;
+            .map_err(|e| BackendError::git(format!("updating {shown_branch}"), e))?;
         }
         _ => {
             return Err(BackendError::Conflict(format!(
