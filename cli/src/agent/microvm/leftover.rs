@@ -87,9 +87,12 @@ mod tests {
     }
 
     /// A process that stays until its stdin closes, running `program`
-    /// under the name `argv0` with `args` after `--`.
+    /// under the name `argv0` with `args` after `--`. Returned once its
+    /// command line can be read: `spawn` returns when the exec has begun,
+    /// and for a moment after that the new program's arguments are not in
+    /// place yet (`/proc/PID/cmdline` reads empty).
     fn spawn(program: &Path, argv0: &str, args: &[String]) -> Option<Child> {
-        Command::new(program)
+        let child = Command::new(program)
             .arg0(argv0)
             .arg("--")
             .arg("-")
@@ -98,7 +101,15 @@ mod tests {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .ok()
+            .ok()?;
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let t = Instant::now();
+        while std::fs::read(&cmdline).is_ok_and(|c| c.is_empty())
+            && t.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(child)
     }
 
     /// Whether `child` is still running a moment after a kill could have
