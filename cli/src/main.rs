@@ -6,6 +6,7 @@
 mod agent;
 mod embedded;
 mod exit_code;
+mod host_git;
 mod logging;
 mod shown;
 mod signals;

@@ -19,7 +19,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{setup, text, Env};
@@ -67,7 +66,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 
 /// `git rev-parse --verify` of `name`, or `None`.
 fn rev(dir: &Path, name: &str) -> Option<String> {
-    let out = Command::new("git")
+    let out = keystone_test_kit::git()
         .args(["rev-parse", "--verify", "--quiet", name])
         .current_dir(dir)
         .env("GIT_CONFIG_NOSYSTEM", "1")

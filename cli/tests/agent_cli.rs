@@ -64,7 +64,7 @@ impl Sandbox {
                 "init",
             ],
         ] {
-            let ok = Command::new("git")
+            let ok = keystone_test_kit::git()
                 .args(args)
                 .current_dir(&dir)
                 .env("HOME", self.path("home"))

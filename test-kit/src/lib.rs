@@ -11,6 +11,9 @@
 //!   through a guest with what was sent;
 //! - [`virtq`]: the driver side of a split virtqueue in guest memory, for
 //!   tests that play the guest to a device;
+//! - [`git`]: `git` without the repository variables of a git that runs
+//!   the tests (`git rebase --exec` in a worktree exports `GIT_DIR`), so
+//!   a test's scratch repository stays the test's;
 //! - [`vhost_frontend`]: the frontend side of vhost-user for a process
 //!   that plays the VMM (shared guest memory, a queue handed over), for
 //!   the daemons' protocol tests and the virtio-fs benchmarks.
@@ -29,6 +32,26 @@ pub mod virtq;
 pub use guest_lock::{guest_lock, GuestLock};
 pub use log_tail::{last_lines, log_tail, TAIL_BYTES};
 pub use scratch::ScratchDir;
+
+/// `git`, without the variables that would point it at the repository of
+/// a git that runs the tests (`git rev-parse --local-env-vars`): under
+/// `git rebase --exec` in a worktree, `GIT_DIR` would turn a scratch
+/// `git init` into a rewrite of that repository's config.
+pub fn git() -> std::process::Command {
+    static LOCAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let local = LOCAL.get_or_init(|| {
+        std::process::Command::new("git")
+            .args(["rev-parse", "--local-env-vars"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    });
+    let mut cmd = std::process::Command::new("git");
+    for var in local.split_whitespace() {
+        cmd.env_remove(var);
+    }
+    cmd
+}
 
 /// Prints the skip line the test harness and CI count (`SKIP: <reason>`,
 /// on stdout) and returns from the function.
@@ -96,6 +119,19 @@ mod tests {
         /// The reasons [`skip!`] gave on this thread.
         pub(super) static SKIPPED: std::cell::RefCell<Vec<String>> =
             const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[test]
+    fn git_drops_the_repository_variables_of_a_calling_git() {
+        let cmd = git();
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"] {
+            assert!(removed.iter().any(|r| r == var), "{var} kept: {removed:?}");
+        }
     }
 
     #[test]

@@ -169,7 +169,7 @@ pub fn pseudo_random(len: usize, seed: u32) -> Vec<u8> {
 /// Runs host `git` in `dir` with a private `HOME`; panics on failure and
 /// returns trimmed stdout.
 pub fn host_git(dir: &Path, home: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
+    let out = keystone_test_kit::git()
         .current_dir(dir)
         .args(args)
         .env("GIT_CONFIG_NOSYSTEM", "1")
@@ -207,7 +207,7 @@ pub fn fetch_from_guest(
         ),
     )
     .map_err(|e| e.to_string())?;
-    let out = Command::new("git")
+    let out = keystone_test_kit::git()
         .current_dir(host_repo)
         .args([
             "-c",

@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest_image::rootfs::{ensure_rootfs, RootfsError};
@@ -247,7 +246,7 @@ fn debian_rootfs_boots_and_has_the_tools() {
 
     // The commit the guest made, seen by the host's git.
     let repo = ws.join("repo");
-    let log = Command::new("git")
+    let log = keystone_test_kit::git()
         .arg("-c")
         .arg("safe.directory=*")
         .arg("-C")

@@ -17,7 +17,6 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Longest sanitized basename kept in a derived name.
 const BASE_MAX: usize = 40;
@@ -89,7 +88,7 @@ pub enum GitLookup {
 
 /// The top-level directory of the git work tree containing `dir`.
 pub fn git_toplevel(dir: &Path) -> GitLookup {
-    let out = Command::new("git")
+    let out = crate::host_git::command()
         .arg("-C")
         .arg(dir)
         .args(["rev-parse", "--show-toplevel"])
@@ -109,7 +108,7 @@ pub fn git_toplevel(dir: &Path) -> GitLookup {
 /// `git status --porcelain` lines for uncommitted changes in `top` (empty if
 /// clean or if git fails: this only feeds a warning).
 pub fn uncommitted_changes(top: &Path) -> Vec<String> {
-    Command::new("git")
+    crate::host_git::command()
         .arg("-C")
         .arg(top)
         .args(["status", "--porcelain"])

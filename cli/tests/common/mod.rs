@@ -194,7 +194,7 @@ pub fn stdout(o: &Output) -> String {
 }
 
 pub fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
+    let out = keystone_test_kit::git()
         .args(args)
         .current_dir(dir)
         .env("GIT_CONFIG_NOSYSTEM", "1")

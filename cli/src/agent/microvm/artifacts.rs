@@ -33,7 +33,6 @@ mod testkit;
 use std::collections::HashSet;
 use std::io::{self, Read};
 use std::path::Path;
-use std::process::Command;
 
 use super::super::backend::{BackendError, BackendResult, SandboxSpec, SyncOptions, SyncReport};
 use super::super::config;
@@ -357,7 +356,7 @@ pub fn sync(spec: &SandboxSpec, opts: &SyncOptions) -> BackendResult<SyncReport>
 
 /// The paths git tracks in the host project (`git ls-files -z`).
 fn host_tracked(project: &Path) -> BackendResult<Vec<u8>> {
-    let out = Command::new("git")
+    let out = crate::host_git::command()
         .args(["ls-files", "-z"])
         .current_dir(project)
         .output()

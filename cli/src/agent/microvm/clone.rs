@@ -111,7 +111,7 @@ fn run_git<S: AsRef<OsStr>>(
     step: &'static str,
     args: &[S],
 ) -> Result<(), CloneError> {
-    let mut cmd = Command::new("git");
+    let mut cmd = crate::host_git::command();
     cmd.args(["-c", "core.hooksPath=/dev/null"])
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0");

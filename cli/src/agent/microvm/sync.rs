@@ -25,7 +25,6 @@
 //! objects stay in the object store (git's gc removes them).
 
 use std::path::Path;
-use std::process::Command;
 
 use keystone_guest_agent::protocol::{printable, RawStreamRequest, UserSpec};
 
@@ -126,7 +125,7 @@ pub(super) fn git(dir: &Path, args: &[&str]) -> Result<String, GitError> {
 
 /// [`git`] with more environment.
 fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, GitError> {
-    let out = Command::new("git")
+    let out = crate::host_git::command()
         .args(HOST_GIT_CONFIG.iter().flat_map(|c| ["-c", c]))
         .args(args)
         .current_dir(dir)

@@ -14,7 +14,6 @@
 
 use std::collections::HashSet;
 use std::path::{Component, Path};
-use std::process::Command;
 
 /// Where a taken path lands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,7 +146,7 @@ fn project_relative(project: &Path, path: &Path) -> Option<String> {
 /// the project (an empty value, the project itself, refuses everything).
 pub fn host_hooks(project: &Path) -> Vec<String> {
     let mut hooks = vec![".husky".to_string()];
-    let out = Command::new("git")
+    let out = crate::host_git::command()
         .args(["config", "--path", "--get", "core.hooksPath"])
         .current_dir(project)
         .env("GIT_TERMINAL_PROMPT", "0")
@@ -210,7 +209,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let git = |args: &[&str]| {
-            let ok = Command::new("git")
+            let ok = crate::host_git::command()
                 .args(args)
                 .current_dir(&dir)
                 .env("GIT_CONFIG_NOSYSTEM", "1")
@@ -218,7 +217,11 @@ mod tests {
                 .is_ok_and(|o| o.status.success());
             assert!(ok, "git {args:?}");
         };
-        if Command::new("git").arg("--version").output().is_err() {
+        if crate::host_git::command()
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             eprintln!("SKIP: no git on this host");
             return;
         }

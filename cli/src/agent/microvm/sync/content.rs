@@ -45,7 +45,7 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -181,7 +181,7 @@ impl ContentGit {
 pub fn git_version() -> Option<(u32, u32)> {
     static VERSION: OnceLock<Option<(u32, u32)>> = OnceLock::new();
     *VERSION.get_or_init(|| {
-        let out = Command::new("git").arg("--version").output().ok()?;
+        let out = crate::host_git::command().arg("--version").output().ok()?;
         parse_version(&String::from_utf8_lossy(&out.stdout))
     })
 }
@@ -253,7 +253,7 @@ pub fn configured_drivers(project: &Path) -> Result<Drivers, ContentError> {
 /// the commit `tip` use (bounded: [`MAX_ATTRIBUTE_BYTES`] read, at most
 /// [`MAX_ATTRIBUTE_NAMES`] names, [`ATTRIBUTE_TIMEOUT`]).
 pub fn attribute_drivers(project: &Path, tip: &str) -> Result<Drivers, ContentError> {
-    let mut child = Command::new("git")
+    let mut child = crate::host_git::command()
         .args(HOST_GIT_CONFIG.iter().flat_map(|c| ["-c", c]))
         .args(["-c", "submodule.recurse=false", "grep", "-I", "-h", "-o"])
         .args(["-E", "(filter|merge)=[^[:space:]]+", tip, "--"])

@@ -2,7 +2,6 @@
 //! auto-sync: real git on the host, in a folder removed on drop.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// A git repository under the temporary folder, removed on drop.
 pub struct TempRepo {
@@ -65,7 +64,7 @@ impl Drop for TempRepo {
 
 /// Git in `dir` with a committer identity and no signing.
 pub fn git_in(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("git")
+    crate::host_git::command()
         .args(["-c", "user.name=t", "-c", "user.email=t@t"])
         .args(["-c", "commit.gpgSign=false", "-c", "tag.gpgSign=false"])
         .args(args)
