@@ -21,6 +21,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -399,15 +400,7 @@ fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
         "settings were not kept: {status}"
     );
     assert_eq!(status["vcpus"], 1, "settings were not kept: {status}");
-    let out = env.run(
-        &["exec", "--", "sh", "-c", "grep MemTotal /proc/meminfo"],
-        &repo,
-    );
-    let kib: u64 = stdout(&out)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{}", text(&out)));
+    let kib = guest_memory_kib(&env, &repo);
     assert!(kib < 1024 * 1024, "the guest has {kib} KiB, not 1024 MiB");
 
     // kill -9 of the supervisor: error, never running; start recovers it
@@ -446,15 +439,7 @@ fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
     // The guest booted with 1 GiB of it; the rest arrives after ready.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = env.run(
-            &["exec", "--", "sh", "-c", "grep MemTotal /proc/meminfo"],
-            &repo,
-        );
-        let kib: u64 = stdout(&out)
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{}", text(&out)));
+        let kib = guest_memory_kib(&env, &repo);
         if kib > 1400 * 1024 {
             break;
         }
@@ -483,6 +468,19 @@ fn lifecycle_edges_exit_codes_recovery_and_saved_settings() {
     let out = env.run(&["destroy", "life"], &repo);
     assert_eq!(code(&out), Some(5), "{}", text(&out));
     eprintln!("lifecycle test took {:.1?}", t0.elapsed());
+}
+
+/// The guest's `MemTotal`, KiB.
+fn guest_memory_kib(env: &Env, repo: &Path) -> u64 {
+    let out = env.run(
+        &["exec", "--", "sh", "-c", "grep MemTotal /proc/meminfo"],
+        repo,
+    );
+    stdout(&out)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", text(&out)))
 }
 
 /// The supervisors of sandbox `name` of this test's home, by pid.
