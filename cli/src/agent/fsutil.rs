@@ -10,6 +10,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rustix::process::{getegid, geteuid};
+
 mod remove_tree;
 
 pub use remove_tree::remove_tree;
@@ -26,8 +28,7 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
             "is not a folder; remove it and start again",
         ));
     }
-    // SAFETY: geteuid and getegid have no preconditions.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (uid, gid) = (geteuid().as_raw(), getegid().as_raw());
     if meta.uid() != uid || meta.gid() != gid {
         std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
     }

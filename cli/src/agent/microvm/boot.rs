@@ -220,8 +220,8 @@ impl<'a> Boot<'a> {
     }
 
     fn kill(&mut self) {
-        // SAFETY: signalling our own child, which has not been reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        // SIGKILL to our own child, which has not been reaped.
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 

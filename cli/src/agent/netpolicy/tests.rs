@@ -257,8 +257,7 @@ enum NoNetns {
 /// Runs `f` on a thread in a network namespace of its own (where `ip`
 /// commands it runs apply too); the reason when that cannot be done here.
 fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, NoNetns> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err(NoNetns::NotRoot);
     }
     Command::new("ip")
