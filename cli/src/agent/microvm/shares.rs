@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use rustix::process::{geteuid, getgid, getuid};
+use rustix::process::{geteuid, getgid, getuid, set_parent_process_death_signal, Signal};
 
 use super::engine::{Layout, Share, GUEST_UID};
 
@@ -174,11 +174,12 @@ fn spawn_process(cfg: &virtiofsd_lite::FsConfig, socket: &Path) -> Result<Child,
         .arg("--tag")
         .arg(&cfg.tag)
         .stdin(Stdio::null());
-    // SAFETY: prctl is async-signal-safe; the daemon dies with the
+    // SAFETY: the hook makes one prctl(2) system call, which is
+    // async-signal-safe and allocates nothing; the daemon dies with the
     // supervisor.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let _ = set_parent_process_death_signal(Some(Signal::KILL));
             Ok(())
         });
     }

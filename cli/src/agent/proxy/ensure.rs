@@ -114,12 +114,11 @@ fn spawn(store: &SandboxStore, port: u16) -> Result<u16, ProxyError> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(OwnedFd::from(theirs)))
         .stderr(Stdio::from(log));
-    // SAFETY: setsid(2) is async-signal-safe and touches no memory.
+    // SAFETY: setsid(2) is an async-signal-safe system call; the hook
+    // allocates nothing (an OS error is a number in an `io::Error`).
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            rustix::process::setsid()?;
             Ok(())
         });
     }
