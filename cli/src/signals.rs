@@ -22,6 +22,8 @@ const QUEUE: usize = 8;
 /// Routes the termination signals of this process to the returned
 /// channel (see the module documentation).
 pub fn termination_channel() -> io::Result<Receiver<libc::c_int>> {
+    // The mask and sigwait are libc's: rustix has them only in its
+    // `runtime` API, for programs that run without libc.
     let set = signal_set(&TERMINATION);
     // SAFETY: `set` is an initialised sigset_t; the old mask is not read.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -47,15 +49,15 @@ pub fn termination_channel() -> io::Result<Receiver<libc::c_int>> {
 }
 
 fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: an all-zero sigset_t is a valid value for sigemptyset to
-    // initialise.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the whole set (it cannot fail for a
+    // valid pointer), so it may be read afterwards; sigaddset adds valid
+    // signal numbers to it.
     unsafe {
-        libc::sigemptyset(&mut set);
+        libc::sigemptyset(set.as_mut_ptr());
         for s in signals {
-            libc::sigaddset(&mut set, *s);
+            libc::sigaddset(set.as_mut_ptr(), *s);
         }
+        set.assume_init()
     }
-    set
 }

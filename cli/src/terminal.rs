@@ -2,28 +2,26 @@
 
 use std::io::IsTerminal;
 
+use rustix::termios::{tcgetattr, tcsetattr, OptionalActions, Termios};
+
 /// Puts stdin in raw mode while alive, if it is a terminal.
 pub struct RawMode {
-    saved: Option<libc::termios>,
+    saved: Option<Termios>,
 }
 
 impl RawMode {
     /// Enters raw mode (no-op when stdin is not a terminal).
     pub fn enter() -> Self {
-        if !std::io::stdin().is_terminal() {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
             return Self { saved: None };
         }
-        // SAFETY: an all-zero termios is a valid value to be overwritten.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: fd 0 is open; `t` is a valid termios to fill.
-        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+        let Ok(saved) = tcgetattr(&stdin) else {
             return Self { saved: None };
-        }
-        let saved = t;
-        // SAFETY: `t` is a valid termios obtained from tcgetattr.
-        unsafe { libc::cfmakeraw(&mut t) };
-        // SAFETY: fd 0 is a terminal and `t` a valid termios.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        };
+        let mut raw = saved.clone();
+        raw.make_raw();
+        let _ = tcsetattr(&stdin, OptionalActions::Now, &raw);
         Self { saved: Some(saved) }
     }
 
@@ -35,9 +33,9 @@ impl RawMode {
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        if let Some(saved) = self.saved {
-            // SAFETY: restores the attributes read from the same terminal.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, &saved) };
+        if let Some(saved) = &self.saved {
+            // Restores the attributes read from the same terminal.
+            let _ = tcsetattr(std::io::stdin(), OptionalActions::Now, saved);
         }
     }
 }

@@ -6,9 +6,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{flock, FlockOperation};
+use rustix::io::Errno;
+use rustix::process::{getegid, geteuid};
 
 mod remove_tree;
 
@@ -26,8 +29,7 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
             "is not a folder; remove it and start again",
         ));
     }
-    // SAFETY: geteuid and getegid have no preconditions.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (uid, gid) = (geteuid().as_raw(), getegid().as_raw());
     if meta.uid() != uid || meta.gid() != gid {
         std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
     }
@@ -88,15 +90,16 @@ pub struct FileLock {
 impl FileLock {
     /// Takes the lock, waiting for it if another process holds it.
     pub fn acquire(path: &Path) -> io::Result<Self> {
-        Self::lock(path, libc::LOCK_EX).map(|lock| lock.expect("blocking flock returned busy"))
+        Self::lock(path, FlockOperation::LockExclusive)
+            .map(|lock| lock.expect("blocking flock returned busy"))
     }
 
     /// Takes the lock if it is free; `Ok(None)` if another process holds it.
     pub fn try_acquire(path: &Path) -> io::Result<Option<Self>> {
-        Self::lock(path, libc::LOCK_EX | libc::LOCK_NB)
+        Self::lock(path, FlockOperation::NonBlockingLockExclusive)
     }
 
-    fn lock(path: &Path, op: libc::c_int) -> io::Result<Option<Self>> {
+    fn lock(path: &Path, op: FlockOperation) -> io::Result<Option<Self>> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
@@ -107,16 +110,11 @@ impl FileLock {
             .write(true)
             .open(path)?;
         loop {
-            // SAFETY: flock on a descriptor we own; no memory is passed.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-            if rc == 0 {
-                return Ok(Some(Self { file }));
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) => return Ok(None),
-                _ => return Err(err),
+            match flock(&file, op) {
+                Ok(()) => return Ok(Some(Self { file })),
+                Err(Errno::INTR) => continue,
+                Err(Errno::WOULDBLOCK) => return Ok(None),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -124,8 +122,8 @@ impl FileLock {
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        // SAFETY: unlocking a descriptor we own; closing it would unlock too.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        // Closing the descriptor would unlock too.
+        let _ = flock(&self.file, FlockOperation::Unlock);
     }
 }
 

@@ -30,6 +30,8 @@
 
 use std::path::Path;
 
+use rustix::io::Errno;
+use rustix::process::{kill_process, test_kill_process, Pid, Signal};
 use serde::{Deserialize, Serialize};
 
 use super::fsutil::{self, FileLock};
@@ -299,18 +301,37 @@ impl ProcessProbe for ProcProbe {
     }
 }
 
+/// `pid` as a [`Pid`] when it names one process (it is positive): zero and
+/// negative numbers would name process groups to `kill(2)`.
+fn positive_pid(pid: i32) -> Option<Pid> {
+    if pid > 0 {
+        Pid::from_raw(pid)
+    } else {
+        None
+    }
+}
+
+/// Sends `signal` to the process `pid`, ignoring the outcome (callers see
+/// whether it went by watching it); a pid that is not positive is left
+/// alone.
+pub fn send_signal(pid: i32, signal: Signal) {
+    if let Some(pid) = positive_pid(pid) {
+        let _ = kill_process(pid, signal);
+    }
+}
+
 /// Whether `pid` is alive (`kill(pid, 0)`, not a zombie) and its command
 /// line is `... <subcommand> <name> ...`: one of our hidden subcommands
 /// for sandbox `name`, never a process that reused the pid.
 pub fn runs_subcommand(pid: i32, subcommand: &str, name: &str) -> bool {
-    if pid <= 0 {
+    let Some(target) = positive_pid(pid) else {
         return false;
-    }
-    // SAFETY: signal 0 only checks that the process exists and may be
-    // signalled; nothing is delivered.
-    let rc = unsafe { libc::kill(pid, 0) };
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
-        return false;
+    };
+    // Signal 0 only checks that the process exists and may be signalled;
+    // nothing is delivered.
+    match test_kill_process(target) {
+        Ok(()) | Err(Errno::PERM) => {}
+        Err(_) => return false,
     }
     let proc_dir = Path::new("/proc").join(pid.to_string());
     if let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) {

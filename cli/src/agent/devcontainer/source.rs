@@ -15,10 +15,11 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{openat, Mode, OFlags};
 
 use super::DevcontainerError;
 
@@ -92,15 +93,10 @@ pub fn read(project: &Path, relative: &Path) -> Result<Vec<u8>, DevcontainerErro
     let name = relative.file_name().unwrap_or_default();
     let name = CString::new(name.as_bytes())
         .map_err(|_| DevcontainerError::NotAFile { path: path.clone() })?;
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
-    // SAFETY: `dir` is an open directory for the whole call and `name` a
-    // NUL-terminated string that outlives it; openat only reads them.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(refused(std::io::Error::last_os_error(), path.clone()));
-    }
-    // SAFETY: `fd` was just opened here and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file = openat(&dir, name.as_c_str(), flags, Mode::empty())
+        .map(File::from)
+        .map_err(|e| refused(e.into(), path.clone()))?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(DevcontainerError::NotAFile { path });

@@ -144,11 +144,13 @@ fn a_file_over_one_mebibyte_is_refused() {
 fn a_fifo_is_refused_without_waiting_for_a_writer() {
     let tmp = TempDir::new("devcontainer-fifo");
     let path = tmp.path().join(".devcontainer.json");
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: `c_path` is a valid NUL-terminated path for the call.
-    let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
-    if rc != 0 {
-        println!("SKIP: mkfifo failed: {}", std::io::Error::last_os_error());
+    let made = rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &path,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    );
+    if let Err(e) = made {
+        println!("SKIP: mkfifo failed: {}", std::io::Error::from(e));
         return;
     }
     let err = load(tmp.path(), "id").unwrap_err();

@@ -28,9 +28,16 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use rustix::fs::{
+    chmod, fchmod, openat, renameat_with, seek, statat, unlinkat, AtFlags, FileType, Mode, OFlags,
+    RawDir, RenameFlags, SeekFrom, Stat, CWD,
+};
+use rustix::io::Errno;
 
 /// The deepest level entered below the top directory.
 const WINDOW: usize = 16;
@@ -45,7 +52,7 @@ struct Level {
     /// Its name in the level above (empty for the top).
     name: CString,
     /// Where listing continues (a `getdents64` offset).
-    resume: i64,
+    resume: u64,
     /// Whether the current pass began at offset 0 and found nothing yet.
     clean_pass: bool,
 }
@@ -60,11 +67,10 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     if !meta.is_dir() {
         return std::fs::remove_file(path);
     }
-    let top = open_dir(libc::AT_FDCWD, &c_path, None)?;
-    let dev = stat_fd(top.as_raw_fd())?.st_dev;
+    let top = open_dir(CWD, &c_path, None)?;
+    let dev = stat_fd(top.as_fd())?.st_dev;
     empty_tree(top, dev)?;
-    // SAFETY: NUL-terminated path.
-    cvt(unsafe { libc::unlinkat(libc::AT_FDCWD, c_path.as_ptr(), libc::AT_REMOVEDIR) })
+    Ok(unlinkat(CWD, c_path.as_c_str(), AtFlags::REMOVEDIR)?)
 }
 
 /// Empties the directory `top` (on device `dev`) completely.
@@ -75,7 +81,7 @@ fn empty_tree(top: OwnedFd, dev: u64) -> io::Result<()> {
         resume: 0,
         clean_pass: true,
     }];
-    let mut buf = vec![0u8; DIRENT_BUF];
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); DIRENT_BUF];
     let mut moved = 0u32;
     while let Some(level) = stack.last_mut() {
         let Some(name) = next_subdir(level, &mut buf)? else {
@@ -87,17 +93,15 @@ fn empty_tree(top: OwnedFd, dev: u64) -> io::Result<()> {
             }
             let done = stack.pop().map(|l| l.name);
             if let (Some(name), Some(parent)) = (done, stack.last()) {
-                // SAFETY: `name` is one NUL-terminated component.
-                let ret = unsafe {
-                    libc::unlinkat(parent.fd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR)
-                };
-                cvt(ret).map_err(|e| context(e, "cannot remove directory", &name))?;
+                unlinkat(&parent.fd, name.as_c_str(), AtFlags::REMOVEDIR)
+                    .map_err(|e| context(e, "cannot remove directory", &name))?;
             }
             continue;
         };
-        let dir = level.fd.as_raw_fd();
+        // The level just listed is still the last one.
+        let (top, dir) = (stack[0].fd.as_fd(), stack[stack.len() - 1].fd.as_fd());
         if stack.len() > WINDOW {
-            move_to_top(dir, &name, stack[0].fd.as_raw_fd(), dev, &mut moved)?;
+            move_to_top(dir, &name, top, dev, &mut moved)?;
         } else {
             let fd = open_dir(dir, &name, Some(dev))?;
             stack.push(Level {
@@ -114,56 +118,33 @@ fn empty_tree(top: OwnedFd, dev: u64) -> io::Result<()> {
 /// Lists `level` from its resume point, removing every entry that is not a
 /// directory; returns the first directory found (remembering where to
 /// continue after it), or `None` at the end of the listing.
-fn next_subdir(level: &mut Level, buf: &mut [u8]) -> io::Result<Option<CString>> {
-    let fd = level.fd.as_raw_fd();
-    // SAFETY: lseek on a directory descriptor we own.
-    if unsafe { libc::lseek64(fd, level.resume, libc::SEEK_SET) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+fn next_subdir(level: &mut Level, buf: &mut [MaybeUninit<u8>]) -> io::Result<Option<CString>> {
+    let fd = level.fd.as_fd();
+    seek(fd, SeekFrom::Start(level.resume))?;
+    // Each `next` past the entries read so far is one `getdents64` call.
+    let mut entries = RawDir::new(fd, buf);
+    while let Some(entry) = entries.next() {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.is_empty() || name == c"." || name == c".." {
+            continue;
         }
-        if n == 0 {
-            return Ok(None);
-        }
-        let mut pos = 0usize;
-        // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-        while let Some(rec) = buf.get(pos..n as usize).filter(|r| r.len() >= 19) {
-            let off = i64::from_ne_bytes(rec[8..16].try_into().unwrap_or_default());
-            let reclen = usize::from(u16::from_ne_bytes([rec[16], rec[17]]));
-            let Some(field) = rec.get(19..reclen).filter(|_| reclen >= 19) else {
-                return Err(io::Error::other(
-                    "malformed directory entry from getdents64",
-                ));
-            };
-            pos += reclen;
-            let len = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-            let name = &field[..len];
-            if name.is_empty() || name == b"." || name == b".." {
-                continue;
-            }
-            level.clean_pass = false;
-            let Ok(name) = CString::new(name) else {
-                continue;
-            };
-            if is_dir(fd, &name, rec[18])? || !unlink_entry(fd, &name)? {
-                level.resume = off;
-                return Ok(Some(name));
-            }
+        level.clean_pass = false;
+        if is_dir(fd, name, entry.file_type())? || !unlink_entry(fd, name)? {
+            level.resume = entry.next_entry_cookie();
+            return Ok(Some(name.to_owned()));
         }
     }
+    Ok(None)
 }
 
 /// Whether `name` in `dir` is a directory, from `d_type` or `lstat`.
-fn is_dir(dir: RawFd, name: &CStr, d_type: u8) -> io::Result<bool> {
+fn is_dir(dir: BorrowedFd<'_>, name: &CStr, d_type: FileType) -> io::Result<bool> {
     match d_type {
-        libc::DT_DIR => Ok(true),
-        libc::DT_UNKNOWN => match stat_at(dir, name) {
-            Ok(st) => Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        FileType::Directory => Ok(true),
+        FileType::Unknown => match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+            Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(context(e, "cannot inspect", name)),
         },
         _ => Ok(false),
@@ -171,19 +152,23 @@ fn is_dir(dir: RawFd, name: &CStr, d_type: u8) -> io::Result<bool> {
 }
 
 /// Unlinks a non-directory; `Ok(false)` when it turned out to be one.
-fn unlink_entry(dir: RawFd, name: &CStr) -> io::Result<bool> {
-    // SAFETY: `name` is one NUL-terminated component.
-    match cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), 0) }) {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => Ok(false),
+fn unlink_entry(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+    match unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => Ok(true),
+        Err(Errno::ISDIR) => Ok(false),
         Err(e) => Err(context(e, "cannot remove", name)),
     }
 }
 
 /// Moves the directory `name` of `dir` to a fresh name in `top`, where the
 /// walk of the top finds it later.
-fn move_to_top(dir: RawFd, name: &CStr, top: RawFd, dev: u64, moved: &mut u32) -> io::Result<()> {
+fn move_to_top(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    top: BorrowedFd<'_>,
+    dev: u64,
+    moved: &mut u32,
+) -> io::Result<()> {
     // Opening fixes its permissions (moving a directory writes its `..`)
     // and checks that it is no mount point.
     drop(open_dir(dir, name, Some(dev))?);
@@ -191,19 +176,10 @@ fn move_to_top(dir: RawFd, name: &CStr, top: RawFd, dev: u64, moved: &mut u32) -
         *moved = moved.wrapping_add(1);
         let fresh = CString::new(format!(".keystone-removing-{}", *moved))
             .map_err(|_| io::Error::other("fresh name holds a NUL byte"))?;
-        // SAFETY: both names are NUL-terminated components; NOREPLACE
-        // never overwrites an entry that already has the fresh name.
-        let ret = unsafe {
-            libc::renameat2(
-                dir,
-                name.as_ptr(),
-                top,
-                fresh.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        match cvt(ret) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+        // NOREPLACE never overwrites an entry that already has the fresh
+        // name.
+        match renameat_with(dir, name, top, fresh.as_c_str(), RenameFlags::NOREPLACE) {
+            Err(Errno::EXIST) => continue,
             r => return r.map_err(|e| context(e, "cannot move up", name)),
         }
     }
@@ -215,73 +191,53 @@ fn move_to_top(dir: RawFd, name: &CStr, top: RawFd, dev: u64, moved: &mut u32) -
 /// Opens the directory `name` of `dir` for listing and removing, without
 /// following a symlink, giving it `u+rwx` where it lacks them. With `dev`,
 /// a directory on another file system is refused (`EBUSY`).
-fn open_dir(dir: RawFd, name: &CStr, dev: Option<u64>) -> io::Result<OwnedFd> {
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    let fd = match openat(dir, name, flags) {
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+fn open_dir(dir: BorrowedFd<'_>, name: &CStr, dev: Option<u64>) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match openat(dir, name, flags, Mode::empty()) {
+        Err(Errno::ACCESS) => {
             // Unreadable: fix the mode through a descriptor of the
             // directory itself (O_PATH needs no permission on it).
-            let path_fd = openat(dir, name, libc::O_PATH | (flags & !libc::O_RDONLY))?;
-            let st = stat_fd(path_fd.as_raw_fd())?;
+            let path_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let path_fd = openat(dir, name, path_flags, Mode::empty())?;
+            let st = stat_fd(path_fd.as_fd())?;
             let proc = CString::new(format!("/proc/self/fd/{}", path_fd.as_raw_fd()))
                 .map_err(|_| io::Error::other("descriptor path holds a NUL byte"))?;
-            // SAFETY: NUL-terminated path naming the directory we hold.
-            cvt(unsafe { libc::chmod(proc.as_ptr(), (st.st_mode & 0o7777) | 0o700) })
+            chmod(proc.as_c_str(), with_rwx(&st))
                 .map_err(|e| context(e, "cannot make readable", name))?;
-            openat(path_fd.as_raw_fd(), c".", flags)
+            openat(&path_fd, c".", flags, Mode::empty())
         }
         r => r,
     }
     .map_err(|e| context(e, "cannot open directory", name))?;
-    let st = stat_fd(fd.as_raw_fd())?;
+    let st = stat_fd(fd.as_fd())?;
     if dev.is_some_and(|d| d != st.st_dev) {
-        let e = io::Error::from_raw_os_error(libc::EBUSY);
-        return Err(context(e, "another file system is mounted at", name));
+        return Err(context(
+            Errno::BUSY,
+            "another file system is mounted at",
+            name,
+        ));
     }
     if st.st_mode & 0o700 != 0o700 {
-        // SAFETY: fchmod on the directory descriptor just opened.
-        cvt(unsafe { libc::fchmod(fd.as_raw_fd(), (st.st_mode & 0o7777) | 0o700) })
-            .map_err(|e| context(e, "cannot make writable", name))?;
+        fchmod(&fd, with_rwx(&st)).map_err(|e| context(e, "cannot make writable", name))?;
     }
     Ok(fd)
 }
 
-fn openat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated; openat does not retain it.
-    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// The permission bits of `st` (set-id and sticky bits included) plus
+/// `u+rwx`.
+fn with_rwx(st: &Stat) -> Mode {
+    Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700)
 }
 
-fn stat_fd(fd: RawFd) -> io::Result<libc::stat64> {
-    fstatat(fd, c"", libc::AT_EMPTY_PATH)
-}
-
-fn stat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat64> {
-    fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW)
-}
-
-fn fstatat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<libc::stat64> {
-    let mut st = std::mem::MaybeUninit::<libc::stat64>::zeroed();
-    // SAFETY: `st` is valid for writes of one stat64; `name` is NUL-terminated.
-    cvt(unsafe { libc::fstatat64(dir, name.as_ptr(), st.as_mut_ptr(), flags) })?;
-    // SAFETY: fstatat64 succeeded, so it initialised `st`.
-    Ok(unsafe { st.assume_init() })
-}
-
-fn cvt(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+/// `fstatat(fd, "", AT_EMPTY_PATH)`: works on an `O_PATH` descriptor too.
+fn stat_fd(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    Ok(statat(fd, c"", AtFlags::EMPTY_PATH)?)
 }
 
 /// `e` with what failed and on which name (escaped, cut to 64 bytes: the
 /// names are the guest's), keeping its kind.
-fn context(e: io::Error, what: &str, name: &CStr) -> io::Error {
+fn context(e: impl Into<io::Error>, what: &str, name: &CStr) -> io::Error {
+    let e = e.into();
     let bytes = name.to_bytes();
     let shown = bytes[..bytes.len().min(64)].escape_ascii();
     io::Error::new(e.kind(), format!("{what} \"{shown}\": {e}"))

@@ -3,9 +3,13 @@
 //! symlinks out of the tree, names that are not UTF-8, a mount inside.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use rustix::fs::{chmodat, mkdirat, openat, symlinkat, AtFlags, Mode, OFlags, CWD};
+use rustix::mount::{mount, unmount, MountFlags, UnmountFlags};
+use rustix::process::{geteuid, setrlimit, Resource, Rlimit};
 
 use super::remove_tree;
 use crate::agent::fsutil::test_support::TempDir;
@@ -25,52 +29,49 @@ fn c(bytes: &[u8]) -> CString {
     CString::new(bytes).unwrap()
 }
 
-fn check(ret: libc::c_int, what: &str) {
+fn check<T>(ret: rustix::io::Result<T>, what: &str) -> T {
+    ret.unwrap_or_else(|e| panic!("{what}: {}", std::io::Error::from(e)))
+}
+
+fn check_libc(ret: libc::c_int, what: &str) {
     assert!(ret >= 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
-fn open_dir(dir: RawFd, name: &[u8]) -> OwnedFd {
-    let name = c(name);
-    // SAFETY: NUL-terminated name; the descriptor is owned below.
-    let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
-    check(fd, "openat");
-    // SAFETY: openat just returned this descriptor.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-fn mkdir(dir: RawFd, name: &[u8], mode: u32) {
-    let name = c(name);
-    // SAFETY: NUL-terminated name.
+fn open_dir(dir: BorrowedFd<'_>, name: &[u8]) -> OwnedFd {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY;
     check(
-        unsafe { libc::mkdirat(dir, name.as_ptr(), mode) },
-        "mkdirat",
-    );
+        openat(dir, c(name).as_c_str(), flags, Mode::empty()),
+        "openat",
+    )
 }
 
-fn file(dir: RawFd, name: &[u8]) {
-    let name = c(name);
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
-    // SAFETY: NUL-terminated name; the descriptor is closed at once.
-    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags, 0o644) };
-    check(fd, "create");
-    // SAFETY: closes the descriptor just opened.
-    unsafe { libc::close(fd) };
+fn mkdir(dir: BorrowedFd<'_>, name: &[u8], mode: u32) {
+    let mode = Mode::from_raw_mode(mode);
+    check(mkdirat(dir, c(name).as_c_str(), mode), "mkdirat");
 }
 
-fn symlink(dir: RawFd, name: &[u8], target: &Path) {
+fn file(dir: BorrowedFd<'_>, name: &[u8]) {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+    let mode = Mode::from_raw_mode(0o644);
+    // The descriptor is closed at once.
+    drop(check(
+        openat(dir, c(name).as_c_str(), flags, mode),
+        "create",
+    ));
+}
+
+fn symlink(dir: BorrowedFd<'_>, name: &[u8], target: &Path) {
     let (name, target) = (c(name), c(target.as_os_str().as_bytes()));
-    // SAFETY: NUL-terminated strings.
     check(
-        unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) },
+        symlinkat(target.as_c_str(), dir, name.as_c_str()),
         "symlinkat",
     );
 }
 
-fn chmod(dir: RawFd, name: &[u8], mode: u32) {
-    let name = c(name);
-    // SAFETY: NUL-terminated name.
+fn chmod(dir: BorrowedFd<'_>, name: &[u8], mode: u32) {
+    let mode = Mode::from_raw_mode(mode);
     check(
-        unsafe { libc::fchmodat(dir, name.as_ptr(), mode, 0) },
+        chmodat(dir, c(name).as_c_str(), mode, AtFlags::empty()),
         "chmod",
     );
 }
@@ -81,23 +82,23 @@ fn chmod(dir: RawFd, name: &[u8], mode: u32) {
 /// with a symlink to the outside folder and one to itself.
 fn build_hostile_tree(tree: &Path, outside: &Path) {
     std::fs::create_dir(tree).unwrap();
-    let mut fd = open_dir(libc::AT_FDCWD, tree.as_os_str().as_bytes());
-    symlink(fd.as_raw_fd(), b"outside", outside);
-    symlink(fd.as_raw_fd(), b"self", tree);
+    let mut fd = open_dir(CWD, tree.as_os_str().as_bytes());
+    symlink(fd.as_fd(), b"outside", outside);
+    symlink(fd.as_fd(), b"self", tree);
     for level in 0..DEPTH {
         if level % 10 == 0 {
-            let dir = fd.as_raw_fd();
+            let dir = fd.as_fd();
             file(dir, b"file");
             file(dir, b"\xff\xfe not utf-8 \x01");
             file(dir, &[b'n'; 255]);
             symlink(dir, b"out-file", &outside.join("keep"));
             symlink(dir, b"out-dir", outside);
             mkdir(dir, b"locked", 0o700);
-            file(open_dir(dir, b"locked").as_raw_fd(), b"inside");
+            file(open_dir(dir, b"locked").as_fd(), b"inside");
             chmod(dir, b"locked", 0);
         }
-        mkdir(fd.as_raw_fd(), b"d", 0o755);
-        fd = open_dir(fd.as_raw_fd(), b"d");
+        mkdir(fd.as_fd(), b"d", 0o755);
+        fd = open_dir(fd.as_fd(), b"d");
     }
     // The deepest directory: unwritable and unreadable too.
     drop(fd);
@@ -116,25 +117,25 @@ fn assert_gone_and_outside_intact(tree: &Path, outside: &Path) {
 /// The child: drops root (when it is root) and descriptors, then builds
 /// and removes the tree in `dir`.
 fn hostile_tree_child(dir: &Path) {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        // SAFETY: plain id changes of this child process; the folder was
-        // given to this user by the parent.
+    if geteuid().is_root() {
+        // The ids stay libc's: the test harness runs this test on a thread
+        // of its own, and only libc's setgroups/setgid/setuid change every
+        // thread of the process (rustix's `set_thread_*` change one).
+        // SAFETY: plain id changes of this child process; no memory is
+        // passed (an empty group list). The folder was given to this user
+        // by the parent.
         unsafe {
-            check(libc::setgroups(0, std::ptr::null()), "setgroups");
-            check(libc::setgid(NOBODY), "setgid");
-            check(libc::setuid(NOBODY), "setuid");
+            check_libc(libc::setgroups(0, std::ptr::null()), "setgroups");
+            check_libc(libc::setgid(NOBODY), "setgid");
+            check_libc(libc::setuid(NOBODY), "setuid");
         }
     }
-    let lim = libc::rlimit {
-        rlim_cur: NOFILE,
-        rlim_max: NOFILE,
+    // Only this child is limited.
+    let lim = Rlimit {
+        current: Some(NOFILE),
+        maximum: Some(NOFILE),
     };
-    // SAFETY: setrlimit reads one rlimit; only this child is limited.
-    check(
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
-        "setrlimit",
-    );
+    check(setrlimit(Resource::Nofile, lim), "setrlimit");
     let (tree, outside) = (dir.join("tree"), dir.join("outside"));
     build_hostile_tree(&tree, &outside);
     remove_tree(&tree).unwrap();
@@ -152,14 +153,8 @@ fn a_deep_hostile_tree_goes_with_few_descriptors() {
     std::fs::create_dir_all(outside.join("sub")).unwrap();
     std::fs::write(outside.join("keep"), b"keep me").unwrap();
     std::fs::write(outside.join("sub/also"), b"").unwrap();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let path = c(tmp.path().as_os_str().as_bytes());
-        // SAFETY: NUL-terminated path of the folder this test made.
-        check(
-            unsafe { libc::chown(path.as_ptr(), NOBODY, NOBODY) },
-            "chown",
-        );
+    if geteuid().is_root() {
+        std::os::unix::fs::chown(tmp.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
@@ -197,8 +192,7 @@ fn a_symlink_or_file_is_removed_itself_and_a_missing_path_is_not_found() {
 
 #[test]
 fn a_mount_inside_the_tree_is_not_entered() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !geteuid().is_root() {
         println!("SKIP: mounting a tmpfs needs root");
         return;
     }
@@ -208,28 +202,21 @@ fn a_mount_inside_the_tree_is_not_entered() {
     std::fs::create_dir_all(&mnt).unwrap();
     std::fs::write(tree.join("sub/file"), b"").unwrap();
     let target = c(mnt.as_os_str().as_bytes());
-    // SAFETY: NUL-terminated strings that outlive the call.
-    let ret = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            0,
-            c"size=64k".as_ptr().cast(),
-        )
-    };
-    if ret != 0 {
-        println!(
-            "SKIP: cannot mount tmpfs: {}",
-            std::io::Error::last_os_error()
-        );
+    let mounted = mount(
+        c"tmpfs",
+        target.as_c_str(),
+        c"tmpfs",
+        MountFlags::empty(),
+        c"size=64k",
+    );
+    if let Err(e) = mounted {
+        println!("SKIP: cannot mount tmpfs: {}", std::io::Error::from(e));
         return;
     }
     std::fs::write(mnt.join("other-fs"), b"not ours").unwrap();
     let e = remove_tree(&tree).unwrap_err();
     let survived = std::fs::read(mnt.join("other-fs"));
-    // SAFETY: NUL-terminated path of the mount made above.
-    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    let _ = unmount(target.as_c_str(), UnmountFlags::DETACH);
     assert_eq!(e.raw_os_error(), None, "context is added: {e}");
     assert!(e.to_string().contains("mounted"), "{e}");
     assert_eq!(survived.unwrap(), b"not ours");

@@ -96,13 +96,15 @@ impl<'a> Boot<'a> {
             .stdout(log)
             .stderr(log2);
         let fd = write_end.as_raw_fd();
-        // SAFETY: setsid and dup2 are async-signal-safe. The supervisor
-        // leaves this terminal's session so that it outlives `start`, and
-        // gets the pipe's write end as READY_FD (dup2 clears close-on-exec
-        // on the copy; the original closes at exec).
+        // SAFETY: setsid and dup2 are async-signal-safe system calls that
+        // allocate nothing. The supervisor leaves this terminal's session
+        // so that it outlives `start`, and gets the pipe's write end as
+        // READY_FD (dup2 clears close-on-exec on the copy; the original
+        // closes at exec). dup2 stays libc's: rustix's wants the target as
+        // an `OwnedFd`, and READY_FD is not open in the child before it.
         unsafe {
             cmd.pre_exec(move || {
-                libc::setsid();
+                let _ = rustix::process::setsid();
                 if libc::dup2(fd, READY_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -220,8 +222,8 @@ impl<'a> Boot<'a> {
     }
 
     fn kill(&mut self) {
-        // SAFETY: signalling our own child, which has not been reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        // SIGKILL to our own child, which has not been reaped.
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 

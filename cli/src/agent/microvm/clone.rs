@@ -87,8 +87,7 @@ pub fn ensure_clone(
     // The guest user (uid 1000) must own its workspace. Root gives it
     // the files; otherwise the workspace daemon's ID map shows this
     // user's files as the guest user's (`share_config`).
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if rustix::process::geteuid().is_root() {
         let owner = format!("{GUEST_UID}:{GUEST_UID}");
         let ok = Command::new("chown")
             .args(["-R", &owner])

@@ -138,18 +138,14 @@ pub fn agent_err(what: &str, e: ClientError) -> BackendError {
 
 /// The terminal size of stdout (or stdin), if either is a terminal.
 pub fn terminal_size() -> Option<TtySize> {
-    for fd in [1, 0] {
-        // SAFETY: an all-zero winsize is valid to be filled in.
-        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-        // SAFETY: TIOCGWINSZ writes a winsize into the valid pointer.
-        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
-            return Some(TtySize {
-                rows: ws.ws_row,
-                cols: ws.ws_col,
-            });
-        }
-    }
-    None
+    [rustix::stdio::stdout(), rustix::stdio::stdin()]
+        .into_iter()
+        .filter_map(|fd| rustix::termios::tcgetwinsize(fd).ok())
+        .find(|ws| ws.ws_row > 0)
+        .map(|ws| TtySize {
+            rows: ws.ws_row,
+            cols: ws.ws_col,
+        })
 }
 
 /// A request running `argv` as the default guest user in `cwd`.

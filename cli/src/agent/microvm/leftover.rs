@@ -14,6 +14,9 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use rustix::process::Signal;
+
+use super::super::state::send_signal;
 use super::engine::{Layout, QEMU};
 
 /// The argument that names this sandbox's vsock device (as `qemu_args`
@@ -29,8 +32,7 @@ fn vsock_argument(layout: &Layout) -> String {
 /// documentation).
 pub fn runs_this_sandbox(pid: i32, layout: &Layout) -> bool {
     let proc_dir = Path::new("/proc").join(pid.to_string());
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if !std::fs::metadata(&proc_dir).is_ok_and(|m| m.uid() == me) {
         return false;
     }
@@ -64,9 +66,8 @@ pub fn kill(layout: &Layout) {
         return;
     };
     if runs_this_sandbox(pid, layout) {
-        // SAFETY: kill has no memory preconditions; the pid runs this
-        // sandbox's QEMU as this user (checked just above).
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // The pid runs this sandbox's QEMU as this user (checked just above).
+        send_signal(pid, Signal::KILL);
     }
     let _ = std::fs::remove_file(&pidfile);
 }

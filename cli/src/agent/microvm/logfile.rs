@@ -17,11 +17,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use rustix::stdio::{dup2_stderr, dup2_stdout};
 
 use crate::shown::LogText;
 
@@ -144,13 +146,10 @@ pub struct OutputCapture {
 pub fn capture_output(path: &Path) -> io::Result<OutputCapture> {
     let mut log = CappedLog::open(path)?;
     let (read_end, write_end) = super::readiness::pipe()?;
-    for fd in [1, 2] {
-        // SAFETY: dup2 onto the standard descriptors, which this process
-        // owns; the copies do not close on exec, so QEMU inherits them.
-        if unsafe { libc::dup2(write_end.as_raw_fd(), fd) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    // dup2 onto the standard descriptors: the copies do not close on
+    // exec, so QEMU inherits them.
+    dup2_stdout(&write_end)?;
+    dup2_stderr(&write_end)?;
     drop(write_end);
     let (tx, done) = mpsc::channel();
     std::thread::Builder::new()
@@ -173,11 +172,10 @@ impl Drop for OutputCapture {
             .open(&self.path)
             .map(OwnedFd::from);
         let Ok(direct) = direct else { return };
-        for fd in [1, 2] {
-            // SAFETY: dup2 onto the standard descriptors, closing this
-            // process's copies of the pipe's write end.
-            unsafe { libc::dup2(direct.as_raw_fd(), fd) };
-        }
+        // dup2 onto the standard descriptors closes this process's copies
+        // of the pipe's write end.
+        let _ = dup2_stdout(&direct);
+        let _ = dup2_stderr(&direct);
         let _ = self.done.recv_timeout(Duration::from_secs(2));
     }
 }

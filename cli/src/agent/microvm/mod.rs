@@ -48,13 +48,15 @@ mod worktrees;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use rustix::process::Signal;
+
 use super::backend::{
     AttachOptions, Backend, BackendError, BackendResult, BackendStatus, ExecOptions, PortForward,
     SandboxSpec, StartOutcome, StopOptions, SyncOptions, SyncReport, VscodeTarget, WorktreeInfo,
     WorktreeOp,
 };
 use super::config::Network;
-use super::state::{ProcProbe, ProcessProbe, StateRecord};
+use super::state::{send_signal, ProcProbe, ProcessProbe, StateRecord};
 use engine::Layout;
 
 /// How long `stop` waits for the supervisor before SIGKILL.
@@ -157,18 +159,16 @@ impl Backend for MicroVmBackend {
         };
         if opts.force {
             // The guest gets no clean shutdown; QEMU dies with its parent.
-            // SAFETY: pid is our sandbox's supervisor (checked above).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // pid is our sandbox's supervisor (checked above).
+            send_signal(pid, Signal::KILL);
         } else {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            send_signal(pid, Signal::TERM);
             if !wait(STOP_TIMEOUT) {
                 eprintln!(
                     "keystone: the supervisor did not stop within {} s: killing it",
                     STOP_TIMEOUT.as_secs()
                 );
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                send_signal(pid, Signal::KILL);
             }
         }
         if !wait(Duration::from_secs(5)) {

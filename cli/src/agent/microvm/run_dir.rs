@@ -45,8 +45,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ks-run-dir-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let layout = Layout::new(&SandboxStore::at(&dir).paths("t"));
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = rustix::process::geteuid().as_raw();
         let sandbox = layout.vsock.parent().unwrap().to_path_buf();
         let check = |layout: &Layout| {
             for d in [&sandbox, &layout.run, &layout.workspace_run()] {

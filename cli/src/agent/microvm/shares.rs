@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use rustix::process::{geteuid, getgid, getuid, set_parent_process_death_signal, Signal};
 
 use super::engine::{Layout, Share, GUEST_UID};
 
@@ -39,9 +40,8 @@ pub fn config(share: Share, rootfs: &Path, layout: &Layout) -> virtiofsd_lite::F
     let mut cfg = virtiofsd_lite::FsConfig::new(&dir, share.tag());
     cfg.readonly = share.readonly();
     cfg.cache = virtiofsd_lite::CacheMode::Always;
-    // SAFETY: getuid/getgid/geteuid have no preconditions.
-    let (uid, gid, euid) = unsafe { (libc::getuid(), libc::getgid(), libc::geteuid()) };
-    if share == Share::Workspace && euid != 0 {
+    let (uid, gid) = (getuid().as_raw(), getgid().as_raw());
+    if share == Share::Workspace && !geteuid().is_root() {
         // A daemon that is not root cannot give files to the guest user
         // (root chowns the workspace to it instead, in `clone`): it shows
         // its user's files as the guest user's and makes every guest owner
@@ -54,8 +54,7 @@ pub fn config(share: Share, rootfs: &Path, layout: &Layout) -> virtiofsd_lite::F
 
 /// Whether this share gets a sandboxed daemon process of its own.
 fn sandboxed(readonly: bool) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    !readonly && unsafe { libc::geteuid() } == 0
+    !readonly && geteuid().is_root()
 }
 
 /// Something serving one share; dropping it ends it.
@@ -175,11 +174,12 @@ fn spawn_process(cfg: &virtiofsd_lite::FsConfig, socket: &Path) -> Result<Child,
         .arg("--tag")
         .arg(&cfg.tag)
         .stdin(Stdio::null());
-    // SAFETY: prctl is async-signal-safe; the daemon dies with the
+    // SAFETY: the hook makes one prctl(2) system call, which is
+    // async-signal-safe and allocates nothing; the daemon dies with the
     // supervisor.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let _ = set_parent_process_death_signal(Some(Signal::KILL));
             Ok(())
         });
     }

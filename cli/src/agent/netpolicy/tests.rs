@@ -7,6 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
+use rustix::thread::{unshare_unsafe, UnshareFlags};
+
 use super::host::{HostNetworks, REFRESH};
 use super::*;
 
@@ -257,8 +259,7 @@ enum NoNetns {
 /// Runs `f` on a thread in a network namespace of its own (where `ip`
 /// commands it runs apply too); the reason when that cannot be done here.
 fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, NoNetns> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err(NoNetns::NotRoot);
     }
     Command::new("ip")
@@ -267,9 +268,10 @@ fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Re
         .map_err(NoNetns::NoIp)?;
     std::thread::spawn(move || {
         // SAFETY: unshare with CLONE_NEWNET moves only this thread into a
-        // new network namespace; it touches no memory of ours.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(NoNetns::Unshare(std::io::Error::last_os_error()));
+        // new network namespace; it touches no memory of ours, and the
+        // descriptor table (`UnshareFlags::FILES`) stays shared.
+        if let Err(e) = unsafe { unshare_unsafe(UnshareFlags::NEWNET) } {
+            return Err(NoNetns::Unshare(e.into()));
         }
         Ok(f())
     })

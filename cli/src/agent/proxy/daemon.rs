@@ -7,7 +7,6 @@
 //! [`MAX_LOG`](lifecycle::MAX_LOG).
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,9 +67,7 @@ pub fn run(store: &SandboxStore, settings: &Settings, port: u16) -> i32 {
 /// gone, and nothing is to be written there again.
 fn detach_stdout() {
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // SAFETY: dup2(2) onto descriptor 1, which this process owns; the
-        // source descriptor stays open for the call.
-        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        let _ = rustix::stdio::dup2_stdout(&null);
     }
 }
 

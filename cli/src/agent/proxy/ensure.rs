@@ -13,9 +13,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::process::Signal;
+
 use super::super::config::Settings;
 use super::super::registry::SandboxStore;
-use super::super::state::runs_subcommand;
+use super::super::state::{runs_subcommand, send_signal};
 use super::lifecycle::{files, running, ProxyInfo};
 
 /// The hidden subcommand that runs the proxy.
@@ -51,8 +53,7 @@ pub fn listen_port(settings: &Settings) -> u16 {
 /// Whether this process may bind `port` below 1024: root, a lowered
 /// `ip_unprivileged_port_start`, or `CAP_NET_BIND_SERVICE`.
 fn may_bind_privileged(port: u16) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if rustix::process::geteuid().is_root() {
         return true;
     }
     let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start");
@@ -86,8 +87,8 @@ pub fn ensure(store: &SandboxStore, settings: &Settings) -> Result<Option<u16>, 
 /// Ends a proxy that runs on a port the configuration no longer names.
 fn stop(store: &SandboxStore, info: &ProxyInfo) {
     if runs_subcommand(info.pid, SUBCOMMAND, &info.port.to_string()) {
-        // SAFETY: kill(2) on a pid just checked to run this proxy.
-        unsafe { libc::kill(info.pid, libc::SIGTERM) };
+        // The pid was just checked to run this proxy.
+        send_signal(info.pid, Signal::TERM);
     }
     let t = Instant::now();
     while running(store).is_some() && t.elapsed() < Duration::from_secs(3) {
@@ -113,12 +114,11 @@ fn spawn(store: &SandboxStore, port: u16) -> Result<u16, ProxyError> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(OwnedFd::from(theirs)))
         .stderr(Stdio::from(log));
-    // SAFETY: setsid(2) is async-signal-safe and touches no memory.
+    // SAFETY: setsid(2) is an async-signal-safe system call; the hook
+    // allocates nothing (an OS error is a number in an `io::Error`).
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            rustix::process::setsid()?;
             Ok(())
         });
     }
@@ -157,8 +157,7 @@ mod tests {
         let mut s = Settings::default();
         let default = listen_port(&s);
         assert!(default == 80 || default == DEFAULT_PORT, "{default}");
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             assert_eq!(default, 80, "root may bind port 80");
         }
         assert_eq!(listen_port(&s), default, "never a random port");

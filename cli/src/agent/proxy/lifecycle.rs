@@ -76,9 +76,8 @@ pub fn write_line(line: &str) {
         size = std::fs::metadata("/proc/self/fd/2").map_or(0, |m| m.len());
     }
     if size + line.len() as u64 > MAX_LOG {
-        // SAFETY: ftruncate(2) on our stderr; on anything but a file it
-        // fails and changes nothing.
-        unsafe { libc::ftruncate(2, 0) };
+        // On anything but a file this fails and changes nothing.
+        let _ = rustix::fs::ftruncate(rustix::stdio::stderr(), 0);
         size = 0;
     }
     let _ = io::stderr().write_all(line.as_bytes());

@@ -14,10 +14,15 @@
 use std::ffi::CString;
 use std::fs::{File, Permissions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{
+    fchmod, mkdirat, openat, renameat, statat, unlinkat, AtFlags, FileType, Mode, OFlags,
+};
+use rustix::io::Errno;
 
 /// What happened to one entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,57 +50,37 @@ enum Walk {
     Refused(String),
 }
 
-const DIR_MODE: libc::mode_t = 0o755;
-const FILE_MODE: libc::mode_t = 0o644;
+const DIR_MODE: Mode = Mode::from_raw_mode(0o755);
+const FILE_MODE: Mode = Mode::from_raw_mode(0o644);
 
 fn cstr(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 /// `openat(dir, name, flags)`, always with `O_NOFOLLOW | O_CLOEXEC`.
-fn open_at(dir: RawFd, name: &str, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+fn open_at(dir: &OwnedFd, name: &str, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
-    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: `c` is a valid NUL-terminated string; openat does not keep it.
-    let fd = check(unsafe { libc::openat(dir, c.as_ptr(), flags, libc::c_uint::from(mode)) })?;
-    // SAFETY: openat returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(openat(dir, c.as_c_str(), flags, mode)?)
 }
 
-/// The type bits of `name` in `dir`, without following a link; `None` if
-/// it does not exist.
-fn kind_at(dir: RawFd, name: &str) -> io::Result<Option<libc::mode_t>> {
+/// The type of `name` in `dir`, without following a link; `None` if it
+/// does not exist.
+fn kind_at(dir: &OwnedFd, name: &str) -> io::Result<Option<FileType>> {
     let c = cstr(name)?;
-    // SAFETY: an all-zero stat is valid to be filled in.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid string and stat pointers for the duration of the call.
-    let ret = unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
-    match check(ret) {
-        Ok(_) => Ok(Some(st.st_mode & libc::S_IFMT)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    match statat(dir, c.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(FileType::from_raw_mode(st.st_mode))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-}
-
-fn fchmod(fd: &OwnedFd, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: fchmod on a descriptor this function borrows.
-    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(|_| ())
 }
 
 /// What is at a host path, in words, for a refusal.
-fn what_is(mode: libc::mode_t) -> &'static str {
-    match mode {
-        libc::S_IFLNK => "a symbolic link",
-        libc::S_IFDIR => "a directory",
-        libc::S_IFREG => "a file",
+fn what_is(kind: FileType) -> &'static str {
+    match kind {
+        FileType::Symlink => "a symbolic link",
+        FileType::Directory => "a directory",
+        FileType::RegularFile => "a file",
         _ => "a special file",
     }
 }
@@ -155,22 +140,20 @@ impl Tree {
         };
         let mut dir = root.try_clone()?;
         for (i, part) in parts.iter().enumerate() {
-            let flags = libc::O_RDONLY | libc::O_DIRECTORY;
-            let next = match open_at(dir.as_raw_fd(), part, flags, 0) {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+            let next = match open_at(&dir, part, flags, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(e) if e.kind() == io::ErrorKind::NotFound && dry_run => {
                     return Ok(Walk::Missing)
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let c = cstr(part)?;
-                    // SAFETY: a valid string for the duration of the call.
-                    check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), DIR_MODE) })?;
-                    let fd = open_at(dir.as_raw_fd(), part, flags, 0)?;
+                    mkdirat(&dir, cstr(part)?.as_c_str(), DIR_MODE)?;
+                    let fd = open_at(&dir, part, flags, Mode::empty())?;
                     fchmod(&fd, DIR_MODE)?;
                     fd
                 }
                 Err(e) => {
-                    let Some(kind) = kind_at(dir.as_raw_fd(), part)? else {
+                    let Some(kind) = kind_at(&dir, part)? else {
                         return Err(e);
                     };
                     return Ok(Walk::Refused(format!(
@@ -217,10 +200,11 @@ impl Tree {
             Walk::Refused(why) => return Ok(Landed::Refused(why)),
         };
         let old = match &dir {
-            Some(dir) => match kind_at(dir.as_raw_fd(), name)? {
+            Some(dir) => match kind_at(dir, name)? {
                 None => None,
-                Some(libc::S_IFREG) => {
-                    let fd = open_at(dir.as_raw_fd(), name, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+                Some(FileType::RegularFile) => {
+                    let flags = OFlags::RDONLY | OFlags::NONBLOCK;
+                    let fd = open_at(dir, name, flags, Mode::empty())?;
                     let file = File::from(fd);
                     let meta = file.metadata()?;
                     // Compare only a plain file of the same size.
@@ -262,11 +246,9 @@ impl Tree {
             return Ok(Landed::Unchanged);
         }
         let (from, to) = (cstr(&temp.name)?, cstr(name)?);
-        let fd = dir.as_raw_fd();
-        // SAFETY: valid strings for the duration of the call.
-        if let Err(e) = check(unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) }) {
+        if let Err(e) = renameat(&dir, from.as_c_str(), &dir, to.as_c_str()) {
             temp.remove(&dir);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(Landed::Written)
     }
@@ -324,8 +306,8 @@ impl Temp {
         loop {
             let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
             let name = format!(".keystone-artifact.{}.{seq}", std::process::id());
-            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
-            match open_at(dir.as_raw_fd(), &name, flags, FILE_MODE) {
+            let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL;
+            match open_at(dir, &name, flags, FILE_MODE) {
                 Ok(fd) => {
                     let temp = Temp {
                         file: File::from(fd),
@@ -346,8 +328,7 @@ impl Temp {
 
     fn remove(self, dir: &OwnedFd) {
         if let Ok(c) = cstr(&self.name) {
-            // SAFETY: a valid string for the duration of the call.
-            unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) };
+            let _ = unlinkat(dir, c.as_c_str(), AtFlags::empty());
         }
     }
 }

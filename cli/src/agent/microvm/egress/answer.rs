@@ -12,7 +12,7 @@
 //! plain relay.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use keystone_guest_agent::client::{hybrid_vsock_handshake, AgentClient, ClientError, TcpTunnel};
 use keystone_guest_agent::protocol::AGENT_VSOCK_PORT;
 use keystone_guest_agent::transport::DuplexStream;
+use rustix::io::Errno;
+use rustix::net::{socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 /// How long the agent has to take an answer, from the first connect try.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
@@ -31,6 +33,9 @@ const SLICE: Duration = Duration::from_millis(200);
 /// The bytes the agent may send before its answer (handshake, hello,
 /// response and a server's first bytes).
 const PREAMBLE_BYTES: usize = 64 << 10;
+/// The room for a socket path in `sockaddr_un`, its NUL included.
+const SUN_PATH_LEN: usize =
+    std::mem::size_of::<libc::sockaddr_un>() - std::mem::size_of::<libc::sa_family_t>();
 
 /// What an answer's connection may still use.
 struct Limits {
@@ -200,53 +205,22 @@ fn open(uds: &Path, limits: &Arc<Limits>) -> io::Result<UnixStream> {
 /// full, within `limits` (a blocking connect would wait for a place in the
 /// backlog with no limit).
 fn connect(path: &Path, limits: &Limits) -> io::Result<UnixStream> {
-    // SAFETY: socket() takes no pointers; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_un is valid; it is filled in below.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() {
+    if path.as_os_str().as_bytes().len() >= SUN_PATH_LEN {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("the socket path {} is too long", path.display()),
         ));
     }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let addr = SocketAddrUnix::new(path)?;
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let fd = socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
     loop {
-        // SAFETY: `addr` is an initialised sockaddr_un whose first `len`
-        // bytes hold the family and the NUL-terminated path.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_un).cast(),
-                len as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EINTR) => {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) | Err(Errno::ISCONN) => break,
+            Err(Errno::AGAIN) | Err(Errno::INTR) => {
                 std::thread::sleep(limits.slice()?.min(Duration::from_millis(10)));
             }
-            Some(libc::EISCONN) => break,
-            _ => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     let stream = UnixStream::from(fd);

@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,12 +22,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use keystone_guest_agent::transport::DuplexStream;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use super::super::guest;
 use super::{AGENT_OWN_PORTS, MAX_PUBLISHED};
 
 /// How long an accept loop sleeps in poll(2) before checking for a stop.
-const ACCEPT_TICK_MS: libc::c_int = 200;
+const ACCEPT_TICK: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 200_000_000,
+};
 /// The most connections one host listener relays at once; more are closed.
 pub const MAX_RELAYS: usize = 128;
 
@@ -129,14 +132,8 @@ fn accept_loop(
     let relays = Arc::new(AtomicUsize::new(0));
     let mut warned = false;
     while keep_going() {
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for a descriptor the listener keeps open.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ACCEPT_TICK_MS) };
-        if ready <= 0 {
+        let mut pfd = [PollFd::new(listener, PollFlags::IN)];
+        if !matches!(poll(&mut pfd, Some(&ACCEPT_TICK)), Ok(ready) if ready > 0) {
             continue;
         }
         match listener.accept() {

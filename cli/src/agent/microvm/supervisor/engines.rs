@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::process::{set_parent_process_death_signal, Signal};
 use vmm::{NestedMode, SerialOutput, VmBuilder};
 
 use super::super::super::backend::SandboxSpec;
@@ -156,10 +157,12 @@ fn launch_qemu(
     log::info!("{QEMU} {}", args.join(" "));
     let mut cmd = Command::new(QEMU);
     cmd.args(&args).stdin(Stdio::null());
-    // SAFETY: prctl is async-signal-safe; QEMU dies with the supervisor.
+    // SAFETY: the hook makes one prctl(2) system call, which is
+    // async-signal-safe and allocates nothing; QEMU dies with the
+    // supervisor.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let _ = set_parent_process_death_signal(Some(Signal::KILL));
             Ok(())
         });
     }
