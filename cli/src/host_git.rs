@@ -22,25 +22,32 @@ pub fn command() -> Command {
     cmd
 }
 
+/// The non-empty lines `cmd` printed, when it ran and exited 0.
+pub fn stdout_lines(cmd: &mut Command) -> Option<Vec<String>> {
+    let out = cmd.output().ok().filter(|out| out.status.success())?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// The variables git names as its repository's own.
 fn local_env_vars() -> &'static [String] {
     static VARS: OnceLock<Vec<String>> = OnceLock::new();
     VARS.get_or_init(|| {
         // Without git there is nothing to protect: every git command fails.
-        Command::new("git")
-            .args(["rev-parse", "--local-env-vars"])
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| {
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .map(str::trim)
-                    .filter(|v| v.starts_with("GIT_"))
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
+        let mut cmd = Command::new("git");
+        cmd.args(["rev-parse", "--local-env-vars"]);
+        let lines = stdout_lines(&mut cmd).unwrap_or_default();
+        lines
+            .iter()
+            .map(|l| l.trim())
+            .filter(|v| v.starts_with("GIT_"))
+            .map(str::to_string)
+            .collect()
     })
 }
 

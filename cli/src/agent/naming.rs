@@ -108,22 +108,12 @@ pub fn git_toplevel(dir: &Path) -> GitLookup {
 /// `git status --porcelain` lines for uncommitted changes in `top` (empty if
 /// clean or if git fails: this only feeds a warning).
 pub fn uncommitted_changes(top: &Path) -> Vec<String> {
-    crate::host_git::command()
-        .arg("-C")
+    let mut cmd = crate::host_git::command();
+    cmd.arg("-C")
         .arg(top)
         .args(["status", "--porcelain"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+        .stdin(std::process::Stdio::null());
+    crate::host_git::stdout_lines(&mut cmd).unwrap_or_default()
 }
 
 #[cfg(test)]

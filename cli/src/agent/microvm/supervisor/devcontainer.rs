@@ -328,8 +328,8 @@ pub(in crate::agent::microvm) fn open_log(layout: &Layout) -> std::io::Result<Sh
     Ok(SharedLog(Arc::new(Mutex::new(log))))
 }
 
-/// Why a devcontainer command did not succeed (its record and warning
-/// say it).
+/// Why a command in the guest did not succeed: a devcontainer command
+/// (its record and warning say it) or one of the setup's own.
 #[derive(Debug, thiserror::Error)]
 pub(in crate::agent::microvm) enum CommandError {
     /// It ran and exited with a failure (the code, or 128 + the signal).
@@ -405,31 +405,20 @@ fn describe(command: &LifecycleCommand) -> String {
     }
 }
 
-/// Why a command of the setup's own, run as root, did not exit 0.
-#[derive(Debug, thiserror::Error)]
-enum RootCommandError {
-    /// It exited with a failure (the code, or 128 + the signal).
-    #[error("exit code {0}")]
-    Exit(i32),
-    /// The guest agent did not run it to the end.
-    #[error("{0}")]
-    Agent(#[source] ClientError),
-}
-
 /// Runs `argv` as root in the guest; `Err` says why it did not exit 0.
 fn run_as_root(
     client: &keystone_guest_agent::AgentClient,
     argv: &[&str],
-) -> Result<(), RootCommandError> {
+) -> Result<(), CommandError> {
     let mut request = ExecRequest::new(argv);
     request.user = Some(UserSpec::Uid(0));
     let out = client
         .exec_request_output(request)
-        .map_err(RootCommandError::Agent)?;
+        .map_err(CommandError::Agent)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(RootCommandError::Exit(out.status.code_or_signal()))
+        Err(CommandError::Exit(out.status.code_or_signal()))
     }
 }
 
