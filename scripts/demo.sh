@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 guest-image/kernel/build.sh >/dev/null
 guest-image/rootfs/build.sh >/dev/null
 cargo build --release -q -p keystone
-keystone=$PWD/target/x86_64-unknown-linux-gnu/release/keystone
+keystone=${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/keystone
 
 sample=${KEYSTONE_SAMPLE_PROJECT:-$HOME/keystone-sample}
 if [ ! -d "$sample/.git" ]; then
