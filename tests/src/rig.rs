@@ -79,7 +79,9 @@ impl Default for RigSize {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1),
-            timeout: Duration::from_secs(1500),
+            // Some 8x what the longest rig test takes (agent_e2e_vmm,
+            // 70-85 s): a run past it has hung.
+            timeout: Duration::from_secs(600),
         }
     }
 }
@@ -124,12 +126,13 @@ pub fn where_to_run_with(name: &str, size: &RigSize) -> Where {
     }
     let t = Instant::now();
     let outcome = match run_in_l1(name, size) {
-        // L1 itself died (its kernel panicked, QEMU exited) before the
-        // test ended: the emulated machine failed, not the test, which
-        // gets one more L1. A test that fails in L1 is never rerun.
-        Err(RigError::L1Died(why)) => {
+        // L1 itself died (its kernel panicked, QEMU exited) or hung
+        // before the test ended: the emulated machine failed, not the
+        // test, which gets one more L1 (and says so). A test that fails in
+        // L1 is never rerun.
+        Err(RigError::L1Died(why) | RigError::TimedOut(why)) => {
             eprintln!(
-                "rig: L1 died before {name} ended; booting a new L1 once more:
+                "rig: L1 died or hung before {name} ended; booting a new L1 once more:
 {why}"
             );
             run_in_l1(name, size)
@@ -267,6 +270,9 @@ pub enum RigError {
     /// L1 itself stopped (QEMU exited, L1's kernel panicked) before the
     /// command ended; the console tail says how.
     L1Died(String),
+    /// L1 did not come up, or the command did not end, within the rig's
+    /// time (`RigSize::timeout`); the console tail says how far it got.
+    TimedOut(String),
     /// The command or test failed in L1, or L1 could not be set up.
     Failed(String),
 }
@@ -275,6 +281,7 @@ impl std::fmt::Display for RigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RigError::L1Died(why) => write!(f, "L1 died: {why}"),
+            RigError::TimedOut(why) => write!(f, "L1 ran past its time: {why}"),
             RigError::Failed(why) => f.write_str(why),
         }
     }
@@ -351,7 +358,7 @@ fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String)
         if died {
             RigError::L1Died(e)
         } else {
-            RigError::Failed(e)
+            RigError::TimedOut(e)
         }
     })?;
     let inner = console
