@@ -10,24 +10,51 @@
 //! runs inside the rig's L1 guest (`keystone_tests::rig`). Skips (printing
 //! `SKIP: <reason>`) when neither can run, or without a guest rootfs.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keystone_guest_agent::protocol::AGENT_VSOCK_PORT;
+use keystone_guest_agent::hybrid::hybrid_vsock_connect_keeping_deadline;
+use keystone_guest_agent::protocol::{printable, AGENT_VSOCK_PORT};
 use keystone_guest_agent::AgentClient;
 use keystone_test_kit::{guest_lock, skip, ScratchDir};
 use keystone_tests::rig::{where_to_run, Where};
 
+/// The longest any read from the guest agent waits for data: a guest
+/// that stops answering fails the test with its console printed, instead
+/// of hanging it.
+const READ_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Reads a pipe to its end in a thread (the console must never block the
-/// VMM's serial port).
-fn drain(pipe: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+/// VMM's serial port), echoing each line escaped to stderr behind `tag`,
+/// so that a run that stops shows how far the guest got.
+fn drain(
+    pipe: impl std::io::Read + Send + 'static,
+    tag: &'static str,
+) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
-        let mut pipe = pipe;
-        let mut all = Vec::new();
-        let _ = pipe.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).into_owned()
+        let mut all = String::new();
+        for line in BufReader::new(pipe).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = printable(&line);
+            eprintln!("{tag}| {line}");
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
     })
+}
+
+/// The `keystone vm run` process, killed when the test ends early, so a
+/// failed check never leaves the VM running (its console is already out).
+struct VmRun(Child);
+
+impl Drop for VmRun {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs `argv` in the guest; returns (exit code, stdout).
@@ -56,40 +83,43 @@ fn vm_run_with_the_host_template_on_hardware_kvm() {
     let uds = scratch.path().join("vsock.sock");
     let timings = scratch.path().join("timings.json");
     let t0 = Instant::now();
-    let mut vm = Command::new(env!("CARGO_BIN_EXE_keystone"))
-        .args(["vm", "run", "--agent", "--vcpus", "2", "--memory", "512"])
-        .args([
-            "--cpu-template",
-            "auto",
-            "--nested",
-            "on",
-            "--timeout",
-            "900",
-        ])
-        .arg("--kernel")
-        .arg(&kernel.vmlinux)
-        .arg("--root-dir")
-        .arg(&rootfs.dir)
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--timings-json")
-        .arg(&timings)
-        .env("XDG_CACHE_HOME", scratch.path().join("cache"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("keystone vm run");
-    let console = drain(vm.stdout.take().unwrap());
-    let messages = drain(vm.stderr.take().unwrap());
-    let client = AgentClient::new(keystone_guest_agent::hybrid_vsock_connector(
-        uds.clone(),
-        AGENT_VSOCK_PORT,
-    ));
+    let mut vm = VmRun(
+        Command::new(env!("CARGO_BIN_EXE_keystone"))
+            .args(["vm", "run", "--agent", "--vcpus", "2", "--memory", "512"])
+            .args([
+                "--cpu-template",
+                "auto",
+                "--nested",
+                "on",
+                "--timeout",
+                "900",
+            ])
+            .arg("--kernel")
+            .arg(&kernel.vmlinux)
+            .arg("--root-dir")
+            .arg(&rootfs.dir)
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .arg("--timings-json")
+            .arg(&timings)
+            .env("XDG_CACHE_HOME", scratch.path().join("cache"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("keystone vm run"),
+    );
+    let console = drain(vm.0.stdout.take().unwrap(), "console");
+    let messages = drain(vm.0.stderr.take().unwrap(), "vm run");
+    let path = uds.clone();
+    let client = AgentClient::new(Box::new(move || {
+        let stream = hybrid_vsock_connect_keeping_deadline(&path, AGENT_VSOCK_PORT, READ_DEADLINE)?;
+        Ok(Box::new(stream) as Box<dyn keystone_guest_agent::transport::DuplexStream>)
+    }));
     // The agent answers once the guest is up (polled, generously).
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        if let Ok(Some(status)) = vm.try_wait() {
+        if let Ok(Some(status)) = vm.0.try_wait() {
             panic!(
                 "keystone vm run ended ({status}) before the agent answered:\n{}\n{}",
                 messages.join().unwrap(),
@@ -140,7 +170,7 @@ fn vm_run_with_the_host_template_on_hardware_kvm() {
     client.shutdown(false).expect("shutdown");
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        if let Ok(Some(status)) = vm.try_wait() {
+        if let Ok(Some(status)) = vm.0.try_wait() {
             break status;
         }
         assert!(

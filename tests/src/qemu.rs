@@ -27,7 +27,7 @@
 //! println!("{}", guest.console());
 //! ```
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -75,6 +75,8 @@ pub struct QemuBuilder {
     cmdline: Vec<String>,
     fs: Vec<(PathBuf, String)>,
     extra: Vec<String>,
+    console_file: Option<PathBuf>,
+    monitor: Option<PathBuf>,
 }
 
 impl QemuBuilder {
@@ -128,6 +130,21 @@ impl QemuBuilder {
         self
     }
 
+    /// Also writes the console to `path` as it comes (for watching a long
+    /// run, or one that hangs, while it runs).
+    pub fn console_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.console_file = Some(path.into());
+        self
+    }
+
+    /// Serves QEMU's human monitor on the Unix socket `path`, for
+    /// [`QemuGuest::monitor`] (a guest that hangs can still be asked where
+    /// its CPUs are).
+    pub fn monitor_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.monitor = Some(path.into());
+        self
+    }
+
     /// The full kernel command line this builder passes with `-append`.
     pub fn cmdline(&self) -> String {
         std::iter::once(BASE_CMDLINE.to_string())
@@ -163,7 +180,10 @@ impl QemuBuilder {
             "-display".into(),
             "none".into(),
             "-monitor".into(),
-            "none".into(),
+            match &self.monitor {
+                Some(path) => format!("unix:{},server=on,wait=off", path.display()),
+                None => "none".into(),
+            },
             "-no-reboot".into(),
             "-serial".into(),
             "stdio".into(),
@@ -206,8 +226,13 @@ impl QemuBuilder {
                 .take()
                 .map(|p| Box::new(p) as Box<dyn Read + Send>),
         ];
+        let file = match &self.console_file {
+            Some(path) => Some(Arc::new(Mutex::new(std::fs::File::create(path)?))),
+            None => None,
+        };
         for mut pipe in pipes.into_iter().flatten() {
             let sink = console.clone();
+            let file = file.clone();
             readers.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = pipe.read(&mut buf) {
@@ -215,10 +240,15 @@ impl QemuBuilder {
                         break;
                     }
                     sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if let Some(file) = &file {
+                        // A copy for watching; the console itself is above.
+                        let _ = file.lock().unwrap().write_all(&buf[..n]);
+                    }
                 }
             }));
         }
         Ok(QemuGuest {
+            monitor: self.monitor.clone(),
             child,
             console,
             readers,
@@ -233,6 +263,7 @@ impl QemuBuilder {
 /// A running QEMU guest; killed on drop.
 pub struct QemuGuest {
     child: Child,
+    monitor: Option<PathBuf>,
     console: Arc<Mutex<Vec<u8>>>,
     readers: Vec<JoinHandle<()>>,
     started: Instant,
@@ -254,6 +285,8 @@ impl QemuGuest {
             cmdline: Vec::new(),
             fs: Vec::new(),
             extra: Vec::new(),
+            console_file: None,
+            monitor: None,
         }
     }
 
@@ -337,6 +370,43 @@ impl QemuGuest {
             self.status = self.child.wait().ok();
         }
         self.join_readers();
+    }
+
+    /// Runs `command` on QEMU's human monitor (the guest must have been
+    /// built with [`QemuBuilder::monitor_socket`]) and returns what it
+    /// printed, escaped; waits at most `timeout` for the answer.
+    pub fn monitor(&self, command: &str, timeout: Duration) -> Result<String, String> {
+        const PROMPT: &str = "(qemu) ";
+        let path = self.monitor.as_ref().ok_or("QEMU runs without a monitor")?;
+        let mut stream = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| format!("QEMU's monitor {}: {e}", path.display()))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        // Reads up to the next prompt: first the banner's, then the answer's.
+        let read_to_prompt = |stream: &mut std::os::unix::net::UnixStream| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).ends_with(PROMPT) {
+                match stream.read(&mut buf) {
+                    Ok(0) => return Err("QEMU's monitor closed".to_string()),
+                    Ok(n) if got.len() < 1 << 20 => got.extend_from_slice(&buf[..n]),
+                    Ok(_) => return Err("QEMU's monitor said too much".to_string()),
+                    Err(e) => return Err(format!("QEMU's monitor: {e}")),
+                }
+            }
+            Ok(got)
+        };
+        read_to_prompt(&mut stream)?;
+        stream
+            .write_all(format!("{command}\n").as_bytes())
+            .map_err(|e| format!("QEMU's monitor: {e}"))?;
+        let answer = read_to_prompt(&mut stream)?;
+        let text = String::from_utf8_lossy(&answer).replace('\r', "");
+        let text = text.strip_suffix(PROMPT).unwrap_or(&text);
+        // The monitor echoes the command line first.
+        let text = text.split_once('\n').map_or("", |(_, rest)| rest);
+        Ok(last_lines(text, 200))
     }
 
     fn try_status(&mut self) -> Option<ExitStatus> {

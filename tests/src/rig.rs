@@ -25,6 +25,13 @@
 //! On a host whose KVM is hardware the checks run here; on a kvm_pvm host
 //! the test boots L1 and runs itself there, and passes when the inner run
 //! passed; where neither can run it prints `SKIP:` with the reason.
+//!
+//! L1 is an emulated machine and at times fails as one: it dies, or it
+//! stops running (QEMU 7.2's TCG, now and then, while L1 runs an L2
+//! guest; see [`RigError::Stalled`]). L1's `/init` prints a heartbeat, by
+//! which such a stop is told within a minute from a test that is only
+//! slow; a test whose L1 died, stopped or ran past its time gets one more
+//! L1, and a test that failed inside L1 none.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -53,6 +60,15 @@ fn l1_cmdline(script: &Path) -> String {
 const UP_MARKER: &str = "RIG-L1-UP";
 /// The marker before the inner command's exit code.
 const EXIT_MARKER: &str = "RIG-EXIT ";
+/// What starts every line L1's `/init` adds to the console while the
+/// command runs: the heartbeat and the thread states.
+pub const RIG_LINE: &str = "RIG-L1-";
+/// The heartbeat L1's `/init` prints every 10 s while the command runs.
+const BEAT_MARKER: &str = "RIG-L1-ALIVE ";
+/// How long L1 may go without a heartbeat before it counts as stopped
+/// (six beats: L1's user space gets the CPU within a second or two even
+/// when its vCPU is busy, and L1's clock follows this host's).
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 /// How big L1 is.
 #[derive(Clone, Debug)]
@@ -67,8 +83,14 @@ pub struct RigSize {
     /// threads at once; with one, L2's vCPUs share L1's and the rig's
     /// tests take about as long.
     pub vcpus: u32,
-    /// The longest the whole L1 run may take.
+    /// L1's QEMU CPU model: [`L1_CPU`] unless `KEYSTONE_RIG_CPU` names
+    /// another (with SVM, for the rig to mean anything).
+    pub cpu: String,
+    /// The longest the whole L1 run may take: 600 s unless
+    /// `KEYSTONE_RIG_TIMEOUT_S` says otherwise.
     pub timeout: Duration,
+    /// How long L1 may go without a heartbeat ([`STALL_LIMIT`]).
+    pub stall_limit: Duration,
 }
 
 impl Default for RigSize {
@@ -79,9 +101,16 @@ impl Default for RigSize {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1),
+            cpu: std::env::var("KEYSTONE_RIG_CPU").unwrap_or_else(|_| L1_CPU.to_string()),
             // Some 8x what the longest rig test takes (agent_e2e_vmm,
             // 70-85 s): a run past it has hung.
-            timeout: Duration::from_secs(600),
+            timeout: Duration::from_secs(
+                std::env::var("KEYSTONE_RIG_TIMEOUT_S")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(600),
+            ),
+            stall_limit: STALL_LIMIT,
         }
     }
 }
@@ -126,15 +155,12 @@ pub fn where_to_run_with(name: &str, size: &RigSize) -> Where {
     }
     let t = Instant::now();
     let outcome = match run_in_l1(name, size) {
-        // L1 itself died (its kernel panicked, QEMU exited) or hung
-        // before the test ended: the emulated machine failed, not the
+        // L1 itself died (its kernel panicked, QEMU exited), stopped
+        // running or hung before the test ended: the emulated machine failed, not the
         // test, which gets one more L1 (and says so). A test that fails in
         // L1 is never rerun.
-        Err(RigError::L1Died(why) | RigError::TimedOut(why)) => {
-            eprintln!(
-                "rig: L1 died or hung before {name} ended; booting a new L1 once more:
-{why}"
-            );
+        Err(e @ (RigError::L1Died(_) | RigError::TimedOut(_) | RigError::Stalled(_))) => {
+            eprintln!("rig: {e}\nrig: booting a new L1 once more for {name}");
             run_in_l1(name, size)
         }
         other => other,
@@ -179,9 +205,31 @@ mount -t tmpfs -o mode=1777 shm /mnt/dev/shm
 mount -t tmpfs -o mode=1777 tmp /mnt/tmp
 mount -t tmpfs -o mode=0755 run /mnt/run
 echo RIG-L1-UP
+# A heartbeat every 10 s (`BEAT_MARKER`), by which the host tells an L1
+# that stopped running at all from a test that is slow; from the third
+# minute on, once a minute, the state of every user thread (state, what it
+# waits in, CPU ticks), to show where a slow run spends its time.
+(
+  n=0
+  while sleep 10; do
+    n=$((n + 1))
+    echo "RIG-L1-ALIVE uptime=$(cut -d' ' -f1 /proc/uptime) load=$(cut -d' ' -f1-3 /proc/loadavg)"
+    [ "$n" -ge 18 ] && [ $((n % 6)) -eq 0 ] || continue
+    for t in /proc/[0-9]*/task/[0-9]*; do
+      [ -s "${t%/task/*}/cmdline" ] || continue
+      read -r stat < "$t/stat" || continue
+      rest=${stat##*) }
+      set -- $rest
+      echo "RIG-L1-THREAD ${t#/proc/} $(cat "$t/comm") state=$1 wchan=$(cat "$t/wchan") utime=${12} stime=${13}"
+    done 2>/dev/null
+  done
+) &
+beat=$!
 cmd=$(sed -n 's/.*rig\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
 chroot /mnt /bin/sh "$cmd"
-echo "RIG-EXIT $?"
+code=$?
+kill $beat
+echo "RIG-EXIT $code"
 reboot -f
 "#;
 
@@ -273,8 +321,24 @@ pub enum RigError {
     /// L1 did not come up, or the command did not end, within the rig's
     /// time (`RigSize::timeout`); the console tail says how far it got.
     TimedOut(String),
+    /// L1 stopped running: no heartbeat from its `/init` for
+    /// `RigSize::stall_limit`, and so neither its kernel nor its user space ran
+    /// (seen with QEMU 7.2's TCG while L1 ran an L2 guest).
+    Stalled(String),
     /// The command or test failed in L1, or L1 could not be set up.
     Failed(String),
+}
+
+impl RigError {
+    /// The same error with its text mapped by `f`.
+    fn map(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            RigError::L1Died(why) => RigError::L1Died(f(why)),
+            RigError::TimedOut(why) => RigError::TimedOut(f(why)),
+            RigError::Stalled(why) => RigError::Stalled(f(why)),
+            RigError::Failed(why) => RigError::Failed(f(why)),
+        }
+    }
 }
 
 impl std::fmt::Display for RigError {
@@ -282,6 +346,7 @@ impl std::fmt::Display for RigError {
         match self {
             RigError::L1Died(why) => write!(f, "L1 died: {why}"),
             RigError::TimedOut(why) => write!(f, "L1 ran past its time: {why}"),
+            RigError::Stalled(why) => write!(f, "L1 stopped running: {why}"),
             RigError::Failed(why) => f.write_str(why),
         }
     }
@@ -300,6 +365,40 @@ pub fn run_command_in_l1(script: &str, size: &RigSize) -> Result<String, String>
         Err(format!(
             "the command exited {code} in L1; L1's console:\n{inner}"
         ))
+    }
+}
+
+/// Waits until L1 prints the command's exit code. Fails when QEMU exits
+/// first, at `deadline`, or when L1 goes `stall_limit` without a
+/// heartbeat: it stopped running (its kernel and its user space alike),
+/// which no command in it can cause.
+fn wait_for_exit(
+    guest: &mut QemuGuest,
+    deadline: Instant,
+    stall_limit: Duration,
+) -> Result<(), RigError> {
+    let mut beats = 0;
+    let mut last_beat = Instant::now();
+    loop {
+        let wait = (Instant::now() + Duration::from_secs(1))
+            .min(deadline)
+            .saturating_duration_since(Instant::now());
+        match guest.wait_for(EXIT_MARKER, wait) {
+            Ok(()) => return Ok(()),
+            Err(e) if guest.exited() => return Err(RigError::L1Died(e)),
+            Err(e) if Instant::now() >= deadline => return Err(RigError::TimedOut(e)),
+            Err(_) => {}
+        }
+        let now_beats = guest.console().matches(BEAT_MARKER).count();
+        if now_beats != beats {
+            beats = now_beats;
+            last_beat = Instant::now();
+        } else if last_beat.elapsed() >= stall_limit {
+            return Err(RigError::Stalled(format!(
+                "no heartbeat from L1 for {:.0?} (after {beats} beats)",
+                last_beat.elapsed()
+            )));
+        }
     }
 }
 
@@ -335,31 +434,62 @@ fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String)
     let mut guest = QemuGuest::builder(&kernel.vmlinux)
         .memory_mib(size.memory_mib)
         .vcpus(size.vcpus)
-        .cpu(L1_CPU)
+        .cpu(&size.cpu)
         .initrd(&initrd)
         .vhost_user_fs(&socket, "hostroot")
         .append(&l1_cmdline(&script_path))
+        .console_file(dir.join("l1-console.log"))
+        .monitor_socket(dir.join("monitor.sock"))
         .start()
         .map_err(|e| failed(format!("cannot start QEMU: {e}")))?;
+    eprintln!(
+        "rig: L1's console, as it runs: {}",
+        dir.join("l1-console.log").display()
+    );
     let t0 = Instant::now();
-    let up = guest.wait_for(UP_MARKER, Duration::from_secs(300));
+    let up = guest
+        .wait_for(UP_MARKER, Duration::from_secs(300))
+        .map_err(|e| {
+            if guest.exited() {
+                RigError::L1Died(e)
+            } else {
+                RigError::TimedOut(e)
+            }
+        });
     if up.is_ok() {
         eprintln!("rig: L1 up after {:.1?}", t0.elapsed());
     }
-    let waited = up.and_then(|()| {
-        let rest = size.timeout.saturating_sub(t0.elapsed());
-        guest.wait_for(EXIT_MARKER, rest)
-    });
+    let waited = up.and_then(|()| wait_for_exit(&mut guest, t0 + size.timeout, size.stall_limit));
     let console = guest.console();
-    let died = guest.exited();
+    // Where L1's CPU is when the run hangs (at L2's code when L1 runs a
+    // guest: TCG shows the emulated CPU's current state).
+    let registers = match &waited {
+        Err(RigError::TimedOut(_) | RigError::Stalled(_)) => guest
+            .monitor("info registers", Duration::from_secs(10))
+            // The general, segment and control registers; not the FPU's.
+            .map(|regs| {
+                let general = regs.lines().take_while(|l| !l.starts_with("FCW="));
+                general.collect::<Vec<_>>().join("\n")
+            })
+            .unwrap_or_else(|e| format!("(none: {e})")),
+        _ => String::new(),
+    };
     guest.kill();
     drop(daemon);
     waited.map_err(|e| {
-        if died {
-            RigError::L1Died(e)
-        } else {
-            RigError::TimedOut(e)
-        }
+        // The first line says how it ended; a longer tail than the wait's
+        // own shows the heartbeat's thread states.
+        e.map(|why| {
+            let how = why.lines().next().unwrap_or_default();
+            let mut why = format!(
+                "{how}\nL1's console tail:\n{}",
+                keystone_test_kit::last_lines(&console, 250)
+            );
+            if !registers.is_empty() {
+                why.push_str(&format!("\nL1's CPU when it was stopped:\n{registers}"));
+            }
+            why
+        })
     })?;
     let inner = console
         .split_once(UP_MARKER)
@@ -377,6 +507,34 @@ fn boot_l1(label: &str, script: &str, size: &RigSize) -> Result<(String, String)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An L1 whose heartbeat stops is found out within the stall limit,
+    /// well before the rig's time, and the error shows where L1's CPU was.
+    /// (Stopping the heartbeat's `sleep` stands in for an L1 that stopped
+    /// running altogether, as QEMU 7.2's TCG did now and then.)
+    #[test]
+    fn an_l1_without_a_heartbeat_counts_as_stopped() {
+        if let Some(why) = rig_missing() {
+            keystone_test_kit::skip!("{why}");
+        }
+        let size = RigSize {
+            memory_mib: 256,
+            vcpus: 1,
+            cpu: L1_CPU.into(),
+            timeout: Duration::from_secs(240),
+            stall_limit: Duration::from_secs(15),
+        };
+        let t = Instant::now();
+        let script = "sleep 12; killall -STOP sleep; echo heartbeat-stopped; sleep 600\n";
+        let err = boot_l1("stall", script, &size).expect_err("the script never ends");
+        let took = t.elapsed();
+        let RigError::Stalled(why) = err else {
+            panic!("not counted as stopped: {err}");
+        };
+        assert!(why.contains("heartbeat-stopped"), "{why}");
+        assert!(why.contains("RIP="), "L1's registers: {why}");
+        assert!(took < Duration::from_secs(120), "took {took:?}");
+    }
 
     #[test]
     fn scratch_is_outside_l1s_own_tmp() {

@@ -63,7 +63,16 @@ pub fn extract(console: &str) -> Result<Value, String> {
     if text.len() > JSON_CAP {
         return Err(format!("the benchmark JSON is over {JSON_CAP} bytes"));
     }
-    let one_line: String = text.chars().filter(|c| *c != '\n' && *c != '\r').collect();
+    // L1's heartbeat may land between the JSON's writes: a line of its
+    // own, or the end of a JSON line's.
+    let one_line: String = text
+        .lines()
+        .map(|line| {
+            line.split_once(rig::RIG_LINE)
+                .map_or(line, |(json, _)| json)
+        })
+        .flat_map(|line| line.chars().filter(|c| *c != '\r'))
+        .collect();
     serde_json::from_str(&one_line)
         .map_err(|e| format!("the benchmark JSON from L1 does not parse: {e}"))
 }
@@ -186,6 +195,7 @@ pub fn size_for(vcpus: u8, runs: u32, boots_per_run: u32, timeout: Duration) -> 
         memory_mib: 2048,
         vcpus: u32::from(vcpus.max(1)),
         timeout: budget,
+        ..RigSize::default()
     }
 }
 
@@ -201,6 +211,13 @@ mod tests {
         let doc = extract(&console).unwrap();
         assert_eq!(doc["schema"], 2);
         assert_eq!(doc["host"]["kvm_kind"], "hardware");
+        // L1's heartbeat between two writes of the JSON line, and on a
+        // line of its own.
+        let console = format!(
+            "{BEGIN}\n{{\"schema\": 2, RIG-L1-ALIVE uptime=9.1 load=1 1 1\n\"a\": [1,RIG-L1-THREAD 5/5 sh state=S\n 2]}}\nRIG-L1-ALIVE uptime=19.1 load=1 1 1\n{END}\n"
+        );
+        let doc = extract(&console).unwrap();
+        assert_eq!(doc["a"][1], 2, "{doc}");
         assert!(extract("no markers").is_err());
         assert!(extract(&format!("{BEGIN}\n{{not json\n{END}\n")).is_err());
         assert_eq!(last_lines("a\u{1b}[2Jb", 40), "a\\u{1b}[2Jb");
