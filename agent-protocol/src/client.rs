@@ -29,7 +29,8 @@ use crate::transport::DuplexStream;
 
 pub use crate::hybrid::{
     hybrid_vsock_connect, hybrid_vsock_connect_keeping_deadline, hybrid_vsock_connect_within,
-    hybrid_vsock_connector, hybrid_vsock_handshake, HANDSHAKE_TIMEOUT, MAX_ANSWER_LINE,
+    hybrid_vsock_connector, hybrid_vsock_connector_keeping_deadline, hybrid_vsock_handshake,
+    HANDSHAKE_TIMEOUT, MAX_ANSWER_LINE,
 };
 pub use crate::protocol::WatchEvent;
 

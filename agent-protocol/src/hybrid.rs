@@ -36,6 +36,22 @@ pub fn hybrid_vsock_connector(uds_path: impl Into<PathBuf>, port: u32) -> Connec
     Box::new(move || Ok(Box::new(hybrid_vsock_connect(&path, port)?) as Box<dyn DuplexStream>))
 }
 
+/// A connector like [`hybrid_vsock_connector`] whose streams keep
+/// `deadline` as their read timeout, the handshake's included: every read
+/// fails after that long without data (for clients that must not wait on
+/// a guest that stopped answering).
+pub fn hybrid_vsock_connector_keeping_deadline(
+    uds_path: impl Into<PathBuf>,
+    port: u32,
+    deadline: Duration,
+) -> Connector {
+    let path = uds_path.into();
+    Box::new(move || {
+        let stream = hybrid_vsock_connect_keeping_deadline(&path, port, deadline)?;
+        Ok(Box::new(stream) as Box<dyn DuplexStream>)
+    })
+}
+
 /// Opens `uds_path` and performs the hybrid vsock handshake for `port`
 /// within [`HANDSHAKE_TIMEOUT`].
 pub fn hybrid_vsock_connect(uds_path: &Path, port: u32) -> io::Result<UnixStream> {
@@ -213,6 +229,13 @@ mod tests {
         let d = Duration::from_secs(3);
         let stream = hybrid_vsock_connect_keeping_deadline(&path, 1023, d).unwrap();
         assert_eq!(stream.read_timeout().unwrap(), Some(d));
+        // The same through a connector, for a client.
+        let dir = ScratchDir::new("hv-keep-connector");
+        let (path, _said) = backend(&dir, Some(b"OK 5\n"));
+        let connect = hybrid_vsock_connector_keeping_deadline(&path, 1023, d);
+        let stream = connect().unwrap();
+        let fd = stream.raw_fd().expect("a Unix stream has a descriptor");
+        assert_eq!(crate::transport::read_timeout(fd).unwrap(), Some(d));
     }
 
     #[test]

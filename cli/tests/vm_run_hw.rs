@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keystone_guest_agent::hybrid::hybrid_vsock_connect_keeping_deadline;
+use keystone_guest_agent::hybrid::hybrid_vsock_connector_keeping_deadline;
 use keystone_guest_agent::protocol::{printable, AGENT_VSOCK_PORT};
 use keystone_guest_agent::AgentClient;
 use keystone_test_kit::{guest_lock, skip, ScratchDir};
@@ -111,11 +111,11 @@ fn vm_run_with_the_host_template_on_hardware_kvm() {
     );
     let console = drain(vm.0.stdout.take().unwrap(), "console");
     let messages = drain(vm.0.stderr.take().unwrap(), "vm run");
-    let path = uds.clone();
-    let client = AgentClient::new(Box::new(move || {
-        let stream = hybrid_vsock_connect_keeping_deadline(&path, AGENT_VSOCK_PORT, READ_DEADLINE)?;
-        Ok(Box::new(stream) as Box<dyn keystone_guest_agent::transport::DuplexStream>)
-    }));
+    let client = AgentClient::new(hybrid_vsock_connector_keeping_deadline(
+        &uds,
+        AGENT_VSOCK_PORT,
+        READ_DEADLINE,
+    ));
     // The agent answers once the guest is up (polled, generously).
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

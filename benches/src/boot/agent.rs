@@ -9,9 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use keystone_guest_agent::client::AgentClient;
-use keystone_guest_agent::hybrid::hybrid_vsock_connect_keeping_deadline;
+use keystone_guest_agent::hybrid::hybrid_vsock_connector_keeping_deadline;
 use keystone_guest_agent::protocol::AGENT_VSOCK_PORT;
-use keystone_guest_agent::transport::DuplexStream;
 
 /// Longest wait for the handshake's answer and any later read.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -19,11 +18,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// A client of the agent behind `uds`: each connection does the protocol
 /// crate's hybrid vsock handshake, its reads bounded by [`IO_TIMEOUT`].
 pub fn client(uds: &Path) -> AgentClient {
-    let uds = uds.to_path_buf();
-    AgentClient::new(Box::new(move || {
-        hybrid_vsock_connect_keeping_deadline(&uds, AGENT_VSOCK_PORT, IO_TIMEOUT)
-            .map(|s| Box::new(s) as Box<dyn DuplexStream>)
-    }))
+    AgentClient::new(hybrid_vsock_connector_keeping_deadline(
+        uds,
+        AGENT_VSOCK_PORT,
+        IO_TIMEOUT,
+    ))
 }
 
 /// One try: the agent's version when it answered.

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use keystone_guest_agent::client::{
     hybrid_vsock_connect_keeping_deadline, hybrid_vsock_connect_within, hybrid_vsock_connector,
-    AgentClient, ClientError, WatchCloser,
+    hybrid_vsock_connector_keeping_deadline, AgentClient, ClientError, WatchCloser,
 };
 use keystone_guest_agent::protocol::{
     ExecRequest, ExitStatus, RawStreamRequest, TtySize, UserSpec, AGENT_VSOCK_PORT,
 };
-use keystone_guest_agent::transport::DuplexStream;
 
 use super::super::backend::BackendError;
 use super::engine::GUEST_USER;
@@ -120,11 +119,11 @@ impl Held<'_> {
 
 /// A client whose every read times out after `timeout` (ping, status).
 pub fn quick_client(uds: &Path, timeout: Duration) -> AgentClient {
-    let uds = uds.to_path_buf();
-    AgentClient::new(Box::new(move || {
-        let s = hybrid_vsock_connect_keeping_deadline(&uds, AGENT_VSOCK_PORT, timeout)?;
-        Ok(Box::new(s) as Box<dyn DuplexStream>)
-    }))
+    AgentClient::new(hybrid_vsock_connector_keeping_deadline(
+        uds,
+        AGENT_VSOCK_PORT,
+        timeout,
+    ))
 }
 
 /// A client error as a backend error (exit 3), the client's error kept
