@@ -323,7 +323,9 @@ pub enum RigError {
     TimedOut(String),
     /// L1 stopped running: no heartbeat from its `/init` for
     /// `RigSize::stall_limit`, and so neither its kernel nor its user space ran
-    /// (seen with QEMU 7.2's TCG while L1 ran an L2 guest).
+    /// (seen with QEMU 7.2's TCG while L1 ran an L2 guest: the emulated CPU
+    /// was in L2's kernel, spinning for a lock with interrupts off, while
+    /// L2's two vCPUs shared L1's one).
     Stalled(String),
     /// The command or test failed in L1, or L1 could not be set up.
     Failed(String),
