@@ -156,8 +156,8 @@ pub fn where_to_run_with(name: &str, size: &RigSize) -> Where {
     let t = Instant::now();
     let outcome = match run_in_l1(name, size) {
         // L1 itself died (its kernel panicked, QEMU exited), stopped
-        // running or hung before the test ended: the emulated machine failed, not the
-        // test, which gets one more L1 (and says so). A test that fails in
+        // running or hung before the test ended: the emulated machine
+        // failed, not the test, which gets one more L1 (and says so). A test that fails in
         // L1 is never rerun.
         Err(e @ (RigError::L1Died(_) | RigError::TimedOut(_) | RigError::Stalled(_))) => {
             eprintln!("rig: {e}\nrig: booting a new L1 once more for {name}");
