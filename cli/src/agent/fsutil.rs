@@ -163,41 +163,9 @@ pub fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
-pub(crate) mod test_support {
-    use std::path::{Path, PathBuf};
-
-    /// A temporary directory removed on drop (no `tempfile` dependency).
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new(tag: &str) -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "keystone-test-{tag}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::test_support::TempDir;
     use super::*;
+    use keystone_test_kit::ScratchDir;
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
@@ -208,7 +176,7 @@ mod tests {
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temporary() {
-        let dir = TempDir::new("atomic");
+        let dir = ScratchDir::new("atomic");
         let path = dir.path().join("sub/state.json");
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
@@ -222,7 +190,7 @@ mod tests {
 
     #[test]
     fn try_lock_is_exclusive_and_released_on_drop() {
-        let dir = TempDir::new("lock");
+        let dir = ScratchDir::new("lock");
         let path = dir.path().join("lock");
         let held = FileLock::try_acquire(&path).unwrap().expect("free");
         // flock locks belong to the open file description, so a second

@@ -223,8 +223,8 @@ impl SandboxStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fsutil::test_support::TempDir;
     use super::*;
+    use keystone_test_kit::ScratchDir;
 
     #[test]
     fn store_location_follows_xdg() {
@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn registry_round_trips() {
-        let dir = TempDir::new("registry");
+        let dir = ScratchDir::new("registry");
         let store = SandboxStore::at(dir.path());
         assert!(store.registry().unwrap().sandboxes.is_empty());
         let entry = RegistryEntry {
@@ -263,7 +263,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_registry_is_reported_not_overwritten() {
-        let dir = TempDir::new("corrupt");
+        let dir = ScratchDir::new("corrupt");
         let store = SandboxStore::at(dir.path());
         std::fs::write(dir.path().join("sandboxes.json"), "{not json").unwrap();
         let err = store.registry().unwrap_err().to_string();
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn removal_can_keep_the_disk() {
-        let dir = TempDir::new("remove");
+        let dir = ScratchDir::new("remove");
         let store = SandboxStore::at(dir.path());
         let paths = store.create_dirs("s").unwrap();
         std::fs::write(paths.disk.join("root.img"), "disk").unwrap();

@@ -376,9 +376,9 @@ impl SandboxLock {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fsutil::test_support::TempDir;
     use super::super::registry::SandboxStore;
     use super::*;
+    use keystone_test_kit::ScratchDir;
 
     fn is_supervisor_cmdline(cmdline: &[u8], name: &str) -> bool {
         cmdline_runs(cmdline, SUPERVISOR_SUBCOMMAND, name)
@@ -393,7 +393,7 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_defaults_to_created() {
-        let dir = TempDir::new("state");
+        let dir = ScratchDir::new("state");
         let paths = SandboxStore::at(dir.path()).create_dirs("s").unwrap();
         assert_eq!(
             StateRecord::load(&paths).unwrap().state,
@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn the_sandbox_lock_excludes_a_second_holder() {
-        let dir = TempDir::new("slock");
+        let dir = ScratchDir::new("slock");
         let paths = SandboxStore::at(dir.path()).create_dirs("s").unwrap();
         let held = SandboxLock::try_acquire(&paths).unwrap().unwrap();
         assert!(SandboxLock::try_acquire(&paths).unwrap().is_none());

@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
-use crate::agent::fsutil::test_support::TempDir;
+use keystone_test_kit::ScratchDir;
 
 use super::source::find_relative;
 use super::{load, DevcontainerError, MAX_FILE_BYTES};
@@ -17,7 +17,7 @@ fn write(path: &Path, text: &str) {
 
 #[test]
 fn a_project_without_the_file_has_no_plan() {
-    let tmp = TempDir::new("devcontainer-none");
+    let tmp = ScratchDir::new("devcontainer-none");
     assert!(find_relative(tmp.path()).unwrap().is_none());
     assert!(load(tmp.path(), "id").unwrap().is_none());
     // An empty .devcontainer folder is not one.
@@ -27,7 +27,7 @@ fn a_project_without_the_file_has_no_plan() {
 
 #[test]
 fn the_folder_file_wins_over_the_top_level_file() {
-    let tmp = TempDir::new("devcontainer-order");
+    let tmp = ScratchDir::new("devcontainer-order");
     let project = tmp.path().join("my-app");
     write(
         &project.join(".devcontainer.json"),
@@ -53,7 +53,7 @@ fn the_folder_file_wins_over_the_top_level_file() {
 
 #[test]
 fn a_symlinked_file_is_refused() {
-    let tmp = TempDir::new("devcontainer-link-file");
+    let tmp = ScratchDir::new("devcontainer-link-file");
     let outside = tmp.path().join("outside.json");
     write(&outside, r#"{"postStartCommand": "from outside"}"#);
     let project = tmp.path().join("p");
@@ -73,7 +73,7 @@ fn a_symlinked_file_is_refused() {
 
 #[test]
 fn a_symlinked_folder_is_refused() {
-    let tmp = TempDir::new("devcontainer-link-dir");
+    let tmp = ScratchDir::new("devcontainer-link-dir");
     let outside = tmp.path().join("elsewhere");
     write(
         &outside.join("devcontainer.json"),
@@ -92,7 +92,7 @@ fn a_symlinked_folder_is_refused() {
 #[test]
 fn reading_refuses_a_link_swapped_in_after_the_look() {
     // `find` saw a plain folder; by the time of the read it is a link.
-    let tmp = TempDir::new("devcontainer-swap");
+    let tmp = ScratchDir::new("devcontainer-swap");
     let outside = tmp.path().join("elsewhere");
     write(&outside.join("devcontainer.json"), "{}");
     let project = tmp.path().join("p");
@@ -105,7 +105,7 @@ fn reading_refuses_a_link_swapped_in_after_the_look() {
 
 #[test]
 fn reading_refuses_a_file_link_swapped_in_after_the_look() {
-    let tmp = TempDir::new("devcontainer-swap-file");
+    let tmp = ScratchDir::new("devcontainer-swap-file");
     let outside = tmp.path().join("outside.json");
     write(&outside, "{}");
     let project = tmp.path().join("p");
@@ -117,7 +117,7 @@ fn reading_refuses_a_file_link_swapped_in_after_the_look() {
 
 #[test]
 fn a_file_over_one_mebibyte_is_refused() {
-    let tmp = TempDir::new("devcontainer-big");
+    let tmp = ScratchDir::new("devcontainer-big");
     let path = tmp.path().join(".devcontainer.json");
     let mut text = String::from("{\"name\": \"");
     text.push_str(&"x".repeat(MAX_FILE_BYTES as usize));
@@ -142,7 +142,7 @@ fn a_file_over_one_mebibyte_is_refused() {
 
 #[test]
 fn a_fifo_is_refused_without_waiting_for_a_writer() {
-    let tmp = TempDir::new("devcontainer-fifo");
+    let tmp = ScratchDir::new("devcontainer-fifo");
     let path = tmp.path().join(".devcontainer.json");
     let made = rustix::fs::mkfifoat(
         rustix::fs::CWD,
@@ -159,7 +159,7 @@ fn a_fifo_is_refused_without_waiting_for_a_writer() {
 
 #[test]
 fn a_syntax_error_names_the_file() {
-    let tmp = TempDir::new("devcontainer-syntax");
+    let tmp = ScratchDir::new("devcontainer-syntax");
     write(
         &tmp.path().join(".devcontainer/devcontainer.json"),
         "{\n  // comment\n  \"a\": 1\n  \"b\": 2\n}\n",

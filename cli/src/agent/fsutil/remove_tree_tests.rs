@@ -12,7 +12,7 @@ use rustix::mount::{mount, unmount, MountFlags, UnmountFlags};
 use rustix::process::{geteuid, setrlimit, Resource, Rlimit};
 
 use super::remove_tree;
-use crate::agent::fsutil::test_support::TempDir;
+use keystone_test_kit::ScratchDir;
 
 /// Levels of the deep tree: far more than `remove_dir_all` has descriptors
 /// for under the limit below, and paths of 10 000 bytes.
@@ -148,7 +148,7 @@ fn a_deep_hostile_tree_goes_with_few_descriptors() {
     if let Some(dir) = std::env::var_os(CHILD) {
         return hostile_tree_child(Path::new(&dir));
     }
-    let tmp = TempDir::new("remove-tree");
+    let tmp = ScratchDir::new("remove-tree");
     let outside = tmp.path().join("outside");
     std::fs::create_dir_all(outside.join("sub")).unwrap();
     std::fs::write(outside.join("keep"), b"keep me").unwrap();
@@ -175,7 +175,7 @@ fn a_deep_hostile_tree_goes_with_few_descriptors() {
 
 #[test]
 fn a_symlink_or_file_is_removed_itself_and_a_missing_path_is_not_found() {
-    let tmp = TempDir::new("remove-tree-link");
+    let tmp = ScratchDir::new("remove-tree-link");
     let target = tmp.path().join("target");
     std::fs::create_dir(&target).unwrap();
     std::fs::write(target.join("keep"), b"x").unwrap();
@@ -196,7 +196,7 @@ fn a_mount_inside_the_tree_is_not_entered() {
         println!("SKIP: mounting a tmpfs needs root");
         return;
     }
-    let tmp = TempDir::new("remove-tree-mount");
+    let tmp = ScratchDir::new("remove-tree-mount");
     let tree = tmp.path().join("tree");
     let mnt = tree.join("sub/mnt");
     std::fs::create_dir_all(&mnt).unwrap();

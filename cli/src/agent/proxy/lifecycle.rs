@@ -220,7 +220,7 @@ pub(super) fn forget(store: &SandboxStore) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::fsutil::test_support::TempDir;
+    use keystone_test_kit::ScratchDir;
 
     #[test]
     fn a_taken_port_is_an_error_that_says_what_to_do() {
@@ -257,7 +257,7 @@ mod tests {
 
     #[test]
     fn one_proxy_per_state_folder() {
-        let dir = TempDir::new("proxy-lock");
+        let dir = ScratchDir::new("proxy-lock");
         let store = SandboxStore::at(dir.path().join("keystone"));
         assert_eq!(running(&store), None);
         let (held, _watchdog) = lock(&store).unwrap().expect("the lock is free");
@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn the_proxy_ends_when_idle_or_when_its_folder_goes() {
-        let dir = TempDir::new("proxy-watchdog");
+        let dir = ScratchDir::new("proxy-watchdog");
         let store = SandboxStore::at(dir.path().join("keystone"));
         let (_held, _) = lock(&store).unwrap().unwrap();
         let mut w = Watchdog::new(files(&store).lock, Duration::from_millis(200));

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::dial::{Dial, VsockDial};
 use super::server::Limits;
 use super::testkit::*;
-use crate::agent::fsutil::test_support::TempDir;
+use keystone_test_kit::ScratchDir;
 
 async fn one_port(limits: Limits) -> SocketAddr {
     let mut dial = FakeDial::default();
@@ -221,7 +221,7 @@ fn agent_answering_with_a_greeting(vsock: &Path) {
 
 #[test]
 fn bytes_read_ahead_with_the_agents_answer_are_not_lost() {
-    let dir = TempDir::new("proxy-greeting");
+    let dir = ScratchDir::new("proxy-greeting");
     let vsock = dir.path().join("vsock.sock");
     agent_answering_with_a_greeting(&vsock);
     runtime().block_on(async {
@@ -244,7 +244,7 @@ fn bytes_read_ahead_with_the_agents_answer_are_not_lost() {
 
 #[test]
 fn the_vsock_dialer_reaches_guest_ports_through_the_agent() {
-    let dir = TempDir::new("proxy-dial");
+    let dir = ScratchDir::new("proxy-dial");
     let vsock = guest_agent(dir.path());
     // A server that speaks first, then echoes: its greeting must arrive
     // even when the agent client had read it ahead.
