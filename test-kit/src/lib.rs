@@ -102,6 +102,19 @@ pub fn skip_line(reason: &str) {
     println!("SKIP: {reason}");
 }
 
+/// Writes `data` to `path`, creating its parent folders first; panics
+/// naming the path when either fails (for a test's fixtures).
+pub fn write_file(path: &std::path::Path, data: impl AsRef<[u8]>) {
+    if let Some(parent) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            panic!("cannot create {}: {e}", parent.display());
+        }
+    }
+    if let Err(e) = std::fs::write(path, data) {
+        panic!("cannot write {}: {e}", path.display());
+    }
+}
+
 /// The 64-bit FNV-1a hash of `data`: a cheap checksum for comparing large
 /// buffers that went through a guest (not a cryptographic hash).
 pub fn fnv64(data: &[u8]) -> u64 {

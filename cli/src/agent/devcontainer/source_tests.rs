@@ -5,15 +5,10 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
-use keystone_test_kit::ScratchDir;
+use keystone_test_kit::{write_file, ScratchDir};
 
 use super::source::find_relative;
 use super::{load, DevcontainerError, MAX_FILE_BYTES};
-
-fn write(path: &Path, text: &str) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, text).unwrap();
-}
 
 #[test]
 fn a_project_without_the_file_has_no_plan() {
@@ -29,7 +24,7 @@ fn a_project_without_the_file_has_no_plan() {
 fn the_folder_file_wins_over_the_top_level_file() {
     let tmp = ScratchDir::new("devcontainer-order");
     let project = tmp.path().join("my-app");
-    write(
+    write_file(
         &project.join(".devcontainer.json"),
         r#"{"remoteUser": "top"}"#,
     );
@@ -37,7 +32,7 @@ fn the_folder_file_wins_over_the_top_level_file() {
     assert_eq!(plan.source, ".devcontainer.json");
     assert_eq!(plan.remote_user.as_deref(), Some("top"));
 
-    write(
+    write_file(
         &project.join(".devcontainer/devcontainer.json"),
         "// folder\n{\"remoteUser\": \"folder\", \"postStartCommand\": \"echo ${localWorkspaceFolderBasename}\",}",
     );
@@ -55,7 +50,7 @@ fn the_folder_file_wins_over_the_top_level_file() {
 fn a_symlinked_file_is_refused() {
     let tmp = ScratchDir::new("devcontainer-link-file");
     let outside = tmp.path().join("outside.json");
-    write(&outside, r#"{"postStartCommand": "from outside"}"#);
+    write_file(&outside, r#"{"postStartCommand": "from outside"}"#);
     let project = tmp.path().join("p");
     fs::create_dir_all(project.join(".devcontainer")).unwrap();
     symlink(&outside, project.join(".devcontainer/devcontainer.json")).unwrap();
@@ -75,7 +70,7 @@ fn a_symlinked_file_is_refused() {
 fn a_symlinked_folder_is_refused() {
     let tmp = ScratchDir::new("devcontainer-link-dir");
     let outside = tmp.path().join("elsewhere");
-    write(
+    write_file(
         &outside.join("devcontainer.json"),
         r#"{"postStartCommand": "x"}"#,
     );
@@ -94,7 +89,7 @@ fn reading_refuses_a_link_swapped_in_after_the_look() {
     // `find` saw a plain folder; by the time of the read it is a link.
     let tmp = ScratchDir::new("devcontainer-swap");
     let outside = tmp.path().join("elsewhere");
-    write(&outside.join("devcontainer.json"), "{}");
+    write_file(&outside.join("devcontainer.json"), "{}");
     let project = tmp.path().join("p");
     fs::create_dir_all(&project).unwrap();
     symlink(&outside, project.join(".devcontainer")).unwrap();
@@ -107,7 +102,7 @@ fn reading_refuses_a_link_swapped_in_after_the_look() {
 fn reading_refuses_a_file_link_swapped_in_after_the_look() {
     let tmp = ScratchDir::new("devcontainer-swap-file");
     let outside = tmp.path().join("outside.json");
-    write(&outside, "{}");
+    write_file(&outside, "{}");
     let project = tmp.path().join("p");
     fs::create_dir_all(&project).unwrap();
     symlink(&outside, project.join(".devcontainer.json")).unwrap();
@@ -122,7 +117,7 @@ fn a_file_over_one_mebibyte_is_refused() {
     let mut text = String::from("{\"name\": \"");
     text.push_str(&"x".repeat(MAX_FILE_BYTES as usize));
     text.push_str("\"}");
-    write(&path, &text);
+    write_file(&path, &text);
     let err = load(tmp.path(), "id").unwrap_err();
     assert!(matches!(err, DevcontainerError::TooLarge { .. }), "{err:?}");
     assert!(
@@ -136,7 +131,7 @@ fn a_file_over_one_mebibyte_is_refused() {
         "x".repeat(MAX_FILE_BYTES as usize - 12)
     );
     assert_eq!(text.len() as u64, MAX_FILE_BYTES);
-    write(&path, &text);
+    write_file(&path, &text);
     assert!(load(tmp.path(), "id").unwrap().unwrap().is_empty());
 }
 
@@ -160,7 +155,7 @@ fn a_fifo_is_refused_without_waiting_for_a_writer() {
 #[test]
 fn a_syntax_error_names_the_file() {
     let tmp = ScratchDir::new("devcontainer-syntax");
-    write(
+    write_file(
         &tmp.path().join(".devcontainer/devcontainer.json"),
         "{\n  // comment\n  \"a\": 1\n  \"b\": 2\n}\n",
     );

@@ -142,7 +142,7 @@ pub fn add_missing(sys: &MemorySysfs) -> io::Result<Added> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keystone_test_kit::ScratchDir;
+    use keystone_test_kit::{write_file, ScratchDir};
 
     const MIB: u64 = 1 << 20;
 
@@ -165,11 +165,6 @@ mod tests {
         assert!(missing_blocks(&ranges, 0, |_| false).is_empty());
     }
 
-    fn write(path: &Path, text: &str) {
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, text).unwrap();
-    }
-
     #[test]
     fn the_firmware_maps_ram_is_read_and_the_rest_ignored() {
         let dir = ScratchDir::new("agent-memmap");
@@ -180,9 +175,9 @@ mod tests {
             (2, "0x100000", "0xbfffffff", "System RAM"),
             (3, "0x100000000", "0x23fffffff", "System RAM"),
         ] {
-            write(&map.join(format!("{i}/start")), &format!("{start}\n"));
-            write(&map.join(format!("{i}/end")), &format!("{end}\n"));
-            write(&map.join(format!("{i}/type")), &format!("{kind}\n"));
+            write_file(&map.join(format!("{i}/start")), format!("{start}\n"));
+            write_file(&map.join(format!("{i}/end")), format!("{end}\n"));
+            write_file(&map.join(format!("{i}/type")), format!("{kind}\n"));
         }
         assert_eq!(
             ram_ranges(map).unwrap(),
@@ -201,17 +196,17 @@ mod tests {
             firmware_map: dir.path().join("memmap"),
             blocks: dir.path().join("memory"),
         };
-        write(&sys.firmware_map.join("0/start"), "0x0");
-        write(&sys.firmware_map.join("0/end"), "0x17ffffff");
-        write(&sys.firmware_map.join("0/type"), "System RAM");
-        write(&sys.blocks.join("block_size_bytes"), "8000000\n");
-        write(&sys.blocks.join("memory0/state"), "online\n");
+        write_file(&sys.firmware_map.join("0/start"), "0x0");
+        write_file(&sys.firmware_map.join("0/end"), "0x17ffffff");
+        write_file(&sys.firmware_map.join("0/type"), "System RAM");
+        write_file(&sys.blocks.join("block_size_bytes"), "8000000\n");
+        write_file(&sys.blocks.join("memory0/state"), "online\n");
         // Without a probe interface the missing block is an error.
         assert_eq!(
             add_missing(&sys).unwrap_err().kind(),
             io::ErrorKind::Unsupported
         );
-        write(&sys.blocks.join("probe"), "");
+        write_file(&sys.blocks.join("probe"), "");
         // A kernel adds `memory1` on the probe; this folder has no kernel
         // behind it, so the block does not appear, which is an error.
         let err = add_missing(&sys).unwrap_err();

@@ -8,6 +8,8 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+
+use keystone_test_kit::write_file;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,9 +32,7 @@ fn what_gnu_tar_writes_is_taken_whole() {
         "na\u{ef}ve.txt",
     ];
     for name in names {
-        let path = ws.join(name);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, name.repeat(300)).unwrap();
+        write_file(&ws.join(name), name.repeat(300));
     }
     fs::set_permissions(ws.join("dist/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
     let child = Command::new(TAR_ARGV[0])
