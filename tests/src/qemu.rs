@@ -387,7 +387,7 @@ impl QemuGuest {
         let read_to_prompt = |stream: &mut std::os::unix::net::UnixStream| {
             let mut got = Vec::new();
             let mut buf = [0u8; 4096];
-            while !String::from_utf8_lossy(&got).ends_with(PROMPT) {
+            while !got.ends_with(PROMPT.as_bytes()) {
                 match stream.read(&mut buf) {
                     Ok(0) => return Err("QEMU's monitor closed".to_string()),
                     Ok(n) if got.len() < 1 << 20 => got.extend_from_slice(&buf[..n]),
